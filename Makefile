@@ -1,0 +1,44 @@
+# hpcqml: `make demo` and `make test` do all the set-up themselves (env/install.sh) the
+# first time, and nothing extra afterwards.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HPCQML := $(VENV)/bin/hpcqml
+# One place for the MPI launcher: root needs --allow-run-as-root, more ranks than cores
+# need --oversubscribe. Override for a cluster, e.g. `make test MPIEXEC=srun`.
+MPIEXEC ?= mpirun $(if $(filter 0,$(shell id -u)),--allow-run-as-root) --oversubscribe
+NP ?= 2
+STAMP := $(VENV)/.hpcqml-installed
+TEST_TIMEOUT ?= 1500
+
+.PHONY: install demo test test-serial test-mpi bench clean-results
+install: $(STAMP)
+
+$(STAMP): setup.py env/install.sh
+	bash env/install.sh
+	touch $@
+
+demo: $(STAMP)
+	$(MPIEXEC) -n $(NP) $(HPCQML) run jobs/configs/demo.toml
+	$(HPCQML) info results/demo.h5
+
+test: $(STAMP)
+	$(MAKE) --no-print-directory test-serial
+	$(MAKE) --no-print-directory test-mpi
+
+test-serial: $(STAMP)
+	timeout $(TEST_TIMEOUT) $(PY) -m pytest tests -q -p no:cacheprovider
+
+# Every rank runs the same pytest session; a failure on any rank fails the run, and
+# pytest-timeout turns a hang into a failure instead of a stuck job.
+test-mpi: $(STAMP)
+	for n in 2 3; do \
+	  echo "== tests/mpi under $(MPIEXEC) -n $$n"; \
+	  timeout $(TEST_TIMEOUT) $(MPIEXEC) -n $$n bash tests/mpi_pytest.sh $(PY) tests/mpi -q --color=no -p no:cacheprovider || exit 1; \
+	done
+
+bench: $(STAMP)
+	bash benchmarks/run_all.sh
+
+clean-results:
+	find results -mindepth 1 ! -name README.md ! -name .gitignore -exec rm -rf {} +

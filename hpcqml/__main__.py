@@ -1,0 +1,3 @@
+from hpcqml.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""Stage registry and the context a stage runs in.
+
+A stage is one module in this package that calls :func:`register` at import time
+(see ``docs/stage-api.md``). :func:`load_all` imports every module here, so adding a
+stage is adding one file.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+
+from hpcqml.config import Field, Schema
+from hpcqml.perf import StagePerf
+
+T = TypeVar("T")
+
+#: the pipeline order used by ``hpcqml info`` and the docs; stages may be run in any order.
+PIPELINE = ("data", "pretrain", "prune", "train", "spectrum", "qcm", "hhl", "report")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    schema: Mapping[str, Field]
+    run: Callable[["StageContext"], None]
+    doc: str = ""
+
+
+REGISTRY: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    if stage.name in REGISTRY and REGISTRY[stage.name] is not stage:
+        raise RuntimeError(f"stage {stage.name!r} registered twice")
+    REGISTRY[stage.name] = stage
+    return stage
+
+
+def load_all() -> dict[str, Stage]:
+    """Import every stage module of this package and return the registry."""
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    return REGISTRY
+
+
+def schemas() -> dict[str, Schema]:
+    return {name: stage.schema for name, stage in load_all().items()}
+
+
+@dataclass
+class StageContext:
+    """What a stage sees: its config, the communicator, the store, perf and progress."""
+
+    name: str
+    cfg: dict[str, Any]
+    config: Any  # hpcqml.config.RunConfig
+    comm: Any
+    store: Any  # hpcqml.store.ResultsStore
+    workdir: Path
+    perf: StagePerf
+    quiet: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_cfg(self) -> dict[str, Any]:
+        return self.config.run
+
+    @property
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.comm.Get_size()
+
+    def section(self, name: str) -> dict[str, Any]:
+        """Another stage's validated section (e.g. the train stage reading ``[data]``)."""
+        return self.config.sections[name]
+
+    def device(self):
+        """The torch device of this rank: GPU ``local_rank % device_count`` or CPU."""
+        import torch
+
+        from hpcqml.parallel import local_rank
+
+        choice = self.run_cfg["device"]
+        if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            from hpcqml.errors import UserError
+
+            raise UserError("[run] device = 'cuda' but no CUDA device is available")
+        return torch.device("cuda", local_rank(self.comm) % torch.cuda.device_count())
+
+    def log(self, message: str) -> None:
+        if self.rank == 0 and not self.quiet:
+            print(f"[{self.name}] {message}", file=sys.stderr, flush=True)
+
+    def progress(self, iterable: Iterable[T], total: int | None = None, desc: str | None = None) -> Iterator[T]:
+        """Iterate with a progress bar on rank 0 (none elsewhere, none with --quiet)."""
+        if self.rank != 0 or self.quiet:
+            yield from iterable
+            return
+        from tqdm import tqdm
+
+        interactive = sys.stderr.isatty()
+        yield from tqdm(iterable, total=total, desc=desc or self.name, file=sys.stderr,
+                        mininterval=0.5 if interactive else 10.0, dynamic_ncols=interactive,
+                        leave=True)

@@ -1,0 +1,39 @@
+"""Shared test helpers: paths, the MPI launcher, and running the CLI as users do."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def mpiexec() -> list[str]:
+    """The MPI launcher, as the Makefile spells it (override with $MPIEXEC)."""
+    if os.environ.get("MPIEXEC"):
+        return shlex.split(os.environ["MPIEXEC"])
+    cmd = ["mpirun", "--oversubscribe"]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    return cmd
+
+
+def run_cli(*args: str, ranks: int = 0, timeout: float = 300, cwd: Path | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``hpcqml ARGS`` (under mpirun with ``ranks`` > 0) and capture its output."""
+    cmd = [PYTHON, "-m", "hpcqml", *args]
+    if ranks:
+        cmd = [*mpiexec(), "-n", str(ranks), *cmd]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    full_env.update(env or {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=full_env)
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO

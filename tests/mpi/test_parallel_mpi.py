@@ -1,0 +1,37 @@
+"""The thin MPI layer under 1, 2 and 3 ranks."""
+import numpy as np
+import pytest
+import torch
+
+from hpcqml.parallel import allreduce_sum, bcast, split_ranks, world
+from hpcqml.perf import StagePerf
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_allreduce_sum_numpy_and_torch():
+    comm = world()
+    size, rank = comm.Get_size(), comm.Get_rank()
+    perf = StagePerf("t")
+    a = np.arange(5, dtype=np.float64) * (rank + 1)
+    allreduce_sum(comm, a, perf)
+    np.testing.assert_array_equal(a, np.arange(5) * size * (size + 1) / 2)
+    t = torch.full((3, 2), float(rank), dtype=torch.float32)
+    allreduce_sum(comm, t, perf)
+    assert torch.equal(t, torch.full((3, 2), float(sum(range(size)))))
+    view = torch.ones(4, 4, dtype=torch.float64)[:, 1]   # non-contiguous: reduced through a copy
+    allreduce_sum(comm, view, perf)
+    assert torch.equal(view, torch.full((4,), float(size), dtype=torch.float64))
+    if size > 1:
+        assert perf.comm_seconds > 0
+
+
+def test_bcast_and_split():
+    comm = world()
+    assert bcast(comm, {"x": comm.Get_rank()})["x"] == 0
+    groups = min(2, comm.Get_size())
+    sub, color = split_ranks(comm, groups)
+    colors = comm.allgather(color)
+    assert colors == sorted(colors) and len(set(colors)) == groups
+    assert sub.allreduce(1) == colors.count(color)
+    sub.Free()

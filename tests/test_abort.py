@@ -1,0 +1,44 @@
+"""An exception on one rank takes every rank down (MPI_Abort) instead of a deadlock."""
+import subprocess
+import sys
+import textwrap
+import time
+
+from conftest import mpiexec, run_cli
+
+SCRIPT = textwrap.dedent("""
+    import time
+    from mpi4py import MPI
+    from hpcqml.parallel import run_on_all_ranks
+
+    def work(comm):
+        if comm.Get_rank() == 1:
+            time.sleep(0.5)
+            raise ValueError("rank one failed on purpose")
+        comm.Barrier()          # the other ranks would wait here for ever
+        time.sleep(120)
+
+    run_on_all_ranks(work, MPI.COMM_WORLD, MPI.COMM_WORLD)
+""")
+
+
+def test_failure_on_rank_1_of_3_aborts_all(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(SCRIPT)
+    t0 = time.monotonic()
+    res = subprocess.run([*mpiexec(), "-n", "3", sys.executable, str(script)], capture_output=True,
+                         text=True, timeout=90)
+    elapsed = time.monotonic() - t0
+    assert res.returncode != 0
+    assert elapsed < 60, f"abort took {elapsed:.0f} s"
+    lines = [l for l in res.stderr.splitlines() if l.startswith("hpcqml: error")]
+    assert lines == ["hpcqml: error (rank 1 of 3): ValueError: rank one failed on purpose"]
+
+
+def test_cli_config_error_is_one_line_under_mpi(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[run]\nstages = ["nonexistent"]\n')
+    res = run_cli("run", str(cfg), ranks=2, timeout=120)
+    assert res.returncode != 0
+    errors = [l for l in res.stderr.splitlines() if l.startswith("hpcqml: error")]
+    assert len(errors) == 1 and "unknown stage 'nonexistent'" in errors[0]

@@ -1,0 +1,39 @@
+"""The command line as users meet it: help, validate, info, one-line errors."""
+import h5py
+
+from conftest import run_cli
+
+
+def test_help_lists_commands():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    for command in ("run", "validate", "info"):
+        assert command in res.stdout
+
+
+def test_validate_demo_config_and_errors(tmp_path, repo):
+    res = run_cli("validate", str(repo / "jobs/configs/demo.toml"))
+    assert res.returncode == 0, res.stderr
+    assert "valid; sha256" in res.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\nseed = 'x'\n")
+    res = run_cli("validate", str(bad))
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"hpcqml: error: config {bad}: [run] seed = 'x': expected integer, got string"
+    res = run_cli("--debug", "validate", str(bad))
+    assert "Traceback" in res.stderr
+
+
+def test_info_on_malformed_files(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n truncated")
+    res = run_cli("info", str(bad))
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "not a readable HDF5 file" in res.stderr
+    res = run_cli("info", str(tmp_path / "missing.h5"))
+    assert res.returncode == 2 and "not found" in res.stderr
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as fh:
+        fh["x"] = 1
+    res = run_cli("info", str(other))
+    assert res.returncode == 2 and "not an hpcqml results file" in res.stderr
