@@ -12,7 +12,8 @@ setup(
     # or conda (env/environment.yml); they are deliberately not pip requirements.
     install_requires=["torch>=2.0", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel", "pyyaml", "pyhessian==0.1"],
+        # ipython<8.24: Debian's matplotlib 3.6 imports IPython.core.pylabtools.backend2gui, removed in 8.24.
+        "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel", "ipython<8.24", "pyyaml", "pyhessian==0.1"],
     },
     entry_points={"console_scripts": ["hpcqml=hpcqml.cli:main"]},
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -127,8 +128,32 @@ def _dispatch(args, argv: Sequence[str]) -> int:
     return 0
 
 
+def split_petsc_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate PETSc-style options (``-ksp_type gmres``, ``-log_view``) from ours.
+
+    A PETSc option is a single-dash word longer than one letter; a following token that
+    does not start with a dash is its value.
+    """
+    ours, petsc = [], []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("-") and not token.startswith("--") and len(token) > 2 and token[1].isalpha():
+            petsc.append(token)
+            if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                petsc.append(argv[i + 1])
+                i += 1
+        else:
+            ours.append(token)
+        i += 1
+    return ours, petsc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, petsc_options = split_petsc_options(list(sys.argv[1:] if argv is None else argv))
+    if petsc_options:
+        # PETSc reads PETSC_OPTIONS when it initialises, i.e. at the first petsc4py import.
+        os.environ["PETSC_OPTIONS"] = " ".join([os.environ.get("PETSC_OPTIONS", ""), *petsc_options]).strip()
     debug = "--debug" in argv
     comm = None
     try:

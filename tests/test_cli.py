@@ -37,3 +37,12 @@ def test_info_on_malformed_files(tmp_path):
         fh["x"] = 1
     res = run_cli("info", str(other))
     assert res.returncode == 2 and "not an hpcqml results file" in res.stderr
+
+
+def test_petsc_options_are_split_off():
+    from hpcqml.cli import split_petsc_options
+
+    ours, petsc = split_petsc_options(["run", "c.toml", "-ksp_type", "gmres", "--quiet", "-log_view",
+                                       "--set", "a.b=1", "-h"])
+    assert ours == ["run", "c.toml", "--quiet", "--set", "a.b=1", "-h"]
+    assert petsc == ["-ksp_type", "gmres", "-log_view"]

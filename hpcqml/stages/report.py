@@ -1,0 +1,28 @@
+"""``report`` stage: figures and report.md from this run's results file (last in a pipeline)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hpcqml.config import Field
+from hpcqml.stages import Stage, StageContext, register
+
+SCHEMA = {
+    "out": Field(str, "", doc="folder for figures and report.md; empty = OUTPUT with -report instead of .h5"),
+}
+
+
+def run(ctx: StageContext) -> None:
+    from hpcqml.report import make_report
+
+    output = ctx.config.output_path()
+    out = Path(ctx.cfg["out"]) if ctx.cfg["out"] else output.with_name(output.stem + "-report")
+    summary = None
+    if ctx.rank == 0:
+        summary = make_report([output], out, quiet=ctx.quiet)
+    figures = [p.name for p in summary.figures] if summary else []
+    skipped = [f"{k}: {v}" for k, v in summary.skipped.items()] if summary else []
+    ctx.store.commit("report", attrs={"directory": str(out), "figures": ", ".join(figures),
+                                      "skipped": "; ".join(skipped)})
+
+
+register(Stage(name="report", schema=SCHEMA, run=run, doc="figures and report.md from the results file"))
