@@ -1,0 +1,134 @@
+"""Instance generators: the random quadratic family of Sec. III C, a sparse variant for scale
+runs, a scalar logistic-type map, and reduced instances of a neural network (eq. II.65)."""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from hpcqml.carleman.instance import PolynomialODE
+from hpcqml.errors import UserError
+
+
+def _spectrum(n: int, f: float, rng: np.random.Generator) -> np.ndarray:
+    """Hessian eigenvalues h: round(f*n) from U(0,1) (dissipative), the rest from U(-0.01,0)."""
+    if not 0.0 <= f <= 1.0:
+        raise UserError(f"random_quadratic: fraction f={f} must lie in [0, 1]")
+    npos = int(round(f * n))
+    return np.concatenate([rng.uniform(0.0, 1.0, npos), rng.uniform(-0.01, 0.0, n - npos)])
+
+
+def random_quadratic(n: int, f: float, seed: int, u_scale: float = 0.1,
+                     f2_scale: float = 0.015) -> PolynomialODE:
+    """Sec. III C: F1 = -Q diag(h) Q^T (Q Haar-orthogonal), F2 ~ U(-0.015, 0.015)^{n x n^2}, F0 = 0.
+
+    The eigenvalues of F1 are -h; a mode is dissipative when |1 - h| < 1.  ``u_in`` is drawn
+    from U(-u_scale, u_scale) (the paper does not state it).
+    """
+    if n < 1:
+        raise UserError(f"random_quadratic: n={n} must be >= 1")
+    rng = np.random.default_rng(seed)
+    h = _spectrum(n, f, rng)
+    g = rng.standard_normal((n, n))
+    Q, R = np.linalg.qr(g)
+    Q = Q * np.sign(np.diag(R))  # Haar measure
+    F1 = -(Q * h) @ Q.T
+    F2 = rng.uniform(-f2_scale, f2_scale, (n, n * n))
+    u_in = rng.uniform(-u_scale, u_scale, n)
+    return PolynomialODE(F=[sp.csr_matrix((n, 1)), sp.csr_matrix(F1), sp.csr_matrix(F2)], u_in=u_in,
+                         meta={"generator": "random", "n": n, "f": f, "seed": seed})
+
+
+def sparse_quadratic(n: int, f: float, seed: int, f2_per_row: int = 4, u_scale: float = 0.1,
+                     f2_scale: float = 0.015) -> PolynomialODE:
+    """Sparse analogue of :func:`random_quadratic` for scale runs (n up to 10^2-10^3, Delta >= 10^6).
+
+    F1 = -Q diag(h) Q^T with Q a random permutation times random Givens rotations on disjoint
+    pairs (so F1 has <= 2 nonzeros per row and the same spectrum -h); F2 has ``f2_per_row``
+    U(-0.015, 0.015) entries per row at random columns; F0 = 0.
+    """
+    rng = np.random.default_rng(seed)
+    h = _spectrum(n, f, rng)
+    perm = rng.permutation(n)
+    rows, cols, vals = [], [], []
+    for k in range(0, n - 1, 2):
+        th = rng.uniform(0, 2 * np.pi)
+        c, s = np.cos(th), np.sin(th)
+        i, j = perm[k], perm[k + 1]
+        rows += [i, i, j, j]
+        cols += [k, k + 1, k, k + 1]
+        vals += [c, -s, s, c]
+    if n % 2:
+        rows.append(perm[n - 1]); cols.append(n - 1); vals.append(1.0)
+    Q = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
+    F1 = -(Q @ sp.diags(h) @ Q.T)
+    r = np.repeat(np.arange(n), f2_per_row)
+    c = rng.integers(0, n * n, n * f2_per_row)
+    F2 = sp.csr_matrix((rng.uniform(-f2_scale, f2_scale, r.size), (r, c)), shape=(n, n * n))
+    u_in = rng.uniform(-u_scale, u_scale, n)
+    return PolynomialODE(F=[sp.csr_matrix((n, 1)), sp.csr_matrix(F1), F2], u_in=u_in,
+                         meta={"generator": "sparse", "n": n, "f": f, "seed": seed})
+
+
+def logistic(a: float, c: float, u0: float, h: float = 1.0, cubic: float = 0.0) -> PolynomialODE:
+    """Scalar map u(t+1) - u(t) = h(-a u - c u^2 - cubic u^3), n = 1 (step size h scales every F_l)."""
+    F = [sp.csr_matrix((1, 1)), sp.csr_matrix([[-h * a]]), sp.csr_matrix([[-h * c]])]
+    if cubic:
+        F.append(sp.csr_matrix([[-h * cubic]]))
+    return PolynomialODE(F=F, u_in=np.array([u0]), meta={"generator": "logistic", "a": a, "c": c, "h": h})
+
+
+def scale_step(ode: PolynomialODE, h: float) -> PolynomialODE:
+    """The same vector field with step size h: F_l -> h F_l (u_in unchanged)."""
+    return PolynomialODE(F=[h * F for F in ode.F], u_in=ode.u_in.copy(), meta={**ode.meta, "h": h})
+
+
+def network_instance(model, loss_fn, inputs, targets, k: int, eta: float, mask: dict | None = None,
+                     names: list[str] | None = None) -> PolynomialODE:
+    """Reduced instance of gradient descent theta <- theta - eta grad L(theta) in a k-parameter subspace.
+
+    The k coordinates are the k largest-magnitude surviving (``mask``) weights.  With theta* the
+    current weights and u = theta - theta* restricted to them, the Taylor expansion of the update is
+    F0 = -eta grad L, F1 = -eta grad^2 L, F2 = -(eta/2) grad^3 L flattened to k x k^2 (eq. II.65,
+    V.6), all computed exactly by torch.func (forward-over-reverse) on the fixed batch.
+    ``u_in`` = 0 (the expansion point).
+    """
+    import torch
+    from torch.func import functional_call, grad, jacfwd
+
+    params = {nm: p.detach() for nm, p in model.named_parameters()}
+    if names is not None:
+        params = {nm: params[nm] for nm in names}
+    flat, owners = [], []
+    for nm, p in params.items():
+        w = p.detach().abs().reshape(-1).clone()
+        if mask is not None and nm in mask:
+            w[~mask[nm].reshape(-1).bool()] = -1.0
+        flat.append(w)
+        owners += [(nm, i) for i in range(w.numel())]
+    allw = torch.cat(flat)
+    if k < 1 or k > int((allw >= 0).sum()):
+        raise UserError(f"network_instance: k={k} must be between 1 and the number of surviving weights")
+    chosen = torch.topk(allw, k).indices.tolist()
+    picks = [owners[i] for i in chosen]
+    base = {nm: p.clone() for nm, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss_of(z):
+        ps = {nm: p.clone() for nm, p in base.items()}
+        for idx, (nm, i) in enumerate(picks):
+            flatp = ps[nm].reshape(-1)
+            flatp = flatp.index_put((torch.tensor([i]),), flatp[i] + z[idx])
+            ps[nm] = flatp.reshape(base[nm].shape)
+        out = functional_call(model, (ps, buffers), (inputs,))
+        return loss_fn(out, targets)
+
+    z0 = torch.zeros(k, dtype=torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32)
+    g = grad(loss_of)(z0)
+    H = jacfwd(grad(loss_of))(z0)
+    D3 = jacfwd(jacfwd(grad(loss_of)))(z0)
+    g = g.detach().double().numpy()
+    H = H.detach().double().numpy()
+    D3 = D3.detach().double().numpy().reshape(k, k * k)
+    F = [sp.csr_matrix(-eta * g.reshape(k, 1)), sp.csr_matrix(-eta * H), sp.csr_matrix(-0.5 * eta * D3)]
+    return PolynomialODE(F=F, u_in=np.zeros(k), meta={"generator": "network", "k": k, "eta": eta,
+                                                      "params": [f"{nm}[{i}]" for nm, i in picks]})

@@ -1,0 +1,1 @@
+"""CIFAR-100 (python-pickle layout) loading, a synthetic stand-in, and rank-invariant batches."""

@@ -1,0 +1,16 @@
+"""Simulated quantum linear-system solvers and their classical interfaces (paper Sec. II C-D).
+
+Modules
+- ``statevector``: state-vector simulation of HHL (quantum phase estimation with a finite
+  clock register, eigenvalue-inversion rotation, uncomputation, post-selection) on the
+  Hermitian embedding of a block system M x = B (Theorem II.3, eq. II.77, II.84-II.85).
+- ``truncated``: truncated HHL with a well/ill flag qubit (eq. II.86, Theorem II.4), the
+  closed-form fidelity eq. II.87, the Haar average eq. II.89-II.92 and its limit eq. II.93.
+- ``resources``: qubit counts, sparsity, condition numbers and the gate-complexity
+  expressions eq. I.1, I.2, II.77, II.94-II.96, tomography and sparse state preparation.
+- ``readout``: sampling read-out of a sparse state and the weighted coupon collector
+  expectation eq. II.99.
+
+The kernels are serial numpy/scipy code on explicit arrays; they know nothing of files,
+configs or MPI (the ``hhl`` stage distributes sweep points over ranks).
+"""

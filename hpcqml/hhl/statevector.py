@@ -1,0 +1,334 @@
+"""State-vector simulation of the HHL algorithm (paper Sec. II C, Theorem II.3, eq. II.84-II.86).
+
+Given a real linear system ``M x = B`` the simulation works on a Hermitian matrix ``H`` of
+dimension ``D = 2**m``:
+
+* ``H = M`` when ``M`` is symmetric, otherwise the Hermitian dilation
+
+      H = [[0, M], [M^T, 0]],   H [0; x] = [B; 0]   <=>   M x = B,
+
+  whose eigenvalues are ``+-sigma_i`` (the singular values of ``M``);
+* padded to the next power of two with a diagonal block equal to ``||H||`` (the padded
+  coordinates carry no amplitude of ``|B>`` and never mix with the others);
+* rescaled by ``1/||H||_2`` so that its spectrum lies in ``[-1, 1]``, as the paper assumes
+  when it writes ``||M|| = 1``.
+
+The circuit that is simulated, with ``c`` clock qubits, ``N_c = 2**c`` and ``|b> = B/||B||``:
+
+1. ``|0>_clock |b>`` ; Hadamards on the clock: ``N_c^{-1/2} sum_k |k> |b>``;
+2. controlled ``U^{2^p}`` from clock qubit ``p`` with ``U = exp(i H t0)``, i.e. in total
+   ``sum_k |k> U^k |b>``;
+3. inverse quantum Fourier transform on the clock. Writing ``|b> = sum_j beta_j |u_j>``
+   (eq. II.84) the state is ``sum_j beta_j |u_j> sum_y alpha_{y|j} |y>`` with
+   ``alpha_{y|j} = N_c^{-1} sum_k exp(2 pi i k (phi_j - y/N_c))``, ``phi_j = lambda_j t0 / (2 pi)``:
+   the finite-clock (phase-estimation) error and leakage are kept exactly;
+4. a rotation of an ancilla controlled by the clock value ``y``, which stands for the
+   eigenvalue estimate ``lambda~_y = 2 pi y' / (t0 N_c)`` (``y'`` the signed value of ``y``):
+   ``|0> -> sqrt(1 - a_y^2) |0> + a_y |1>`` with ``a_y = C / lambda~_y`` (``a_0 = 0``; values
+   with ``|C / lambda~_y| > 1``, possible only when ``C`` is chosen above the default, saturate at +-1);
+   in the truncated variant (eq. II.86) a flag qubit is set to ``|ill>`` when
+   ``|lambda~_y| < 1/kappa_a`` and those branches get ``a_y = C`` (passed uninverted);
+5. uncomputation: QFT, controlled ``U^{-2^p}``, Hadamards;
+6. post-selection of ancilla ``|1>`` and clock ``|0>``. The output state approximates
+   ``|x> ~ sum_j lambda_j^{-1} beta_j |u_j>`` (eq. II.85).
+
+The controlled evolutions are applied exactly (no Trotter error) by representing the
+system register in the eigenbasis of ``H`` during the simulation; this is a choice of
+basis for the classical simulation, not a shortcut: the amplitudes that reach the output
+depend on the eigenvalues only through the clock register, so every finite-``c`` effect
+of the circuit is present. The last Hadamard layer is applied implicitly: the clock-0
+amplitude after it is ``N_c^{-1/2} sum_k psi_k`` and, the layer being unitary, the norm of
+the rest is the clock leakage.
+
+Memory: the clock-system state holds ``2**c * D`` complex128 amplitudes per ancilla/flag
+branch that is kept, and the eigen-decomposition two dense ``D x D`` float64 matrices
+(see :func:`memory_estimate_bytes`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from hpcqml.errors import UserError
+
+#: Relative tolerance under which M is treated as symmetric (no dilation needed).
+SYMMETRY_RTOL = 1e-12
+
+
+@dataclass
+class HermitianSystem:
+    """A linear system embedded as a Hermitian, power-of-two, unit-norm problem ``H z = b``.
+
+    Attributes
+    ----------
+    H : float64 array ``(D, D)``, symmetric, spectral norm 1, ``D = 2**system_qubits``.
+    b : float64 array ``(D,)``, the (unnormalised) embedded right-hand side.
+    n : size of the original system ``M`` (``n x n``).
+    dilated : whether ``H`` is the dilation ``[[0, M], [M^T, 0]]``.
+    scale : ``||H_unscaled||_2`` (the spectral norm of ``M``); ``H = H_unscaled / scale``.
+    eigenvalues, eigenvectors : eigen-decomposition of ``H`` (ascending, orthonormal columns).
+    spectrum : eigenvalues of the scaled matrix before padding (length ``n`` or ``2n`` if dilated).
+    """
+
+    H: np.ndarray
+    b: np.ndarray
+    n: int
+    dilated: bool
+    scale: float
+    eigenvalues: np.ndarray = field(repr=False)
+    eigenvectors: np.ndarray = field(repr=False)
+    spectrum: np.ndarray = field(repr=False, default=None)
+
+    @property
+    def dim(self) -> int:
+        """Padded dimension ``D``."""
+        return int(self.H.shape[0])
+
+    @property
+    def system_qubits(self) -> int:
+        """Number of qubits of the system register, ``log2 D``."""
+        return int(round(np.log2(self.dim)))
+
+    def embed_solution(self, x: np.ndarray) -> np.ndarray:
+        """Place a solution ``x`` of ``M x = B`` where ``H^{-1} b`` carries it (float64, length D)."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        if x.shape[0] != self.n:
+            raise UserError(f"solution has length {x.shape[0]}, expected {self.n}")
+        z = np.zeros(self.dim, dtype=np.float64)
+        off = self.n if self.dilated else 0
+        z[off:off + self.n] = x
+        return z
+
+    def solution_part(self, z: np.ndarray) -> np.ndarray:
+        """The ``x`` block of a vector in the embedded space (length ``n``, same dtype as ``z``)."""
+        off = self.n if self.dilated else 0
+        return np.asarray(z)[off:off + self.n]
+
+    def exact_state(self) -> np.ndarray:
+        """Normalised ``H^{-1} b`` from the eigen-decomposition (eq. II.85), float64, length D."""
+        beta = self.eigenvectors.T @ self.b
+        z = self.eigenvectors @ (beta / self.eigenvalues)
+        return z / np.linalg.norm(z)
+
+
+def embed(M, B: np.ndarray) -> HermitianSystem:
+    """Hermitian, padded, normalised embedding of ``M x = B`` (dense or scipy.sparse ``M``).
+
+    Raises :class:`UserError` for non-square or mismatched shapes, non-finite entries,
+    a zero right-hand side or a zero matrix.
+    """
+    Md = M.toarray() if sp.issparse(M) else np.asarray(M)
+    Md = np.asarray(Md, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64).reshape(-1)
+    if Md.ndim != 2 or Md.shape[0] != Md.shape[1]:
+        raise UserError(f"HHL: M must be square, got shape {Md.shape}")
+    n = Md.shape[0]
+    if B.shape[0] != n:
+        raise UserError(f"HHL: right-hand side has length {B.shape[0]}, M is {n} x {n}")
+    if not (np.all(np.isfinite(Md)) and np.all(np.isfinite(B))):
+        raise UserError("HHL: M or B contains NaN or Inf")
+    if not np.any(B):
+        raise UserError("HHL: right-hand side B is zero, |B> is undefined")
+    sym = np.allclose(Md, Md.T, rtol=0.0, atol=SYMMETRY_RTOL * max(np.abs(Md).max(), 1e-300))
+    if sym:
+        Hu, b = 0.5 * (Md + Md.T), B.copy()
+    else:
+        Hu = np.zeros((2 * n, 2 * n), dtype=np.float64)
+        Hu[:n, n:] = Md
+        Hu[n:, :n] = Md.T
+        b = np.concatenate([B, np.zeros(n)])
+    size = Hu.shape[0]
+    w = np.linalg.eigvalsh(Hu)
+    scale = float(np.max(np.abs(w)))
+    if scale == 0.0:
+        raise UserError("HHL: M is the zero matrix")
+    D = 1 << max(int(np.ceil(np.log2(size))), 1)
+    H = np.zeros((D, D), dtype=np.float64)
+    H[:size, :size] = Hu / scale
+    H[np.arange(size, D), np.arange(size, D)] = 1.0  # padding: eigenvalue ||H||, no amplitude there
+    bp = np.zeros(D, dtype=np.float64)
+    bp[:size] = b
+    evals, evecs = np.linalg.eigh(H)
+    return HermitianSystem(H=H, b=bp, n=n, dilated=not sym, scale=scale,
+                           eigenvalues=evals, eigenvectors=evecs, spectrum=w / scale)
+
+
+def default_t0(clock_qubits: int) -> float:
+    """Evolution time ``t0 = pi (1 - 2/N_c)``: eigenvalues ``+-1`` land on the clock values ``+-(N_c/2 - 1)``.
+
+    With ``||H|| = 1`` every phase ``lambda t0 / (2 pi)`` then lies in ``(-1/2, 1/2)``, so no
+    eigenvalue aliases to the opposite sign.
+    """
+    if clock_qubits < 2:
+        raise UserError(f"HHL: need at least 2 clock qubits, got {clock_qubits}")
+    return float(np.pi * (1.0 - 2.0 / 2**clock_qubits))
+
+
+def clock_eigenvalues(clock_qubits: int, t0: float) -> np.ndarray:
+    """Eigenvalue estimate ``lambda~_y = 2 pi y' / (t0 N_c)`` for each clock value ``y`` (float64, N_c).
+
+    ``y'`` is ``y`` read as a signed (two's complement) integer: ``y' = y - N_c`` for ``y >= N_c/2``.
+    """
+    Nc = 2**clock_qubits
+    y = np.arange(Nc, dtype=np.float64)
+    signed = np.where(y >= Nc // 2, y - Nc, y)
+    return 2.0 * np.pi * signed / (t0 * Nc)
+
+
+def default_C(clock_qubits: int, t0: float, kappa_a: float | None = None) -> float:
+    """Largest rotation constant with ``|C / lambda~| <= 1`` on every inverted clock value.
+
+    Plain HHL inverts every non-zero clock value, the smallest being ``2 pi / (t0 N_c)``;
+    truncated HHL only inverts ``|lambda~| >= 1/kappa_a`` and passes the rest with amplitude
+    ``C`` (which must be ``<= 1``), so there ``C = max(2 pi / (t0 N_c), 1/kappa_a)``, capped at 1.
+    """
+    cmin = 2.0 * np.pi / (t0 * 2**clock_qubits)
+    if kappa_a is None:
+        return float(cmin)
+    return float(min(max(cmin, 1.0 / kappa_a), 1.0))
+
+
+@dataclass
+class HHLResult:
+    """Outcome of one simulated HHL run.
+
+    ``state`` is the normalised post-selected state (ancilla ``|1>``, clock ``|0>``),
+    complex128: the system register (length D) for plain HHL; for truncated HHL the system
+    and flag registers (length 2D, flag as the most significant qubit: ``[well; ill]``),
+    whose two halves are also given as ``state_well`` and ``state_ill``.
+    Probabilities are of the whole run (prepare, QPE, rotate, uncompute, measure):
+
+    * ``p_success``: ancilla ``|1>`` and clock back in ``|0>`` (the post-selection);
+    * ``p_ancilla``: ancilla ``|1>`` whatever the clock;
+    * ``leakage``: ``1 - p_success / p_ancilla``, the part of the ancilla-``|1>`` branch
+      whose clock was not uncomputed to ``|0>`` (a finite-clock effect).
+
+    ``density_fidelity_with(ref)`` uses the state conditioned on ancilla ``|1>`` only (clock
+    traced out), kept as the per-branch, per-clock-value blocks ``clock_blocks``
+    (shape ``(branches, N_c, D)``, branch 0 = well/plain, 1 = ill) with the system register
+    in the eigenbasis ``basis`` of ``H`` (columns).
+    """
+
+    state: np.ndarray
+    state_well: np.ndarray | None
+    state_ill: np.ndarray | None
+    p_success: float
+    p_ancilla: float
+    leakage: float
+    clock_qubits: int
+    t0: float
+    C: float
+    kappa_a: float | None
+    qubits: dict
+    clock_blocks: np.ndarray = field(repr=False, default=None)
+    basis: np.ndarray = field(repr=False, default=None)
+
+    def fidelity_with(self, ref: np.ndarray) -> float:
+        """``|<ref|x>|^2`` with both normalised; truncated runs compare ``|ref>|well>`` (eq. II.87 squared)."""
+        ref = np.asarray(ref, dtype=np.complex128)
+        state = self.state if self.state_well is None else self.state_well
+        return float(abs(np.vdot(ref, state)) ** 2 / np.vdot(ref, ref).real)
+
+    def density_fidelity_with(self, ref: np.ndarray) -> float:
+        """``<ref| rho |ref>`` for the state conditioned on ancilla ``|1>`` (clock traced out; flag ``|well>``)."""
+        ref = np.asarray(ref, dtype=np.complex128)
+        ref = self.basis.T @ (ref / np.linalg.norm(ref))  # into the eigenbasis the blocks use
+        blocks = self.clock_blocks
+        num = float(np.sum(np.abs(blocks[0] @ ref.conj()) ** 2))
+        return num / float(np.sum(np.abs(blocks) ** 2))
+
+
+def _controlled_phases(psi: np.ndarray, lam: np.ndarray, t0: float, sign: float) -> None:
+    """Apply ``sum_k |k><k| (x) U^{sign k}`` bit by bit: clock qubit ``p`` controls ``U^{sign 2^p}``.
+
+    ``psi`` has shape ``(N_c, D)`` with the system in the eigenbasis of ``H`` (``U`` diagonal).
+    """
+    Nc = psi.shape[0]
+    c = int(round(np.log2(Nc)))
+    k = np.arange(Nc)
+    for p in range(c):
+        rows = (k >> p) & 1 == 1
+        psi[rows, :] *= np.exp(1j * sign * (2**p) * t0 * lam)[None, :]
+
+
+def simulate_hhl(system: HermitianSystem, clock_qubits: int, C: float | None = None,
+                 t0: float | None = None, kappa_a: float | None = None) -> HHLResult:
+    """Run the HHL circuit described in the module docstring on ``system`` and post-select.
+
+    ``kappa_a`` switches on the truncated variant (eq. II.86): clock values with
+    ``|lambda~| < 1/kappa_a`` set the flag to ``|ill>`` and are not inverted.
+    Raises :class:`UserError` when nothing survives post-selection or on bad parameters.
+    """
+    if not isinstance(clock_qubits, (int, np.integer)) or clock_qubits < 2:
+        raise UserError(f"HHL: clock_qubits must be an integer >= 2, got {clock_qubits!r}")
+    if kappa_a is not None and not kappa_a > 0:
+        raise UserError(f"HHL: kappa_a must be > 0, got {kappa_a!r}")
+    Nc = 2**clock_qubits
+    t0 = default_t0(clock_qubits) if t0 is None else float(t0)
+    if not t0 > 0:
+        raise UserError(f"HHL: t0 must be > 0, got {t0!r}")
+    C = default_C(clock_qubits, t0, kappa_a) if C is None else float(C)
+    if not 0.0 < C <= 1.0:
+        raise UserError(f"HHL: rotation constant C must lie in (0, 1], got {C!r}")
+    lam, V = system.eigenvalues, system.eigenvectors
+    b = system.b / np.linalg.norm(system.b)
+    beta = (V.T @ b).astype(np.complex128)
+
+    # 1-2: Hadamards on the clock, controlled powers of U = exp(i H t0).
+    psi = np.empty((Nc, system.dim), dtype=np.complex128)
+    psi[:] = beta[None, :] / np.sqrt(Nc)
+    _controlled_phases(psi, lam, t0, +1.0)
+    # 3: inverse QFT  |k> -> N_c^{-1/2} sum_y exp(-2 pi i k y / N_c) |y>.
+    psi = np.fft.fft(psi, axis=0) / np.sqrt(Nc)
+    # 4: ancilla rotation controlled by the clock value (and the well/ill flag).
+    lam_est = clock_eigenvalues(clock_qubits, t0)
+    with np.errstate(divide="ignore"):
+        inv = np.where(lam_est != 0.0, C / lam_est, 0.0)
+    inv = np.clip(inv, -1.0, 1.0)  # |C/lambda~| > 1 (only when C exceeds the default) saturates
+    if kappa_a is None:
+        amp_well, amp_ill = inv, None
+    else:
+        ill = np.abs(lam_est) < 1.0 / kappa_a
+        amp_well = np.where(ill, 0.0, inv)
+        amp_ill = np.where(ill, C, 0.0)
+    branches = [amp_well] if amp_ill is None else [amp_well, amp_ill]
+    outs, blocks = [], []
+    for amp in branches:
+        phi = psi * amp[:, None]  # ancilla-|1> branch only: it is all that post-selection keeps
+        # 5: uncompute: QFT, controlled U^{-2^p}; the final Hadamards are applied implicitly.
+        phi = np.fft.ifft(phi, axis=0) * np.sqrt(Nc)
+        _controlled_phases(phi, lam, t0, -1.0)
+        blocks.append(phi)
+        outs.append(phi.sum(axis=0) / np.sqrt(Nc))  # <0|_clock H^{(x)c}
+    p_anc = float(sum(np.sum(np.abs(blk) ** 2) for blk in blocks))
+    p_succ = float(sum(np.sum(np.abs(o) ** 2) for o in outs))
+    if p_succ <= 1e-300:
+        raise UserError("HHL: post-selection probability is zero (no eigenvalue was inverted)")
+    norm = np.sqrt(p_succ)
+    back = [V @ o / norm for o in outs]  # leave the eigenbasis
+    state = back[0] if len(back) == 1 else np.concatenate(back)
+    clock_blocks = np.stack(blocks)
+    qubits = {"system": system.system_qubits, "clock": int(clock_qubits), "ancilla": 1,
+              "flag": 0 if kappa_a is None else 1}
+    qubits["total"] = sum(qubits.values())
+    return HHLResult(state=state, state_well=back[0] if kappa_a is not None else None,
+                     state_ill=back[1] if kappa_a is not None else None,
+                     p_success=p_succ, p_ancilla=p_anc, leakage=1.0 - p_succ / p_anc if p_anc > 0 else 0.0,
+                     clock_qubits=int(clock_qubits), t0=t0, C=C, kappa_a=kappa_a, qubits=qubits,
+                     clock_blocks=clock_blocks, basis=V)
+
+
+def memory_estimate_bytes(dim: int, clock_qubits: int, truncated: bool = False) -> int:
+    """Peak memory of :func:`embed` + :func:`simulate_hhl` for padded dimension ``dim`` (bytes, model).
+
+    Dense float64 matrices: the unpadded and padded ``H`` and the eigenvectors plus LAPACK
+    ``syevd`` workspace (about ``2 D^2`` doubles), i.e. ``5 D^2`` doubles; complex128
+    ``2**c x D`` arrays: the QPE state and its FFT, and per kept branch the rotated copy and
+    its FFT.
+    """
+    dense = 8 * dim * dim * 5
+    branches = 2 if truncated else 1
+    state = 16 * (2**clock_qubits) * dim * (2 + 2 * branches)
+    return int(dense + state)

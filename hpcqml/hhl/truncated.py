@@ -1,0 +1,155 @@
+"""Truncated HHL (paper eq. II.86-II.93, Theorem II.4).
+
+Write ``|b> = sum_j beta_j |u_j>`` in the eigenbasis of the (unit-norm) Hermitian matrix
+(eq. II.84). Truncated HHL inverts only the well-conditioned eigenvalues
+``|lambda_j| >= 1/kappa_a`` and passes the others through with a flag qubit (eq. II.86)::
+
+    |x~>  ~  sum_{well} lambda_j^{-1} beta_j |u_j> |well>  +  sum_{ill} beta_j |u_j> |ill>.
+
+Its overlap with the full solution ``|x> ~ sum_j lambda_j^{-1} beta_j |u_j>`` (eq. II.85),
+taken as ``<x| <well| |x~>``, is eq. II.87::
+
+    <x|x~> = S_well / ( S_all^{1/2} (S_well + P_ill)^{1/2} ),
+    S_well = sum_{well} |beta_j / lambda_j|^2,  S_all = sum_j |beta_j / lambda_j|^2,
+    P_ill = sum_{ill} |beta_j|^2.
+
+For Haar-random ``|b>`` each ``|beta_j|^2`` averages to ``1/D`` (eq. II.89-II.91), which
+gives the annealed estimate :func:`haar_average_fidelity`; for a spectrum with ``Delta_+``
+dissipative modes of one eigenvalue ``a_+`` it reduces to eq. II.92 and, as
+``a_+ -> 0^-``, to ``Delta_+ / Delta`` (eq. II.93).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hpcqml.errors import UserError
+from hpcqml.hhl.statevector import HHLResult, HermitianSystem, simulate_hhl
+
+
+def _check_kappa(kappa_a: float) -> float:
+    kappa_a = float(kappa_a)
+    if not kappa_a > 0 or not np.isfinite(kappa_a):
+        raise UserError(f"truncated HHL: kappa_a must be a finite number > 0, got {kappa_a!r}")
+    return kappa_a
+
+
+def truncated_hhl(system: HermitianSystem, clock_qubits: int, kappa_a: float,
+                  C: float | None = None, t0: float | None = None) -> HHLResult:
+    """Simulate truncated HHL (eq. II.86) with the flag set from the clock register."""
+    return simulate_hhl(system, clock_qubits, C=C, t0=t0, kappa_a=_check_kappa(kappa_a))
+
+
+def eigen_coefficients(system: HermitianSystem) -> tuple[np.ndarray, np.ndarray]:
+    """``(lambda_j, beta_j)`` of eq. II.84 for the normalised ``|b>`` (float64 arrays, length D)."""
+    b = system.b / np.linalg.norm(system.b)
+    return system.eigenvalues.copy(), system.eigenvectors.T @ b
+
+
+def closed_form_fidelity(eigenvalues: np.ndarray, beta: np.ndarray, kappa_a: float) -> float:
+    """Eq. II.87: ``<x|x~>`` from the eigenvalues ``lambda_j`` and coefficients ``beta_j`` (float)."""
+    kappa_a = _check_kappa(kappa_a)
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    w2 = np.abs(np.asarray(beta)) ** 2
+    if lam.shape != w2.shape:
+        raise UserError(f"truncated HHL: {lam.shape[0]} eigenvalues but {w2.shape[0]} coefficients")
+    if np.any(lam[w2 > 0] == 0.0):
+        raise UserError("truncated HHL: |b> has weight on a zero eigenvalue, the full solution is undefined")
+    well = np.abs(lam) >= 1.0 / kappa_a
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv2 = np.where(w2 > 0, w2 / lam**2, 0.0)
+    s_well = float(np.sum(inv2[well]))
+    s_all = float(np.sum(inv2))
+    p_ill = float(np.sum(w2[~well]))
+    if s_well == 0.0:
+        return 0.0
+    return s_well / (np.sqrt(s_all) * np.sqrt(s_well + p_ill))
+
+
+def exact_truncated_state(system: HermitianSystem, kappa_a: float) -> tuple[np.ndarray, np.ndarray]:
+    """The two flag branches of eq. II.86 from the eigen-decomposition, jointly normalised.
+
+    Returns ``(well, ill)`` float64 vectors of length D with ``||well||^2 + ||ill||^2 = 1``.
+    """
+    kappa_a = _check_kappa(kappa_a)
+    lam, beta = eigen_coefficients(system)
+    well = np.abs(lam) >= 1.0 / kappa_a
+    cw = np.where(well, beta / np.where(well, lam, 1.0), 0.0)
+    ci = np.where(well, 0.0, beta)
+    norm = np.sqrt(np.sum(cw**2) + np.sum(ci**2))
+    V = system.eigenvectors
+    return V @ cw / norm, V @ ci / norm
+
+
+def measured_overlap(result: HHLResult, x_full: np.ndarray) -> float:
+    """``|<x| <well| |x~_sim>|`` for a simulated truncated run and the full solution ``x_full``.
+
+    ``x_full`` lives in the embedded space (see :meth:`HermitianSystem.embed_solution`); it is
+    normalised here. This is the quantity eq. II.87 predicts.
+    """
+    if result.state_well is None:
+        raise UserError("truncated HHL: the result has no flag branches (run with kappa_a)")
+    x = np.asarray(x_full, dtype=np.complex128)
+    return float(abs(np.vdot(x, result.state_well)) / np.linalg.norm(x))
+
+
+def haar_average_fidelity(eigenvalues: np.ndarray, kappa_a: float) -> float:
+    """Annealed Haar average of eq. II.87 using eq. II.89-II.91 (``|beta_j|^2 -> 1/D``).
+
+    ``Tr(Lbar^-2) / ( Tr(L^-2)^{1/2} (Tr(Lbar^-2) + #ill)^{1/2} )`` over the given spectrum
+    (the ``1/D`` factors cancel).
+    """
+    kappa_a = _check_kappa(kappa_a)
+    lam = np.asarray(eigenvalues)
+    if lam.size == 0 or np.any(lam == 0):
+        raise UserError("truncated HHL: Haar estimate needs a non-empty spectrum without zero eigenvalues")
+    a = np.abs(lam)
+    well = a >= 1.0 / kappa_a
+    tr_bar = float(np.sum(1.0 / a[well] ** 2))
+    tr_all = float(np.sum(1.0 / a**2))
+    n_ill = float(np.count_nonzero(~well))
+    if tr_bar == 0.0:
+        return 0.0
+    return tr_bar / (np.sqrt(tr_all) * np.sqrt(tr_bar + n_ill))
+
+
+def dissipative_split(qcm_eigenvalues: np.ndarray) -> tuple[int, int, float]:
+    """``(Delta_+, Delta, a_+)`` from the eigenvalues ``a_mu`` of the Carleman matrix A.
+
+    Dissipative modes satisfy ``|1 + a_mu| < 1`` (eq. II.28). ``a_+`` (one representative
+    eigenvalue in eq. II.92) is taken here as the mean real part of the dissipative
+    eigenvalues; ``nan`` when there are none.
+    """
+    a = np.asarray(qcm_eigenvalues)
+    if a.size == 0:
+        raise UserError("truncated HHL: empty Carleman spectrum")
+    diss = np.abs(1.0 + a) < 1.0
+    d_plus = int(np.count_nonzero(diss))
+    a_plus = float(np.mean(np.real(a[diss]))) if d_plus else float("nan")
+    return d_plus, int(a.size), a_plus
+
+
+def fidelity_ii92(delta_plus: int, delta: int, a_plus: float, T: int) -> float:
+    """Eq. II.92 with ``kappa_a = 2(T+1)``: ``Delta_+ G / ( ((T+1) Delta)^{1/2} (Delta_+ G + (T+1) Delta_-)^{1/2} )``.
+
+    ``G = sum_{t=0}^{T} (1 + a_+)^t = ((1 + a_+)^{T+1} - 1) / a_+`` (``T + 1`` at ``a_+ = 0``).
+    """
+    if not (0 <= delta_plus <= delta and delta >= 1 and T >= 0):
+        raise UserError(f"eq. II.92: need 0 <= Delta_+ <= Delta, Delta >= 1, T >= 0 "
+                        f"(got {delta_plus}, {delta}, {T})")
+    if delta_plus == 0:
+        return 0.0
+    if a_plus == 0.0:
+        g = float(T + 1)
+    elif a_plus > -1.0:
+        g = float(np.expm1((T + 1) * np.log1p(a_plus)) / a_plus)
+    else:
+        g = float(((1.0 + a_plus) ** (T + 1) - 1.0) / a_plus)
+    d_minus = delta - delta_plus
+    return delta_plus * g / (np.sqrt((T + 1) * delta) * np.sqrt(delta_plus * g + (T + 1) * d_minus))
+
+
+def fidelity_ii93(delta_plus: int, delta: int) -> float:
+    """Eq. II.93, the ``a_+ -> 0^-`` limit of eq. II.92: ``Delta_+ / Delta``."""
+    if not (0 <= delta_plus <= delta and delta >= 1):
+        raise UserError(f"eq. II.93: need 0 <= Delta_+ <= Delta and Delta >= 1 (got {delta_plus}, {delta})")
+    return delta_plus / delta

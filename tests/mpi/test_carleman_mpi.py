@@ -1,0 +1,118 @@
+"""MPI tests of the distributed Carleman assembly, KSP solve and SLEPc spectra.
+
+Every rank runs the same collective calls in the same order; results must equal the serial
+scipy/numpy reference (hence the 1-rank numbers) under mpirun -n 1, 2 and 3.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from mpi4py import MPI
+
+from hpcqml.carleman import generators as gen
+from hpcqml.carleman import petsc_assembly as pa
+from hpcqml.carleman import reference as ref
+from hpcqml.carleman import spectra
+from hpcqml.carleman import timestepping as ts
+from hpcqml.carleman.instance import PolynomialODE, lift
+
+COMM = MPI.COMM_WORLD
+
+
+def _cubic(n: int = 2, seed: int = 7) -> PolynomialODE:
+    rng = np.random.default_rng(seed)
+    F = [sp.csr_matrix(rng.uniform(-0.1, 0.1, (n, 1)))]
+    for ell in (1, 2, 3):
+        dense = rng.uniform(-0.2, 0.2, (n, n**ell))
+        dense[rng.random(dense.shape) < 0.3] = 0.0  # some sparsity
+        F.append(sp.csr_matrix(dense))
+    return PolynomialODE(F=F, u_in=rng.uniform(-0.3, 0.3, n))
+
+
+INSTANCES = {"q2": lambda: gen.random_quadratic(3, 0.7, 1), "q3": _cubic,
+             "q2_sparse": lambda: gen.sparse_quadratic(5, 0.8, 2)}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(INSTANCES))
+@pytest.mark.parametrize("N", [1, 2, 3, 4])
+def test_assembly_equals_reference(name, N):
+    ode = INSTANCES[name]()
+    A, stats = pa.assemble_carleman(ode, N, COMM)
+    want = ref.carleman_matrix(ode, N)
+    got = pa.to_scipy_all(A)
+    assert got.shape == want.shape == (stats.rows, stats.rows)
+    diff = abs(got - want)
+    assert (diff.max() if diff.nnz else 0.0) <= 1e-14
+    assert stats.nnz == got.nnz and stats.exact_preallocation
+    r0, r1 = A.getOwnershipRange()
+    assert (r0, r1) == pa.ownership(stats.rows, COMM.rank, COMM.size)
+    A.destroy()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["q2", "q3"])
+def test_block_system_and_ksp_equal_forward_iteration(name):
+    ode = INSTANCES[name]()
+    ode = PolynomialODE(F=[0.3 * F for F in ode.F], u_in=ode.u_in)
+    N, T = 3, 12
+    M, B, stM = pa.assemble_block_system(ode, N, T, COMM)
+    assert stM.exact_preallocation and stM.rows == (T + 1) * ref.carleman_matrix(ode, N).shape[0]
+    A_ref = ref.carleman_matrix(ode, N)
+    M_ref, rhs_ref = ref.block_system(A_ref, ode, N, T)
+    assert abs(pa.to_scipy_all(M) - M_ref).max() <= 1e-14
+    np.testing.assert_array_equal(pa.to_numpy_all(B), rhs_ref)
+    M.destroy(); B.destroy()
+    res = ts.solve_block_system(ode, N, T, COMM)
+    Y = ref.forward_iteration(A_ref, ref.carleman_rhs(ode, N), lift(ode.u_in, N), T)
+    assert res.reason > 0
+    assert res.iterations <= COMM.size + 2  # nilpotent preconditioned operator, see timestepping doc
+    assert np.linalg.norm(res.X - Y) <= 1e-10 * np.linalg.norm(Y)
+    A, _ = pa.assemble_carleman(ode, N, COMM)
+    Yp = ts.petsc_forward_iteration(A, ref.carleman_rhs(ode, N), lift(ode.u_in, N), T)
+    np.testing.assert_allclose(Yp, Y, rtol=1e-12, atol=1e-15)
+    A.destroy()
+
+
+@pytest.mark.timeout(120)
+def test_eigenvalues_norms_and_kappa_match_dense():
+    ode = gen.scale_step(gen.random_quadratic(3, 1.0, 2), 0.25)
+    N, T = 2, 6
+    A, _ = pa.assemble_carleman(ode, N, COMM)
+    Ad = ref.carleman_matrix(ode, N).toarray()
+    eigs, method = spectra.eigenvalues(A)
+    dense = np.linalg.eigvals(Ad)
+    assert eigs.shape == dense.shape and "lapack" in method
+    assert np.max(np.min(np.abs(eigs[:, None] - dense[None, :]), axis=1)) < 1e-10
+    dis, div = spectra.dissipative_counts(eigs)
+    assert (dis, div) == (int(np.sum(np.abs(1 + dense) < 1)), int(np.sum(np.abs(1 + dense) >= 1)))
+    IA = spectra.shifted_identity(A)
+    norm_IA, _ = spectra.singular_value(IA, "largest", tol=1e-12)
+    assert norm_IA == pytest.approx(np.linalg.norm(np.eye(len(Ad)) + Ad, 2), rel=1e-9)
+    assert norm_IA < 1.0
+    M, B, _ = pa.assemble_block_system(ode, N, T, COMM)
+    rep = spectra.condition_report(M, norm_IA, T, tol=1e-12)
+    sv = np.linalg.svd(ref.block_system(ref.carleman_matrix(ode, N), ode, N, T)[0].toarray(), compute_uv=False)
+    assert rep.kappa == pytest.approx(sv[0] / sv[-1], rel=1e-8)
+    assert rep.kappa <= rep.bound_II83 == 2 * (T + 1)          # eq. II.83
+    assert rep.kappa <= rep.bound_general * (1 + 1e-12)        # eq. II.81
+    # the iterative (Lanczos) smallest singular value agrees with the dense one too
+    smin, m = spectra.singular_value(M, "smallest", tol=1e-12, dense_limit=0)
+    assert "trlanczos" in m and smin == pytest.approx(sv[-1], rel=1e-8)
+    smin2, m2 = spectra.smallest_singular_value_by_inverse(M, tol=1e-12)
+    assert "M^-1" in m2 and smin2 == pytest.approx(sv[-1], rel=1e-8)
+    for obj in (A, IA, M, B):
+        obj.destroy()
+
+
+@pytest.mark.timeout(120)
+def test_extremal_eigenvalues_beyond_dense_limit():
+    ode = gen.scale_step(gen.random_quadratic(4, 0.7, 3), 0.25)
+    A, _ = pa.assemble_carleman(ode, 3, COMM)
+    eigs, method = spectra.eigenvalues(A, dense_limit=10, nev=4, tol=1e-12)
+    dense = np.linalg.eigvals(ref.carleman_matrix(ode, 3).toarray())
+    assert "krylovschur" in method
+    assert np.max(eigs.real) == pytest.approx(np.max(dense.real), abs=1e-9)
+    assert np.min(eigs.real) == pytest.approx(np.min(dense.real), abs=1e-9)
+    A.destroy()

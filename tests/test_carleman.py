@@ -1,0 +1,229 @@
+"""Serial tests of hpcqml.carleman: instances, reference matrices, time stepping, bounds, spectra."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from hpcqml.carleman import generators as gen
+from hpcqml.carleman import reference as ref
+from hpcqml.carleman import timestepping as ts
+from hpcqml.carleman.instance import PolynomialODE, carleman_dim, from_dict, kron_power, lift, to_dict
+from hpcqml.errors import UserError
+
+
+def _cubic_instance(n: int = 2, seed: int = 3) -> PolynomialODE:
+    rng = np.random.default_rng(seed)
+    F = [sp.csr_matrix(rng.uniform(-0.1, 0.1, (n, 1)))]
+    for ell in (1, 2, 3):
+        F.append(sp.csr_matrix(rng.uniform(-0.2, 0.2, (n, n**ell))))
+    return PolynomialODE(F=F, u_in=rng.uniform(-0.3, 0.3, n))
+
+
+@pytest.mark.parametrize("make", [lambda: gen.random_quadratic(3, 0.7, 1), _cubic_instance])
+def test_reference_rows_are_derivatives_of_kronecker_powers(make):
+    """(A y_in + b)_j = sum_p u^{(x)p} (x) f(u) (x) u^{(x)(j-1-p)} exactly where truncation cuts nothing.
+
+    Independent of the Kronecker construction: the right side is evaluated directly from f(u).
+    """
+    ode = make()
+    N = 4
+    A = ref.carleman_matrix(ode, N)
+    u = ode.u_in
+    lhs = A @ lift(u, N) + ref.carleman_rhs(ode, N)
+    f = ode.rhs(u)
+    start = 0
+    for j in range(1, N + 1):
+        if j + ode.q - 1 <= N:
+            want = sum(np.kron(np.kron(kron_power(u, p), f), kron_power(u, j - 1 - p)) for p in range(j))
+            np.testing.assert_allclose(lhs[start:start + ode.n**j], want, rtol=1e-13, atol=1e-15)
+        start += ode.n**j
+    assert A.shape == (carleman_dim(ode.n, N),) * 2
+
+
+def test_linear_spectrum_is_sums_of_F1_eigenvalues():
+    """F0 = F2 = 0: spec(A) = union_j {f_a1 + ... + f_aj} (eq. II.64), dense numpy check."""
+    ode = gen.random_quadratic(3, 1.0, 4)
+    lin = PolynomialODE(F=[ode.F[0], ode.F[1], sp.csr_matrix((3, 9))], u_in=ode.u_in)
+    fa = np.linalg.eigvalsh(lin.F[1].toarray())
+    want = np.sort(np.concatenate([np.sum(np.meshgrid(*([fa] * j), indexing="ij"), axis=0).ravel()
+                                   for j in (1, 2, 3)]))
+    got = np.sort(np.linalg.eigvals(ref.carleman_matrix(lin, 3).toarray()).real)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_block_system_solution_is_forward_iteration():
+    ode = gen.scale_step(gen.random_quadratic(2, 1.0, 5), 0.3)
+    N, T = 3, 7
+    A = ref.carleman_matrix(ode, N)
+    M, rhs = ref.block_system(A, ode, N, T)
+    X = sp.linalg.spsolve_triangular(M.tocsr(), rhs, lower=True)
+    Y = ref.forward_iteration(A, ref.carleman_rhs(ode, N), lift(ode.u_in, N), T)
+    np.testing.assert_allclose(X.reshape(T + 1, -1), Y, rtol=1e-12, atol=1e-15)
+
+
+def test_ksp_solution_matches_forward_iteration_single_rank():
+    from mpi4py import MPI
+
+    ode = _cubic_instance()
+    ode = PolynomialODE(F=[0.3 * F for F in ode.F], u_in=ode.u_in)
+    N, T = 3, 15
+    res = ts.solve_block_system(ode, N, T, MPI.COMM_SELF)
+    A = ref.carleman_matrix(ode, N)
+    Y = ref.forward_iteration(A, ref.carleman_rhs(ode, N), lift(ode.u_in, N), T)
+    assert res.reason > 0 and res.iterations <= 2  # ILU(0) of a unit lower-triangular M is exact
+    assert np.linalg.norm(res.X - Y) <= 1e-10 * np.linalg.norm(Y)
+    # command-line options reach the solver (setFromOptions): -ksp_type richardson
+    from petsc4py import PETSc
+
+    opts = PETSc.Options()
+    opts["ksp_type"] = "richardson"
+    try:
+        res2 = ts.solve_block_system(ode, N, T, MPI.COMM_SELF)
+    finally:
+        opts.delValue("ksp_type")
+    assert res2.ksp_type == "richardson" and res2.reason > 0
+    assert np.linalg.norm(res2.X - Y) <= 1e-10 * np.linalg.norm(Y)
+
+
+def test_logistic_truncation_error_shrinks_geometrically():
+    """u' = -a u - c u^2, dissipative (|1 - h a j| < 1 for all j <= N_ref): error vs N_ref run ~ rho^N."""
+    ode = gen.logistic(1.0, 1.0, 0.3, h=0.05)
+    T, N_ref = 60, 30
+    yR = ts.carleman_trajectory(ode, N_ref, T)
+    errs = np.array([np.max(np.abs(yR - ts.carleman_trajectory(ode, N, T))) for N in range(1, 8)])
+    ratios = errs[1:] / errs[:-1]
+    assert np.all(ratios < 0.5), ratios           # geometric, rate ~ c u0 / a = 0.3
+    assert np.ptp(np.log(ratios)) < 0.7, ratios    # roughly constant rate
+    # against the exact discrete map the error also falls, down to the discreteness floor
+    u = ref.exact_recurrence(ode, T)[:, 0]
+    total = [np.max(np.abs(u - ts.carleman_trajectory(ode, N, T)[:, 0])) for N in (1, 2, 3)]
+    assert total[0] > total[1] > total[2]
+
+
+def test_discreteness_error_is_first_order_in_step():
+    """Sec. V B: Carleman stepping with I+A misses du (x) du, so at fixed time the error is O(h)."""
+    ode = gen.logistic(1.0, 1.0, 0.3, h=1.0)
+    out = ts.discreteness_scaling(ode, N_ref=12, horizon=4.0, steps=[0.1, 0.05, 0.025])  # 12 * 0.1 < 2: stable
+    assert 0.85 < float(out["slope"]) < 1.15, out
+    split = ts.error_split(gen.logistic(1.0, 1.0, 0.3, h=0.05), 3, 20, 40)
+    np.testing.assert_allclose(split["total"], split["truncation"] + split["discreteness"], atol=1e-15)
+
+
+def test_bounds_and_stability_warning():
+    ode = gen.logistic(1.0, 1.0, 0.3, h=0.05)
+    norms = ode.norms()
+    np.testing.assert_allclose(norms, [0.0, 0.05, 0.05])
+    assert ts.bound_II57(2, 1.0, 0.5, norms) == pytest.approx(3 * 2 * 0.5**3 * 0.05)
+    assert np.isnan(ts.order_II60(1e-3, 1.0, 1.5, norms))
+    with pytest.warns(RuntimeWarning, match="unstable"):
+        assert not ts.check_stability(gen.logistic(1.0, 0.0, 0.1, h=0.6), 2)
+    assert ts.check_stability(ode, 4)
+
+
+def test_order_II60_makes_bound_II57_small():
+    """With ||u_bar|| < 1, N from eq. II.60 satisfies N u^{N+1} <= u^{N/2} (eq. II.59) so II.57 <= eps."""
+    norms = np.array([0.0, 0.1, 0.02])
+    A_norm, u_bar, eps = 0.2, 0.3, 1e-8
+    N = int(ts.order_II60(eps, A_norm, u_bar, norms))
+    assert ts.bound_II57(N, 1.0 / A_norm, u_bar, norms) <= eps
+    # II.60 is conservative only by the factor 2 of eq. II.59: half the order is not enough
+    assert ts.bound_II57(N // 2 - 1, 1.0 / A_norm, u_bar, norms) > eps
+
+
+def test_random_quadratic_follows_sec_IIIC():
+    ode = gen.random_quadratic(6, 0.5, 11)
+    h = np.sort(-np.linalg.eigvalsh(ode.F[1].toarray()))
+    assert np.all(h[:3] < 0) and np.all(h[:3] > -0.01) and np.all(h[3:] > 0) and np.all(h[3:] < 1)
+    F2 = ode.F[2].toarray()
+    assert F2.shape == (6, 36) and np.abs(F2).max() <= 0.015 and ode.F[0].nnz == 0
+    sparse = gen.sparse_quadratic(7, 0.5, 11)
+    np.testing.assert_allclose(sparse.F[1].toarray(), sparse.F[1].toarray().T, atol=1e-15)
+    assert sparse.F[1].getnnz(axis=1).max() <= 2
+    hs = np.sort(-np.linalg.eigvalsh(sparse.F[1].toarray()))
+    assert np.sum(hs > 0) == 4 and np.all(hs < 1) and np.all(hs > -0.01)
+
+
+def test_dict_roundtrip_and_hdf5(tmp_path):
+    ode = _cubic_instance()
+    back = from_dict(to_dict(ode))
+    for a, b in zip(ode.F, back.F):
+        assert (a != b).nnz == 0
+    path = tmp_path / "inst.h5"
+    with h5py.File(path, "w") as fh:
+        for k, v in to_dict(ode).items():
+            fh.create_dataset(k, data=v)
+    with h5py.File(path, "r") as fh:
+        again = from_dict(fh)
+    np.testing.assert_array_equal(again.u_in, ode.u_in)
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_malformed_instances_give_one_line_errors(tmp_path):
+    good = to_dict(_cubic_instance())
+    with pytest.raises(UserError) as e:
+        PolynomialODE(F=[sp.csr_matrix((2, 1)), sp.csr_matrix((2, 3))], u_in=np.zeros(2))
+    assert "F1" in _one_line(e) and "shape" in _one_line(e)
+    with pytest.raises(UserError) as e:
+        PolynomialODE(F=[sp.csr_matrix((2, 1)), sp.csr_matrix([[np.nan, 0], [0, 1]])], u_in=np.zeros(2))
+    assert "NaN" in _one_line(e)
+    with pytest.raises(UserError) as e:
+        PolynomialODE(F=[sp.csr_matrix((2, 1)), sp.identity(2)], u_in=np.array([0.0, np.nan]))
+    assert "u_in" in _one_line(e)
+    # files: NaN data, wrong indptr length, out-of-range columns, missing block
+    cases = {
+        "nan": {**good, "F2/data": np.where(np.arange(good["F2/data"].size) == 0, np.nan, good["F2/data"])},
+        "indptr": {**good, "F1/indptr": good["F1/indptr"][:-1]},
+        "cols": {**good, "F3/indices": good["F3/indices"] + 100},
+        "missing": {k: v for k, v in good.items() if not k.startswith("F2/")},
+    }
+    for name, d in cases.items():
+        path = tmp_path / f"{name}.h5"
+        with h5py.File(path, "w") as fh:
+            for k, v in d.items():
+                fh.create_dataset(k, data=v)
+        with h5py.File(path, "r") as fh, pytest.raises(UserError) as e:
+            from_dict(fh)
+        _one_line(e)
+
+
+def test_network_instance_matches_autograd_derivatives():
+    """F1 = -eta H and F2 = -(eta/2) D3 checked against torch.autograd.functional.hessian + finite differences."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 1])
+    k, eta = 3, 0.1
+    ode = gen.network_instance(model, torch.nn.functional.cross_entropy, x, y, k, eta)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    idx = torch.topk(flat.abs(), k).indices
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss_at(z):
+        w = flat.clone().index_put((idx,), flat[idx] + z)
+        ps, off = [], 0
+        for s in shapes:
+            m = int(np.prod(s))
+            ps.append(w[off:off + m].reshape(s))
+            off += m
+        h = torch.tanh(x @ ps[0].T + ps[1])
+        return torch.nn.functional.cross_entropy(h @ ps[2].T + ps[3], y)
+
+    z0 = torch.zeros(k, dtype=torch.float64)
+    g = torch.autograd.functional.jacobian(loss_at, z0).numpy()
+    H = torch.autograd.functional.hessian(loss_at, z0).numpy()
+    np.testing.assert_allclose(ode.F[0].toarray().ravel(), -eta * g, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(ode.F[1].toarray(), -eta * H, rtol=1e-10, atol=1e-14)
+    d = 1e-4
+    D3 = np.stack([(torch.autograd.functional.hessian(loss_at, z0 + d * e).numpy()
+                    - torch.autograd.functional.hessian(loss_at, z0 - d * e).numpy()) / (2 * d)
+                   for e in torch.eye(k, dtype=torch.float64)], axis=-1)  # D3[a, b, c]
+    np.testing.assert_allclose(ode.F[2].toarray(), -0.5 * eta * D3.reshape(k, k * k), atol=1e-8)

@@ -1,0 +1,110 @@
+"""The ``hhl`` stage end to end through the CLI: HDF5 layout, numbers, rank independence, errors."""
+import h5py
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+CONFIG = """
+[run]
+output = "{out}"
+stages = ["hhl"]
+seed = 0
+[hhl]
+cases = {cases}
+n = 2
+N = 2
+T = 3
+clock_qubits = [3, 6]
+kappa_a = [0.0, 4.0]
+readout_trials = 30
+k = 1
+batch_size = 2
+"""
+
+
+def _run(tmp_path, name, cases, ranks=0, extra=""):
+    out = tmp_path / f"{name}.h5"
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(CONFIG.format(out=out, cases=cases) + extra)
+    res = run_cli("--quiet", "run", str(cfg), ranks=ranks, timeout=600)
+    return res, out
+
+
+@pytest.mark.timeout(600)
+def test_stage_writes_documented_layout_and_rank_independent_numbers(tmp_path):
+    res, out = _run(tmp_path, "one", '["random", "network"]')
+    assert res.returncode == 0, res.stderr
+    with h5py.File(out, "r") as fh:
+        for case in ("random", "network"):
+            g = fh[f"hhl/{case}"]
+            assert g.attrs["complete"]
+            inst = g["instance"]
+            size, n = inst.attrs["system_size"], inst.attrs["n"]
+            assert n == (2 if case == "random" else 1)  # network: k = 1 parameter
+            assert size == (3 + 1) * (n + n * n) and inst.attrs["dilated"]
+            dim = inst.attrs["embedded_dim"]
+            assert dim == {24: 64, 8: 16}[size]
+            assert inst["x_ref"].shape == (size,) and inst["qcm_eigenvalues"].shape == (n + n * n,)
+            assert inst.attrs["reference_rel_residual"] < 1e-10
+            hh = g["hhl"]
+            assert list(hh["clock_qubits"][:]) == [3, 6]
+            assert hh["states"].shape == (2, size)
+            assert hh["fidelity"][1] > 0.99 and hh["fidelity"][1] > hh["fidelity"][0]
+            assert np.all((hh["p_success"][:] > 0) & (hh["p_success"][:] <= hh["p_ancilla"][:]))
+            tr = g["truncated"]
+            assert tr["overlap"].shape == tr["overlap_ii87"].shape == (4,)
+            ka = tr["kappa_a"][:]
+            assert set(ka) == {8.0, 4.0}  # 0 stands for 2(T+1)
+            assert np.all(np.abs(tr["overlap"][:] - tr["overlap_ii87"][:])
+                          <= np.maximum(tr["resolution"][:] * 4, 0.05))
+            assert 0 <= tr.attrs["fidelity_ii93"] <= 1
+            rs = g["resources"].attrs
+            assert 2 ** rs["system_qubits"] == dim and rs["constants"].startswith("unknown")
+            assert rs["kappa"] <= rs["kappa_bound_ii83"] * 10
+            ro = g["readout"]
+            assert ro["shots"].shape == (30,) and ro.attrs["r"] >= 1
+            assert ro.attrs["expected_ii99"] >= ro.attrs["uniform_r_H_r"] - 1e-9  # equal weights minimise II.99
+        assert fh["hhl/network"]["instance"].attrs["generator"] == "network"
+        table = fh["hhl/model_table"]
+        assert list(table["n"][:]) == [7_451_044, 103_703_700]
+        random_one = {k: fh[f"hhl/random/hhl/{k}"][()] for k in ("fidelity", "p_success", "states")}
+    res2, out2 = _run(tmp_path, "two", '["random"]', ranks=2)
+    assert res2.returncode == 0, res2.stderr
+    with h5py.File(out2, "r") as fh:
+        for key, val in random_one.items():
+            assert np.allclose(fh[f"hhl/random/hhl/{key}"][()], val, rtol=1e-10, atol=1e-13), key
+
+
+def test_stage_refuses_oversized_instance(tmp_path):
+    res, _ = _run(tmp_path, "big", '["random"]', extra="max_dim = 32\n")
+    assert res.returncode != 0
+    assert "exceeds max_dim = 32" in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+def test_network_case_reads_a_pruned_checkpoint(tmp_path):
+    import torch
+
+    from hpcqml.models import build
+    from hpcqml.training.checkpoint import save_checkpoint
+    from hpcqml.training.pruning import prune_
+
+    torch.manual_seed(3)
+    model = build("resnet8-w1", num_classes=10)
+    mask = prune_(model, 0.1)
+    ckpt = save_checkpoint(tmp_path / "pruned.pt", "resnet8-w1", 10, model, mask=mask)
+    res, out = _run(tmp_path, "ckpt", '["network"]', extra=f'model_file = "{ckpt}"\n')
+    assert res.returncode == 0, res.stderr
+    with h5py.File(out, "r") as fh:
+        inst = fh["hhl/network/instance"]
+        assert inst.attrs["network_source"] == f"checkpoint {ckpt}"
+        assert fh["hhl/network/hhl/fidelity"][-1] > 0.99
+    missing, _ = _run(tmp_path, "missing", '["network"]', extra=f'model_file = "{tmp_path}/nope.pt"\n')
+    assert missing.returncode != 0 and "model_file" in missing.stderr and "not found" in missing.stderr
+
+
+def test_sweep_config_is_valid(repo):
+    res = run_cli("validate", str(repo / "jobs/configs/hhl-reduced.toml"))
+    assert res.returncode == 0, res.stderr
+    assert 'cases = ["random", "network"]' in res.stdout
+    assert "clock_qubits = [3, 4, 5, 6, 7, 8, 9, 10]" in res.stdout
