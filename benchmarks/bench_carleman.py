@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 
@@ -164,6 +165,11 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(rows, fh, indent=1)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import record  # noqa: PLC0415 - benchmark plumbing next to this file
+
+    record("carleman", [{k: (v if not isinstance(v, list) else json.dumps(v)) for k, v in r.items()} for r in rows],
+           "PETSc assembly/KSP vs the scipy reference and forward iteration, same instance, 1 and 2 ranks")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import resource
 import statistics
 import sys
@@ -133,6 +134,12 @@ def main() -> int:
         if args.json:
             with open(args.json, "w") as fh:
                 fh.write(text + "\n")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import record  # noqa: PLC0415 - benchmark plumbing next to this file
+
+        rows = [{"quantity": k, "value": v} for k, v in out.items() if isinstance(v, (int, float, str))]
+        record("hvp", rows, f"{args.model}, B = {args.batch}, micro-batch {args.micro}, {size} rank(s), "
+                            f"{args.threads} thread(s) per rank; ratios taken in this one run")
     return 0
 
 

@@ -34,8 +34,7 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{socket.gethostname()}: {cpu}, {cores} cores"
+    text = f"{socket.gethostname()}: {cpu}, {os.cpu_count()} cores"  # the machine, not this rank's binding
     try:
         import torch
 

@@ -64,17 +64,18 @@ CUDA = torch.cuda.is_available()
 
 def sync() -> None:
     if CUDA:
-        sync()
+        torch.cuda.synchronize()
 
 
 def reset_peak() -> None:
     if CUDA:
-        reset_peak()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
 def peak() -> float:
-    return peak() if CUDA else float("nan")
+    """Peak GPU memory allocated by torch since the last reset, in GiB."""
+    return gib(torch.cuda.max_memory_allocated()) if CUDA else float("nan")
 
 
 def measure(name: str, fn, repeats: int = 2, warmup: int = 1) -> float | None:

@@ -41,15 +41,15 @@ def _timed(perf):
 
 
 def allreduce_sum(comm, data: Any, perf=None) -> Any:
-    """Sum ``data`` over all ranks in place and return it.
+    """Sum ``data`` over all ranks of ``comm`` (None = one process) in place and return it.
 
     ``data`` is a numpy array or a torch tensor. Contiguous CPU tensors are reduced in
     place through a numpy view; other tensors through a host copy.
     """
+    if comm is None or comm.Get_size() == 1:
+        return data
     from mpi4py import MPI
 
-    if comm.Get_size() == 1:
-        return data
     with _timed(perf):
         if isinstance(data, np.ndarray):
             buf = data if data.flags.c_contiguous else np.ascontiguousarray(data)
@@ -115,6 +115,7 @@ def report_error_and_abort(comm, exc: BaseException, debug: bool = False, code: 
     print(f"hpcqml: error{where}: {message.splitlines()[0] if message else ''}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     if size > 1:
+        time.sleep(0.5)  # let the launcher forward the line before the abort tears down its I/O
         comm.Abort(code)
     os._exit(code)
 

@@ -132,38 +132,36 @@ class ResultsStore:
     def is_complete(self, key: str) -> bool:
         return bool(self.read(lambda fh: is_complete(fh, key), default=False))
 
+    def _rewrite(self, edit: Callable[[h5py.File], None]) -> None:
+        """Rank 0: apply ``edit`` to a copy of the file and rename the copy over it."""
+        def update(tmp: str) -> None:
+            shutil.copyfile(self.path, tmp)
+            with h5py.File(tmp, "a") as fh:
+                edit(fh)
+        atomic_write(self.path, update)
+
     def commit(self, key: str, write: Callable[[h5py.Group], None] | None = None,
                attrs: Mapping[str, Any] | None = None) -> None:
         """Write group ``key`` (replacing any previous one) and mark it complete, durably."""
-        def body() -> bool:
-            def update(tmp: str) -> None:
-                shutil.copyfile(self.path, tmp)
-                with h5py.File(tmp, "a") as fh:
-                    if key in fh:
-                        del fh[key]
-                    group = fh.require_group(key)
-                    if write is not None:
-                        write(group)
-                    for name, value in (attrs or {}).items():
-                        group.attrs[name] = value
-                    group.attrs["complete"] = True
-                    group.attrs["completed_at"] = utc_now()
-            atomic_write(self.path, update)
-            return True
-        self._on_root(body)
+        def edit(fh: h5py.File) -> None:
+            if key in fh:
+                del fh[key]
+            group = fh.require_group(key)
+            if write is not None:
+                write(group)
+            for name, value in (attrs or {}).items():
+                group.attrs[name] = value
+            group.attrs["complete"] = True
+            group.attrs["completed_at"] = utc_now()
+        self._on_root(lambda: self._rewrite(edit))
 
     def set_root_attrs(self, attrs: Mapping[str, Any], group: str = "/") -> None:
-        """Set attributes on an existing group (durably, like :meth:`commit`)."""
-        def body() -> bool:
-            def update(tmp: str) -> None:
-                shutil.copyfile(self.path, tmp)
-                with h5py.File(tmp, "a") as fh:
-                    target = fh.require_group(group)
-                    for name, value in attrs.items():
-                        target.attrs[name] = value
-            atomic_write(self.path, update)
-            return True
-        self._on_root(body)
+        """Set attributes on a group (durably, like :meth:`commit`)."""
+        def edit(fh: h5py.File) -> None:
+            target = fh.require_group(group)
+            for name, value in attrs.items():
+                target.attrs[name] = value
+        self._on_root(lambda: self._rewrite(edit))
 
     # ---- opening a run ----------------------------------------------------------
     def open_run(self, config_toml: str, config_sha256: str, prov: Mapping[str, Any],
@@ -203,16 +201,14 @@ class ResultsStore:
                 atomic_write(self.path, create)
             invocation = f"provenance/run_{runs:03d}"
 
-            def record(tmp: str) -> None:
-                shutil.copyfile(self.path, tmp)
-                with h5py.File(tmp, "a") as fh:
-                    group = fh.require_group(invocation)
-                    for name, value in prov.items():
-                        group.attrs[name] = value
-                        fh.attrs[f"prov_{name}"] = value
-                    group.attrs["status"] = "running"
-                    fh.attrs["hpcqml_version"] = __version__
-            atomic_write(self.path, record)
+            def record(fh: h5py.File) -> None:
+                group = fh.require_group(invocation)
+                for name, value in prov.items():
+                    group.attrs[name] = value
+                    fh.attrs[f"prov_{name}"] = value
+                group.attrs["status"] = "running"
+                fh.attrs["hpcqml_version"] = __version__
+            self._rewrite(record)
             return state, invocation
 
         state, detail = self._on_root(body)

@@ -67,6 +67,22 @@ def test_hvp_matches_explicit_hessian(setup, route):
     assert op.route in ("double-backward", "func")
 
 
+@pytest.mark.parametrize("route", ["double-backward", "func"])
+def test_channels_last_layout_gives_the_same_product(setup, route):
+    """The spectrum stage runs channels-last on GPUs; the flat coordinates must not change."""
+    import copy
+
+    from hpcqml.stages.spectrum import memory_format
+
+    net, x, y, H = setup
+    fmt = memory_format("channels_last", torch.device("cpu"))
+    net_cl = copy.deepcopy(net).to(memory_format=fmt)
+    op = HessianOperator(net_cl, x.contiguous(memory_format=fmt), y, len(y), micro_batch=10, route=route)
+    v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
+    assert memory_format("auto", torch.device("cpu")) == torch.contiguous_format
+
+
 def test_hvp_symmetric(setup):
     net, x, y, _ = setup
     op = HessianOperator(net, x, y, len(y), micro_batch=10, route="double-backward")

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from hpcqml.errors import NumericalError, UserError
+from hpcqml.parallel import allreduce_sum
 
 ROUTES = ("auto", "double-backward", "func")
 SPACES = ("all", "support")
@@ -138,21 +139,6 @@ def param_space(model: torch.nn.Module, wrt: str = "all",
         if missing:
             raise UserError(f"mask names {missing[0]!r}, which is not a trainable parameter of the model")
     return ParamSpace(names, params, masks, sizes)
-
-
-def allreduce_sum_(comm: Any, t: torch.Tensor) -> torch.Tensor:
-    """In-place MPI sum of a tensor over ``comm`` (host staging for device tensors)."""
-    if comm is None or comm.Get_size() == 1:
-        return t
-    from mpi4py import MPI
-
-    if t.device.type == "cpu" and t.is_contiguous():
-        comm.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
-        return t
-    host = t.detach().cpu().contiguous()
-    comm.Allreduce(MPI.IN_PLACE, host.numpy(), op=MPI.SUM)
-    t.copy_(host)
-    return t
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
@@ -279,7 +265,7 @@ class HessianOperator:
         out = self.space.from_params(local).contiguous()
         timer = self.perf.comm_timer() if self.perf is not None else contextlib.nullcontext()
         with timer:
-            allreduce_sum_(self.comm, out)
+            allreduce_sum(self.comm, out)
         self.products += 1
         if self.perf is not None:
             self.perf.count("hvp_products", 1)
@@ -295,7 +281,7 @@ class HessianOperator:
                 for a, h in zip(acc, g):
                     a.add_(h)
         out = self.space.from_params(acc).contiguous()
-        allreduce_sum_(self.comm, out)
+        allreduce_sum(self.comm, out)
         return out
 
     def loss(self) -> float:
@@ -304,7 +290,7 @@ class HessianOperator:
         with eval_mode(self.model), torch.no_grad():
             for lo, hi in _chunks(int(self.x.shape[0]), self.micro_batch):
                 total += float(self._chunk_loss(None, lo, hi))
-        allreduce_sum_(self.comm, total)
+        allreduce_sum(self.comm, total)
         return float(total[0])
 
 

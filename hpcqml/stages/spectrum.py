@@ -41,6 +41,8 @@ SCHEMA = {
                  doc="parameters: all trainable, or mask-kept coordinates plus never-pruned parameters"),
     "route": Field(str, "auto", choices=("auto", "double-backward", "func"),
                    doc="H.v route; auto = time both on the first product and keep the faster"),
+    "memory_format": Field(str, "auto", choices=("auto", "contiguous", "channels_last"),
+                           doc="layout of model and batch; auto = channels_last on CUDA, contiguous on CPU"),
     "lanczos_steps": Field(int, 100, min=1, doc="Lanczos steps m per probe"),
     "probes": Field(int, 4, min=1, doc="Rademacher probes n_v"),
     "groups": Field(int, 1, min=1, doc="probe groups running different probes at once (<= ranks)"),
@@ -122,6 +124,14 @@ def _read_probe(label: str, probe: int):  # noqa: ANN202
     return read
 
 
+def memory_format(choice: str, device: torch.device) -> torch.memory_format:
+    """Tensor layout of the model and batch: channels-last is faster for convolutions on
+    GPUs (measured on an H100, BENCHMARKS.md), the default layout on CPUs."""
+    if choice == "auto":
+        choice = "channels_last" if device.type == "cuda" else "contiguous"
+    return torch.channels_last if choice == "channels_last" else torch.contiguous_format
+
+
 def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: Any) -> None:
     """Run (or resume) SLQ for one model state and commit its probes and result."""
     from hpcqml.data.batches import batch_indices, shard, to_tensor
@@ -135,7 +145,8 @@ def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: 
     seed = int(ctx.run_cfg["seed"])
     device = ctx.device()
     ck = load_checkpoint(path, device=device)
-    model = ck.model
+    fmt = memory_format(cfg["memory_format"], device)
+    model = ck.model.to(memory_format=fmt)
     space = param_space(model, cfg["wrt"], ck.mask)
     n = space.n
     if cfg["batch_size"] > len(data.train_y):
@@ -143,7 +154,7 @@ def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: 
     idx = batch_indices(len(data.train_y), cfg["batch_size"], seed, ck.step)
     gcomm = layout.comm
     mine = shard(idx, gcomm.Get_rank(), gcomm.Get_size())
-    x = to_tensor(data.train_x[mine]).to(device=device, dtype=space.dtype)
+    x = to_tensor(data.train_x[mine]).to(device=device, dtype=space.dtype).contiguous(memory_format=fmt)
     y = torch.from_numpy(data.train_y[mine]).to(device)
     op = HessianOperator(model, x, y, cfg["batch_size"], comm=gcomm, space=space,
                          micro_batch=cfg["micro_batch"], route=cfg["route"], perf=ctx.perf)
@@ -212,7 +223,8 @@ def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: 
              "wrt": cfg["wrt"], "batch_size": cfg["batch_size"], "micro_batch": cfg["micro_batch"],
              "route": route, "lanczos_steps": cfg["lanczos_steps"], "probes": cfg["probes"],
              "reorth": cfg["reorth"], "state_dtype": str(space.dtype).replace("torch.", ""),
-             "probe_seed": pseed, "trace": s.trace, "trace_se": s.trace_se,
+             "memory_format": str(fmt).replace("torch.", ""), "probe_seed": pseed,
+             "trace": s.trace, "trace_se": s.trace_se,
              "mass_below_zero": s.mass_below_zero, "lambda_min": s.lambda_min,
              "lambda_min_residual": s.lambda_min_residual, "lambda_max": s.lambda_max,
              "lambda_max_residual": s.lambda_max_residual, "groups": layout.count,
