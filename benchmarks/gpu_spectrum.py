@@ -8,6 +8,8 @@ Random CIFAR-shaped data (B = 2048, fixed seed), TF32 convolutions/matmuls, one 
      data-loader product (chunks of 512) and its single-batch product; then SLQ with m = 100
      Lanczos steps, full reorthogonalisation, one Rademacher probe, end to end, with the
      faster route (basis on the GPU).
+Environment: R32_MICRO (micro-batch of part A, default B/4), R32_CHANNELS_LAST=1 (channels-last
+layout in part A), SKIP_PYHESSIAN=1, PARTS=a|b|ab (default ab).
   B. resnet56-w11 (103,703,700 parameters): one gradient, then 2 Lanczos steps (= 2 H.v)
      by double backward at a smaller micro-batch with the Krylov basis in host memory;
      time per H.v and peak GPU memory.
@@ -116,11 +118,15 @@ def part_a(dev: torch.device) -> None:
     from hpcqml.hessian.lanczos import lanczos, rademacher_slice
     from hpcqml.models import build, count_parameters
 
-    B, micro = BATCH, BATCH // 4
+    B = BATCH
+    micro = int(os.environ.get("R32_MICRO", BATCH // 4))
+    layout = torch.channels_last if os.environ.get("R32_CHANNELS_LAST") == "1" else torch.contiguous_format
     torch.manual_seed(0)
-    model = build(R32, 100).to(dev).eval()
+    model = build(R32, 100).to(dev).eval().to(memory_format=layout)
     x, y = random_batch(B, dev)
-    FIG["resnet32_w4"] = {"parameters": count_parameters(model), "batch": B, "micro_batch": micro}
+    x = x.contiguous(memory_format=layout)
+    FIG["resnet32_w4"] = {"parameters": count_parameters(model), "batch": B, "micro_batch": micro,
+                          "layout": str(layout).replace("torch.", "")}
     log(f"{R32}: {count_parameters(model)} parameters, B = {B}, micro-batch {micro}")
     ops = {r: HessianOperator(model, x, y, B, micro_batch=micro, route=r) for r in ("double-backward", "func")}
     n = ops["func"].n
@@ -132,6 +138,8 @@ def part_a(dev: torch.device) -> None:
         if tg and times[r]:
             FIG[f"r32_hvp_{r}"]["over_gradient"] = times[r] / tg
     try:
+        if os.environ.get("SKIP_PYHESSIAN") == "1":
+            raise ImportError("skipped (SKIP_PYHESSIAN=1)")
         from pyhessian import hessian as PyHessian
         from pyhessian.utils import hessian_vector_product
 
@@ -265,7 +273,8 @@ def main() -> int:
     FIG.update({"device": torch.cuda.get_device_name(dev) if CUDA else "cpu (smoke)", "torch": torch.__version__, "tf32": True,
                 "budget_s": BUDGET})
     log(f"device {FIG['device']}, torch {torch.__version__}")
-    for part in (part_a, part_b):
+    parts = {"a": part_a, "b": part_b}
+    for part in (parts[p] for p in os.environ.get("PARTS", "ab")):
         try:
             part(dev)
         except Exception:  # noqa: BLE001 - record, continue with the next part

@@ -98,12 +98,13 @@ def report_error_and_abort(comm, exc: BaseException, debug: bool = False, code: 
 
     With one rank this exits the interpreter; with several it calls ``MPI_Abort`` so
     ranks blocked in a collective do not wait for ever. Ranks other than 0 wait a moment
-    first, so that when every rank fails the same way the message appears once.
+    first, so that when every rank fails the same way the message appears once (rank 0's
+    abort ends them before they print).
     """
     size = comm.Get_size() if comm is not None else 1
     rank = comm.Get_rank() if comm is not None else 0
     if rank != 0:
-        time.sleep(1.0)
+        time.sleep(3.0)  # longer than rank 0's wait below: a failure on every rank prints once
     where = f" (rank {rank} of {size})" if size > 1 else ""
     message = str(exc) or type(exc).__name__
     from hpcqml.errors import UserError
@@ -112,10 +113,14 @@ def report_error_and_abort(comm, exc: BaseException, debug: bool = False, code: 
         message = f"{type(exc).__name__}: {message}"
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
-    print(f"hpcqml: error{where}: {message.splitlines()[0] if message else ''}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    sys.stderr.flush()
+    line = f"hpcqml: error{where}: {message.splitlines()[0] if message else ''}\n"
+    os.write(2, line.encode(errors="replace"))  # unbuffered: nothing left behind in Python
     if size > 1:
-        time.sleep(0.5)  # let the launcher forward the line before the abort tears down its I/O
+        # Let the launcher forward the line before the abort tears its I/O down; ranks
+        # spinning in a collective can starve it for a while on an oversubscribed node.
+        time.sleep(2.0)
         comm.Abort(code)
     os._exit(code)
 
