@@ -6,7 +6,6 @@ setup(
     description="Distributed HPC benchmarks for Hessian spectra of pruned networks and the classical side "
                 "of quantum Carleman training (Liu et al.)",
     packages=find_packages(include=["hpcqml", "hpcqml.*"]),
-    package_data={"hpcqml": ["configs/*.toml"]},
     python_requires=">=3.10",
     # numpy, scipy, h5py, mpi4py, petsc4py, slepc4py and matplotlib come from Debian (env/install.sh)
     # or conda (env/environment.yml); they are deliberately not pip requirements.

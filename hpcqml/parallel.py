@@ -104,7 +104,7 @@ def report_error_and_abort(comm, exc: BaseException, debug: bool = False, code: 
     size = comm.Get_size() if comm is not None else 1
     rank = comm.Get_rank() if comm is not None else 0
     if rank != 0:
-        time.sleep(3.0)  # longer than rank 0's wait below: a failure on every rank prints once
+        time.sleep(2.0)  # longer than rank 0's wait below: a failure on every rank prints once
     where = f" (rank {rank} of {size})" if size > 1 else ""
     message = str(exc) or type(exc).__name__
     from hpcqml.errors import UserError
@@ -119,8 +119,8 @@ def report_error_and_abort(comm, exc: BaseException, debug: bool = False, code: 
     os.write(2, line.encode(errors="replace"))  # unbuffered: nothing left behind in Python
     if size > 1:
         # Let the launcher forward the line before the abort tears its I/O down; ranks
-        # spinning in a collective can starve it for a while on an oversubscribed node.
-        time.sleep(2.0)
+        # spinning in a collective can slow it on an oversubscribed node.
+        time.sleep(1.0)
         comm.Abort(code)
     os._exit(code)
 

@@ -23,14 +23,20 @@ def mpiexec() -> list[str]:
     return cmd
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process: Python's copy of it, which lacks the OMPI_*/PMIX_*
+    variables an MPI singleton (mpi4py imported in this pytest process) set at C level;
+    a child ``mpirun`` that inherits those loses its ranks' output."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+
+
 def run_cli(*args: str, ranks: int = 0, timeout: float = 300, cwd: Path | None = None,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``hpcqml ARGS`` (under mpirun with ``ranks`` > 0) and capture its output."""
     cmd = [PYTHON, "-m", "hpcqml", *args]
     if ranks:
         cmd = [*mpiexec(), "-n", str(ranks), *cmd]
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    full_env.update(env or {})
+    full_env = child_env(**(env or {}))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=full_env)
 
 

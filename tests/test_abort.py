@@ -4,7 +4,7 @@ import sys
 import textwrap
 import time
 
-from conftest import mpiexec, run_cli
+from conftest import child_env, mpiexec, run_cli
 
 SCRIPT = textwrap.dedent("""
     import time
@@ -27,7 +27,7 @@ def test_failure_on_rank_1_of_3_aborts_all(tmp_path):
     script.write_text(SCRIPT)
     t0 = time.monotonic()
     res = subprocess.run([*mpiexec(), "-n", "3", sys.executable, str(script)], capture_output=True,
-                         text=True, timeout=90)
+                         text=True, timeout=90, env=child_env())
     elapsed = time.monotonic() - t0
     assert res.returncode != 0
     assert elapsed < 60, f"abort took {elapsed:.0f} s"
