@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# `make bench`: every benchmark in this folder, one after the other. Each prints its table
-# and appends to results/bench.h5. MPI benchmarks launch their own ranks.
+# `make bench`: the CPU benchmarks, one after the other. Each prints its table and appends
+# it with provenance to results/bench.h5. The GPU scripts (gpu_*.py) are run by hand on a
+# GPU node (see BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
-for b in benchmarks/bench_*.py; do
-  echo "== $b"
-  "$py" "$b"
-done
+mpi=(mpirun --oversubscribe)
+[ "$(id -u)" = 0 ] && mpi+=(--allow-run-as-root)
+export OMP_NUM_THREADS=1
+echo "== H.v routes, PyHessian, SLQ basis memory: 1 rank, then 2 ranks"
+for n in 1 2; do "${mpi[@]}" -n "$n" "$py" benchmarks/bench_hvp.py --model resnet20-w1 --batch 64 --micro 32; done
+echo "== training step, 1 vs 2 ranks"
+"$py" benchmarks/bench_train_step.py
+echo "== Carleman assembly and solve vs the scipy reference, 1 vs 2 ranks, and the 10^7-unknown run"
+"$py" benchmarks/bench_carleman.py --n 40 --scale

@@ -227,3 +227,175 @@ def test_network_instance_matches_autograd_derivatives():
                     - torch.autograd.functional.hessian(loss_at, z0 - d * e).numpy()) / (2 * d)
                    for e in torch.eye(k, dtype=torch.float64)], axis=-1)  # D3[a, b, c]
     np.testing.assert_allclose(ode.F[2].toarray(), -0.5 * eta * D3.reshape(k, k * k), atol=1e-8)
+
+
+# ---- time-varying constant term F0(t) = F0 + F0_t[t] ("SGD noise", issue 5) ----------------------
+
+def _noisy_instance(n: int = 3, T: int = 6, seed: int = 4) -> PolynomialODE:
+    """Quadratic + cubic instance whose F0 and F0_t have different, partly cancelling supports.
+
+    F0 lives on row 0, F0_t on rows 0 and n-1 (row 1 stays empty for n >= 3), and at t = 2 the
+    noise cancels F0 exactly, so A(2) has an explicit zero on the shared pattern.
+    """
+    rng = np.random.default_rng(seed)
+    F0 = np.zeros((n, 1))
+    F0[0, 0] = 0.02
+    F = [sp.csr_matrix(F0)] + [sp.csr_matrix(rng.uniform(-0.1, 0.1, (n, n**ell))) for ell in (1, 2, 3)]
+    noise = np.zeros((T, n))
+    noise[:, 0] = 0.01 * rng.standard_normal(T)
+    noise[:, n - 1] = 0.01 * rng.standard_normal(T)
+    noise[2, 0] = -0.02
+    return PolynomialODE(F=F, u_in=rng.uniform(-0.2, 0.2, n), F0_t=noise)
+
+
+def test_f0_t_changes_only_the_F0_blocks_of_A():
+    """A(t) - A = sum_p I^{(x)p} (x) xi_t (x) I^{(x)(j-1-p)} in blocks (j, j-1), checked by direct kron of u-powers."""
+    ode = _noisy_instance()
+    N, n = 4, ode.n
+    A = ref.carleman_matrix(ode, N)
+    u = np.random.default_rng(0).uniform(-1, 1, n)
+    y = lift(u, N)
+    for t in range(ode.T_max):
+        xi = ode.F0_t[t]
+        dA = ref.carleman_matrix(ode, N, t) - A
+        got = dA @ y
+        start = 0
+        for j in range(1, N + 1):
+            want = np.zeros(n**j) if j == 1 else sum(
+                np.kron(np.kron(kron_power(u, p), xi), kron_power(u, j - 1 - p)) for p in range(j))
+            np.testing.assert_allclose(got[start:start + n**j], want, rtol=1e-13, atol=1e-15)
+            start += n**j
+        np.testing.assert_array_equal(ref.carleman_rhs(ode, N, t)[:n], ode.F[0].toarray().ravel() + xi)
+    assert ode.f0_support().tolist() == [0, n - 1]
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 4])
+def test_f0_t_petsc_rows_equal_reference(N):
+    """Local CSR rows of A(t) and of M (any row range) equal the Kronecker reference to 1e-14, one pattern for all t."""
+    from hpcqml.carleman import petsc_assembly as pa
+
+    ode = _noisy_instance()
+    T = ode.T_max
+    D = carleman_dim(ode.n, N)
+    patterns = set()
+    for t in range(T):
+        got = pa.carleman_local_csr(ode, N, 0, D, t)
+        diff = abs(got - ref.carleman_matrix(ode, N, t))
+        assert (diff.max() if diff.nnz else 0.0) <= 1e-14
+        patterns.add((got.indptr.tobytes(), got.indices.tobytes()))
+    assert len(patterns) == 1  # the union support gives every A(t) the same sparsity pattern
+    M_ref, rhs_ref = ref.block_system(ref.carleman_matrix(ode, N), ode, N, T)
+    total = (T + 1) * D
+    for R0, R1 in [(0, total), (1, total // 3), (total // 3, total - 2), (D - 1, 2 * D + 1)]:
+        loc = pa.block_system_local_csr(ode, N, T, R0, R1)
+        diff = abs(loc - M_ref[R0:R1])
+        assert (diff.max() if diff.nnz else 0.0) <= 1e-14
+        np.testing.assert_array_equal(pa.block_rhs_local(ode, N, T, R0, R1), rhs_ref[R0:R1])
+    # the noise really enters M: it differs from the noise-free block system
+    plain = PolynomialODE(F=ode.F, u_in=ode.u_in)
+    M0, rhs0 = ref.block_system(ref.carleman_matrix(plain, N), plain, N, T)
+    assert np.abs(rhs0 - rhs_ref).max() > 1e-3
+    if N >= 2:
+        assert abs(M0 - M_ref).max() > 1e-3
+
+
+def test_f0_t_ksp_equals_forward_iteration_and_triangular_solve():
+    from mpi4py import MPI
+
+    ode = _noisy_instance(n=2, T=9)
+    N, T = 3, 9
+    res = ts.solve_block_system(ode, N, T, MPI.COMM_SELF)
+    Y = ref.forward_iteration_t(ode, N, T)
+    assert res.reason > 0
+    assert np.linalg.norm(res.X - Y) <= 1e-10 * np.linalg.norm(Y)
+    M, rhs = ref.block_system(None, ode, N, T)
+    X = sp.linalg.spsolve_triangular(M.tocsr(), rhs, lower=True).reshape(T + 1, -1)
+    np.testing.assert_allclose(X, Y, rtol=1e-12, atol=1e-15)
+    # step by step: y(t+1) = (I + A(t)) y(t) + b(t)
+    for t in range(T):
+        np.testing.assert_allclose(Y[t + 1], Y[t] + ref.carleman_matrix(ode, N, t) @ Y[t]
+                                   + ref.carleman_rhs(ode, N, t), rtol=1e-14, atol=1e-16)
+    Yp = ts.petsc_forward_iteration_t(ode, N, T, MPI.COMM_SELF)
+    np.testing.assert_allclose(Yp, Y, rtol=1e-12, atol=1e-15)
+
+
+def test_f0_t_linear_ode_carleman_is_exact():
+    """q = 1, N = 1: the Carleman system is the recurrence itself, noise included (1e-12)."""
+    from mpi4py import MPI
+
+    rng = np.random.default_rng(8)
+    n, T = 3, 12
+    F1 = 0.2 * rng.uniform(-1, 1, (n, n))
+    ode = PolynomialODE(F=[sp.csr_matrix(rng.uniform(-0.05, 0.05, (n, 1))), sp.csr_matrix(F1)],
+                        u_in=rng.uniform(-1, 1, n), F0_t=0.1 * rng.standard_normal((T, n)))
+    u = np.empty((T + 1, n))
+    u[0] = ode.u_in
+    for t in range(T):  # written out independently of PolynomialODE.rhs
+        u[t + 1] = u[t] + ode.F[0].toarray().ravel() + ode.F0_t[t] + F1 @ u[t]
+    np.testing.assert_allclose(ref.exact_recurrence(ode, T), u, rtol=1e-14, atol=1e-15)
+    res = ts.solve_block_system(ode, 1, T, MPI.COMM_SELF)
+    assert np.max(np.abs(res.X - u)) <= 1e-12 * max(1.0, np.max(np.abs(u)))
+    plain = PolynomialODE(F=ode.F, u_in=ode.u_in)
+    assert np.max(np.abs(ref.exact_recurrence(plain, T) - u)) > 1e-2  # the noise matters
+
+
+def test_f0_t_nonlinear_carleman_converges_to_noisy_recurrence():
+    """With noise on, the error of y_1 against the exact noisy recurrence of eq. II.1 shrinks with N."""
+    ode = gen.logistic(1.0, 1.0, 0.2, h=0.05)
+    ode = PolynomialODE(F=ode.F, u_in=ode.u_in, F0_t=0.002 * np.random.default_rng(1).standard_normal((20, 1)))
+    u = ref.exact_recurrence(ode, 20)
+    errs = [np.max(np.abs(ts.carleman_trajectory(ode, N, 20) - u)) for N in (1, 2, 3)]
+    assert errs[2] < errs[1] < errs[0]
+
+
+def test_f0_noise_generator_and_roundtrip(tmp_path):
+    base = gen.random_quadratic(3, 0.7, 5)
+    noisy = gen.random_quadratic(3, 0.7, 5, noise=0.3, T=400)
+    assert base.F0_t is None and gen.random_quadratic(3, 0.7, 5, noise=0.0, T=7).F0_t is None
+    assert noisy.F0_t.shape == (400, 3) and noisy.F0_t.dtype == np.float64
+    for a, b in zip(base.F, noisy.F):
+        assert (a != b).nnz == 0  # noise on leaves every other draw unchanged
+    np.testing.assert_array_equal(base.u_in, noisy.u_in)
+    assert 0.25 < noisy.F0_t.std() < 0.35 and abs(noisy.F0_t.mean()) < 0.05
+    np.testing.assert_array_equal(noisy.F0_t, gen.f0_noise(3, 0.3, 400, 5))
+    assert not np.array_equal(noisy.F0_t, gen.f0_noise(3, 0.3, 400, 6))
+    assert gen.with_f0_noise(base, 0.0, 5, 1) is base
+    np.testing.assert_allclose(gen.scale_step(noisy, 0.5).F0_t, 0.5 * noisy.F0_t)
+    path = tmp_path / "noisy.h5"
+    with h5py.File(path, "w") as fh:
+        for k, v in to_dict(noisy).items():
+            fh.create_dataset(k, data=v)
+    with h5py.File(path, "r") as fh:
+        assert fh["F0_t"].shape == (400, 3)
+        again = from_dict(fh)
+    np.testing.assert_array_equal(again.F0_t, noisy.F0_t)
+    assert "F0_t" not in to_dict(base) and from_dict(to_dict(base)).F0_t is None
+
+
+def test_malformed_f0_t_gives_one_line_errors(tmp_path):
+    ode = _cubic_instance()
+    bad = {"shape": np.zeros((4, 3)), "vector": np.zeros(2), "empty": np.zeros((0, 2)),
+           "nan": np.array([[0.0, np.nan]]), "inf": np.array([[np.inf, 0.0]]), "ragged": [[0.0, 1.0], [2.0]]}
+    for name, val in bad.items():
+        with pytest.raises(UserError) as e:
+            PolynomialODE(F=ode.F, u_in=ode.u_in, F0_t=val)
+        assert "F0_t" in _one_line(e), name
+    short = PolynomialODE(F=ode.F, u_in=ode.u_in, F0_t=np.zeros((3, 2)))
+    with pytest.raises(UserError) as e:
+        ref.exact_recurrence(short, 4)
+    assert "F0_t covers 3 steps" in _one_line(e)
+    with pytest.raises(UserError) as e:
+        ref.block_system(None, short, 2, 5)
+    _one_line(e)
+    with pytest.raises(UserError) as e:
+        gen.f0_noise(2, -1.0, 3, 0)
+    _one_line(e)
+    good = to_dict(_cubic_instance())
+    for name, val in {"shape": np.zeros((3, 5)), "nan": np.full((3, 2), np.nan), "text": np.bytes_(b"abc")}.items():
+        path = tmp_path / f"f0t_{name}.h5"
+        with h5py.File(path, "w") as fh:
+            for k, v in {**good, "F0_t": val}.items():
+                fh.create_dataset(k, data=v)
+        with h5py.File(path, "r") as fh, pytest.raises(UserError) as e:
+            from_dict(fh)
+        assert "F0_t" in _one_line(e), name

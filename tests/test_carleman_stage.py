@@ -111,3 +111,25 @@ def test_qcm_stage_network_instance(tmp_path):
         got = sorted(float(flat[p.split("[")[0]][int(p.split("[")[1][:-1])]) for p in picks)
         np.testing.assert_allclose(got, sorted(top.tolist()), rtol=1e-6)
         assert case["N_2/eta1"].shape == (6, 3)
+
+
+def test_qcm_stage_with_f0_noise_writes_F0_t(tmp_path):
+    """f0_noise > 0: the instance carries F0_t (T, n), and u_exact / y use F0(t) = F0 + F0_t[t]."""
+    cfg = _config(tmp_path, "n = 2\nf = [1.0]\nseeds = [4]\nN = [2]\nT = 5\neta = 0.25\n"
+                            "step_sizes = [1.0, 0.5]\nN_ref = 3\nf0_noise = 0.01")
+    res = run_cli("--quiet", "run", cfg)
+    assert res.returncode == 0, res.stderr
+    with h5py.File(tmp_path / "out.h5", "r") as fh:
+        case = fh["qcm/f1.000_seed4"]
+        assert case.attrs["f0_noise"] == 0.01
+        assert case["instance/F0_t"].shape == (5, 2) and case["instance/F0_t"].dtype == np.float64
+        ode = from_dict(case["instance"])
+        np.testing.assert_array_equal(ode.F0_t, gen.f0_noise(2, 0.01, 5, 4))
+        u = ref.exact_recurrence(ode, 5)
+        np.testing.assert_allclose(case["u_exact"][()], u, rtol=1e-14)
+        plain = from_dict({k: v for k, v in to_dict(ode).items() if k != "F0_t"})
+        assert np.max(np.abs(ref.exact_recurrence(plain, 5) - u)) > 1e-3
+        y = ref.forward_iteration_t(ode, 2, 5)
+        np.testing.assert_allclose(case["N_2/y"][()], y, rtol=1e-10, atol=1e-16)
+        np.testing.assert_allclose(case["N_2/eta1"][()], u - y[:, :2], atol=1e-15)
+        assert case["N_2"].attrs["ksp_reason"] > 0

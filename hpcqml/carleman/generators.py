@@ -17,12 +17,34 @@ def _spectrum(n: int, f: float, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([rng.uniform(0.0, 1.0, npos), rng.uniform(-0.01, 0.0, n - npos)])
 
 
+def f0_noise(n: int, sigma: float, T: int, seed: int) -> np.ndarray:
+    """SGD-noise sequence F0_t[t] = sigma * xi_t, xi_t ~ N(0, I_n) i.i.d., t = 0..T-1; (T, n) float64.
+
+    Drawn from its own stream ``default_rng((seed, 0xF0))`` so the other draws of an instance
+    with the same seed do not change when noise is switched on.
+    """
+    if not (np.isfinite(sigma) and sigma >= 0.0):
+        raise UserError(f"f0_noise: sigma={sigma} must be a finite number >= 0")
+    if T < 1:
+        raise UserError(f"f0_noise: T={T} must be >= 1")
+    return sigma * np.random.default_rng((seed, 0xF0)).standard_normal((T, n))
+
+
+def with_f0_noise(ode: PolynomialODE, sigma: float, T: int, seed: int) -> PolynomialODE:
+    """The instance with constant term F0(t) = F0 + sigma * xi_t (:func:`f0_noise`); sigma = 0 returns ``ode``."""
+    if sigma == 0.0:
+        return ode
+    return PolynomialODE(F=list(ode.F), u_in=ode.u_in.copy(), F0_t=f0_noise(ode.n, sigma, T, seed),
+                         meta={**ode.meta, "f0_noise": sigma})
+
+
 def random_quadratic(n: int, f: float, seed: int, u_scale: float = 0.1,
-                     f2_scale: float = 0.015) -> PolynomialODE:
+                     f2_scale: float = 0.015, noise: float = 0.0, T: int = 0) -> PolynomialODE:
     """Sec. III C: F1 = -Q diag(h) Q^T (Q Haar-orthogonal), F2 ~ U(-0.015, 0.015)^{n x n^2}, F0 = 0.
 
     The eigenvalues of F1 are -h; a mode is dissipative when |1 - h| < 1.  ``u_in`` is drawn
-    from U(-u_scale, u_scale) (the paper does not state it).
+    from U(-u_scale, u_scale) (the paper does not state it).  ``noise`` > 0 adds the SGD noise
+    F0_t[t] ~ noise * N(0, I), t < T (:func:`f0_noise`, same seed), so F0(t) = F0_t[t].
     """
     if n < 1:
         raise UserError(f"random_quadratic: n={n} must be >= 1")
@@ -34,8 +56,9 @@ def random_quadratic(n: int, f: float, seed: int, u_scale: float = 0.1,
     F1 = -(Q * h) @ Q.T
     F2 = rng.uniform(-f2_scale, f2_scale, (n, n * n))
     u_in = rng.uniform(-u_scale, u_scale, n)
-    return PolynomialODE(F=[sp.csr_matrix((n, 1)), sp.csr_matrix(F1), sp.csr_matrix(F2)], u_in=u_in,
-                         meta={"generator": "random", "n": n, "f": f, "seed": seed})
+    ode = PolynomialODE(F=[sp.csr_matrix((n, 1)), sp.csr_matrix(F1), sp.csr_matrix(F2)], u_in=u_in,
+                        meta={"generator": "random", "n": n, "f": f, "seed": seed})
+    return with_f0_noise(ode, noise, T, seed) if noise else ode
 
 
 def sparse_quadratic(n: int, f: float, seed: int, f2_per_row: int = 4, u_scale: float = 0.1,
@@ -78,8 +101,9 @@ def logistic(a: float, c: float, u0: float, h: float = 1.0, cubic: float = 0.0) 
 
 
 def scale_step(ode: PolynomialODE, h: float) -> PolynomialODE:
-    """The same vector field with step size h: F_l -> h F_l (u_in unchanged)."""
-    return PolynomialODE(F=[h * F for F in ode.F], u_in=ode.u_in.copy(), meta={**ode.meta, "h": h})
+    """The same vector field with step size h: F_l -> h F_l and F0_t -> h F0_t (u_in unchanged)."""
+    return PolynomialODE(F=[h * F for F in ode.F], u_in=ode.u_in.copy(), meta={**ode.meta, "h": h},
+                         F0_t=None if ode.F0_t is None else h * ode.F0_t)
 
 
 def network_instance(model, loss_fn, inputs, targets, k: int, eta: float, mask: dict | None = None,

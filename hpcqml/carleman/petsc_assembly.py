@@ -8,6 +8,12 @@ Index conventions: block j (1..N) of the Carleman vector is u^{(x)j}, block offs
 off_j = n + ... + n^{j-1}; inside block j the row multi-index (a_1..a_j) has flat index
 sum_i a_i n^{j-i}.  The term I^{(x)p} (x) F_l (x) I^{(x)(j-1-p)} of A^j_{j+l-1} maps row
 (prefix, a_{p+1}, suffix) to columns (prefix, c, suffix) with c a column of row a_{p+1} of F_l.
+
+Time-varying constant term F0(t) = F[0] + F0_t[t] (issue 5): only the blocks A^j_{j-1} (l = 0)
+depend on t.  Their entries are generated once on the union S of the supports of F[0] and of all
+F0_t[t] (:meth:`PolynomialODE.f0_support`), so every A(t) has one sparsity pattern
+(:class:`LocalPattern`); per t only the values change (zeros on S are stored explicitly).  In M,
+block row t+1 holds -(I + A(t)) and B = (y_in, b(0), ..., b(T-1)).
 """
 from __future__ import annotations
 
@@ -48,11 +54,13 @@ def _gather_rows(F: sp.csr_matrix, a: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return owner, F.indices[pos].astype(np.int64), F.data[pos]
 
 
-def carleman_coo(ode: PolynomialODE, N: int, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def carleman_coo(ode: PolynomialODE, N: int, r0: int, r1: int,
+                 skip_f0: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """COO triplets (local row, global column, value) of rows [r0, r1) of A, duplicates not summed.
 
     Implements eq. II.3 row by row: for every position p and degree l with target block
     c = j + l - 1 in 1..N.  The l = 0 term of block row 1 (the constant b) is not part of A.
+    ``skip_f0`` leaves out every l = 0 term (the mean F0); see :func:`f0_coo` for those.
     """
     n, off = ode.n, block_offsets(ode.n, N)
     rows, cols, vals = [], [], []
@@ -69,7 +77,7 @@ def carleman_coo(ode: PolynomialODE, N: int, r0: int, r1: int) -> tuple[np.ndarr
             suffix = rr % s
             for ell, F in enumerate(ode.F):
                 c = j + ell - 1
-                if c < 1 or c > N or F.nnz == 0:
+                if c < 1 or c > N or F.nnz == 0 or (skip_f0 and ell == 0):
                     continue
                 owner, fcol, fval = _gather_rows(F, a)
                 col = off[c] + prefix[owner] * (n**ell * s) + fcol * s + suffix[owner]
@@ -81,6 +89,72 @@ def carleman_coo(ode: PolynomialODE, N: int, r0: int, r1: int) -> tuple[np.ndarr
     return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
 
 
+def f0_coo(n: int, N: int, r0: int, r1: int, support: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entries of the F0 blocks A^j_{j-1} (j = 2..N) in rows [r0, r1): (local row, global column, a).
+
+    Term I^{(x)p} (x) F0 (x) I^{(x)(j-1-p)} puts F0[a] at row (prefix, a, suffix) of block j and
+    column (prefix, suffix) of block j-1; only rows with a in ``support`` are generated.  The
+    value of an entry is ``f0[a]`` for whichever F0 = F0(t) is being assembled.
+    """
+    off = block_offsets(n, N)
+    rows, cols, src = [], [], []
+    insupp = np.zeros(n, dtype=bool)
+    insupp[support] = True
+    for j in range(2, N + 1):
+        lo, hi = max(r0, off[j]), min(r1, off[j + 1])
+        if lo >= hi:
+            continue
+        rr = np.arange(lo - off[j], hi - off[j], dtype=np.int64)
+        for p in range(j):
+            s = n ** (j - 1 - p)
+            a = (rr // s) % n
+            keep = insupp[a]
+            rows.append(rr[keep] + (off[j] - r0))
+            cols.append(off[j - 1] + (rr[keep] // (s * n)) * s + rr[keep] % s)
+            src.append(a[keep])
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(src)
+
+
+class LocalPattern:
+    """Rows [r0, r1) of A(t) (optionally + I) with one sparsity pattern for every t.
+
+    ``indptr``/``indices`` are the CSR pattern (columns sorted, duplicates merged) of the union
+    of the F_l (l >= 1) terms, the optional identity and the F0 terms on ``support``;
+    :meth:`values` returns the matching CSR data for a given dense F0(t) of length n.
+    """
+
+    def __init__(self, ode: PolynomialODE, N: int, r0: int, r1: int, support: np.ndarray,
+                 add_identity: bool = False):
+        D = carleman_dim(ode.n, N)
+        rs, cs, vs = carleman_coo(ode, N, r0, r1, skip_f0=True)
+        if add_identity:
+            diag = np.arange(r0, r1, dtype=np.int64)
+            rs, cs, vs = (np.concatenate([rs, diag - r0]), np.concatenate([cs, diag]),
+                          np.concatenate([vs, np.ones(r1 - r0)]))
+        r_f0, c_f0, self._src = f0_coo(ode.n, N, r0, r1, support)
+        keys = np.concatenate([rs, r_f0]) * np.int64(D) + np.concatenate([cs, c_f0])
+        uniq, inv = np.unique(keys, return_inverse=True)
+        self.nrows, self.ncols = r1 - r0, D
+        self.nnz = uniq.shape[0]
+        self.indices = (uniq % D).astype(np.int64)
+        self.indptr = np.zeros(self.nrows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(uniq // D, minlength=self.nrows), out=self.indptr[1:])
+        self._inv_fixed, self._inv_f0 = inv[: rs.shape[0]], inv[rs.shape[0]:]
+        self._fixed = np.bincount(self._inv_fixed, weights=vs, minlength=self.nnz)
+
+    def values(self, f0: np.ndarray) -> np.ndarray:
+        """CSR data of the pattern for constant term ``f0`` (dense, length n), float64."""
+        return self._fixed + np.bincount(self._inv_f0, weights=np.asarray(f0, np.float64)[self._src],
+                                         minlength=self.nnz)
+
+    def csr(self, f0: np.ndarray, ncols: int | None = None, col_shift: int = 0, scale: float = 1.0) -> sp.csr_matrix:
+        """``scale`` times the rows as CSR (columns shifted by ``col_shift``, width ``ncols``)."""
+        return sp.csr_matrix((scale * self.values(f0), self.indices + col_shift, self.indptr),
+                             shape=(self.nrows, ncols or self.ncols))
+
+
 def _to_csr(rows, cols, vals, nrows: int, ncols: int) -> sp.csr_matrix:
     m = sp.csr_matrix((vals, (rows, cols)), shape=(nrows, ncols), dtype=np.float64)
     m.sum_duplicates()
@@ -88,8 +162,13 @@ def _to_csr(rows, cols, vals, nrows: int, ncols: int) -> sp.csr_matrix:
     return m
 
 
-def carleman_local_csr(ode: PolynomialODE, N: int, r0: int, r1: int) -> sp.csr_matrix:
-    """Rows [r0, r1) of A as a CSR matrix of shape (r1-r0, Delta), duplicates summed."""
+def carleman_local_csr(ode: PolynomialODE, N: int, r0: int, r1: int, t: int | None = None) -> sp.csr_matrix:
+    """Rows [r0, r1) of A as a CSR matrix of shape (r1-r0, Delta), duplicates summed.
+
+    With ``t`` given and a time-varying constant term: rows of A(t), on the pattern shared by all t.
+    """
+    if t is not None and ode.F0_t is not None:
+        return LocalPattern(ode, N, r0, r1, ode.f0_support()).csr(ode.f0(t))
     r, c, v = carleman_coo(ode, N, r0, r1)
     return _to_csr(r, c, v, r1 - r0, carleman_dim(ode.n, N))
 
@@ -122,6 +201,8 @@ def block_system_local_csr(ode: PolynomialODE, N: int, T: int, R0: int, R1: int)
     The rows of -(I+A) are generated once per distinct row range (all full time blocks of a rank
     share one) and reused with shifted column indices; no global or dense intermediates.
     """
+    if ode.F0_t is not None:
+        return _block_system_local_csr_t(ode, N, T, R0, R1)
     D = carleman_dim(ode.n, N)
     ncols = (T + 1) * D
     cache: dict[tuple[int, int], sp.csr_matrix] = {}
@@ -143,6 +224,11 @@ def block_system_local_csr(ode: PolynomialODE, N: int, T: int, R0: int, R1: int)
             IA.data *= -1.0
             cache[(r0, r1)] = sp.csr_matrix((IA.data, IA.indices, IA.indptr), shape=(r1 - r0, ncols))
         pieces.append(_append_diagonal(cache[(r0, r1)], (t - 1) * D, diag))
+    return _stack_rows(pieces, R1 - R0, ncols)
+
+
+def _stack_rows(pieces: list, nrows: int, ncols: int) -> sp.csr_matrix:
+    """Vertical concatenation of CSR row blocks (sorted columns kept, no copies of the pattern logic)."""
     if len(pieces) == 1:
         return pieces[0]
     indptr = [pieces[0].indptr.astype(np.int64)]
@@ -150,7 +236,33 @@ def block_system_local_csr(ode: PolynomialODE, N: int, T: int, R0: int, R1: int)
         indptr.append(pc.indptr[1:].astype(np.int64) + indptr[-1][-1])
     return sp.csr_matrix((np.concatenate([pc.data for pc in pieces]),
                           np.concatenate([pc.indices for pc in pieces]),
-                          np.concatenate(indptr)), shape=(R1 - R0, ncols))
+                          np.concatenate(indptr)), shape=(nrows, ncols))
+
+
+def _block_system_local_csr_t(ode: PolynomialODE, N: int, T: int, R0: int, R1: int) -> sp.csr_matrix:
+    """Rows [R0, R1) of M with a time-varying constant term: -(I + A(t-1)) in block row t >= 1.
+
+    One :class:`LocalPattern` per distinct row range (on the union support of F0 and F0_t[:T]),
+    whose values are re-evaluated with F0(t-1) for every time block.
+    """
+    ode.check_horizon(T)
+    D = carleman_dim(ode.n, N)
+    ncols = (T + 1) * D
+    support = ode.f0_support(T)
+    cache: dict[tuple[int, int], LocalPattern] = {}
+    pieces = []
+    for t in range(R0 // D, (R1 - 1) // D + 1):
+        lo, hi = max(R0, t * D), min(R1, (t + 1) * D)
+        r0, r1 = lo - t * D, hi - t * D
+        diag = np.arange(lo, hi, dtype=np.int64)
+        if t == 0:
+            pieces.append(_append_diagonal(sp.csr_matrix((hi - lo, ncols)), 0, diag))
+            continue
+        if (r0, r1) not in cache:
+            cache[(r0, r1)] = LocalPattern(ode, N, r0, r1, support, add_identity=True)
+        blk = cache[(r0, r1)].csr(ode.f0(t - 1), ncols=ncols, scale=-1.0)
+        pieces.append(_append_diagonal(blk, (t - 1) * D, diag))
+    return _stack_rows(pieces, R1 - R0, ncols)
 
 
 @dataclass
@@ -212,20 +324,23 @@ def _min_op():
     return MPI.MIN
 
 
-def assemble_carleman(ode: PolynomialODE, N: int, comm, chunk_rows: int = 0):
+def assemble_carleman(ode: PolynomialODE, N: int, comm, chunk_rows: int = 0, t: int | None = None):
     """Distributed AIJ matrix A of order N on ``comm`` (rows split like PETSc's default).
 
+    With ``t`` given and a time-varying constant term this is A(t) (F0 replaced by F0(t)).
     Returns ``(mat, AssemblyStats)``.  ``chunk_rows`` is accepted for API symmetry (unused).
     """
     t0 = time.perf_counter()
     D = carleman_dim(ode.n, N)
     r0, r1 = ownership(D, comm.Get_rank(), comm.Get_size())
-    mat = _mat_from_local(carleman_local_csr(ode, N, r0, r1), D, comm)
+    mat = _mat_from_local(carleman_local_csr(ode, N, r0, r1, t), D, comm)
     return mat, _stats(mat, time.perf_counter() - t0, comm)
 
 
 def assemble_block_system(ode: PolynomialODE, N: int, T: int, comm):
     """Distributed M (eq. II.79) and right-hand side B = (y_in, b, ..., b).
+
+    With a time-varying constant term: -(I + A(t)) in block row t+1 and B = (y_in, b(0), ..., b(T-1)).
 
     Returns ``(M, B, AssemblyStats)`` with PETSc Mat and Vec on ``comm``.
     """
@@ -239,17 +354,23 @@ def assemble_block_system(ode: PolynomialODE, N: int, T: int, comm):
 
 
 def block_rhs_local(ode: PolynomialODE, N: int, T: int, R0: int, R1: int) -> np.ndarray:
-    """Entries [R0, R1) of B = (y_in, b, ..., b) with b = (F0, 0, ..., 0) (eq. II.79)."""
+    """Entries [R0, R1) of B = (y_in, b, ..., b) with b = (F0, 0, ..., 0) (eq. II.79).
+
+    With a time-varying constant term block t >= 1 holds b(t-1) = (F0(t-1), 0, ..., 0).
+    """
     D = carleman_dim(ode.n, N)
     out = np.zeros(R1 - R0, dtype=np.float64)
     if R0 < D:
         out[: min(R1, D) - R0] = lift(ode.u_in, N)[R0: min(R1, D)]
-    f0 = ode.F[0].toarray().reshape(-1)
-    if np.any(f0):
+    if ode.F0_t is not None:
+        ode.check_horizon(T)
+    f0 = ode.f0()
+    if np.any(f0) or ode.F0_t is not None:
         for t in range(1, T + 1):
             lo, hi = max(R0, t * D), min(R1, t * D + ode.n)
             if lo < hi:
-                out[lo - R0: hi - R0] = f0[lo - t * D: hi - t * D]
+                f0t = ode.f0(t - 1) if ode.F0_t is not None else f0
+                out[lo - R0: hi - R0] = f0t[lo - t * D: hi - t * D]
     return out
 
 

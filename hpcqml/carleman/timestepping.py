@@ -98,6 +98,30 @@ def petsc_forward_iteration(A, b: np.ndarray, y0: np.ndarray, T: int) -> np.ndar
     return out
 
 
+def petsc_forward_iteration_t(ode: PolynomialODE, N: int, T: int, comm) -> np.ndarray:
+    """y(t+1) = (I + A(t)) y(t) + b(t) with distributed A(t) (eq. II.78 with F0(t)); (T+1) x Delta.
+
+    A(t) is assembled for every step (on the pattern shared by all t); without a time-varying
+    constant term this is :func:`petsc_forward_iteration` with the constant A.
+    """
+    from hpcqml.carleman.petsc_assembly import assemble_carleman
+
+    ode.check_horizon(T)
+    y0 = lift(ode.u_in, N)
+    if ode.F0_t is None:
+        A, _ = assemble_carleman(ode, N, comm)
+        out = petsc_forward_iteration(A, ref.carleman_rhs(ode, N), y0, T)
+        A.destroy()
+        return out
+    out = np.empty((T + 1, y0.shape[0]), dtype=np.float64)
+    out[0] = y0
+    for t in range(T):
+        A, _ = assemble_carleman(ode, N, comm, t=t)
+        out[t + 1] = petsc_forward_iteration(A, ref.carleman_rhs(ode, N, t), out[t], 1)[1]
+        A.destroy()
+    return out
+
+
 def linearization_errors(u_exact: np.ndarray, X: np.ndarray, n: int) -> np.ndarray:
     """eta_1(t) = u(t) - y_1(t) (eq. II.8), (T+1) x n."""
     return u_exact - X[:, :n]
@@ -138,9 +162,10 @@ def order_II60(eps: float, A_norm: float, u_bar: float, F_norms: np.ndarray) -> 
 
 
 def carleman_trajectory(ode: PolynomialODE, N: int, T: int) -> np.ndarray:
-    """y_1(t), t = 0..T, of the order-N Carleman system by serial forward iteration, (T+1) x n."""
-    A = ref.carleman_matrix(ode, N)
-    return ref.forward_iteration(A, ref.carleman_rhs(ode, N), lift(ode.u_in, N), T)[:, : ode.n]
+    """y_1(t), t = 0..T, of the order-N Carleman system by serial forward iteration, (T+1) x n.
+
+    Uses A(t), b(t) when the constant term varies with t."""
+    return ref.forward_iteration_t(ode, N, T)[:, : ode.n]
 
 
 def error_split(ode: PolynomialODE, N: int, N_ref: int, T: int) -> dict[str, np.ndarray]:
@@ -162,6 +187,8 @@ def discreteness_scaling(ode: PolynomialODE, N_ref: int, horizon: float, steps: 
 
     Returns ``h``, ``error`` (max-abs over coordinates at the final step) and the fitted order
     ``slope`` of log(error) vs log(h) (expected ~1: each step misses the O(h^2) term du (x) du).
+    A time-varying constant term is refined piecewise constant: step k of size h uses
+    h * F0_t[floor(k h)] (unit steps beyond T_max reuse the last row).
     """
     from hpcqml.carleman.generators import scale_step
 
@@ -169,6 +196,9 @@ def discreteness_scaling(ode: PolynomialODE, N_ref: int, horizon: float, steps: 
     for h in steps:
         Th = int(round(horizon / h))
         sc = scale_step(ode, h)
+        if ode.F0_t is not None:  # noise held constant over each unit step: F0_t(k h) = F0_t[floor(k h)]
+            idx = np.minimum(np.floor(np.arange(Th) * h + 1e-9).astype(np.int64), ode.F0_t.shape[0] - 1)
+            sc = PolynomialODE(F=sc.F, u_in=sc.u_in, meta=sc.meta, F0_t=h * ode.F0_t[idx])
         u = ref.exact_recurrence(sc, Th)
         yR = carleman_trajectory(sc, N_ref, Th)
         hs.append(h)

@@ -46,6 +46,8 @@ SCHEMA = {
     "svd_tol": Field(float, 1e-10, min=0.0, doc="SLEPc SVD relative tolerance"),
     "ksp_rtol": Field(float, 1e-12, min=0.0, doc="KSP relative residual tolerance"),
     "kappa": Field(bool, True, doc="compute kappa(M) by SLEPc SVD (skip for huge systems)"),
+    "f0_noise": Field(float, 0.0, min=0.0, doc="SGD noise of the constant term: F0(t) = F0 + f0_noise * xi_t, "
+                                                "xi_t ~ N(0, I) per step t < T from the case seed (issue 5); 0 = off"),
 }
 
 
@@ -89,6 +91,18 @@ def _make_instances(ctx: StageContext) -> list[tuple[str, object, dict]]:
         import json
 
         out.append(("network", ode, {"k": cfg["k"], "eta": eta, "params": json.dumps(ode.meta["params"])}))
+    sigma = cfg.get("f0_noise", 0.0)
+    if sigma > 0.0:  # per-step noise of the map itself, added after the eta scaling
+        noisy = []
+        for label, ode, attrs in out:
+            if ode.F0_t is not None:
+                raise UserError("[qcm] the file instance already has F0_t; set f0_noise = 0")
+            noisy.append((label, gen.with_f0_noise(ode, sigma, cfg["T"], attrs.get("seed", 0)),
+                          {**attrs, "f0_noise": sigma}))
+        out = noisy
+    else:
+        for label, ode, _ in out:
+            ode.check_horizon(cfg["T"])  # a file instance with F0_t must cover T steps
     return out
 
 
@@ -174,7 +188,10 @@ def run(ctx: StageContext) -> None:
             if ctx.store.is_complete(key):
                 continue
             res = _one_order(ctx, ode, N, T, u, F_norms, u_bar)
-            ctx.perf.count("carleman_rows", res["attrs"]["Delta"])
+            a = res["attrs"]
+            ctx.perf.count("carleman_rows", a["Delta"])
+            ctx.perf.count("nnz_assembled", a["nnz_A"] + a["nnz_M"])   # global nonzeros of A and M
+            ctx.perf.count("ksp_iterations", a["ksp_iterations"])
             arrays = res["arrays"]
             ctx.store.commit(key, lambda g, arrays=arrays: [g.create_dataset(k, data=v) for k, v in arrays.items()],
                              attrs=res["attrs"])

@@ -163,6 +163,7 @@ def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: 
 
     def commit(done: list) -> None:
         for res in done:
+            ctx.perf.count("lanczos_steps", res.steps)
             ctx.store.commit(f"spectrum/{label}/probe_{res.probe:03d}", _write_probe(res),
                              attrs={"probe": res.probe, "steps": res.steps, "breakdown": res.breakdown,
                                     "quad_form": res.quad_form, "start_norm2": res.start_norm2,

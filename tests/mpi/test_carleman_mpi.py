@@ -116,3 +116,42 @@ def test_extremal_eigenvalues_beyond_dense_limit():
     assert np.max(eigs.real) == pytest.approx(np.max(dense.real), abs=1e-9)
     assert np.min(eigs.real) == pytest.approx(np.min(dense.real), abs=1e-9)
     A.destroy()
+
+
+def _noisy(name: str, T: int) -> PolynomialODE:
+    """INSTANCES[name] scaled by 0.3 with F0 on row 0 and SGD noise F0_t on rows 0 and n-1 (union support)."""
+    ode = INSTANCES[name]()
+    n = ode.n
+    F0 = np.zeros((n, 1))
+    F0[0, 0] = 0.01
+    noise = np.zeros((T, n))
+    rng = np.random.default_rng(11)
+    noise[:, 0] = 0.02 * rng.standard_normal(T)
+    noise[:, n - 1] = 0.02 * rng.standard_normal(T)
+    return PolynomialODE(F=[sp.csr_matrix(F0)] + [0.3 * F for F in ode.F[1:]], u_in=ode.u_in, F0_t=noise)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["q2", "q3"])
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_f0_t_block_system_equals_reference_and_forward_iteration(name, N):
+    T = 5
+    ode = _noisy(name, T)
+    for t in (0, T - 1):
+        At, st = pa.assemble_carleman(ode, N, COMM, t=t)
+        diff = abs(pa.to_scipy_all(At) - ref.carleman_matrix(ode, N, t))
+        assert (diff.max() if diff.nnz else 0.0) <= 1e-14 and st.exact_preallocation
+        At.destroy()
+    M, B, stM = pa.assemble_block_system(ode, N, T, COMM)
+    M_ref, rhs_ref = ref.block_system(None, ode, N, T)
+    diff = abs(pa.to_scipy_all(M) - M_ref)
+    assert (diff.max() if diff.nnz else 0.0) <= 1e-14
+    assert stM.exact_preallocation and stM.rows == M_ref.shape[0]
+    np.testing.assert_array_equal(pa.to_numpy_all(B), rhs_ref)
+    M.destroy(); B.destroy()
+    res = ts.solve_block_system(ode, N, T, COMM)
+    Y = ref.forward_iteration_t(ode, N, T)
+    assert res.reason > 0 and res.iterations <= COMM.size + 2
+    assert np.linalg.norm(res.X - Y) <= 1e-10 * np.linalg.norm(Y)
+    Yp = ts.petsc_forward_iteration_t(ode, N, T, COMM)
+    np.testing.assert_allclose(Yp, Y, rtol=1e-12, atol=1e-15)
