@@ -26,7 +26,7 @@ class Field:
     """One config key: its type, default and allowed values.
 
     ``kind`` is one of ``int``, ``float``, ``str``, ``bool``, ``list``; lists name the
-    type of their items with ``item``. ``min``/``max`` bound numbers (and list items),
+    type of their items with ``item`` and their least length with ``min_items``. ``min``/``max`` bound numbers (and list items),
     ``choices`` enumerates allowed strings (or list items).
     """
 
@@ -37,12 +37,15 @@ class Field:
     max: float | None = None
     choices: tuple | None = None
     item: type | None = None
+    min_items: int = 0
 
     def check(self, where: str, value: Any) -> Any:
         """Return ``value`` converted to this field's type, or raise ConfigError."""
         if self.kind is list:
             if not isinstance(value, list):
                 raise ConfigError(f"{where} = {value!r}: expected a list, got {_type_name(value)}")
+            if len(value) < self.min_items:
+                raise ConfigError(f"{where} = {value!r}: needs at least {self.min_items} item(s)")
             if self.item is None:
                 return list(value)
             return [self._check_scalar(f"{where}[{i}]", v, self.item) for i, v in enumerate(value)]
@@ -78,7 +81,7 @@ RUN_SCHEMA: dict[str, Field] = {
     "seed": Field(int, 0, min=0, doc="master seed; every random draw derives from it"),
     "device": Field(str, "auto", choices=("auto", "cpu", "cuda"),
                     doc="auto: GPU local_rank % device_count when CUDA is available, else CPU"),
-    "threads": Field(int, 0, min=0, doc="torch intra-op threads per rank; 0 = leave torch's default"),
+    "threads": Field(int, 0, min=0, doc="torch intra-op threads per rank; 0 = the node's cores / its ranks"),
 }
 
 

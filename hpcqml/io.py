@@ -24,6 +24,25 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _default_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: 0666 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name: str) -> list[Path]:
+    """Delete ``.NAME.*.tmp`` files an atomic write killed mid-way left in ``directory``."""
+    removed = []
+    for tmp in Path(directory).glob(f".{name}.*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result onto ``path`` once it is durable."""
     path = Path(path)
@@ -34,6 +53,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; results are shared like any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -78,6 +78,30 @@ def bcast(comm, value: T, root: int = 0, perf=None) -> T:
         return comm.bcast(value, root=root)
 
 
+def decide_on_root(comm, decide: Callable[[], T], perf=None) -> T:
+    """Run ``decide()`` on rank 0 only and give every rank its answer.
+
+    For choices that read the shared file system (does a checkpoint exist? which
+    snapshots are there?): ranks on other nodes may see a stale directory, and ranks that
+    decide differently then enter different collectives and hang. A UserError raised by
+    ``decide`` is raised on every rank.
+    """
+    from hpcqml.errors import UserError
+
+    outcome: tuple[bool, object] | None = None
+    if comm is None or comm.Get_rank() == 0:
+        try:
+            outcome = (True, decide())
+        except UserError as exc:
+            outcome = (False, str(exc))
+    if comm is not None and comm.Get_size() > 1:
+        outcome = bcast(comm, outcome, perf=perf)
+    ok, value = outcome
+    if not ok:
+        raise UserError(str(value))
+    return value  # type: ignore[return-value]
+
+
 def split_ranks(comm, groups: int):
     """Split ``comm`` into ``groups`` contiguous groups; returns (group_comm, group_index).
 

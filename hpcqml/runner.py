@@ -15,6 +15,7 @@ from typing import Sequence
 
 from hpcqml.config import RunConfig
 from hpcqml.errors import UserError
+from hpcqml.parallel import decide_on_root
 from hpcqml.perf import StagePerf, gather_records, write_records
 from hpcqml.stages import REGISTRY, StageContext, load_all
 from hpcqml.store import ResultsStore, provenance
@@ -36,6 +37,25 @@ def configure_threads(comm, threads: int) -> int:
     return threads
 
 
+#: file that marks a work directory hpcqml created, and so may delete on --overwrite
+WORKDIR_MARK = ".hpcqml-workdir"
+
+
+def remove_previous_run(path: Path, workdir: Path) -> None:
+    """``--overwrite``: delete the results file and the work directory hpcqml made for it.
+
+    A work directory without the marker (one the user named and that existed before, such
+    as a shared data folder) is never deleted: that is refused with a UserError.
+    """
+    if workdir.exists() and not (workdir / WORKDIR_MARK).exists():
+        raise UserError(f"--overwrite: {workdir} was not created by hpcqml (no {WORKDIR_MARK}); "
+                        "delete its old checkpoints by hand or choose another workdir")
+    if path.exists():
+        path.unlink()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+
+
 def run_pipeline(config: RunConfig, comm, stages: Sequence[str] | None = None, *,
                  overwrite: bool = False, quiet: bool = False, argv: Sequence[str] = ()) -> Path:
     """Run ``stages`` (default: ``[run] stages``) and return the results path."""
@@ -49,17 +69,15 @@ def run_pipeline(config: RunConfig, comm, stages: Sequence[str] | None = None, *
     configure_threads(comm, config.run["threads"])
     path = config.output_path()
     workdir = config.workdir()
-    if overwrite and comm.Get_rank() == 0:
-        if path.exists():
-            path.unlink()
-        if workdir.exists():
-            shutil.rmtree(workdir)
-    comm.Barrier()
+    if overwrite:
+        decide_on_root(comm, lambda: remove_previous_run(path, workdir))
     store = ResultsStore(path, comm)
     prov = provenance(comm, list(argv) or sys.argv, {"run.seed": config.run["seed"]})
     state = store.open_run(config.resolved_toml(), config.sha256(), prov, overwrite=False)
     if comm.Get_rank() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
+        if not workdir.exists():
+            workdir.mkdir(parents=True)
+            (workdir / WORKDIR_MARK).write_text("created by hpcqml for " + str(path) + "\n")
         if not quiet:
             print(f"hpcqml: {state} {path} ({comm.Get_size()} rank(s)); stages: {', '.join(names)}",
                   file=sys.stderr, flush=True)
@@ -100,6 +118,9 @@ def run_stage(name: str, config: RunConfig, comm, store: ResultsStore, workdir: 
         if comm.Get_rank() == 0 and not quiet:
             print(f"[{name}] already complete in {store.path}; skipped", file=sys.stderr, flush=True)
         return
+    # A stage that left groups behind in an earlier invocation is resumed: its timings
+    # then cover only this invocation, which scaling studies must not mix with full runs.
+    resumed = bool(store.read(lambda fh: any(k == name or k.startswith(name + "_") for k in fh), default=False))
     perf = StagePerf(name)
     ctx = StageContext(name=name, cfg=config.sections[name], config=config, comm=comm, store=store,
                        workdir=workdir, perf=perf, quiet=quiet)
@@ -109,5 +130,5 @@ def run_stage(name: str, config: RunConfig, comm, store: ResultsStore, workdir: 
     perf.stop()
     records = gather_records(comm, perf)
     store.commit(perf_key, lambda g: write_records(g, records, perf.peak_host_is_stage_local),
-                 attrs={"invocation": store.invocation or ""})
+                 attrs={"invocation": store.invocation or "", "resumed": resumed})
     ctx.log(f"done in {perf.wall_seconds:.1f} s")

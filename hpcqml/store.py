@@ -30,7 +30,7 @@ import numpy as np
 
 from hpcqml import __version__
 from hpcqml.errors import UserError
-from hpcqml.io import atomic_write
+from hpcqml.io import atomic_write, remove_stale_temporaries
 
 SCHEMA_VERSION = "1.0"
 
@@ -173,6 +173,8 @@ class ResultsStore:
         """
         def body() -> tuple[str, str]:
             state = "created"
+            if self.path.parent.exists():
+                remove_stale_temporaries(self.path.parent, self.path.name)  # left by a killed write
             if self.path.exists() and not overwrite:
                 try:
                     with h5py.File(self.path, "r") as fh:

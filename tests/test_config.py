@@ -10,7 +10,7 @@ SCHEMAS = {
         "batch_size": Field(int, 2048, min=1),
         "cutoff": Field(float, 0.4, min=0.0),
         "route": Field(str, "auto", choices=("auto", "func")),
-        "steps": Field(list, [0], item=int, min=0),
+        "steps": Field(list, [0], item=int, min=0, min_items=1),
         "smooth": Field(bool, True),
     }
 }
@@ -35,6 +35,7 @@ def test_defaults_filled_and_int_accepted_for_float():
     ("[spectrum]\nroute = 'slow'\n", "[spectrum] route = 'slow': not one of 'auto', 'func'"),
     ("[spectrum]\nsteps = [1, -2]\n", "[spectrum] steps[1] = -2: must be >= 0"),
     ("[spectrum]\nsteps = 3\n", "expected a list"),
+    ("[spectrum]\nsteps = []\n", "[spectrum] steps = []: needs at least 1 item(s)"),
     ("[spectrm]\nx = 1\n", "unknown section [spectrm]"),
     ("[run]\nstages = ['spectra']\n", "unknown stage 'spectra'"),
     ("[run]\nseed = -1\n", "[run] seed = -1: must be >= 0"),

@@ -127,6 +127,7 @@ def test_resume_without_recomputation(tmp_path, counting_stage):
         assert [float(fh[f"counting/unit_{u:03d}/value"][()]) for u in range(4)] == [0.0, 1.0, 4.0, 9.0]
         assert is_complete(fh, "perf/counting")
         assert fh["perf/counting/counters/units"][()].sum() == 2
+        assert bool(fh["perf/counting"].attrs["resumed"])      # timings of a part of the work
         assert fh["provenance/run_001"].attrs["status"] == "completed"
         assert fh.attrs["prov_status"] == "completed"
     # a completed stage is skipped entirely on the next run
@@ -150,3 +151,35 @@ def test_provenance_recorded(tmp_path, counting_stage):
         assert "torch" in a["prov_versions"] and "petsc4py" in a["prov_versions"]
         perf = fh["perf/counting"]
         assert perf["wall_seconds"].shape == (1,) and perf["peak_host_bytes"][0] > 0
+
+
+def test_results_follow_the_umask_and_stale_temporaries_are_swept(tmp_path, counting_stage):
+    stale = tmp_path / ".r.h5.abcd1234.tmp"
+    stale.write_bytes(b"left by a killed commit")
+    old = os.umask(0o022)
+    try:
+        run_pipeline(_config(tmp_path), world(), quiet=True)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.h5").stat().st_mode & 0o777 == 0o644
+    assert not stale.exists()
+
+
+def test_overwrite_never_deletes_a_folder_hpcqml_did_not_make(tmp_path, counting_stage):
+    from hpcqml.stages import schemas
+
+    mine = tmp_path / "precious"
+    mine.mkdir()
+    (mine / "data.bin").write_bytes(b"x")
+    text = (f'[run]\noutput = "{tmp_path}/r.h5"\nworkdir = "{mine}"\nstages = ["counting"]\n')
+    cfg = load_config("t.toml", schemas(), text=text)
+    run_pipeline(cfg, world(), quiet=True)
+    with pytest.raises(UserError, match="not created by hpcqml"):
+        run_pipeline(cfg, world(), quiet=True, overwrite=True)
+    assert (mine / "data.bin").exists()
+    # a work directory hpcqml made itself is removed and made again
+    run_pipeline(_config(tmp_path), world(), quiet=True)
+    work = tmp_path / "r.work"
+    (work / "old.pt").write_bytes(b"old")
+    run_pipeline(_config(tmp_path), world(), quiet=True, overwrite=True)
+    assert work.exists() and not (work / "old.pt").exists()

@@ -206,6 +206,11 @@ def test_stages_end_to_end_with_sigusr1_restart(tmp_path):
     assert "stopped by SIGUSR1" in err, err[-1500:]
     state = load_checkpoint(tmp_path / "a.work" / "train_state.pt")
     assert 3 <= state.step < steps
+    import h5py
+
+    with h5py.File(tmp_path / "a.h5", "r") as fh:   # the per-step log up to the stop is in the file
+        assert fh["train_log"].attrs["steps_done"] == state.step
+        assert fh["train_log/loss"].shape == (state.step,) and "train" not in fh
     r = run_cli("run", str(cfg_a), ranks=2, timeout=150)
     assert r.returncode == 0, r.stderr[-1500:]
     assert "resuming from" in r.stderr

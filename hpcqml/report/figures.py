@@ -95,10 +95,14 @@ def fig2b_spectra_downloads(fh: h5py.File, out: Path) -> Path:
     return _save(fig, out, "fig2b_spectra_downloads.png")
 
 
-def proxy_over_training(fh: h5py.File) -> tuple[np.ndarray, np.ndarray]:
+def proxy_over_training(fh: h5py.File, source: str = "nodes") -> tuple[np.ndarray, np.ndarray]:
     """Error proxy per training step (eq. III.12): 1 on classical steps; on a quantum
     segment starting at s0, the proxy at t = s - s0 + 1 of the spectrum measured last at
-    or before s0 (the state uploaded to the quantum ODE solver)."""
+    or before s0 (the state uploaded to the quantum ODE solver).
+
+    ``source`` is ``nodes`` (the SLQ quadrature itself: exact for the measured Ritz
+    values) or ``grid`` (the paper's 256-point smoothed density, whose kernel can smear
+    the large mass near zero across the 0.4 cutoff)."""
     train = _need(fh, "train", "training log")
     steps = _step_labels(fh)
     if not steps:
@@ -119,8 +123,7 @@ def proxy_over_training(fh: h5py.File) -> tuple[np.ndarray, np.ndarray]:
             if before.size == 0:
                 curve = None
             else:
-                g = fh[f"spectrum/{steps[int(before[-1])]}/result/proxy"]
-                curve = g["grid"][()] if np.all(np.isfinite(g["grid"][()])) else g["nodes"][()]
+                curve = fh[f"spectrum/{steps[int(before[-1])]}/result/proxy/{source}"][()]
         t = int(s) - s0 + 1
         proxy[i] = curve[t] if curve is not None and t < curve.size else np.nan
     return step, proxy
@@ -128,9 +131,14 @@ def proxy_over_training(fh: h5py.File) -> tuple[np.ndarray, np.ndarray]:
 
 def fig2c_error_proxy(fh: h5py.File, out: Path) -> Path:
     """Fig. 2(c): the error proxy along the sparse-training run."""
-    step, proxy = proxy_over_training(fh)
+    step, proxy = proxy_over_training(fh, "nodes")
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ax.plot(step, proxy, lw=1.2, color="C3")
+    ax.plot(step, proxy, lw=1.2, color="C3", label="from Ritz nodes and weights")
+    try:
+        _, smoothed = proxy_over_training(fh, "grid")
+        ax.plot(step, smoothed, lw=0.9, ls="--", color="0.4", label="from the smoothed 256-point density (paper)")
+    except KeyError:
+        pass
     ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
     finite = proxy[np.isfinite(proxy) & (proxy > 0)]
     if finite.size and finite.max() / max(finite.min(), 1e-300) > 100:
@@ -138,6 +146,7 @@ def fig2c_error_proxy(fh: h5py.File, out: Path) -> Path:
     ax.set_xlabel("training step")
     ax.set_ylabel("error proxy (eq. III.12)")
     ax.set_title("Error proxy during sparse training (Fig. 2c)")
+    ax.legend(fontsize=7)
     return _save(fig, out, "fig2c_error_proxy.png")
 
 
@@ -308,7 +317,8 @@ FIGURES: dict[str, Callable[[h5py.File, Path], Path]] = {
 
 
 def scaling_records(paths: list[Path]) -> dict[str, list[tuple[int, float]]]:
-    """(ranks, max wall seconds) per stage over several results files of one study."""
+    """(ranks, max wall seconds) per stage over several results files of one study
+    (records of resumed stages, which time only part of the work, are left out)."""
     from hpcqml.store import open_results
 
     table: dict[str, list[tuple[int, float]]] = {}
@@ -317,7 +327,7 @@ def scaling_records(paths: list[Path]) -> dict[str, list[tuple[int, float]]]:
             if "perf" not in fh:
                 continue
             for stage, g in fh["perf"].items():
-                if g.attrs.get("complete", False):
+                if g.attrs.get("complete", False) and not g.attrs.get("resumed", False):
                     table.setdefault(stage, []).append((int(g.attrs["ranks"]), float(np.max(g["wall_seconds"][()]))))
     return {k: sorted(v) for k, v in table.items()}
 

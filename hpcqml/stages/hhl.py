@@ -25,7 +25,7 @@ from hpcqml.errors import UserError
 from hpcqml.stages import Stage, StageContext, register
 
 SCHEMA = {
-    "cases": Field(list, ["random"], item=str, choices=("random", "network"),
+    "cases": Field(list, ["random"], min_items=1, item=str, choices=("random", "network"),
                    doc="instances: random quadratic family (Sec. III C) and/or reduced pruned network"),
     "n": Field(int, 2, min=1, doc="random: state dimension"),
     "f": Field(float, 0.7, min=0.0, max=1.0, doc="random: fraction of dissipative Hessian modes"),
@@ -34,8 +34,8 @@ SCHEMA = {
     "u_scale": Field(float, 0.1, min=0.0, doc="random: u_in ~ U(-u_scale, u_scale)"),
     "N": Field(int, 2, min=1, doc="Carleman truncation order"),
     "T": Field(int, 3, min=1, doc="time steps of the block system (eq. II.79)"),
-    "clock_qubits": Field(list, [4, 6, 8], item=int, min=2, max=16, doc="clock register sizes c"),
-    "kappa_a": Field(list, [0.0], item=float, min=0.0,
+    "clock_qubits": Field(list, [4, 6, 8], min_items=1, item=int, min=2, max=16, doc="clock register sizes c"),
+    "kappa_a": Field(list, [0.0], min_items=1, item=float, min=0.0,
                      doc="truncation parameters kappa_a of eq. II.86; 0 = 2(T+1) (eq. II.83)"),
     "C": Field(float, 0.0, min=0.0, max=1.0, doc="rotation constant; 0 = largest safe value for each c"),
     "max_dim": Field(int, 4096, min=2, doc="refuse embedded (dilated, padded) systems larger than this"),
@@ -64,19 +64,23 @@ def _random_instance(cfg: dict, seed: int):
 
 
 def _batch(ctx: StageContext, num_classes: int, size: int, seed: int):
-    """A fixed batch: CIFAR-100 (or the synthetic set) under [data] root, else in-memory synthetic."""
+    """A fixed batch: CIFAR-100 (or the synthetic set) under [data] root. With
+    ``[data] source = "synthetic"`` and no set written yet, an in-memory synthetic batch;
+    with ``source = "cifar100"`` a missing or broken data set is an error, never replaced."""
     import torch
 
     from hpcqml.data.batches import batch_indices, to_tensor
     from hpcqml.data.cifar import load_cifar100
+    from hpcqml.stages.data import data_root
 
-    data_cfg = ctx.config.sections.get("data", {}) if hasattr(ctx.config, "sections") else {}
-    root = data_cfg.get("root") or str(ctx.workdir / "data")
+    root = data_root(ctx)
     try:
         data = load_cifar100(root)
         idx = batch_indices(len(data.train_y), size, seed, 0)
         x, y, source = data.train_x[idx], data.train_y[idx], f"cifar100:{root}"
     except (UserError, OSError):
+        if ctx.section("data")["source"] == "cifar100":
+            raise
         from hpcqml.data.synth import make_synthetic
 
         parts = make_synthetic(max(size, num_classes), 1, num_classes, seed)

@@ -22,9 +22,9 @@ SCHEMA = {
                        doc="instance source: random quadratic family (Sec. III C), its sparse variant, "
                            "scalar logistic map, reduced network instance, or an HDF5 file"),
     "n": Field(int, 3, min=1, doc="state dimension (random/sparse)"),
-    "f": Field(list, [1.0], item=float, min=0.0, max=1.0, doc="fractions of dissipative Hessian modes, one case each"),
-    "seeds": Field(list, [0], item=int, min=0, doc="instance seeds, one case each"),
-    "N": Field(list, [1, 2, 3], item=int, min=1, doc="Carleman truncation orders"),
+    "f": Field(list, [1.0], min_items=1, item=float, min=0.0, max=1.0, doc="fractions of dissipative Hessian modes, one case each"),
+    "seeds": Field(list, [0], min_items=1, item=int, min=0, doc="instance seeds, one case each"),
+    "N": Field(list, [1, 2, 3], min_items=1, item=int, min=1, doc="Carleman truncation orders"),
     "T": Field(int, 20, min=1, doc="number of time steps"),
     "eta": Field(float, 0.25, min=0.0, doc="step size: F_l -> eta F_l (random/sparse/logistic); learning rate (network)"),
     "u_scale": Field(float, 0.1, min=0.0, doc="u_in ~ U(-u_scale, u_scale) (random/sparse); u_in (logistic)"),

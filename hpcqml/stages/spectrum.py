@@ -61,6 +61,13 @@ _SNAP = re.compile(r"^step_(\d{6,})\.pt$")
 
 
 def _states(ctx: StageContext) -> list[tuple[str, Path]]:
+    """The model states to measure, as rank 0 sees them (see ``decide_on_root``)."""
+    from hpcqml.parallel import decide_on_root
+
+    return decide_on_root(ctx.comm, lambda: _find_states(ctx))
+
+
+def _find_states(ctx: StageContext) -> list[tuple[str, Path]]:
     """(label, checkpoint path) of every model state to measure, in order."""
     cfg = ctx.cfg
     src = cfg["source"]
@@ -137,7 +144,7 @@ def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: 
     from hpcqml.data.batches import batch_indices, shard, to_tensor
     from hpcqml.hessian.density import gaussian_density
     from hpcqml.hessian.hvp import HessianOperator, param_space
-    from hpcqml.hessian.proxy import dissipation, error_proxy, fidelity_ii93, grid_masses, log_error_proxy
+    from hpcqml.hessian.proxy import dissipation, fidelity_ii93, grid_masses, log_error_proxy
     from hpcqml.hessian.slq import run_probes, summarize
     from hpcqml.training.checkpoint import load_checkpoint
 
@@ -219,6 +226,7 @@ def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: 
                             f"time_limit_{tag}": dis.time_limit})
         p.attrs["fidelity_ii93_grid"] = fidelity_ii93(dis_grid.fraction)
         p.attrs["fidelity_ii93_nodes"] = fidelity_ii93(dis_nodes.fraction)
+        p.attrs["fidelity_ii93_all_nodes"] = fidelity_ii93(dis_all.fraction)  # all modes, as eq. II.93 counts
 
     attrs = {"n": n, "model_name": ck.model_name, "model_step": ck.step, "checkpoint": str(path),
              "wrt": cfg["wrt"], "batch_size": cfg["batch_size"], "micro_batch": cfg["micro_batch"],

@@ -18,6 +18,7 @@ import numpy as np
 from hpcqml.config import Field
 from hpcqml.errors import UserError
 from hpcqml.models import count_parameters
+from hpcqml.parallel import decide_on_root
 from hpcqml.stages import Stage, StageContext, register
 from hpcqml.stages.data import load_dataset
 from hpcqml.training.checkpoint import load_checkpoint, save_checkpoint
@@ -58,13 +59,29 @@ def settings(ctx: StageContext) -> SparseSettings:
                           seed=ctx.run_cfg["seed"])
 
 
+def history_writer(hist: dict, snap: set[int], done: int):
+    """A store writer for the per-step training log after ``done`` steps."""
+    dtypes = {"step": np.int64, "download": bool, "quantum_eligible": bool}
+
+    def write(g) -> None:
+        for k in HISTORY_KEYS:
+            g.create_dataset(k, data=np.asarray(hist[k], dtype=dtypes.get(k, np.float64)))
+        g["loss"].attrs["units"] = "nats (mean cross-entropy over the batch, before the update)"
+        g["batch_accuracy"].attrs["units"] = "fraction of the batch (before the update)"
+        g["test_accuracy"].attrs["units"] = "fraction of the test set after the step (NaN = not measured)"
+        g["sparsity"].attrs["units"] = "fraction of prunable weights equal to zero after the step"
+        g.create_dataset("snapshot_steps", data=np.array(sorted(t for t in snap if t <= done), dtype=np.int64))
+    return write
+
+
 def run(ctx: StageContext) -> None:
     cfg = ctx.cfg
-    if ctx.store.is_complete("train") and (ctx.workdir / OUTPUT).is_file():
+    # File-system checks are decided on rank 0 so that every rank takes the same branch.
+    if ctx.store.is_complete("train") and decide_on_root(ctx.comm, (ctx.workdir / OUTPUT).is_file):
         ctx.log("already complete")
         return
     src = Path(cfg["model_file"]) if cfg["model_file"] else ctx.workdir / "pruned.pt"
-    if not src.is_file():
+    if not decide_on_root(ctx.comm, src.is_file):
         raise UserError(f"train: model file {src} not found (run the prune stage or set [train] model_file)")
     data = load_dataset(ctx)
     device = ctx.device()
@@ -75,7 +92,7 @@ def run(ctx: StageContext) -> None:
     model, name, masks = ck.model, ck.model_name, ck.mask
     state_path = ctx.workdir / STATE
     start, hist = 0, empty_history()
-    if state_path.is_file():
+    if decide_on_root(ctx.comm, state_path.is_file):
         st = load_checkpoint(state_path, device)
         if st.model_name == name and st.meta.get("source") == str(src):
             model.load_state_dict(st.model.state_dict())
@@ -89,9 +106,11 @@ def run(ctx: StageContext) -> None:
             f"on {ctx.size} rank(s), {device}")
 
     def save_state(t: int, h: dict) -> None:
+        """Checkpoint (collective): the resume state, and the per-step log so far in HDF5."""
         if ctx.rank == 0:
             save_checkpoint(state_path, name, ck.num_classes, model, mask=masks, step=t,
                             meta={"history": h, "source": str(src)})
+        ctx.store.commit("train_log", history_writer(h, snap, t), attrs={"steps_done": t})
 
     def snapshot(t: int) -> None:
         if t in snap and ctx.rank == 0:
@@ -124,18 +143,7 @@ def run(ctx: StageContext) -> None:
         save_checkpoint(ctx.workdir / OUTPUT, name, ck.num_classes, model, mask=masks, step=done,
                         meta={"stage": "train"})
     ctx.comm.Barrier()
-    dtypes = {"step": np.int64, "download": bool, "quantum_eligible": bool}
-
-    def write(g) -> None:
-        for k in HISTORY_KEYS:
-            g.create_dataset(k, data=np.asarray(hist[k], dtype=dtypes.get(k, np.float64)))
-        g["loss"].attrs["units"] = "nats (mean cross-entropy over the batch, before the update)"
-        g["batch_accuracy"].attrs["units"] = "fraction of the batch (before the update)"
-        g["test_accuracy"].attrs["units"] = "fraction of the test set after the step (NaN = not measured)"
-        g["sparsity"].attrs["units"] = "fraction of prunable weights equal to zero after the step"
-        g.create_dataset("snapshot_steps", data=np.array(sorted(t for t in snap if t <= done), dtype=np.int64))
-
-    ctx.store.commit("train", write, attrs={
+    ctx.store.commit("train", history_writer(hist, snap, done), attrs={
         "model": name, "num_parameters": count_parameters(model), "steps": done, "batch_size": s.batch_size,
         "lr": s.lr, "keep_fraction": s.keep_fraction, "scope": s.scope, "download_every": s.download_every,
         "classical_steps": s.classical_steps, "test_interval": s.test_interval, "ranks": ctx.size,

@@ -35,3 +35,15 @@ def test_bcast_and_split():
     assert colors == sorted(colors) and len(set(colors)) == groups
     assert sub.allreduce(1) == colors.count(color)
     sub.Free()
+
+
+def test_decide_on_root_gives_every_rank_rank_0s_answer():
+    from hpcqml.errors import UserError
+    from hpcqml.parallel import decide_on_root
+
+    comm = world()
+    assert decide_on_root(comm, lambda: comm.Get_rank() + 10) == 10   # only rank 0 decides
+    def fail():
+        raise UserError("nothing there")
+    with pytest.raises(UserError, match="nothing there"):
+        decide_on_root(comm, fail)
