@@ -65,7 +65,11 @@ def _density_axes(ax, curves, title: str, cmap: str = "viridis", log: bool = Tru
         ax.set_yscale("log")
         ax.set_ylim(bottom=max(1e-8, min(np.max(r) for _, _, r in curves) * 1e-6))
     if span > 50:
-        ax.set_xscale("symlog", linthresh=max(span * 1e-2, 1e-3))
+        linthresh = max(span * 1e-2, 1e-3)
+        ax.set_xscale("symlog", linthresh=linthresh)
+        # decades only, from just outside the linear zone: no crowded labels around 0
+        decades = range(int(np.ceil(np.log10(2 * linthresh))), int(np.floor(np.log10(span))) + 1)
+        ax.set_xticks(sorted([0.0] + [sign * 10.0 ** k for k in decades for sign in (-1, 1)]))
     ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
