@@ -102,19 +102,13 @@ def decide_on_root(comm, decide: Callable[[], T], perf=None) -> T:
     return value  # type: ignore[return-value]
 
 
-def split_ranks(comm, groups: int):
-    """Split ``comm`` into ``groups`` contiguous groups; returns (group_comm, group_index).
-
-    With P ranks and g groups, group k holds ranks k*P//g .. (k+1)*P//g - 1. Requires
-    1 <= groups <= P.
-    """
-    size, rank = comm.Get_size(), comm.Get_rank()
-    if not 1 <= groups <= size:
-        from hpcqml.errors import UserError
-
-        raise UserError(f"cannot split {size} rank(s) into {groups} group(s)")
-    color = (rank * groups) // size
-    return comm.Split(color, key=rank), color
+def block_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """``[lo, hi)`` of ``rank``'s contiguous near-equal block of ``range(n)`` over ``size``
+    ranks (the first ``n % size`` blocks are one longer). Used to shard batches and the
+    Krylov basis alike."""
+    base, extra = divmod(int(n), int(size))
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
 
 
 def report_error_and_abort(comm, exc: BaseException, debug: bool = False, code: int = 1) -> None:

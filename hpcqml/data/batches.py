@@ -10,6 +10,7 @@ import torch
 
 from hpcqml.data.cifar import CIFAR100_MEAN, CIFAR100_STD
 from hpcqml.errors import UserError
+from hpcqml.parallel import block_bounds
 
 _BATCH_STREAM = 0x42A7C4
 _EPOCH_STREAM = 0x5EED0E
@@ -33,11 +34,8 @@ def epoch_batches(n_train: int, batch_size: int, seed: int, epoch: int) -> list[
     return [perm[i * batch_size:(i + 1) * batch_size].astype(np.int64) for i in range(nb)]
 
 
-def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
-    """[start, stop) of rank's contiguous near-equal slice of n items (first n % size get one more)."""
-    base, extra = divmod(n, size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+#: [start, stop) of a rank's contiguous near-equal slice of n samples
+shard_bounds = block_bounds
 
 
 def shard(indices: np.ndarray, rank: int, size: int) -> np.ndarray:

@@ -37,15 +37,13 @@ import torch
 
 from hpcqml.errors import UserError
 from hpcqml.hessian.hvp import check_finite
+from hpcqml.parallel import block_bounds
 
 REORTH = ("full", "none")
 
 
-def slice_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
-    """Contiguous near-equal slice ``[lo, hi)`` of ``range(n)`` owned by ``rank`` of ``size``."""
-    base, extra = divmod(int(n), int(size))
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
+#: contiguous near-equal slice ``[lo, hi)`` of the parameter vector owned by a rank
+slice_bounds = block_bounds
 
 
 RADEMACHER_BLOCK = 1 << 20

@@ -100,12 +100,10 @@ def _find_states(ctx: StageContext) -> list[tuple[str, Path]]:
 
 
 def _data_root(ctx: StageContext) -> Path:
-    if ctx.cfg["data_root"]:
-        return Path(ctx.cfg["data_root"])
-    data = ctx.config.sections.get("data", {}) if hasattr(ctx.config, "sections") else {}
-    if data.get("root"):
-        return Path(data["root"])
-    return ctx.workdir / "data"
+    """``[spectrum] data_root``, else where the data stage keeps the data set."""
+    from hpcqml.stages.data import data_root
+
+    return Path(ctx.cfg["data_root"]) if ctx.cfg["data_root"] else data_root(ctx)
 
 
 def _probe_seed(seed: int, step: int) -> int:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcqml.parallel import allreduce_sum, bcast, split_ranks, world
+from hpcqml.parallel import allreduce_sum, bcast, block_bounds, world
 from hpcqml.perf import StagePerf
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,15 +26,16 @@ def test_allreduce_sum_numpy_and_torch():
         assert perf.comm_seconds > 0
 
 
-def test_bcast_and_split():
+def test_bcast_and_blocks():
     comm = world()
     assert bcast(comm, {"x": comm.Get_rank()})["x"] == 0
-    groups = min(2, comm.Get_size())
-    sub, color = split_ranks(comm, groups)
-    colors = comm.allgather(color)
-    assert colors == sorted(colors) and len(set(colors)) == groups
-    assert sub.allreduce(1) == colors.count(color)
-    sub.Free()
+    size = comm.Get_size()
+    for n in (0, 1, 7, 10):
+        bounds = [block_bounds(n, r, size) for r in range(size)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        lengths = [hi - lo for lo, hi in bounds]
+        assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
 
 
 def test_decide_on_root_gives_every_rank_rank_0s_answer():
