@@ -46,3 +46,14 @@ def test_petsc_options_are_split_off():
                                        "--set", "a.b=1", "-h"])
     assert ours == ["run", "c.toml", "--quiet", "--set", "a.b=1", "-h"]
     assert petsc == ["-ksp_type", "gmres", "-log_view"]
+
+
+def test_petsc_options_reach_the_solver(tmp_path):
+    cfg = tmp_path / "q.toml"
+    cfg.write_text(f'[run]\noutput = "{tmp_path}/q.h5"\nstages = ["qcm"]\n'
+                   '[qcm]\nn = 2\nN = [1]\nT = 3\nstep_sizes = []\n')
+    res = run_cli("--quiet", "run", str(cfg), "-ksp_type", "richardson")
+    assert res.returncode == 0, res.stderr
+    with h5py.File(tmp_path / "q.h5", "r") as fh:
+        attrs = fh["qcm/f1.000_seed0/N_1"].attrs
+        assert attrs["ksp_type"] == "richardson" and attrs["ksp_reason"] > 0
