@@ -60,6 +60,44 @@ def is_complete(fh: h5py.File, key: str) -> bool:
     return isinstance(obj, h5py.Group) and bool(obj.attrs.get("complete", False))
 
 
+def write_dataset(group: h5py.Group, name: str, data: Any, units: str, description: str,
+                  **kwargs: Any) -> h5py.Dataset:
+    """Create dataset ``group[name]`` carrying its ``units`` and a one-line ``description``.
+
+    Every dataset the suite writes goes through here, so a results file describes itself:
+    ``units`` is a unit string ("1" for dimensionless numbers, "count", "s", "bytes", ...) and
+    ``description`` says in one line what the numbers are (with an equation number where one
+    applies). Strings are stored as UTF-8 variable-length strings, which h5py reads back as
+    ``bytes``; use :func:`read_strings` to read them.
+
+    Args:
+        group: the HDF5 group (inside a :meth:`ResultsStore.commit` callback).
+        name: dataset name.
+        data: array-like; a sequence of ``str`` becomes a string dataset.
+        units: unit string; must not be empty.
+        description: one line; must not be empty.
+        **kwargs: passed to ``h5py.Group.create_dataset`` (``dtype``, ``compression``, ...).
+
+    Returns:
+        The new dataset.
+    """
+    if not units or not description or "\n" in description:
+        raise ValueError(f"dataset {name!r}: units and a one-line description are required")
+    array = np.asarray(data) if not isinstance(data, np.ndarray) else data
+    if array.dtype.kind in ("U", "O") and "dtype" not in kwargs:
+        array = np.array([str(v) for v in np.ravel(array)], dtype=object).reshape(array.shape)
+        kwargs["dtype"] = h5py.string_dtype("utf-8")
+    dset = group.create_dataset(name, data=array, **kwargs)
+    dset.attrs["units"] = units
+    dset.attrs["description"] = description
+    return dset
+
+
+def read_strings(dset: h5py.Dataset) -> list[str]:
+    """A string dataset as a list of ``str`` (h5py returns ``bytes`` for variable-length strings)."""
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.ravel(dset[()])]
+
+
 def _versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "numpy": np.__version__, "h5py": h5py.__version__}
     for name in ("torch", "mpi4py", "petsc4py", "slepc4py", "scipy"):

@@ -64,7 +64,9 @@ class StageContext:
     workdir: Path
     perf: StagePerf
     quiet: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: hex digest of the stage inputs that change its results (this stage's result-relevant
+    #: keys and those of the stages it reads); stamped on every work-directory artifact.
+    fingerprint: str = ""
 
     @property
     def run_cfg(self) -> dict[str, Any]:
@@ -99,7 +101,9 @@ class StageContext:
 
     def log(self, message: str) -> None:
         if self.rank == 0 and not self.quiet:
-            print(f"[{self.name}] {message}", file=sys.stderr, flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(f"[{self.name}] {message}", file=sys.stderr)  # never on a progress bar's line
 
     def progress(self, iterable: Iterable[T], total: int | None = None, desc: str | None = None) -> Iterator[T]:
         """Iterate with a progress bar on rank 0 (none elsewhere, none with --quiet)."""
