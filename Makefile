@@ -42,3 +42,10 @@ bench: $(STAMP)
 
 clean-results:
 	find results -mindepth 1 ! -name README.md ! -name .gitignore -exec rm -rf {} +
+
+# The lint gate: ruff (ruff.toml: errors, bugbear, naming, docstrings, annotations on the
+# kernels) and mypy over the numerical kernels' signatures (setup.cfg [mypy]).
+.PHONY: lint
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hpcqml tests benchmarks
+	$(VENV)/bin/mypy

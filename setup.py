@@ -12,7 +12,10 @@ setup(
     install_requires=["torch>=2.0", "tqdm"],
     extras_require={
         # ipython<8.24: Debian's matplotlib 3.6 imports IPython.core.pylabtools.backend2gui, removed in 8.24.
-        "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel", "ipython<8.24", "pyyaml", "pyhessian==0.1"],
+        # curvlinops (the library tests' reference operator) is installed by env/install.sh without its
+        # torchvision dependency, which the registry offers only as a build that does not load beside CPU torch.
+        "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel", "ipython<8.24", "pyyaml", "pyhessian==0.1",
+                 "ruff==0.17.6", "mypy==2.4.1"],
     },
     entry_points={"console_scripts": ["hpcqml=hpcqml.cli:main"]},
 )

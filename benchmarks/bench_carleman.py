@@ -1,4 +1,4 @@
-"""Benchmark of the distributed Carleman assembly and time stepping (issue 5).
+"""Benchmark of the distributed Carleman assembly and time stepping.
 
 Driver (no MPI):   python benchmarks/bench_carleman.py [--quick] [--scale] [--out FILE.json]
   launches itself under ``mpirun -n 1`` and ``-n 2`` (override the launcher with $MPIEXEC) and
@@ -155,10 +155,12 @@ def main() -> None:
         print(f"{r['mode']:8} {r['ranks']:>5} {r['Delta']:>9} {r['unknowns']:>10} {r['petsc_A_s']:>7.3f} "
               f"{r['petsc_M_s']:>7.3f} {r['ksp_s']:>7.3f} {r['ksp_iterations']:>4} {r['petsc_forward_s']:>7.3f} "
               f"{'/'.join(f'{v * mib:.0f}' for v in r['petsc_M_mat_bytes']):>11} "
-              f"{'/'.join(f'{v * mib:.0f}' for v in r['peak_rss_bytes_per_rank']):>17} {r['ksp_vs_forward_rel']:>15.2e}")
+              f"{'/'.join(f'{v * mib:.0f}' for v in r['peak_rss_bytes_per_rank']):>17} "
+              f"{r['ksp_vs_forward_rel']:>15.2e}")
     two = rows[1]
     print(f"ratios: PETSc/scipy assembly time A {one['petsc_A_s'] / one['scipy_A_s']:.2f}, "
-          f"M {one['petsc_M_s'] / one['scipy_M_s']:.2f}; 1->2 ranks speed-up A {one['petsc_A_s'] / two['petsc_A_s']:.2f}, "
+          f"M {one['petsc_M_s'] / one['scipy_M_s']:.2f}; "
+          f"1->2 ranks speed-up A {one['petsc_A_s'] / two['petsc_A_s']:.2f}, "
           f"M {one['petsc_M_s'] / two['petsc_M_s']:.2f}, KSP {one['ksp_s'] / two['ksp_s']:.2f}; "
           f"KSP/forward time (1 rank) {one['ksp_s'] / one['petsc_forward_s']:.2f}, (2 ranks) "
           f"{two['ksp_s'] / two['petsc_forward_s']:.2f}")
@@ -166,7 +168,7 @@ def main() -> None:
         with open(a.out, "w") as fh:
             json.dump(rows, fh, indent=1)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import record  # noqa: PLC0415 - benchmark plumbing next to this file
+    from common import record
 
     record("carleman", [{k: (v if not isinstance(v, list) else json.dumps(v)) for k, v in r.items()} for r in rows],
            "PETSc assembly/KSP vs the scipy reference and forward iteration, same instance, 1 and 2 ranks")

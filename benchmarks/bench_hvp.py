@@ -1,4 +1,4 @@
-"""CPU benchmark of Hessian-vector products and the SLQ basis memory (issue 4).
+"""CPU benchmark of Hessian-vector products and the SLQ basis memory.
 
 Run (one line each; the second gives the 2-rank figures):
 
@@ -26,7 +26,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -63,9 +62,9 @@ def main() -> int:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
 
-    from hpcqml.data.batches import shard_bounds
     from hpcqml.hessian.hvp import HessianOperator
-    from hpcqml.hessian.lanczos import lanczos, rademacher_slice, slice_bounds
+    from hpcqml.hessian.lanczos import lanczos, rademacher_slice
+    from hpcqml.parallel import block_bounds
     from hpcqml.models import build, count_parameters
 
     torch.manual_seed(0)
@@ -73,7 +72,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 100, (args.batch,), generator=g)
-    lo, hi = shard_bounds(args.batch, rank, size)
+    lo, hi = block_bounds(args.batch, rank, size)
     out: dict = {"machine": "2-core CPU (shared)", "model": args.model, "parameters": count_parameters(model),
                  "batch": args.batch, "micro_batch": args.micro, "ranks": size, "threads_per_rank": args.threads,
                  "torch": torch.__version__}
@@ -116,7 +115,7 @@ def main() -> int:
     if args.m > 0:
         nb = args.basis_n
         diag = torch.linspace(-1.0, 4.0, nb, dtype=torch.float32)
-        blo, bhi = slice_bounds(nb, rank, size)
+        blo, bhi = block_bounds(nb, rank, size)
         rss0 = comm.allreduce(peak_rss_mib(), op=MPI.MAX)
         comm.Barrier()
         t0 = time.perf_counter()
@@ -135,7 +134,7 @@ def main() -> int:
             with open(args.json, "w") as fh:
                 fh.write(text + "\n")
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from common import record  # noqa: PLC0415 - benchmark plumbing next to this file
+        from common import record
 
         rows = [{"quantity": k, "value": v} for k, v in out.items() if isinstance(v, (int, float, str))]
         record("hvp", rows, f"{args.model}, B = {args.batch}, micro-batch {args.micro}, {size} rank(s), "

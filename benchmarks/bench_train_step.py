@@ -34,11 +34,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hpcqml.data.batches import shard_bounds  # noqa: E402
-from hpcqml.models import build, count_parameters  # noqa: E402
-from hpcqml.parallel import allreduce_sum  # noqa: E402
-from hpcqml.perf import _reset_peak_rss, peak_rss_bytes  # noqa: E402
-from hpcqml.training.loop import train_step  # noqa: E402
+from hpcqml.models import build, count_parameters
+from hpcqml.parallel import allreduce_sum, block_bounds
+from hpcqml.perf import _reset_peak_rss, peak_rss_bytes
+from hpcqml.training.loop import train_step
 
 
 def _sync(device: torch.device) -> None:
@@ -71,7 +70,7 @@ def time_train_step(model_name: str, batch: int, comm, device: torch.device, ste
     torch.manual_seed(0)
     model = build(model_name, num_classes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    a, b = shard_bounds(batch, comm.Get_rank(), comm.Get_size())
+    a, b = block_bounds(batch, comm.Get_rank(), comm.Get_size())
     g = torch.Generator().manual_seed(1)
     x_all = torch.randn(batch, 3, 32, 32, generator=g)
     y_all = torch.randint(0, num_classes, (batch,), generator=g)
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                        "--device", args.device, "--threads", str(args.threads)]
         rows = compare(args, passthrough)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from common import record  # noqa: PLC0415 - benchmark plumbing next to this file
+        from common import record
         note = ("train-step time (global-batch BN, gradient allreduce, SGD) at 1 vs 2 ranks on the same "
                 "cores; peak memory per rank = peak RSS (CPU) or peak CUDA allocation")
         if not cuda and args.batch < 2048:

@@ -64,10 +64,12 @@ def record(benchmark: str, rows: Sequence[Mapping[str, object]], notes: str = ""
     BENCH_FILE.parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
-    def update(tmp: str) -> None:
+    def update(out) -> None:
         if BENCH_FILE.exists():
-            shutil.copyfile(BENCH_FILE, tmp)
-        with h5py.File(tmp, "a") as fh:
+            with open(BENCH_FILE, "rb") as src:
+                shutil.copyfileobj(src, out)
+            out.seek(0)
+        with h5py.File(out, "a") as fh:
             fh.attrs.setdefault("schema_version", "bench-1.0")
             key = f"{benchmark}/{stamp}"
             if key in fh:

@@ -1,5 +1,5 @@
 """One-GPU follow-up to gpu_spectrum.py: H.v of resnet32-w4 at B = 2048 by route and
-micro-batch size, and with channels-last memory format (issue 4's route/micro-batch choice).
+micro-batch size, and with channels-last memory format (the route and micro-batch choice).
 
     python benchmarks/gpu_hvp_variants.py     # figures also to $OUT/gpu_hvp_variants.json
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from hpcqml.hessian.hvp import HessianOperator  # noqa: E402
-from hpcqml.models import build  # noqa: E402
+from hpcqml.hessian.hvp import HessianOperator
+from hpcqml.models import build
 
 
 def timed(fn, repeats: int = 3) -> tuple[float, float]:
@@ -63,7 +63,7 @@ def main() -> int:
             for mb in micros:
                 op = HessianOperator(model, xx, y, 2048, micro_batch=mb, route=route)
                 try:
-                    t, m = timed(lambda: op.matvec(v))
+                    t, m = timed(lambda op=op, v=v: op.matvec(v))
                 except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
                     if "out of memory" not in str(exc):
                         raise

@@ -1,4 +1,4 @@
-"""One-H100 benchmark of the Hessian spectrum kernels (issue 4).  Run from the repo root:
+"""One-H100 benchmark of the Hessian spectrum kernels.  Run from the repo root:
 
     python benchmarks/gpu_spectrum.py          # figures also go to $OUT/gpu_spectrum.json if $OUT is set
 
@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 T0 = time.time()
 BUDGET = float(os.environ.get("GPU_BUDGET_S", "330"))
@@ -147,7 +147,7 @@ def part_a(dev: torch.device) -> None:
         vp = [t.detach().clone() for t in ops["func"].space.to_params(v)]
         chunks = [(x[s:s + micro], y[s:s + micro]) for s in range(0, B, micro)]
         hl = PyHessian(model, crit, dataloader=chunks, cuda=CUDA)
-        measure("r32_pyhessian_dataloader", lambda: hl.dataloader_hv_product(vp), repeats=1)
+        measure("r32_pyhessian_dataloader", lambda hl=hl: hl.dataloader_hv_product(vp), repeats=1)
         del hl
         model.zero_grad(set_to_none=True)
         if left() > 200:
@@ -182,11 +182,11 @@ def part_a(dev: torch.device) -> None:
     t = time.perf_counter()
     steps_done = [0]
 
-    def mv(w: torch.Tensor) -> torch.Tensor:
+    def mv(w: torch.Tensor, op: HessianOperator = ops[route]) -> torch.Tensor:
         steps_done[0] += 1
         if steps_done[0] % 20 == 0:
             log(f"  Lanczos step {steps_done[0]}")
-        return ops[route].matvec(w)
+        return op.matvec(w)
 
     res = lanczos(mv, n, None, rademacher_slice(n, 0, n, 1, 0), steps=M_STEPS, reorth="full",
                   state_dtype=torch.float32, device=dev, basis_device=dev)
@@ -200,7 +200,7 @@ def part_a(dev: torch.device) -> None:
     log(f"SLQ: {s:.1f} s for {res.steps} steps, peak {FIG['r32_slq']['peak_gib']:.1f} GiB, "
         f"lambda in [{res.nodes.min():.4g}, {res.nodes.max():.4g}]")
     save()
-    del ops, model, x, y, res
+    del ops, mv, model, x, y, res
     reset_peak()
 
 
@@ -270,8 +270,8 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda" if CUDA else "cpu")
-    FIG.update({"device": torch.cuda.get_device_name(dev) if CUDA else "cpu (smoke)", "torch": torch.__version__, "tf32": True,
-                "budget_s": BUDGET})
+    FIG.update({"device": torch.cuda.get_device_name(dev) if CUDA else "cpu (smoke)", "torch": torch.__version__,
+                "tf32": True, "budget_s": BUDGET})
     log(f"device {FIG['device']}, torch {torch.__version__}")
     parts = {"a": part_a, "b": part_b}
     for part in (parts[p] for p in os.environ.get("PARTS", "ab")):

@@ -1,4 +1,4 @@
-"""One-GPU timing of a training step for resnet32-w4 and resnet56-w11 at B = 2048 (issue 3).
+"""One-GPU timing of a training step for resnet32-w4 and resnet56-w11 at B = 2048.
 
     python benchmarks/gpu_train_step.py        # figures also to $OUT/gpu_train_step.json
 
@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from bench_train_step import time_train_step  # noqa: E402
+from bench_train_step import time_train_step
 
 
 class SingleRank:

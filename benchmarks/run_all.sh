@@ -14,3 +14,5 @@ echo "== training step, 1 vs 2 ranks"
 "$py" benchmarks/bench_train_step.py
 echo "== Carleman assembly and solve vs the scipy reference, 1 vs 2 ranks, and the 10^7-unknown run"
 "$py" benchmarks/bench_carleman.py --n 40 --scale
+echo "== library Hessian operator vs curvlinops and PyHessian; CLI start-up"
+"$py" benchmarks/bench_library.py

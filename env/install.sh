@@ -37,6 +37,13 @@ numpy_version="$("$venv/bin/python" -c 'import numpy; print(numpy.__version__)')
 echo "numpy==$numpy_version" > "$venv/constraints.txt"
 echo "[install] pip install -e .[test] (torch CPU build, numpy pinned to $numpy_version)"
 "$venv/bin/pip" install -q -c "$venv/constraints.txt" "torch==2.13.0" -e "$here[test]"
+# curvlinops-for-pytorch is the reference Hessian operator of the library tests. Its dependency
+# backpack declares torchvision, whose only wheel for this torch is a CUDA build that does not load
+# beside the CPU torch; neither curvlinops' Hessian nor hpcqml imports it, so install without deps.
+echo "[install] curvlinops-for-pytorch (test reference, without torchvision)"
+"$venv/bin/pip" install -q --no-deps -c "$venv/constraints.txt" curvlinops-for-pytorch==3.0.1 \
+  backpack-for-pytorch==1.7.1 einconv==0.1.0 einops==0.8.2 linear_operator==0.6.1 opt_einsum==3.4.0 \
+  unfoldNd==0.2.3 packaging
 "$venv/bin/python" - <<'PY'
 import numpy, torch, h5py, mpi4py, petsc4py, slepc4py
 from petsc4py import PETSc

@@ -2,14 +2,18 @@
 
 Errors reach the user as one line on stderr and a non-zero exit (2 for bad input,
 1 for anything else); ``--debug`` adds the traceback. Under ``mpirun`` an error on any
-rank aborts every rank.
+rank aborts every rank. ``--help``, ``validate`` and ``info`` import neither torch nor
+matplotlib nor mpi4py unless the config needs them (they start in well under a second).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import os
+import pkgutil
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from hpcqml import __version__
@@ -22,18 +26,43 @@ TOOL_COMMANDS = {
     "report": ("hpcqml.report", "add_arguments", "cli_main", "figures and report.md from a results file"),
 }
 SYNTH = ("hpcqml.data.synth", "add_arguments", "cli_synth")
+#: commands that never start MPI
+SERIAL_COMMANDS = ("validate", "info")
+
+EPILOG = """\
+PETSc options may appear anywhere on the command line, before or after the config
+(hpcqml run CONFIG -qcm_ksp_type gmres -log_view). Each solver has its own prefix:
+  -qcm_ksp_*, -qcm_pc_*, -qcm_eps_*, -qcm_svd_*   Carleman systems of the qcm stage
+  -hhl_ksp_*, -hhl_pc_*                             solves of the hhl stage
+Options no solver used are reported in one warning line at the end of the run; a value
+PETSc rejects (e.g. -qcm_ksp_type gmrez) is a one-line error naming it.
+"""
 
 
-def _tool(spec: tuple[str, ...]):
-    try:
-        module = importlib.import_module(spec[0])
-    except ImportError as exc:
-        if exc.name and exc.name.startswith(spec[0]):
-            return None
-        raise
-    if not hasattr(module, spec[2]):
-        return None
-    return module
+def _stage_docs() -> dict[str, str]:
+    """Stage names and the first line of each stage module's docstring, without importing
+    the modules (which load torch).
+    """
+    import hpcqml.stages as stages
+
+    docs = {}
+    for info in pkgutil.iter_modules(stages.__path__):
+        if info.name.startswith("_"):
+            continue
+        source = Path(stages.__path__[0], f"{info.name}.py")
+        try:
+            doc = ast.get_docstring(ast.parse(source.read_text())) or ""
+        except (OSError, SyntaxError):
+            doc = ""
+        docs[info.name] = (doc.strip().splitlines() or [f"run the {info.name} stage alone"])[0]
+    return docs
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """``--quiet``/``--debug`` also after the command (not resetting them when absent)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars or info lines")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -41,15 +70,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="results file (overrides [run] output)")
     p.add_argument("--workdir", help="checkpoint/artifact folder (overrides [run] workdir)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start again even if OUTPUT exists with another config (deletes it and its workdir)")
+                   help="start again: delete OUTPUT and the work directory hpcqml made for it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (TOML syntax), repeatable")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from hpcqml.stages import load_all
-
-    parser = argparse.ArgumentParser(prog="hpcqml", description="hpcqml: distributed benchmarks of Hessian spectra of pruned networks and of quantum Carleman training.")
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s tool module is imported (none for ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="hpcqml", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="hpcqml: distributed benchmarks of Hessian spectra of pruned networks and of "
+                    "quantum Carleman training.")
     parser.add_argument("--version", action="version", version=f"hpcqml {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
@@ -58,29 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the stages a config names, in order")
     _add_run_options(p)
     p.add_argument("--stages", help="comma-separated subset of stages to run (default: [run] stages)")
-    p = sub.add_parser("validate", help="check a config and print it resolved")
+    _add_common(p)
+    p = sub.add_parser("validate", help="check a config, estimate its resources and print it resolved")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--explain", action="store_true", help="print every key's documentation, type and default")
+    p.add_argument("--ranks", type=int, default=1, help="MPI ranks the run will use (for the estimates)")
+    p.add_argument("--memory-per-rank", type=float, default=0.0, metavar="GIB",
+                   help="memory a rank may use, GiB (default: this machine's memory / ranks)")
+    _add_common(p)
     p = sub.add_parser("info", help="summarise a results file")
     p.add_argument("results")
     p.add_argument("--depth", type=int, default=3, help="levels of the group tree to show")
+    _add_common(p)
 
-    for name, stage in sorted(load_all().items()):
+    for name, doc in sorted(_stage_docs().items()):
         if name in TOOL_COMMANDS:
             continue
-        doc = stage.doc or f"run the {name} stage alone"
         if name == "data":
             doc += "; 'hpcqml data synth --out DIR' writes a synthetic CIFAR-100-layout data set"
         p = sub.add_parser(name, help=doc)
         _add_run_options(p)
+        _add_common(p)
     for name, spec in TOOL_COMMANDS.items():
-        module = _tool(spec)
-        p = sub.add_parser(name, help=spec[3] + ("" if module else " (not yet available)"))
-        if module is not None:
+        p = sub.add_parser(name, help=spec[3])
+        _add_common(p)
+        if name == command:
+            module = importlib.import_module(spec[0])
             getattr(module, spec[1])(p)
             p.set_defaults(tool_handler=getattr(module, spec[2]))
-        elif name in load_all():
-            _add_run_options(p)
     return parser
 
 
@@ -95,52 +132,83 @@ def _config(args, schemas):
     return load_config(args.config, schemas, overrides)
 
 
-def _dispatch(args, argv: Sequence[str]) -> int:
-    from hpcqml.stages import load_all, schemas
+def _validate(args) -> int:
+    from hpcqml.config import explain
+    from hpcqml.preflight import preflight
+    from hpcqml.stages import schemas
 
+    sch = schemas()
+    if args.explain:
+        print(explain(sch))
+    cfg = _config(args, sch)
+    found = preflight(cfg, ranks=max(args.ranks, 1), memory_per_rank=args.memory_per_rank * 2**30)
+    if found.errors:
+        raise UserError(f"config {args.config}: " + "; ".join(found.errors))
+    print(f"# {args.config}: valid; sha256 {cfg.sha256()}")
+    for line in found.estimates:
+        print(f"# estimate: {line}")
+    for line in found.warnings:
+        print(f"hpcqml: warning: {line}", file=sys.stderr)
+    print(cfg.resolved_toml())
+    return 0
+
+
+def _dispatch(args, argv: Sequence[str], petsc_options: Sequence[str]) -> int:
     if args.command == "validate":
-        cfg = _config(args, schemas())
-        print(f"# {args.config}: valid; sha256 {cfg.sha256()}")
-        print(cfg.resolved_toml())
-        return 0
+        return _validate(args)
     if args.command == "info":
         from hpcqml.info import summarize
 
         print(summarize(args.results, max_depth=args.depth))
         return 0
-    if args.command in TOOL_COMMANDS and hasattr(args, "tool_handler"):
+    if args.command in TOOL_COMMANDS:
         return int(args.tool_handler(args) or 0)
-    if args.command in TOOL_COMMANDS and args.command not in load_all():
-        raise UserError(f"'hpcqml {args.command}' is not yet available in this version")
 
-    from hpcqml.parallel import world
+    from hpcqml.parallel import init_petsc, world
     from hpcqml.runner import run_pipeline
+    from hpcqml.stages import schemas
 
     comm = world()
+    init_petsc(petsc_options)
     cfg = _config(args, schemas())
     if args.command == "run":
         stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     else:
         stages = [args.command]
-    path = run_pipeline(cfg, comm, stages, overwrite=args.overwrite, quiet=args.quiet, argv=["hpcqml", *argv])
+    path = run_pipeline(cfg, comm, stages, overwrite=args.overwrite, quiet=args.quiet,
+                        argv=["hpcqml", *argv], petsc_options=petsc_options)
     if comm.Get_rank() == 0 and not args.quiet:
         print(f"hpcqml: results in {path}", file=sys.stderr)
     return 0
 
 
-def split_petsc_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+def _commands() -> set[str]:
+    return {"run", "validate", "info", *TOOL_COMMANDS, *_stage_docs()}
+
+
+def _takes_value(token: str, commands: set[str]) -> bool:
+    """Whether ``token``, following a PETSc option, is that option's value: not a command,
+    not an option, not a config or results file.
+    """
+    return not (token.startswith("-") or token in commands
+                or token.endswith((".toml", ".h5", ".hdf5")))
+
+
+def split_petsc_options(argv: Sequence[str], commands: set[str] | None = None) -> tuple[list[str], list[str]]:
     """Separate PETSc-style options (``-ksp_type gmres``, ``-log_view``) from ours.
 
-    A PETSc option is a single-dash word longer than one letter; a following token that
-    does not start with a dash is its value.
+    A PETSc option is a single-dash word longer than one letter; the next token is its
+    value unless it is an option, a command name or a ``.toml``/``.h5`` path (so
+    ``hpcqml validate -ksp_monitor CONFIG`` keeps CONFIG).
     """
+    commands = _commands() if commands is None else commands
     ours, petsc = [], []
     i = 0
     while i < len(argv):
         token = argv[i]
         if token.startswith("-") and not token.startswith("--") and len(token) > 2 and token[1].isalpha():
             petsc.append(token)
-            if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            if i + 1 < len(argv) and _takes_value(argv[i + 1], commands):
                 petsc.append(argv[i + 1])
                 i += 1
         else:
@@ -149,38 +217,51 @@ def split_petsc_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return ours, petsc
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _synth(rest: list[str]) -> int:
+    module = importlib.import_module(SYNTH[0])
+    p = argparse.ArgumentParser(prog="hpcqml data synth")
+    getattr(module, SYNTH[1])(p)
+    return int(getattr(module, SYNTH[2])(p.parse_args(rest)) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv, petsc_options = split_petsc_options(list(sys.argv[1:] if argv is None else argv))
-    if petsc_options:
-        # PETSc reads PETSC_OPTIONS when it initialises, i.e. at the first petsc4py import.
-        os.environ["PETSC_OPTIONS"] = " ".join([os.environ.get("PETSC_OPTIONS", ""), *petsc_options]).strip()
+    """Entry point of ``hpcqml``: parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit code."""
+    full = list(sys.argv[1:] if argv is None else argv)
+    argv, petsc_options = split_petsc_options(full)
     debug = "--debug" in argv
     comm = None
     try:
         # 'hpcqml data synth ...' is a tool; 'hpcqml data CONFIG' is the stage.
         rest = [a for a in argv if a not in ("--debug", "--quiet")]
         if rest[:2] == ["data", "synth"]:
-            module = _tool(SYNTH)
-            if module is None:
-                raise UserError("'hpcqml data synth' is not yet available in this version")
-            p = argparse.ArgumentParser(prog="hpcqml data synth")
-            getattr(module, SYNTH[1])(p)
-            return int(getattr(module, SYNTH[2])(p.parse_args(rest[2:])) or 0)
-        parser = build_parser()
+            return _synth(rest[2:])
+        command = _command_of(argv)
+        parser = build_parser(command)
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 2
-        if args.command not in ("validate", "info") and args.command not in TOOL_COMMANDS:
+        if args.command not in SERIAL_COMMANDS and args.command not in TOOL_COMMANDS:
             from hpcqml.parallel import world
 
             comm = world()
-        return _dispatch(args, argv)
+        return _dispatch(args, full, petsc_options)
     except SystemExit:
         raise
+    except BrokenPipeError:
+        # output piped into a reader that stopped early ('hpcqml info X | head'): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except BaseException as exc:  # noqa: BLE001 - one line, non-zero exit, all ranks down
-        from hpcqml.parallel import report_error_and_abort
+        from hpcqml.parallel import petsc_error_message, report_error_and_abort
 
+        message = petsc_error_message(exc, petsc_options)
+        if message is not None:
+            exc = UserError(message)
         if comm is None and "mpi4py.MPI" in sys.modules:
             comm = sys.modules["mpi4py.MPI"].COMM_WORLD
         report_error_and_abort(comm, exc, debug=debug, code=2 if isinstance(exc, UserError) else 1)

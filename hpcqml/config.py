@@ -26,7 +26,8 @@ class Field:
     """One config key: its type, default and allowed values.
 
     ``kind`` is one of ``int``, ``float``, ``str``, ``bool``, ``list``; lists name the
-    type of their items with ``item`` and their least length with ``min_items``. ``min``/``max`` bound numbers (and list items),
+    type of their items with ``item`` and their least length with ``min_items``. ``min``/``max``
+    bound numbers (and list items),
     ``choices`` enumerates allowed strings (or list items).
     """
 
@@ -38,6 +39,23 @@ class Field:
     choices: tuple | None = None
     item: type | None = None
     min_items: int = 0
+    #: False for keys that change only speed or memory (micro-batch size, threads, ...):
+    #: they are left out of the stage fingerprints, so a resume may change them.
+    affects_results: bool = True
+
+    def describe(self) -> str:
+        """Type, default and allowed values in one line (``hpcqml validate --explain``)."""
+        kind = _TYPE_NAMES.get(self.kind, self.kind.__name__)
+        if self.kind is list and self.item is not None:
+            kind = f"list of {_TYPE_NAMES.get(self.item, self.item.__name__)}"
+        parts = [kind, f"default {_toml_value(self.default)}"]
+        if self.choices is not None:
+            parts.append("one of " + ", ".join(_toml_value(c) for c in self.choices))
+        if self.min is not None:
+            parts.append(f">= {self.min:g}")
+        if self.max is not None:
+            parts.append(f"<= {self.max:g}")
+        return "; ".join(parts)
 
     def check(self, where: str, value: Any) -> Any:
         """Return ``value`` converted to this field's type, or raise ConfigError."""
@@ -81,8 +99,29 @@ RUN_SCHEMA: dict[str, Field] = {
     "seed": Field(int, 0, min=0, doc="master seed; every random draw derives from it"),
     "device": Field(str, "auto", choices=("auto", "cpu", "cuda"),
                     doc="auto: GPU local_rank % device_count when CUDA is available, else CPU"),
-    "threads": Field(int, 0, min=0, doc="torch intra-op threads per rank; 0 = the node's cores / its ranks"),
+    "threads": Field(int, 0, min=0, affects_results=False,
+                     doc="torch intra-op threads per rank; 0 = OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK / "
+                         "PBS ncpus, else the node's cores / its ranks"),
 }
+
+#: ``(section, key)`` pairs that change only speed, memory or bookkeeping, never a stored
+#: number: left out of the stage fingerprints (besides fields marked ``affects_results=False``).
+PERFORMANCE_ONLY: frozenset[tuple[str, str]] = frozenset({
+    ("run", "name"), ("run", "output"), ("run", "workdir"), ("run", "stages"),
+    ("run", "threads"), ("run", "device"),
+    ("pretrain", "checkpoint_every"), ("train", "checkpoint_every"),
+    ("spectrum", "micro_batch"), ("spectrum", "groups"), ("spectrum", "basis_device"),
+    ("spectrum", "memory_format"), ("spectrum", "route"),
+    ("qcm", "ref_max_dim"), ("hhl", "max_dim"),
+})
+
+#: stages whose results a stage reads (its fingerprint covers their inputs too); the
+#: spectrum, qcm and hhl entries depend on the config, see :func:`upstream`.
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "data": (), "pretrain": ("data",), "prune": ("pretrain", "data"), "train": ("prune", "data"),
+}
+_SPECTRUM_SOURCE = {"snapshots": ("train", "data"), "pruned": ("prune", "data"),
+                    "pretrained": ("pretrain", "data"), "file": ("data",)}
 
 
 def validate_section(section: str, values: Mapping[str, Any], schema: Schema) -> dict[str, Any]:
@@ -130,6 +169,36 @@ class RunConfig:
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
+    def result_keys(self, section: str, schema: Schema | None = None) -> dict[str, Any]:
+        """The keys of ``section`` that change results and differ from their defaults.
+
+        A default left unset and the same default written out give the same fingerprint,
+        and a key added in a later release (with a default) changes no fingerprint.
+        """
+        values = self.sections.get(section, {})
+        schema = RUN_SCHEMA if section == "run" else (schema or {})
+        out = {}
+        for key, value in values.items():
+            fld = schema.get(key)
+            if fld is not None and (not fld.affects_results or value == fld.default):
+                continue
+            if (section, key) in PERFORMANCE_ONLY:
+                continue
+            out[key] = value
+        return out
+
+    def stage_inputs(self, stage: str, schemas: Mapping[str, Schema]) -> dict[str, dict[str, Any]]:
+        """Result-changing keys of ``stage``, of the stages it reads, and ``[run]``."""
+        names = ["run", stage, *sorted(dependency_closure(stage, self) - {stage})]
+        return {name: self.result_keys(name, schemas.get(name)) for name in names
+                if name == "run" or name in self.sections}
+
+    def stage_fingerprint(self, stage: str, schemas: Mapping[str, Schema]) -> str:
+        """sha256 over :meth:`stage_inputs` (canonical JSON)."""
+        text = json.dumps({"stage": stage, "inputs": self.stage_inputs(stage, schemas)},
+                          sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def resolved_toml(self) -> str:
         return dumps_toml(self.sections)
 
@@ -141,6 +210,59 @@ class RunConfig:
             return Path(self.run["workdir"])
         out = self.output_path()
         return out.with_name(out.stem + ".work")
+
+
+def upstream(stage: str, config: RunConfig) -> tuple[str, ...]:
+    """The stages whose results ``stage`` reads directly, under ``config``."""
+    sections = config.sections
+    if stage == "spectrum":
+        return _SPECTRUM_SOURCE.get(sections.get("spectrum", {}).get("source", "snapshots"), ("data",))
+    if stage == "qcm":
+        return ("prune", "data") if sections.get("qcm", {}).get("generator") == "network" else ()
+    if stage == "hhl":
+        return ("prune", "data") if "network" in sections.get("hhl", {}).get("cases", ()) else ()
+    if stage == "report":
+        return tuple(name for name in sections if name not in ("run", "report"))
+    return UPSTREAM.get(stage, ())
+
+
+def dependency_closure(stage: str, config: RunConfig) -> set[str]:
+    """``stage`` and every stage it reads, directly or through others."""
+    seen: set[str] = set()
+    todo = [stage]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(upstream(name, config))
+    return seen
+
+
+def compare_inputs(old: Mapping[str, Mapping[str, Any]], new: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """``section.key old -> new`` for every key that differs (absent = the default)."""
+    changes = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                before = _toml_value(a[key]) if key in a else "(default)"
+                after = _toml_value(b[key]) if key in b else "(default)"
+                changes.append(f"{section}.{key} {before} -> {after}")
+    return changes
+
+
+def explain(schemas: Mapping[str, Schema]) -> str:
+    """Every key's documentation, type and default, section by section."""
+    lines = []
+    for name, schema in [("run", RUN_SCHEMA), *sorted(schemas.items())]:
+        lines.append(f"[{name}]")
+        for key, fld in schema.items():
+            perf = "" if fld.affects_results and (name, key) not in PERFORMANCE_ONLY else " (performance only)"
+            lines.append(f"  {key}: {fld.describe()}{perf}")
+            if fld.doc:
+                lines.append(f"      {fld.doc}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -156,6 +278,25 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def read_toml(source: str | Path, text: str | None = None) -> dict[str, Any]:
+    """The TOML of config file ``source`` (or of ``text``) as a dict, unvalidated.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or not valid TOML (one line).
+    """
+    if text is None:
+        try:
+            text = Path(source).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config {source}: file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"config {source}: cannot read ({exc.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {source}: not valid TOML ({exc})") from None
+
+
 def load_config(source: str | Path, schemas: Mapping[str, Schema],
                 overrides: Iterable[str] = (), text: str | None = None) -> RunConfig:
     """Read a TOML file (or ``text``), apply ``--set`` overrides and validate everything.
@@ -165,17 +306,7 @@ def load_config(source: str | Path, schemas: Mapping[str, Schema],
     ``run.stages`` that is not registered.
     """
     source = str(source)
-    if text is None:
-        try:
-            text = Path(source).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"config {source}: file not found") from None
-        except OSError as exc:
-            raise ConfigError(f"config {source}: cannot read ({exc.strerror})") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config {source}: not valid TOML ({exc})") from None
+    raw = read_toml(source, text)
     overrides = list(overrides)
     for item in overrides:
         section, key, value = parse_override(item)

@@ -1,34 +1,47 @@
-"""Human-readable summary of a results file (``hpcqml info``)."""
+"""Human-readable summary of a results file (``hpcqml info``), read through :mod:`hpcqml.results`."""
 from __future__ import annotations
 
-import json
 from typing import Iterator
 
 import h5py
 import numpy as np
 
-from hpcqml.store import is_complete, open_results
+from hpcqml.results import Results, decode, provenance_facts
 
-_KEY_ATTRS = 6  # attributes shown per group (besides 'complete')
+_KEY_ATTRS = 6  # attributes shown per group (besides bookkeeping ones)
+_HIDDEN = ("complete", "completed_at", "description")
+#: groups summarised above the tree instead of inside it
+_BOOKKEEPING = ("provenance", "fingerprints")
 
 
-def _fmt_attr(value) -> str:
-    if isinstance(value, bytes):
-        value = value.decode(errors="replace")
+def fmt_value(value) -> str:
+    """One attribute value as short text (strings decoded, arrays abbreviated)."""
+    value = decode(value)
     if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return "[" + ", ".join(str(v) for v in value.ravel()[:6]) + (", ..." if value.size > 6 else "") + "]"
         return np.array2string(value, threshold=6, precision=4)
     text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _dataset_line(name: str, dset: h5py.Dataset, pad: str) -> str:
+    units = decode(dset.attrs.get("units", ""))
+    return f"{pad}{name}  {dset.dtype} {dset.shape}" + (f" [{units}]" if units else "")
+
+
 def _walk(group: h5py.Group, depth: int, max_depth: int) -> Iterator[str]:
     for name, obj in group.items():
+        if depth == 0 and name in _BOOKKEEPING:
+            continue
         pad = "  " * depth
         if isinstance(obj, h5py.Dataset):
-            yield f"{pad}{name}  {obj.dtype} {obj.shape}"
+            yield _dataset_line(name, obj, pad)
             continue
         mark = "" if obj.attrs.get("complete", True) else "  [incomplete]"
-        attrs = [f"{k}={_fmt_attr(v)}" for k, v in obj.attrs.items() if k not in ("complete", "completed_at")]
+        if obj.attrs.get("stale", False):
+            mark += "  [stale]"
+        attrs = [f"{k}={fmt_value(v)}" for k, v in obj.attrs.items() if k not in _HIDDEN]
         shown = ", ".join(attrs[:_KEY_ATTRS]) + (", ..." if len(attrs) > _KEY_ATTRS else "")
         yield f"{pad}{name}/{mark}" + (f"  ({shown})" if shown else "")
         if depth + 1 < max_depth:
@@ -50,45 +63,36 @@ def _walk_subset(children: list[str], depth: int) -> Iterator[str]:
         yield f"{pad}{name}/"
 
 
+def _stage_lines(res: Results) -> list[str]:
+    lines = []
+    for name, st in res.stages.items():
+        stale = f" [stale: {st.stale_because}]" if st.stale else ""
+        perf = res.perf.get(name)
+        if st.state == "complete" and perf is not None:
+            counters = ", ".join(f"{c}={int(np.sum(v))}" for c, v in perf.counters.items())
+            lines.append(f"  {name:9s} complete{stale}: wall max {perf.wall_seconds.max():.2f} s, "
+                         f"MPI max {perf.comm_seconds.max():.2f} s, peak host max "
+                         f"{perf.peak_host_bytes.max() / 2**20:.0f} MiB over {perf.ranks} rank(s)"
+                         + (f"; {counters}" if counters else ""))
+        elif st.state == "partial":
+            lines.append(f"  {name:9s} partial (interrupted; rerun to resume){stale}")
+        else:
+            lines.append(f"  {name:9s} not run")
+    return lines
+
+
 def summarize(path: str, max_depth: int = 3) -> str:
     """Provenance, stage status, performance records and the group tree, as text."""
-    from hpcqml.stages import PIPELINE, load_all
-
-    registry = load_all()
-    lines: list[str] = []
-    with open_results(path) as fh:
-        a = fh.attrs
-        lines.append(f"results file: {path}")
-        lines.append(f"  schema_version {_fmt_attr(a['schema_version'])}, hpcqml {_fmt_attr(a.get('hpcqml_version', '?'))}, "
-                     f"created {_fmt_attr(a.get('created', '?'))}")
-        for key in ("command_line", "git_commit", "mpi_size", "hosts", "start_time", "end_time", "status"):
-            if f"prov_{key}" in a:
-                lines.append(f"  {key}: {_fmt_attr(a[f'prov_{key}'])}")
-        if "prov_versions" in a:
-            versions = json.loads(a["prov_versions"])
-            lines.append("  versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
-        lines.append(f"  config sha256: {_fmt_attr(a.get('config_sha256', '?'))[:16]}")
-        runs = len(fh["provenance"]) if "provenance" in fh else 0
-        lines.append(f"  invocations: {runs}")
+    with Results(path) as res:
+        a = res.attrs
+        lines = [f"results file: {path}",
+                 f"  schema_version {fmt_value(a.get('schema_version', '?'))}, "
+                 f"hpcqml {fmt_value(a.get('hpcqml_version', '?'))}, created {fmt_value(a.get('created', '?'))}"]
+        lines += [f"  {fact.label}: {fact.text}" for fact in provenance_facts(res.latest, a)]
+        runs = res.provenance
+        lines.append(f"  invocations: {len(runs)} (" + ", ".join(f"{r.name[4:]} {r.status}" for r in runs) + ")")
         lines.append("stages:")
-        for name in PIPELINE + tuple(sorted(set(registry) - set(PIPELINE))):
-            if name not in registry:
-                lines.append(f"  {name:9s} not yet available")
-                continue
-            key = f"perf/{name}"
-            if is_complete(fh, key):
-                g = fh[key]
-                wall = g["wall_seconds"][()]
-                comm = g["comm_seconds"][()]
-                peak = g["peak_host_bytes"][()] / 2**20
-                counters = ", ".join(f"{c}={int(np.sum(g['counters'][c][()]))}" for c in g["counters"])
-                lines.append(f"  {name:9s} complete: wall max {wall.max():.2f} s, MPI max {comm.max():.2f} s, "
-                             f"peak host max {peak.max():.0f} MiB over {len(wall)} rank(s)"
-                             + (f"; {counters}" if counters else ""))
-            elif name in fh:
-                lines.append(f"  {name:9s} partial (interrupted; rerun to resume)")
-            else:
-                lines.append(f"  {name:9s} not run")
+        lines += _stage_lines(res)
         lines.append("groups:")
-        lines.extend("  " + line for line in _walk(fh, 0, max_depth) if not line.startswith("provenance"))
+        lines += res.read(lambda fh: ["  " + line for line in _walk(fh, 0, max_depth)])
     return "\n".join(lines)

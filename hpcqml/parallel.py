@@ -10,37 +10,42 @@ import os
 import sys
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, TypeVar
+from contextlib import nullcontext
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
 T = TypeVar("T")
 
 
-def world():
+def world() -> Any:
     """``MPI.COMM_WORLD`` (imports mpi4py, which initialises MPI)."""
     from mpi4py import MPI
 
     return MPI.COMM_WORLD
 
 
-def local_rank(comm) -> int:
-    """Rank of this process among the ranks on the same node."""
+def node_rank_and_size(comm: Any) -> tuple[int, int]:
+    """This process's rank among the ranks on its node, and how many ranks the node has."""
     from mpi4py import MPI
 
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
-        return node.Get_rank()
+        return node.Get_rank(), node.Get_size()
     finally:
         node.Free()
 
 
-def _timed(perf):
+def local_rank(comm: Any) -> int:
+    """Rank of this process among the ranks on the same node."""
+    return node_rank_and_size(comm)[0]
+
+
+def _timed(perf: Any) -> Any:
     return perf.comm_timer() if perf is not None else nullcontext()
 
 
-def allreduce_sum(comm, data: Any, perf=None) -> Any:
+def allreduce_sum(comm: Any, data: Any, perf: Any = None) -> Any:
     """Sum ``data`` over all ranks of ``comm`` (None = one process) in place and return it.
 
     ``data`` is a numpy array or a torch tensor. Contiguous CPU tensors are reduced in
@@ -70,7 +75,7 @@ def allreduce_sum(comm, data: Any, perf=None) -> Any:
         return comm.allreduce(data, op=MPI.SUM)
 
 
-def bcast(comm, value: T, root: int = 0, perf=None) -> T:
+def bcast(comm: Any, value: T, root: int = 0, perf: Any = None) -> T:
     """Broadcast a picklable value from ``root``."""
     if comm.Get_size() == 1:
         return value
@@ -78,7 +83,7 @@ def bcast(comm, value: T, root: int = 0, perf=None) -> T:
         return comm.bcast(value, root=root)
 
 
-def decide_on_root(comm, decide: Callable[[], T], perf=None) -> T:
+def decide_on_root(comm: Any, decide: Callable[[], T]) -> T:
     """Run ``decide()`` on rank 0 only and give every rank its answer.
 
     For choices that read the shared file system (does a checkpoint exist? which
@@ -88,46 +93,127 @@ def decide_on_root(comm, decide: Callable[[], T], perf=None) -> T:
     """
     from hpcqml.errors import UserError
 
-    outcome: tuple[bool, object] | None = None
+    outcome: tuple[bool, Any] | None = None
     if comm is None or comm.Get_rank() == 0:
         try:
             outcome = (True, decide())
         except UserError as exc:
             outcome = (False, str(exc))
     if comm is not None and comm.Get_size() > 1:
-        outcome = bcast(comm, outcome, perf=perf)
+        outcome = bcast(comm, outcome)
+    if outcome is None:  # rank 0 always decides, and bcast hands its outcome to every rank
+        raise RuntimeError("decide_on_root: no outcome reached this rank")
     ok, value = outcome
     if not ok:
         raise UserError(str(value))
-    return value  # type: ignore[return-value]
+    return value  # the Callable[[], T] result broadcast from rank 0
 
 
 def block_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     """``[lo, hi)`` of ``rank``'s contiguous near-equal block of ``range(n)`` over ``size``
     ranks (the first ``n % size`` blocks are one longer). Used to shard batches and the
-    Krylov basis alike."""
+    Krylov basis alike.
+    """
     base, extra = divmod(int(n), int(size))
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
 
 
-def report_error_and_abort(comm, exc: BaseException, debug: bool = False, code: int = 1) -> None:
+def init_petsc(options: Sequence[str]) -> None:
+    """Initialise PETSc (and SLEPc) with command-line ``options`` (``["-ksp_type", "gmres"]``).
+
+    Must run before the first ``from petsc4py import PETSc``; when PETSc is already
+    initialised the options are inserted into its database instead.
+    """
+    options = list(options)
+    if "petsc4py.PETSc" in sys.modules:
+        if options:
+            sys.modules["petsc4py.PETSc"].Options().insertString(" ".join(options))
+        return
+    import petsc4py
+
+    petsc4py.init(["hpcqml", *options])
+    try:
+        import slepc4py
+    except ImportError:
+        return
+    slepc4py.init(["hpcqml", *options])
+
+
+def unused_petsc_options() -> list[str]:
+    """Options in PETSc's database that no object queried (``-options_left`` semantics).
+
+    Empty when PETSc was never initialised or its library cannot be asked.
+    """
+    petsc = sys.modules.get("petsc4py.PETSc")
+    if petsc is None:
+        return []
+    import ctypes
+
+    try:
+        used = ctypes.CDLL(petsc.__file__).PetscOptionsUsed
+    except (OSError, AttributeError):
+        return []
+    left = []
+    for name, value in sorted(petsc.Options().getAll().items()):
+        flag = ctypes.c_int(0)
+        if used(None, name.encode(), ctypes.byref(flag)) == 0 and not flag.value:
+            left.append(f"-{name}" + (f" {value}" if value not in ("", None) else ""))
+    return left
+
+
+def petsc_error_message(exc: BaseException, options: Sequence[str]) -> str | None:
+    """A one-line message for a PETSc error caused by a command-line option, else None.
+
+    PETSc error 86 (unknown type) and 62/63 (wrong or out-of-range argument) raised by
+    ``setFromOptions`` mean an option value PETSc does not accept.
+    """
+    code = getattr(exc, "ierr", None)
+    if type(exc).__name__ != "Error" or code not in (62, 63, 86):
+        return None
+    pairs = _option_pairs(options)
+    suspects = [p for p in pairs if code != 86 or p.split()[0].endswith("_type")] or pairs
+    what = "unknown type" if code == 86 else "invalid value"
+    given = "; options given: " + ", ".join(suspects) if suspects else " (no PETSc option on the command line)"
+    return f"PETSc rejected an option value ({what}, PETSc error {code}){given}"
+
+
+def _option_pairs(options: Sequence[str]) -> list[str]:
+    pairs: list[str] = []
+    for token in options:
+        if token.startswith("-") or not pairs:
+            pairs.append(token)
+        else:
+            pairs[-1] += f" {token}"
+    return pairs
+
+
+def report_error_and_abort(comm: Any, exc: BaseException, debug: bool = False, code: int = 1) -> None:
     """Print ``exc`` as one line (the traceback with ``debug``) and take every rank down.
 
     With one rank this exits the interpreter; with several it calls ``MPI_Abort`` so
     ranks blocked in a collective do not wait for ever. Ranks other than 0 wait a moment
     first, so that when every rank fails the same way the message appears once (rank 0's
-    abort ends them before they print).
+    abort ends them before they print). A stop by signal reaches every rank together and
+    is reported by rank 0 alone: the other ranks never print it.
     """
+    from hpcqml.errors import UserError
+    from hpcqml.io import DiskFullError
+    from hpcqml.training.signals import StoppedBySignal
+
     size = comm.Get_size() if comm is not None else 1
     rank = comm.Get_rank() if comm is not None else 0
     if rank != 0:
         time.sleep(2.0)  # longer than rank 0's wait below: a failure on every rank prints once
+        if isinstance(exc, StoppedBySignal):
+            comm.Abort(code)   # rank 0 says what was saved; reached only if it has not aborted yet
+            os._exit(code)
     where = f" (rank {rank} of {size})" if size > 1 else ""
     message = str(exc) or type(exc).__name__
-    from hpcqml.errors import UserError
 
-    if not isinstance(exc, UserError):
+    if isinstance(exc, DiskFullError):
+        message = exc.strerror or message
+    elif not isinstance(exc, UserError):
         message = f"{type(exc).__name__}: {message}"
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
@@ -143,24 +229,13 @@ def report_error_and_abort(comm, exc: BaseException, debug: bool = False, code: 
     os._exit(code)
 
 
-def run_on_all_ranks(fn: Callable[..., T], comm, *args: Any, debug: bool = False,
+def run_on_all_ranks(fn: Callable[..., T], comm: Any, *args: Any, debug: bool = False,
                      code: int = 1, **kwargs: Any) -> T:
     """Run ``fn(*args, **kwargs)`` on this rank; an exception on any rank aborts all ranks."""
     try:
         return fn(*args, **kwargs)
     except SystemExit:
         raise
-    except BaseException as exc:  # noqa: BLE001 - every failure must end all ranks
+    except BaseException as exc:
         report_error_and_abort(comm, exc, debug=debug, code=code)
         raise  # unreachable
-
-
-@contextmanager
-def abort_on_error(comm, debug: bool = False) -> Iterator[None]:
-    """Context-manager form of :func:`run_on_all_ranks`."""
-    try:
-        yield
-    except SystemExit:
-        raise
-    except BaseException as exc:  # noqa: BLE001
-        report_error_and_abort(comm, exc, debug=debug)

@@ -106,18 +106,26 @@ def gather_records(comm, perf: StagePerf) -> list[dict] | None:
 
 def write_records(group, records: list[dict], peak_is_stage_local: bool) -> None:
     """Write gathered per-rank records into an HDF5 group (schema: docs/results-schema.md)."""
+    from hpcqml.store import write_dataset
+
     def column(key: str, dtype) -> np.ndarray:
         return np.array([r[key] for r in records], dtype=dtype)
 
-    group.create_dataset("wall_seconds", data=column("wall_seconds", np.float64))
-    group.create_dataset("comm_seconds", data=column("comm_seconds", np.float64))
-    group.create_dataset("peak_host_bytes", data=column("peak_host_bytes", np.int64))
-    group.create_dataset("peak_gpu_bytes", data=column("peak_gpu_bytes", np.int64))
+    scope = "this stage" if peak_is_stage_local else "the process so far"
+    write_dataset(group, "wall_seconds", column("wall_seconds", np.float64), "s",
+                  "wall-clock time of the stage on each rank (index = rank)")
+    write_dataset(group, "comm_seconds", column("comm_seconds", np.float64), "s",
+                  "time each rank spent in timed MPI reductions and broadcasts")
+    write_dataset(group, "peak_host_bytes", column("peak_host_bytes", np.int64), "bytes",
+                  f"peak resident host memory of each rank during {scope} (VmHWM)")
+    write_dataset(group, "peak_gpu_bytes", column("peak_gpu_bytes", np.int64), "bytes",
+                  "peak GPU memory allocated by torch on each rank (0 without a GPU)")
     names = sorted({k for r in records for k in r["counters"]})
     counters = group.create_group("counters")
+    counters.attrs["description"] = "work done by each rank, one dataset per kind of work"
     for name in names:
-        counters.create_dataset(name, data=np.array([r["counters"].get(name, 0) for r in records],
-                                                    dtype=np.float64))
+        write_dataset(counters, name, np.array([r["counters"].get(name, 0) for r in records], dtype=np.float64),
+                      "count", f"'{name}' work units counted on each rank (index = rank)")
     group.attrs["ranks"] = len(records)
     group.attrs["peak_host_scope"] = "stage" if peak_is_stage_local else "process"
-    group.attrs["units"] = "seconds, bytes; counters are per-rank counts"
+    group.attrs["description"] = "performance record of one stage: per-rank time, memory and work counts"

@@ -4,9 +4,13 @@ Layout (full description in ``docs/results-schema.md``)::
 
     /                      attrs: schema_version, hpcqml_version, config_toml, config_sha256,
                                   created, and the latest invocation's provenance (prov_*)
-    /provenance/run_NNN    attrs: one invocation each (command line, hosts, versions, times)
+    /provenance/run_NNN    attrs: one invocation each (command line, hosts, versions, times,
+                                  status running/completed/failed/interrupted/killed)
+    /fingerprints/<stage>  attrs: sha256 and TOML of the settings that made the stage's results
     /perf/<stage>          per-rank wall/MPI time, peak memory, work counters
     /<stage>/...           each stage's own groups (docs/schema/<stage>.md)
+
+One writer per file: a run holds ``<results>.lock`` (:class:`ResultsLock`) throughout.
 
 Every group written through :meth:`ResultsStore.commit` carries ``complete = True``.
 Crash safety: rank 0 copies the file, writes the unit into the copy, flushes it and
@@ -17,25 +21,30 @@ Only rank 0 touches the file; the other ranks get answers by broadcast.
 from __future__ import annotations
 
 import datetime as _dt
-import json
+import importlib
 import os
 import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 import h5py
 import numpy as np
 
 from hpcqml import __version__
-from hpcqml.errors import UserError
-from hpcqml.io import atomic_write, remove_stale_temporaries
+from hpcqml.errors import InputFileError, UserError
+from hpcqml.io import atomic_write, is_disk_full, remove_stale_temporaries
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+#: bytes per read when copying a results file into the rewrite's temporary file
+COPY_CHUNK = 1 << 22
+#: errors h5py raises on a file whose bytes were damaged after it was written
+DAMAGE_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
 
 
 def utc_now() -> str:
+    """The current time, UTC, ISO 8601 to the second."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -67,7 +76,9 @@ def write_dataset(group: h5py.Group, name: str, data: Any, units: str, descripti
     Every dataset the suite writes goes through here, so a results file describes itself:
     ``units`` is a unit string ("1" for dimensionless numbers, "count", "s", "bytes", ...) and
     ``description`` says in one line what the numbers are (with an equation number where one
-    applies). Strings are stored as UTF-8 variable-length strings, which h5py reads back as
+    applies). Numeric arrays carry a Fletcher-32 checksum, so bytes damaged after
+    writing raise on reading instead of giving wrong numbers. Strings are stored as UTF-8
+    variable-length strings, which h5py reads back as
     ``bytes``; use :func:`read_strings` to read them.
 
     Args:
@@ -87,6 +98,8 @@ def write_dataset(group: h5py.Group, name: str, data: Any, units: str, descripti
     if array.dtype.kind in ("U", "O") and "dtype" not in kwargs:
         array = np.array([str(v) for v in np.ravel(array)], dtype=object).reshape(array.shape)
         kwargs["dtype"] = h5py.string_dtype("utf-8")
+    elif array.ndim > 0 and array.size > 0 and array.dtype.kind in "biufc":
+        kwargs.setdefault("fletcher32", True)  # damaged bytes are then an error on reading, never numbers
     dset = group.create_dataset(name, data=array, **kwargs)
     dset.attrs["units"] = units
     dset.attrs["description"] = description
@@ -98,18 +111,59 @@ def read_strings(dset: h5py.Dataset) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.ravel(dset[()])]
 
 
+def _module_version(name: str) -> str:
+    module = sys.modules.get(name)
+    if module is None:
+        try:
+            module = __import__(name)
+        except Exception:  # noqa: BLE001 - a missing optional package is recorded as such
+            return "not installed"
+    return str(getattr(module, "__version__", "unknown"))
+
+
 def _versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "numpy": np.__version__, "h5py": h5py.__version__}
+    """Versions of Python and every library a result depends on, plus the native stack
+    under them: MPI library, PETSc/SLEPc, CUDA/cuDNN/NCCL and the GPU model ("none" when
+    no GPU is used).
+    """
+    out = {"python": sys.version.split()[0], "numpy": np.__version__, "h5py": h5py.__version__,
+           "hdf5": h5py.version.hdf5_version}
     for name in ("torch", "mpi4py", "petsc4py", "slepc4py", "scipy"):
-        module = sys.modules.get(name)
-        if module is None:
-            try:
-                module = __import__(name)
-            except Exception:  # noqa: BLE001 - a missing optional package is recorded as such
-                out[name] = "not installed"
-                continue
-        out[name] = str(getattr(module, "__version__", "unknown"))
+        out[name] = _module_version(name)
+    out.update(_native_versions())
     return out
+
+
+def _native_versions() -> dict[str, str]:
+    out = {"mpi_library": "unknown", "petsc": "unknown", "slepc": "unknown",
+           "cuda": "none", "cudnn": "none", "nccl": "none", "gpu": "none"}
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None:
+        out["mpi_library"] = mpi.Get_library_version().replace("\x00", "").strip().splitlines()[0].strip()
+    for name, module in (("petsc", "petsc4py.PETSc"), ("slepc", "slepc4py.SLEPc")):
+        try:  # a run initialised PETSc already; elsewhere importing it costs a fraction of a second
+            lib = importlib.import_module(module)
+        except ImportError:
+            continue
+        out[name] = ".".join(str(v) for v in lib.Sys.getVersion())
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+        out["cudnn"] = str(torch.backends.cudnn.version())
+        try:
+            out["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+        except (AttributeError, RuntimeError):
+            out["nccl"] = "unknown"
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def scheduler_job_id() -> str:
+    """The batch job id (SLURM_JOB_ID, PBS_JOBID) or "none" outside a batch job."""
+    for name in ("SLURM_JOB_ID", "PBS_JOBID"):
+        if os.environ.get(name):
+            return os.environ[name]
+    return "none"
 
 
 def _git_commit() -> str:
@@ -128,23 +182,163 @@ def _git_commit() -> str:
     return res.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def provenance(comm, argv: list[str], seeds: Mapping[str, int]) -> dict[str, Any]:
-    """Facts about this invocation (collective: gathers host names)."""
+def provenance(comm, argv: list[str], seeds: Mapping[str, int], *, petsc_options: Sequence[str] = (),
+               threads: tuple[int, str] = (0, "")) -> dict[str, Any]:
+    """Facts about this invocation (collective: gathers host names).
+
+    Values are plain attribute types: strings, integers and arrays of strings;
+    ``version_<package>`` and ``seed_<name>`` hold one version or seed each.
+    """
     hosts = comm.allgather(socket.gethostname())
-    return {
+    out: dict[str, Any] = {
         "hpcqml_version": __version__,
         "git_commit": _git_commit(),
         "command_line": " ".join(argv),
+        "petsc_options": " ".join(petsc_options),
         "mpi_size": comm.Get_size(),
-        "hosts": json.dumps(sorted(set(hosts))),
-        "versions": json.dumps(_versions(), sort_keys=True),
-        "seeds": json.dumps(dict(seeds), sort_keys=True),
+        "hosts": np.array(sorted(set(hosts)), dtype=h5py.string_dtype("utf-8")),
+        "job_id": scheduler_job_id(),
+        "threads": int(threads[0]),
+        "threads_source": threads[1],
         "start_time": utc_now(),
     }
+    out.update({f"version_{k}": v for k, v in sorted(_versions().items())})
+    out.update({f"seed_{k.replace('.', '_')}": int(v) for k, v in sorted(seeds.items())})
+    return out
+
+
+class ResultsLock:
+    """One writer per results file: ``<results>.lock``, created exclusively by rank 0.
+
+    The file holds the holder's host, pid and start time and is also ``flock``-ed while
+    held. A lock left by a process that died on this host (its pid is gone, or nobody
+    holds the flock) is stale and removed; a lock from another host is never guessed
+    about: the refusal names the holder and the file to delete if no run is using it.
+    """
+
+    def __init__(self, results: str | os.PathLike):
+        self.results = Path(results)
+        self.path = self.results.with_name(self.results.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self, log: Callable[[str], None] = lambda _line: None) -> None:
+        """Take the lock or raise UserError naming its holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_holder(self.path)
+                if not _is_stale(self.path, holder):
+                    raise UserError(self._refusal(holder)) from None
+                log(f"removing stale lock {self.path} (host {holder.get('host', '?')}, "
+                    f"pid {holder.get('pid', '?')} is no longer running)")
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            _try_flock(fd)
+            os.write(fd, f"host={socket.gethostname()}\npid={os.getpid()}\nstarted={utc_now()}\n".encode())
+            os.fsync(fd)
+            self._fd = fd
+            return
+        raise UserError(f"results file {self.results}: could not take the lock {self.path}")
+
+    def _refusal(self, holder: Mapping[str, str]) -> str:
+        who = (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {holder.get('started', '?')}"
+               if holder else "holder unknown")
+        return (f"results file {self.results} is being written by another run ({who}); wait for it to "
+                f"finish, or delete {self.path} if that run is gone")
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Give the lock up (idempotent)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_holder(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def _try_flock(fd: int) -> bool:
+    """Exclusive non-blocking flock on ``fd``; False when another holder has it."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # a file system without flock: the exclusive create alone is the lock
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(path: Path, holder: Mapping[str, str]) -> bool:
+    """True when the lock's holder ran on this host and is gone."""
+    if not holder.get("pid", "").isdigit():
+        return False  # being written right now, or not ours to judge
+    if holder.get("host") != socket.gethostname():
+        return False
+    if not _pid_alive(int(holder["pid"])):
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return _try_flock(fd)  # the pid was reused by an unrelated process: nobody holds it
+    finally:
+        os.close(fd)
+
+
+def damage_error(path: Path, exc: BaseException) -> InputFileError | None:
+    """The damaged-file error when ``exc`` came from unreadable HDF5 bytes, else None
+    (a KeyError or ValueError without HDF5's wording is a plain bug, not damage).
+    """
+    if isinstance(exc, OSError) and not is_disk_full(exc):
+        return damaged(path, exc)
+    if isinstance(exc, (KeyError, ValueError, RuntimeError)) and _damage_message(exc):
+        return damaged(path, exc)
+    return None
+
+
+def damaged(path: Path, exc: BaseException) -> InputFileError:
+    """The one-line error for a results file HDF5 cannot read."""
+    detail = (str(exc).splitlines() or [type(exc).__name__])[0].strip() or type(exc).__name__
+    return InputFileError(f"results file {path} is damaged ({detail}); restore it or use --overwrite")
 
 
 class ResultsStore:
-    """Collective access to one results file; only rank 0 reads or writes it."""
+    """Collective access to one results file; only rank 0 reads or writes it.
+
+    A writing run holds :class:`ResultsLock` from :meth:`open_run` to :meth:`close_run`;
+    readers (``info``, ``report``) never take it.
+    """
 
     def __init__(self, path: str | os.PathLike, comm, perf=None):
         self.path = Path(path)
@@ -152,19 +346,36 @@ class ResultsStore:
         self.rank = comm.Get_rank()
         self._perf = perf
         self.invocation: str | None = None
+        self.lock = ResultsLock(self.path)
 
     # ---- collective helpers -------------------------------------------------------
     def _on_root(self, fn: Callable[[], Any]) -> Any:
-        value = fn() if self.rank == 0 else None
-        return self.comm.bcast(value, root=0) if self.comm.Get_size() > 1 else value
+        """Run ``fn`` on rank 0 and broadcast its value; a UserError there is raised on every rank."""
+        outcome: tuple[bool, Any] | None = None
+        if self.rank == 0:
+            try:
+                outcome = (True, fn())
+            except UserError as exc:
+                if self.comm.Get_size() == 1:
+                    raise
+                outcome = (False, exc)
+        if self.comm.Get_size() > 1:
+            outcome = self.comm.bcast(outcome, root=0)
+        ok, value = outcome
+        if not ok:
+            raise value
+        return value
 
     def read(self, fn: Callable[[h5py.File], Any], default: Any = None) -> Any:
         """Run ``fn(file)`` on rank 0 (read-only) and broadcast the result."""
         def body() -> Any:
             if not self.path.exists():
                 return default
-            with h5py.File(self.path, "r") as fh:
-                return fn(fh)
+            try:
+                with h5py.File(self.path, "r") as fh:
+                    return fn(fh)
+            except DAMAGE_ERRORS as exc:
+                raise damaged(self.path, exc) from None
         return self._on_root(body)
 
     def is_complete(self, key: str) -> bool:
@@ -172,15 +383,30 @@ class ResultsStore:
 
     def _rewrite(self, edit: Callable[[h5py.File], None]) -> None:
         """Rank 0: apply ``edit`` to a copy of the file and rename the copy over it."""
-        def update(tmp: str) -> None:
-            shutil.copyfile(self.path, tmp)
-            with h5py.File(tmp, "a") as fh:
-                edit(fh)
-        atomic_write(self.path, update)
+        def update(out: BinaryIO) -> None:
+            with open(self.path, "rb") as src:
+                shutil.copyfileobj(src, out, COPY_CHUNK)
+            out.seek(0)
+            try:
+                fh = h5py.File(out, "a")
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise
+                raise damaged(self.path, exc) from None
+            with fh:
+                try:
+                    edit(fh)
+                except DAMAGE_ERRORS as exc:
+                    if _damage_message(exc):
+                        raise damaged(self.path, exc) from None
+                    raise
+        atomic_write(self.path, update, size_hint=_size(self.path))
 
     def commit(self, key: str, write: Callable[[h5py.Group], None] | None = None,
                attrs: Mapping[str, Any] | None = None) -> None:
         """Write group ``key`` (replacing any previous one) and mark it complete, durably."""
+        invocation = self.invocation
+
         def edit(fh: h5py.File) -> None:
             if key in fh:
                 del fh[key]
@@ -191,6 +417,8 @@ class ResultsStore:
                 group.attrs[name] = value
             group.attrs["complete"] = True
             group.attrs["completed_at"] = utc_now()
+            if invocation is not None and invocation in fh:
+                fh[invocation].attrs["last_write"] = group.attrs["completed_at"]
         self._on_root(lambda: self._rewrite(edit))
 
     def set_root_attrs(self, attrs: Mapping[str, Any], group: str = "/") -> None:
@@ -201,66 +429,186 @@ class ResultsStore:
                 target.attrs[name] = value
         self._on_root(lambda: self._rewrite(edit))
 
+    # ---- per-stage fingerprints -------------------------------------------------
+    def stage_records(self) -> dict[str, dict[str, Any]]:
+        """``/fingerprints/<stage>`` of every stage the file has results of (see docs)."""
+        def body(fh: h5py.File) -> dict[str, dict[str, Any]]:
+            out = {}
+            for name, group in fh.get("fingerprints", {}).items():
+                a = group.attrs
+                out[name] = {"sha256": _text(a.get("sha256", "")), "inputs": _text(a.get("inputs", "")),
+                             "stale": bool(a.get("stale", False)), "stale_because": _text(a.get("stale_because", ""))}
+            for name in stage_names_in(fh):
+                out.setdefault(name, {"sha256": "", "inputs": "", "stale": False, "stale_because": ""})
+            return out
+        return self.read(body, default={})
+
+    def record_fingerprint(self, stage: str, sha256: str, inputs_toml: str) -> None:
+        """Stamp the inputs that made ``stage``'s groups (cleared of any stale mark)."""
+        self.commit(f"fingerprints/{stage}", attrs={
+            "sha256": sha256, "inputs": inputs_toml, "stale": False, "stale_because": "",
+            "invocation": self.invocation or "",
+            "description": f"sha256 of the settings that change the results of stage {stage}, "
+                           "and those settings (TOML)"})
+
+    def discard_stage(self, stage: str) -> None:
+        """Delete a stage's groups and its performance record (its settings changed)."""
+        def edit(fh: h5py.File) -> None:
+            for name in [k for k in fh if k == stage or k.startswith(stage + "_")]:
+                del fh[name]
+            for key in (f"perf/{stage}", f"fingerprints/{stage}"):
+                if key in fh:
+                    del fh[key]
+        self._on_root(lambda: self._rewrite(edit))
+
+    def mark_stale(self, stages: Sequence[str], because: str) -> None:
+        """Flag results computed from inputs that were recomputed since (kept, not deleted)."""
+        if not stages:
+            return
+
+        def edit(fh: h5py.File) -> None:
+            for stage in stages:
+                for key in (f"fingerprints/{stage}", stage):
+                    if key in fh:
+                        fh[key].attrs["stale"] = True
+                        fh[key].attrs["stale_because"] = because
+        self._on_root(lambda: self._rewrite(edit))
+
     # ---- opening a run ----------------------------------------------------------
     def open_run(self, config_toml: str, config_sha256: str, prov: Mapping[str, Any],
-                 overwrite: bool = False) -> str:
-        """Create the file or check that it belongs to the same config; record provenance.
+                 overwrite: bool = False, log: Callable[[str], None] = lambda _line: None,
+                 prepare: Callable[[], None] | None = None) -> str:
+        """Take the writer lock, create or reopen the file, and record this invocation.
 
-        Returns ``"created"`` or ``"resumed"``. A file written with another config is
-        refused (UserError) unless ``overwrite``.
+        Returns ``"created"`` or ``"resumed"``. Invocations an earlier run left
+        ``running`` (it was killed) are closed as ``killed``. Whether the stages already
+        in the file fit the config is the runner's decision (per-stage fingerprints).
+        ``overwrite`` starts a new file even if one exists; ``prepare`` runs on rank 0
+        once the lock is held (e.g. deleting the previous run for ``--overwrite``).
         """
         def body() -> tuple[str, str]:
-            state = "created"
-            if self.path.parent.exists():
-                remove_stale_temporaries(self.path.parent, self.path.name)  # left by a killed write
-            if self.path.exists() and not overwrite:
-                try:
-                    with h5py.File(self.path, "r") as fh:
-                        old_sha = fh.attrs.get("config_sha256")
-                        runs = len(fh["provenance"]) if "provenance" in fh else 0
-                except OSError:
-                    return "error", (f"results file {self.path}: exists but is not a readable HDF5 file; "
-                                     "use --overwrite or another output")
-                if old_sha is None:
-                    return "error", f"results file {self.path}: exists but is not an hpcqml results file"
-                if old_sha != config_sha256:
-                    return "error", (f"results file {self.path} was written with a different config "
-                                     f"(sha256 {str(old_sha)[:12]} vs {config_sha256[:12]}); "
-                                     "use --overwrite to start again or choose another output")
-                state = "resumed"
-            else:
-                runs = 0
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire(log)
+            try:
+                if prepare is not None:
+                    prepare()
+                return self._open_locked(config_toml, config_sha256, prov, overwrite, log)
+            except BaseException:
+                self.lock.release()
+                raise
 
-                def create(tmp: str) -> None:
-                    with h5py.File(tmp, "w") as fh:
-                        fh.attrs["schema_version"] = SCHEMA_VERSION
-                        fh.attrs["created"] = utc_now()
-                        fh.attrs["config_toml"] = config_toml
-                        fh.attrs["config_sha256"] = config_sha256
-                atomic_write(self.path, create)
-            invocation = f"provenance/run_{runs:03d}"
-
-            def record(fh: h5py.File) -> None:
-                group = fh.require_group(invocation)
-                for name, value in prov.items():
-                    group.attrs[name] = value
-                    fh.attrs[f"prov_{name}"] = value
-                group.attrs["status"] = "running"
-                fh.attrs["hpcqml_version"] = __version__
-            self._rewrite(record)
-            return state, invocation
-
-        state, detail = self._on_root(body)
-        if state == "error":
-            raise UserError(detail)
-        self.invocation = detail
+        state, invocation = self._on_root(body)
+        self.invocation = invocation
         return state
 
-    def close_run(self, status: str) -> None:
-        """Record the end time and final status of this invocation."""
+    def _open_locked(self, config_toml: str, config_sha256: str, prov: Mapping[str, Any],
+                     overwrite: bool, log: Callable[[str], None]) -> tuple[str, str]:
+        """Rank 0, lock held: the body of :meth:`open_run`."""
+        # only now is it certain that no live run owns the temporaries
+        for tmp in remove_stale_temporaries(self.path.parent, self.path.name):
+            log(f"removed {tmp.name}, left by an interrupted write")
+        state = "created"
+        if self.path.exists() and not overwrite:
+            try:
+                with h5py.File(self.path, "r") as fh:
+                    if "schema_version" not in fh.attrs:
+                        raise UserError(f"results file {self.path}: exists but is not an hpcqml results file; "
+                                        "choose another output")
+                    runs = len(fh["provenance"]) if "provenance" in fh else 0
+            except DAMAGE_ERRORS as exc:
+                raise damaged(self.path, exc) from None
+            state = "resumed"
+        else:
+            runs = 0
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+            def create(out: BinaryIO) -> None:
+                with h5py.File(out, "w") as fh:
+                    fh.attrs["schema_version"] = SCHEMA_VERSION
+                    fh.attrs["created"] = utc_now()
+            atomic_write(self.path, create)
+        invocation = f"provenance/run_{runs:03d}"
+
+        def record(fh: h5py.File) -> None:
+            for line in close_dead_invocations(fh):
+                log(line)
+            group = fh.require_group(invocation)
+            group.attrs["description"] = "one invocation of hpcqml on this file: command, machine, versions, times"
+            fh["provenance"].attrs["description"] = "one group per invocation (run_NNN), oldest first"
+            values = {"start_time": utc_now(), **prov, "config_sha256": config_sha256, "config_toml": config_toml,
+                      "status": "running", "end_time": ""}
+            _set_invocation(fh, group, values)
+            fh.attrs["config_toml"] = config_toml
+            fh.attrs["config_sha256"] = config_sha256
+            fh.attrs["hpcqml_version"] = __version__
+        self._rewrite(record)
+        return state, invocation
+
+    def close_run(self, status: str, message: str = "") -> None:
+        """Record the end time, final status (``completed``, ``failed``, ``interrupted``)
+        and the error ``message`` of this invocation, and release the lock.
+        """
         if self.invocation is None:
             return
-        end = utc_now()
-        self.set_root_attrs({"end_time": end, "status": status}, group=self.invocation)
-        self.set_root_attrs({"prov_end_time": end, "prov_status": status})
+        invocation = self.invocation
+
+        def edit(fh: h5py.File) -> None:
+            group = fh.require_group(invocation)
+            start = _text(group.attrs.get("start_time", ""))
+            _set_invocation(fh, group, {"end_time": max(utc_now(), start), "status": status, "error": message})
+        try:
+            self._on_root(lambda: self._rewrite(edit))
+        finally:
+            if self.rank == 0:
+                self.lock.release()
+
+
+def _set_invocation(fh: h5py.File, group: h5py.Group, values: Mapping[str, Any]) -> None:
+    """Write invocation attributes, mirrored on the root as ``prov_<name>`` when the
+    invocation is the latest one (the root always describes the latest invocation).
+    """
+    latest = group.name == f"/provenance/{sorted(fh['provenance'])[-1]}"
+    for name, value in values.items():
+        group.attrs[name] = value
+        if latest and name not in ("config_toml", "config_sha256"):
+            fh.attrs[f"prov_{name}"] = value
+    if latest:
+        for name in [k for k in fh.attrs if k.startswith("prov_") and k[5:] not in group.attrs]:
+            del fh.attrs[name]  # left by an earlier invocation that recorded more
+
+
+def close_dead_invocations(fh: h5py.File) -> list[str]:
+    """Mark invocations still ``running`` as ``killed`` (the caller holds the lock, so
+    no live run can own them); their end is the last write they made, never before
+    their start. Returns one log line per invocation closed.
+    """
+    lines = []
+    for name, group in fh.get("provenance", {}).items():
+        if _text(group.attrs.get("status", "")) != "running":
+            continue
+        start = _text(group.attrs.get("start_time", ""))
+        end = max(_text(group.attrs.get("last_write", "")), start)
+        _set_invocation(fh, group, {"status": "killed", "end_time": end})
+        group.attrs["end_time_basis"] = "last write before the process was killed"
+        lines.append(f"invocation {name} (started {start}) was killed; recorded as such")
+    return lines
+
+
+def stage_names_in(fh: h5py.File) -> list[str]:
+    """Stages with a performance record in the file."""
+    return sorted(fh["perf"]) if "perf" in fh else []
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _damage_message(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("signature", "corrupt", "truncated", "bad ", "checksum", "decompress"))

@@ -27,7 +27,7 @@ def child_env(**extra: str) -> dict[str, str]:
     """Environment for a child process: Python's copy of it, which lacks the OMPI_*/PMIX_*
     variables an MPI singleton (mpi4py imported in this pytest process) set at C level;
     a child ``mpirun`` that inherits those loses its ranks' output."""
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
 def run_cli(*args: str, ranks: int = 0, timeout: float = 300, cwd: Path | None = None,

@@ -31,7 +31,7 @@ def test_failure_on_rank_1_of_3_aborts_all(tmp_path):
     elapsed = time.monotonic() - t0
     assert res.returncode != 0
     assert elapsed < 60, f"abort took {elapsed:.0f} s"
-    lines = [l for l in res.stderr.splitlines() if l.startswith("hpcqml: error")]
+    lines = [line for line in res.stderr.splitlines() if line.startswith("hpcqml: error")]
     assert lines == ["hpcqml: error (rank 1 of 3): ValueError: rank one failed on purpose"]
 
 
@@ -40,5 +40,30 @@ def test_cli_config_error_is_one_line_under_mpi(tmp_path):
     cfg.write_text('[run]\nstages = ["nonexistent"]\n')
     res = run_cli("run", str(cfg), ranks=2, timeout=120)
     assert res.returncode != 0
-    errors = [l for l in res.stderr.splitlines() if l.startswith("hpcqml: error")]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("hpcqml: error")]
     assert len(errors) == 1 and "unknown stage 'nonexistent'" in errors[0]
+
+
+STOP_SCRIPT = textwrap.dedent("""
+    import time
+    from mpi4py import MPI
+    from hpcqml.parallel import run_on_all_ranks
+    from hpcqml.training.signals import StoppedBySignal
+
+    def work(comm):
+        if comm.Get_rank() == 0:
+            time.sleep(1.5)     # rank 0 is the slowest to notice: the others must still stay silent
+        raise StoppedBySignal(f"stopped by SIGTERM at step 3 (rank {comm.Get_rank()}); state saved")
+
+    run_on_all_ranks(work, MPI.COMM_WORLD, MPI.COMM_WORLD)
+""")
+
+
+def test_stop_by_signal_is_reported_by_rank_0_only(tmp_path):
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT)
+    res = subprocess.run([*mpiexec(), "-n", "3", sys.executable, str(script)], capture_output=True,
+                         text=True, timeout=90, env=child_env())
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if line.startswith("hpcqml: error")]
+    assert len(lines) == 1 and "(rank 0)" in lines[0] and "state saved" in lines[0], res.stderr

@@ -13,6 +13,14 @@ from hpcqml.carleman.instance import PolynomialODE, carleman_dim, from_dict, kro
 from hpcqml.errors import UserError
 
 
+def solve_block_system(ode, N, T, comm):
+    """M X = B of the case solved by its owner (:class:`CarlemanCase`), which the qcm stage uses."""
+    from hpcqml.carleman.system import CarlemanCase
+
+    with CarlemanCase(ode, N, T, comm) as case:
+        return case.solve()
+
+
 def _cubic_instance(n: int = 2, seed: int = 3) -> PolynomialODE:
     rng = np.random.default_rng(seed)
     F = [sp.csr_matrix(rng.uniform(-0.1, 0.1, (n, 1)))]
@@ -42,7 +50,7 @@ def test_reference_rows_are_derivatives_of_kronecker_powers(make):
     assert A.shape == (carleman_dim(ode.n, N),) * 2
 
 
-def test_linear_spectrum_is_sums_of_F1_eigenvalues():
+def test_linear_spectrum_is_sums_of_F1_eigenvalues():  # noqa: N802 - paper notation
     """F0 = F2 = 0: spec(A) = union_j {f_a1 + ... + f_aj} (eq. II.64), dense numpy check."""
     ode = gen.random_quadratic(3, 1.0, 4)
     lin = PolynomialODE(F=[ode.F[0], ode.F[1], sp.csr_matrix((3, 9))], u_in=ode.u_in)
@@ -69,20 +77,20 @@ def test_ksp_solution_matches_forward_iteration_single_rank():
     ode = _cubic_instance()
     ode = PolynomialODE(F=[0.3 * F for F in ode.F], u_in=ode.u_in)
     N, T = 3, 15
-    res = ts.solve_block_system(ode, N, T, MPI.COMM_SELF)
+    res = solve_block_system(ode, N, T, MPI.COMM_SELF)
     A = ref.carleman_matrix(ode, N)
     Y = ref.forward_iteration(A, ref.carleman_rhs(ode, N), lift(ode.u_in, N), T)
     assert res.reason > 0 and res.iterations <= 2  # ILU(0) of a unit lower-triangular M is exact
     assert np.linalg.norm(res.X - Y) <= 1e-10 * np.linalg.norm(Y)
-    # command-line options reach the solver (setFromOptions): -ksp_type richardson
+    # options with the qcm_ prefix reach the solver (setFromOptions): -qcm_ksp_type richardson
     from petsc4py import PETSc
 
     opts = PETSc.Options()
-    opts["ksp_type"] = "richardson"
+    opts["qcm_ksp_type"] = "richardson"
     try:
-        res2 = ts.solve_block_system(ode, N, T, MPI.COMM_SELF)
+        res2 = solve_block_system(ode, N, T, MPI.COMM_SELF)
     finally:
-        opts.delValue("ksp_type")
+        opts.delValue("qcm_ksp_type")
     assert res2.ksp_type == "richardson" and res2.reason > 0
     assert np.linalg.norm(res2.X - Y) <= 1e-10 * np.linalg.norm(Y)
 
@@ -122,7 +130,7 @@ def test_bounds_and_stability_warning():
     assert ts.check_stability(ode, 4)
 
 
-def test_order_II60_makes_bound_II57_small():
+def test_order_II60_makes_bound_II57_small():  # noqa: N802 - paper notation
     """With ||u_bar|| < 1, N from eq. II.60 satisfies N u^{N+1} <= u^{N/2} (eq. II.59) so II.57 <= eps."""
     norms = np.array([0.0, 0.1, 0.02])
     A_norm, u_bar, eps = 0.2, 0.3, 1e-8
@@ -132,7 +140,7 @@ def test_order_II60_makes_bound_II57_small():
     assert ts.bound_II57(N // 2 - 1, 1.0 / A_norm, u_bar, norms) > eps
 
 
-def test_random_quadratic_follows_sec_IIIC():
+def test_random_quadratic_follows_sec_IIIC():  # noqa: N802 - paper notation
     ode = gen.random_quadratic(6, 0.5, 11)
     h = np.sort(-np.linalg.eigvalsh(ode.F[1].toarray()))
     assert np.all(h[:3] < 0) and np.all(h[:3] > -0.01) and np.all(h[3:] > 0) and np.all(h[3:] < 1)
@@ -148,7 +156,7 @@ def test_random_quadratic_follows_sec_IIIC():
 def test_dict_roundtrip_and_hdf5(tmp_path):
     ode = _cubic_instance()
     back = from_dict(to_dict(ode))
-    for a, b in zip(ode.F, back.F):
+    for a, b in zip(ode.F, back.F, strict=True):
         assert (a != b).nnz == 0
     path = tmp_path / "inst.h5"
     with h5py.File(path, "w") as fh:
@@ -229,7 +237,7 @@ def test_network_instance_matches_autograd_derivatives():
     np.testing.assert_allclose(ode.F[2].toarray(), -0.5 * eta * D3.reshape(k, k * k), atol=1e-8)
 
 
-# ---- time-varying constant term F0(t) = F0 + F0_t[t] ("SGD noise", issue 5) ----------------------
+# ---- time-varying constant term F0(t) = F0 + F0_t[t] ("SGD noise") ----------------------
 
 def _noisy_instance(n: int = 3, T: int = 6, seed: int = 4) -> PolynomialODE:
     """Quadratic + cubic instance whose F0 and F0_t have different, partly cancelling supports.
@@ -248,7 +256,7 @@ def _noisy_instance(n: int = 3, T: int = 6, seed: int = 4) -> PolynomialODE:
     return PolynomialODE(F=F, u_in=rng.uniform(-0.2, 0.2, n), F0_t=noise)
 
 
-def test_f0_t_changes_only_the_F0_blocks_of_A():
+def test_f0_t_changes_only_the_F0_blocks_of_A():  # noqa: N802 - paper notation
     """A(t) - A = sum_p I^{(x)p} (x) xi_t (x) I^{(x)(j-1-p)} in blocks (j, j-1), checked by direct kron of u-powers."""
     ode = _noisy_instance()
     N, n = 4, ode.n
@@ -304,7 +312,7 @@ def test_f0_t_ksp_equals_forward_iteration_and_triangular_solve():
 
     ode = _noisy_instance(n=2, T=9)
     N, T = 3, 9
-    res = ts.solve_block_system(ode, N, T, MPI.COMM_SELF)
+    res = solve_block_system(ode, N, T, MPI.COMM_SELF)
     Y = ref.forward_iteration_t(ode, N, T)
     assert res.reason > 0
     assert np.linalg.norm(res.X - Y) <= 1e-10 * np.linalg.norm(Y)
@@ -333,7 +341,7 @@ def test_f0_t_linear_ode_carleman_is_exact():
     for t in range(T):  # written out independently of PolynomialODE.rhs
         u[t + 1] = u[t] + ode.F[0].toarray().ravel() + ode.F0_t[t] + F1 @ u[t]
     np.testing.assert_allclose(ref.exact_recurrence(ode, T), u, rtol=1e-14, atol=1e-15)
-    res = ts.solve_block_system(ode, 1, T, MPI.COMM_SELF)
+    res = solve_block_system(ode, 1, T, MPI.COMM_SELF)
     assert np.max(np.abs(res.X - u)) <= 1e-12 * max(1.0, np.max(np.abs(u)))
     plain = PolynomialODE(F=ode.F, u_in=ode.u_in)
     assert np.max(np.abs(ref.exact_recurrence(plain, T) - u)) > 1e-2  # the noise matters
@@ -353,7 +361,7 @@ def test_f0_noise_generator_and_roundtrip(tmp_path):
     noisy = gen.random_quadratic(3, 0.7, 5, noise=0.3, T=400)
     assert base.F0_t is None and gen.random_quadratic(3, 0.7, 5, noise=0.0, T=7).F0_t is None
     assert noisy.F0_t.shape == (400, 3) and noisy.F0_t.dtype == np.float64
-    for a, b in zip(base.F, noisy.F):
+    for a, b in zip(base.F, noisy.F, strict=True):
         assert (a != b).nnz == 0  # noise on leaves every other draw unchanged
     np.testing.assert_array_equal(base.u_in, noisy.u_in)
     assert 0.25 < noisy.F0_t.std() < 0.35 and abs(noisy.F0_t.mean()) < 0.05
@@ -399,3 +407,48 @@ def test_malformed_f0_t_gives_one_line_errors(tmp_path):
         with h5py.File(path, "r") as fh, pytest.raises(UserError) as e:
             from_dict(fh)
         assert "F0_t" in _one_line(e), name
+
+
+def test_carleman_case_destroys_its_petsc_objects_also_on_error():
+    """Every Mat/Vec/KSP/EPS/SVD of a case is destroyed when the with-block ends by an exception."""
+    from mpi4py import MPI
+
+    from hpcqml.carleman.system import CarlemanCase
+
+    ode = gen.scale_step(gen.random_quadratic(2, 0.5, 1), 0.25)
+    with pytest.raises(RuntimeError, match="inside"):
+        with CarlemanCase(ode, 2, 5, MPI.COMM_SELF) as case:
+            facts = case.solve()
+            eigs, _ = case.eigenvalues()
+            norms = case.norms()
+            case.condition(norms.norm_IA)
+            objects = list(case._objects)
+            assert facts.reason > 0 and eigs.shape == (6,)
+            kinds = {type(obj).__name__ for obj in objects}
+            assert {"Mat", "Vec", "KSP", "EPS", "SVD"} <= kinds
+            assert all(obj.handle != 0 for obj in objects)
+            raise RuntimeError("inside the case")
+    assert all(obj.handle == 0 for obj in objects)
+    assert case._objects == []
+    np.testing.assert_allclose(facts.X, ref.forward_iteration(ref.carleman_matrix(ode, 2), ref.carleman_rhs(ode, 2),
+                                                              lift(ode.u_in, 2), 5), rtol=1e-10, atol=1e-16)
+
+
+def test_diverged_ksp_is_a_numerical_error():
+    """A KSP that stops before converging raises NumericalError (exit 1), not a user error."""
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    from hpcqml.errors import NumericalError
+
+    ode = gen.scale_step(gen.random_quadratic(2, 0.5, 1), 0.25)
+    opts = PETSc.Options()
+    opts["qcm_ksp_type"] = "richardson"
+    opts["qcm_pc_type"] = "none"
+    opts["qcm_ksp_max_it"] = "1"
+    try:
+        with pytest.raises(NumericalError, match="did not converge"):
+            solve_block_system(ode, 2, 8, MPI.COMM_SELF)
+    finally:
+        for key in ("qcm_ksp_type", "qcm_pc_type", "qcm_ksp_max_it"):
+            opts.delValue(key)

@@ -74,9 +74,9 @@ def test_qcm_stage_file_instance_and_malformed_file(tmp_path):
 
 def test_qcm_stage_network_instance(tmp_path):
     """Reduced instance of a (pruned) resnet8 on a synthetic batch: F0/F1/F2 shapes, chosen weights."""
-    import json
-
     import torch
+
+    from hpcqml.store import read_strings
 
     from hpcqml.data.synth import write_synthetic
     from hpcqml.models import build
@@ -102,7 +102,7 @@ def test_qcm_stage_network_instance(tmp_path):
         np.testing.assert_allclose(F1, F1.T, atol=1e-12)          # -eta * Hessian is symmetric
         F2 = ode.F[2].toarray().reshape(3, 3, 3)
         np.testing.assert_allclose(F2, F2.transpose(0, 2, 1), atol=1e-12)  # third derivative symmetric
-        picks = json.loads(case.attrs["params"])
+        picks = read_strings(case["params"])
         assert len(picks) == 3
         flat = {n: p.detach().abs().reshape(-1) for n, p in model.named_parameters()}
         surviving = torch.cat([torch.where(mask[n].reshape(-1), v, torch.full_like(v, -1.0)) if n in mask else v
@@ -113,7 +113,7 @@ def test_qcm_stage_network_instance(tmp_path):
         assert case["N_2/eta1"].shape == (6, 3)
 
 
-def test_qcm_stage_with_f0_noise_writes_F0_t(tmp_path):
+def test_qcm_stage_with_f0_noise_writes_F0_t(tmp_path):  # noqa: N802 - paper notation
     """f0_noise > 0: the instance carries F0_t (T, n), and u_exact / y use F0(t) = F0 + F0_t[t]."""
     cfg = _config(tmp_path, "n = 2\nf = [1.0]\nseeds = [4]\nN = [2]\nT = 5\neta = 0.25\n"
                             "step_sizes = [1.0, 0.5]\nN_ref = 3\nf0_noise = 0.01")

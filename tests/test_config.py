@@ -73,3 +73,34 @@ def test_resolved_toml_round_trips():
     again = tomllib.loads(cfg.resolved_toml())
     assert again == cfg.sections
     assert tomllib.loads(dumps_toml({"run": {"x": 1.5}})) == {"run": {"x": 1.5}}
+
+
+def test_result_keys_leave_out_defaults_and_performance_keys():
+    sch = {"spectrum": {"probes": Field(int, 4), "micro_batch": Field(int, 512),
+                        "fast": Field(bool, False, affects_results=False)}}
+    cfg = load_config("t.toml", sch,
+                      text="[run]\nseed = 3\nthreads = 2\n[spectrum]\nprobes = 4\nmicro_batch = 8\nfast = true\n")
+    assert cfg.result_keys("spectrum", sch["spectrum"]) == {}
+    assert cfg.result_keys("run") == {"seed": 3}
+    changed = load_config("t.toml", sch, text="[spectrum]\nprobes = 9\n")
+    assert changed.result_keys("spectrum", sch["spectrum"]) == {"probes": 9}
+
+
+def test_compare_inputs_names_old_and_new_values():
+    from hpcqml.config import compare_inputs
+
+    old = {"spectrum": {"probes": 4, "route": "x"}, "train": {}}
+    new = {"spectrum": {"probes": 8}, "train": {"lr": 0.5}}
+    assert compare_inputs(old, new) == ['spectrum.probes 4 -> 8', 'spectrum.route "x" -> (default)',
+                                        "train.lr (default) -> 0.5"]
+
+
+def test_explain_lists_every_key_with_type_default_and_doc():
+    from hpcqml.config import explain
+
+    text = explain(SCHEMAS)
+    assert "[run]\n" in text and "[spectrum]\n" in text
+    assert "  route: string; default \"auto\"; one of \"auto\", \"func\"" in text
+    assert "  steps: list of integer; default [0]; >= 0" in text
+    assert "  threads: integer; default 0; >= 0 (performance only)" in text
+    assert "OMP_NUM_THREADS" in text   # the doc line under [run] threads

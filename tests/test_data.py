@@ -2,18 +2,26 @@
 from __future__ import annotations
 
 import pickle
+import struct
 
 import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)   # the test box has 2 shared cores
-
-from hpcqml.data.batches import (augment, augment_params, batch_indices, epoch_batches, shard,
-                                 shard_bounds, to_tensor)
+from hpcqml.data.batches import (
+    augment,
+    augment_params,
+    batch_indices,
+    epoch_batches,
+    shard,
+    to_tensor,
+)
 from hpcqml.data.cifar import CIFAR100_MEAN, CIFAR100_STD, load_cifar100
 from hpcqml.data.synth import add_arguments, cli_synth, write_synthetic
 from hpcqml.errors import UserError
+from hpcqml.parallel import block_bounds
+
+torch.set_num_threads(1)   # the test box has 2 shared cores
 
 
 @pytest.fixture
@@ -48,7 +56,7 @@ def test_synthetic_is_reproducible_and_seeded(tmp_path):
 
 
 def test_cli_synth(tmp_path, capsys):
-    import argparse as ap  # noqa: PLC0415
+    import argparse as ap
     p = ap.ArgumentParser()
     add_arguments(p)
     cli_synth(p.parse_args(["--out", str(tmp_path), "--train", "12", "--test", "4", "--classes", "3"]))
@@ -172,7 +180,7 @@ def test_shard_is_a_contiguous_partition(n, size):
     assert np.array_equal(np.concatenate(parts), idx)
     lens = [len(p) for p in parts]
     assert max(lens) - min(lens) <= 1
-    assert shard_bounds(n, size - 1, size)[1] == n
+    assert block_bounds(n, size - 1, size)[1] == n
 
 
 def test_to_tensor_normalises_per_channel():
@@ -193,3 +201,150 @@ def test_augment_crop_and_flip():
     assert not unflipped[:4].any() and not unflipped[:, 28:].any()
     dy, dx, flip = augment_params(16, 0, 3)
     assert dy.max() <= 8 and dx.min() >= 0 and flip.dtype == bool
+
+
+# ---- the layout of the real CIFAR-100 files -------------------------------------------------
+# The published files were written by Python 2's cPickle, protocol 2: strings are byte
+# strings (SHORT_BINSTRING/BINSTRING, read back as bytes), memo indices start at 1, and the
+# image array goes through numpy's _reconstruct named with the GLOBAL opcode.
+
+class _Global:
+    def __init__(self, module: str, name: str):
+        self.ref = f"{module}\n{name}\n".encode()
+
+
+class _Py2Writer:
+    """Emit protocol-2 opcodes the way Python 2's cPickle did for the CIFAR-100 files."""
+
+    def __init__(self, reconstruct_module: str):
+        self.out = bytearray(b"\x80\x02")
+        self.memo = 0
+        self.reconstruct = _Global(reconstruct_module, "_reconstruct")
+
+    def put(self):
+        self.memo += 1
+        self.out += (b"q" + bytes([self.memo]) if self.memo < 256
+                     else b"r" + struct.pack("<I", self.memo))
+
+    def emit(self, x):
+        out = self.out
+        if isinstance(x, _Global):
+            out += b"c" + x.ref
+            self.put()
+        elif x is None:
+            out += b"N"
+        elif isinstance(x, bool):
+            out += b"\x88" if x else b"\x89"
+        elif isinstance(x, int):
+            out += (b"K" + bytes([x]) if 0 <= x < 256 else b"M" + struct.pack("<H", x) if 0 <= x < 65536
+                    else b"J" + struct.pack("<i", x))
+        elif isinstance(x, bytes):
+            out += (b"U" + bytes([len(x)]) if len(x) < 256 else b"T" + struct.pack("<I", len(x))) + x
+            self.put()
+        elif isinstance(x, tuple):
+            if 1 <= len(x) <= 3:
+                for item in x:
+                    self.emit(item)
+                out += b"\x85\x86\x87"[len(x) - 1:len(x)]
+            else:
+                out += b"("
+                for item in x:
+                    self.emit(item)
+                out += b"t"
+            self.put()
+        elif isinstance(x, list):
+            out += b"]"
+            self.put()
+            if x:
+                out += b"("
+                for item in x:
+                    self.emit(item)
+                out += b"e"
+        elif isinstance(x, dict):
+            out += b"}"
+            self.put()
+            if x:
+                out += b"("
+                for k, v in x.items():
+                    self.emit(k)
+                    self.emit(v)
+                out += b"u"
+        elif isinstance(x, np.ndarray):
+            self.emit(self.reconstruct)
+            self.emit((_Global("numpy", "ndarray"), (0,), b"b"))
+            out += b"R"
+            self.put()
+            self.emit((1, x.shape, _Dtype(x.dtype), False, x.tobytes()))
+            out += b"b"
+        elif isinstance(x, _Dtype):
+            self.emit(_Global("numpy", "dtype"))
+            self.emit((x.code, 0, 1))
+            out += b"R"
+            self.put()
+            self.emit((3, x.order, None, None, None, -1, -1, 0))
+            out += b"b"
+        else:
+            raise TypeError(type(x))
+
+
+class _Dtype:
+    def __init__(self, dtype):
+        self.code = f"{dtype.kind}{dtype.itemsize}".encode()
+        self.order = b"|" if dtype.itemsize == 1 else b"<"
+
+
+def py2_pickle(obj, reconstruct_module: str = "numpy.core.multiarray") -> bytes:
+    """``obj`` as Python 2's cPickle wrote it with protocol 2 (strings as byte strings)."""
+    w = _Py2Writer(reconstruct_module)
+    w.emit(obj)
+    w.out += b"."
+    return bytes(w.out)
+
+
+def write_py2_layout(root, n_train: int = 40, n_test: int = 10, classes: int = 5, seed: int = 0,
+                     reconstruct_module: str = "numpy.core.multiarray"):
+    """A small cifar-100-python/ in the published files' encoding; returns the pickled dicts."""
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    parts = {}
+    for part, n in (("train", n_train), ("test", n_test)):
+        labels = [int(v) for v in rng.integers(0, classes, size=n)]
+        parts[part] = {
+            b"filenames": [f"img_{part}_{i}.png".encode() for i in range(n)],
+            b"batch_label": f"{part} batch 1 of 1".encode(),
+            b"fine_labels": labels,
+            b"coarse_labels": [v // 2 for v in labels],
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        }
+    parts["meta"] = {b"fine_label_names": [f"fine_{c}".encode() for c in range(classes)],
+                     b"coarse_label_names": [f"coarse_{c}".encode() for c in range((classes + 1) // 2)]}
+    for name, obj in parts.items():
+        (d / name).write_bytes(py2_pickle(obj, reconstruct_module))
+    return parts
+
+
+@pytest.mark.parametrize("module", ["numpy.core.multiarray", "numpy._core.multiarray"])
+def test_published_layout_loads(tmp_path, module):
+    parts = write_py2_layout(tmp_path, reconstruct_module=module)
+    raw = (tmp_path / "cifar-100-python" / "train").read_bytes()
+    assert raw.startswith(b"\x80\x02}q\x01(") and f"c{module}\n_reconstruct\n".encode() in raw
+    split = load_cifar100(tmp_path)
+    assert split.num_classes == 5 and split.label_names[2] == "fine_2"
+    for part, x, y in (("train", split.train_x, split.train_y), ("test", split.test_x, split.test_y)):
+        data = parts[part][b"data"]
+        assert x.shape == (len(data), 32, 32, 3) and x.dtype == np.uint8 and x.flags.writeable
+        # HWC from the R(1024) G(1024) B(1024) rows, checked on every pixel
+        assert np.array_equal(x, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        assert y.dtype == np.int64 and y.tolist() == parts[part][b"fine_labels"]
+
+
+def test_published_layout_matches_pickle_load(tmp_path):
+    """The restricted reader gives exactly what the unrestricted pickle module gives."""
+    write_py2_layout(tmp_path, n_train=12, n_test=3, classes=3, seed=4)
+    d = tmp_path / "cifar-100-python"
+    with open(d / "train", "rb") as fh:
+        plain = pickle.load(fh, encoding="bytes")
+    split = load_cifar100(tmp_path)
+    assert np.array_equal(split.train_x.transpose(0, 3, 1, 2).reshape(12, 3072), plain[b"data"])
+    assert split.train_y.tolist() == plain[b"fine_labels"]

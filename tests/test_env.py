@@ -21,8 +21,8 @@ def test_second_make_does_not_reinstall(repo):
 
 
 def test_ci_runs_make_test(repo):
-    lines = [l.strip() for l in (repo / ".ci/run").read_text().splitlines()
-             if l.strip() and not l.startswith("#")]
+    lines = [line.strip() for line in (repo / ".ci/run").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
     assert lines[-1] == "make test"
 
 

@@ -8,8 +8,10 @@ import torch
 
 from hpcqml.errors import NumericalError, UserError
 from hpcqml.hessian.hvp import HessianOperator, param_space
-from hpcqml.hessian.lanczos import lanczos, rademacher_slice, slice_bounds
-from hpcqml.hessian.slq import probe_groups, run_probes, summarize
+from hpcqml.hessian.lanczos import lanczos, rademacher_slice
+from hpcqml.parallel import block_bounds
+from hpcqml.hessian.slq import probe_groups, run_probes
+from hpcqml.hessian.spectrum import Spectrum
 
 torch.set_num_threads(1)
 
@@ -147,7 +149,7 @@ def test_rademacher_slices_do_not_depend_on_split():
     whole = rademacher_slice(n, 0, n, seed=3, probe=2)
     assert set(np.unique(whole)) == {-1.0, 1.0}
     for size in (2, 3):
-        parts = [rademacher_slice(n, *slice_bounds(n, r, size), seed=3, probe=2) for r in range(size)]
+        parts = [rademacher_slice(n, *block_bounds(n, r, size), seed=3, probe=2) for r in range(size)]
         assert np.array_equal(np.concatenate(parts), whole)
     assert not np.array_equal(whole[:1000], rademacher_slice(n, 0, 1000, seed=3, probe=3))
 
@@ -188,7 +190,7 @@ def test_slq_measure_against_exact_eigenvalues(setup):
     ev = np.linalg.eigvalsh(H.numpy())
     res = run_probes(op.matvec, n, probe_groups(None, 1), list(range(8)), seed=17, steps=60,
                      state_dtype=torch.float64)
-    s = summarize(res, n)
+    s = Spectrum.from_results(res, n)
     x_, w_ = s.pooled()
     assert abs(w_.sum() - 1.0) < 1e-10
     span = ev.max() - ev.min()
@@ -197,13 +199,17 @@ def test_slq_measure_against_exact_eigenvalues(setup):
         per_probe = np.array([np.sum(r.weights * r.nodes ** k) for r in res])
         se = per_probe.std(ddof=1) / np.sqrt(per_probe.size)
         assert abs(s.moment(k) - np.mean(ev ** k)) <= 0.1 * np.mean(np.abs(ev) ** k) + 4 * se, k
-    assert s.lambda_max == pytest.approx(ev.max(), rel=1e-8)
-    assert s.lambda_min == pytest.approx(ev.min(), rel=1e-8)
-    assert abs(s.lambda_max - ev.max()) <= s.lambda_max_residual + 1e-10
-    assert abs(s.trace - ev.sum()) <= 3 * s.trace_se
-    # many eigenvalues sit at (numerically) zero with either sign: bracket the mass below 0
+    (lmin, _), (lmax, rmax) = s.extremes()
+    assert lmax == pytest.approx(ev.max(), rel=1e-8)
+    assert lmin == pytest.approx(ev.min(), rel=1e-8)
+    assert abs(lmax - ev.max()) <= rmax + 1e-10
+    trace = s.trace()
+    assert abs(trace.value - ev.sum()) <= 3 * trace.stderr
+    # many eigenvalues sit at (numerically) zero with either sign: the resolved negative
+    # mass counts only nodes below -residual, so it lies below the mass of eigenvalues < tol
     tol = 1e-3 * span
-    assert np.mean(ev < -tol) - 0.1 <= s.mass_below_zero <= np.mean(ev < tol) + 0.1
+    neg = s.negative_mass()
+    assert np.mean(ev < -tol) - 0.1 <= neg.value <= np.mean(ev < tol) + 0.1
 
 
 def test_reorth_none_still_finds_extremes(setup):
@@ -289,17 +295,19 @@ def test_pyhessian_agreement(setup):
     op = HessianOperator(net, x, y, len(y), micro_batch=37, route="double-backward")
     res = run_probes(op.matvec, op.n, probe_groups(None, 1), list(range(6)), seed=4, steps=40,
                      state_dtype=torch.float32)
-    s = summarize(res, op.n)
+    s = Spectrum.from_results(res, op.n)
+    (lmin, _), (lmax, _) = s.extremes()
+    trace = s.trace()
     torch.manual_seed(0)
     hc = pyhessian.hessian(net, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False)
     top, _ = hc.eigenvalues(maxIter=500, tol=1e-7)
     dominant = ev[np.argmax(np.abs(ev))]  # power iteration finds the largest-magnitude eigenvalue
     assert top[0] == pytest.approx(dominant, rel=1e-3)
-    ours = s.lambda_max if dominant > 0 else s.lambda_min
+    ours = lmax if dominant > 0 else lmin
     assert ours == pytest.approx(top[0], rel=1e-3)
     samples = np.array(hc.trace(maxIter=200, tol=0.0))
     se_pyh = samples.std(ddof=1) / np.sqrt(samples.size)
-    assert abs(samples.mean() - s.trace) <= 3 * np.hypot(se_pyh, s.trace_se)
+    assert abs(samples.mean() - trace.value) <= 3 * np.hypot(se_pyh, trace.stderr)
     assert abs(samples.mean() - ev.sum()) <= 3 * se_pyh
     with pytest.raises((AttributeError, RuntimeError), match="eig"):
         hc.density(iter=2, n_v=1)

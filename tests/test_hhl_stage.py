@@ -2,7 +2,6 @@
 import h5py
 import numpy as np
 import pytest
-
 from conftest import run_cli
 
 CONFIG = """
@@ -26,7 +25,10 @@ batch_size = 2
 def _run(tmp_path, name, cases, ranks=0, extra=""):
     out = tmp_path / f"{name}.h5"
     cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(CONFIG.format(out=out, cases=cases) + extra)
+    text = CONFIG.format(out=out, cases=cases)
+    if "kappa_a" in extra:
+        text = text.replace("kappa_a = [0.0, 4.0]\n", "")
+    cfg.write_text(text + extra)
     res = run_cli("--quiet", "run", str(cfg), ranks=ranks, timeout=600)
     return res, out
 
@@ -108,3 +110,69 @@ def test_sweep_config_is_valid(repo):
     assert res.returncode == 0, res.stderr
     assert 'cases = ["random", "network"]' in res.stdout
     assert "clock_qubits = [3, 4, 5, 6, 7, 8, 9, 10]" in res.stdout
+
+
+def test_exact_clock_mapping_and_t0_from_the_config(tmp_path):
+    """A symmetric 2x2 system with eigenvalues {2, 1} read from a file: with clock_mapping = "exact"
+    3 clock qubits invert it exactly and ||x|| comes out of the success probability."""
+    th = 0.3
+    Q = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    M, B = Q @ np.diag([2.0, 1.0]) @ Q.T, np.array([1.0, 2.0])
+    x = np.linalg.solve(M, B)
+    path = tmp_path / "two.h5"
+    with h5py.File(path, "w") as fh:
+        fh["M"], fh["b"] = M, B
+    common = f'system_file = "{path}"\nkappa_a = [0.75]\n'
+    res, out = _run(tmp_path, "exact", '["file"]', extra=common + 'clock_mapping = "exact"\n')
+    assert res.returncode == 0, res.stderr
+    with h5py.File(out, "r") as fh:
+        g = fh["hhl/file"]
+        assert not g["instance"].attrs["dilated"] and g["instance"].attrs["embedded_dim"] == 2
+        assert list(g["hhl/clock_qubits"][()]) == [3, 6]
+        assert np.all(g["hhl/clock_exact"][()])
+        assert np.all(1.0 - g["hhl/fidelity"][()] < 1e-12) and np.all(g["hhl/leakage"][()] < 1e-12)
+        assert np.allclose(g["hhl/t0"][()], 2 * np.pi * 2 / np.array([8, 64]))
+        assert np.allclose(g["hhl/x_norm_estimate"][()], np.linalg.norm(x), rtol=1e-12)
+        assert g["instance"].attrs["x_norm"] == pytest.approx(np.linalg.norm(x), rel=1e-12)
+        for name, dset in g["hhl"].items():
+            assert dset.attrs["units"] and dset.attrs["description"], name
+    res, out = _run(tmp_path, "t0", '["file"]', extra=common + "t0 = 2.0\nC = 0.05\n")
+    assert res.returncode == 0, res.stderr
+    with h5py.File(out, "r") as fh:
+        g = fh["hhl/file/hhl"]
+        assert np.all(g["t0"][()] == 2.0) and np.all(g["C"][()] == 0.05)
+        assert g["fidelity"][0] < 1 - 1e-4  # t0 = 2 puts neither eigenvalue on a 3-qubit clock value
+
+
+def test_reference_solver_owns_and_destroys_its_petsc_objects():
+    from mpi4py import MPI
+    from petsc4py import PETSc
+
+    from hpcqml.errors import NumericalError
+    from hpcqml.hhl.reference import ReferenceSolver, reference_solution
+
+    rng = np.random.default_rng(0)
+    M, b = np.eye(6) + 0.3 * rng.standard_normal((6, 6)), rng.standard_normal(6)
+    ref = reference_solution(M, b, MPI.COMM_SELF)
+    assert np.allclose(ref.x, np.linalg.solve(M, b), rtol=1e-12) and ref.rel_residual < 1e-13
+    assert "prefix hhl_" in ref.method
+    opts = PETSc.Options()
+    opts["hhl_ksp_max_it"], opts["hhl_pc_type"] = 1, "none"
+    try:
+        solver = ReferenceSolver(M, b, MPI.COMM_SELF)
+        with pytest.raises(NumericalError, match="diverged"), solver:
+            objects = (solver.ksp, solver.mat, solver.rhs, solver.sol)
+            assert solver.ksp.getOptionsPrefix() == "hhl_" and solver.ksp.getPC().getType() == "none"
+            solver.solve()
+        assert all(obj.handle == 0 for obj in objects)  # destroyed on the error path
+    finally:
+        opts.delValue("hhl_ksp_max_it")
+        opts.delValue("hhl_pc_type")
+
+
+def test_hhl_petsc_options_reach_the_reference_ksp(tmp_path):
+    cfg = tmp_path / "div.toml"
+    cfg.write_text(CONFIG.format(out=tmp_path / "div.h5", cases='["random"]'))
+    res = run_cli("--quiet", "run", str(cfg), "-hhl_ksp_max_it", "1", "-hhl_pc_type", "none", timeout=600)
+    assert res.returncode == 1, res.stderr
+    assert "KSP (prefix hhl_) diverged" in res.stderr and res.stderr.strip().count("\n") == 0

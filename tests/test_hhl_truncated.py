@@ -4,9 +4,15 @@ import pytest
 
 from hpcqml.errors import UserError
 from hpcqml.hhl.statevector import clock_eigenvalues, default_t0, embed, simulate_hhl
-from hpcqml.hhl.truncated import (closed_form_fidelity, dissipative_split, eigen_coefficients,
-                                  exact_truncated_state, fidelity_ii92, fidelity_ii93,
-                                  haar_average_fidelity, measured_overlap, truncated_hhl)
+from hpcqml.hhl.truncated import (
+    closed_form_fidelity,
+    dissipative_split,
+    eigen_coefficients,
+    fidelity_ii92,
+    fidelity_ii93,
+    haar_average_fidelity,
+    measured_overlap,
+)
 
 
 def _system(lam, seed):
@@ -19,13 +25,27 @@ def _system(lam, seed):
     return system, system.embed_solution(np.linalg.solve(M, B))
 
 
+def exact_truncated_state(system, kappa_a: float) -> tuple[np.ndarray, np.ndarray]:
+    """The two flag branches of eq. II.86 from the eigen-decomposition, jointly normalised.
+
+    Returns ``(well, ill)`` float64 vectors of length D with ``||well||^2 + ||ill||^2 = 1``.
+    """
+    lam, beta = eigen_coefficients(system)
+    well = np.abs(lam) >= 1.0 / kappa_a
+    cw = np.where(well, beta / np.where(well, lam, 1.0), 0.0)
+    ci = np.where(well, 0.0, beta)
+    norm = np.sqrt(np.sum(cw**2) + np.sum(ci**2))
+    V = system.eigenvectors
+    return V @ cw / norm, V @ ci / norm
+
+
 def test_grid_spectrum_matches_ii86_and_ii87_exactly():
     c = 6
     grid = clock_eigenvalues(c, default_t0(c))
     lam = grid[[2, 5, 9, 20, 31, -3, -12, -31]]  # |lambda| = 2/62 ... 1
     system, x = _system(lam, seed=0)
     kappa_a = 1.0 / 0.2  # threshold 0.2 lies between grid points: 2/62, 5/62, -3/62, 9/62 are 'ill'
-    res = truncated_hhl(system, c, kappa_a)
+    res = simulate_hhl(system, c, kappa_a=kappa_a)
     well, ill = exact_truncated_state(system, kappa_a)
     assert np.allclose(res.state_well, well, atol=1e-12) and np.allclose(res.state_ill, ill, atol=1e-12)
     lam_j, beta = eigen_coefficients(system)
@@ -41,7 +61,7 @@ def test_generic_spectrum_matches_ii87_within_phase_estimation_error():
     expected = closed_form_fidelity(lam_j, beta, 4.0)
     errors = {}
     for c in (5, 7, 9, 11):
-        res = truncated_hhl(system, c, 4.0)
+        res = simulate_hhl(system, c, kappa_a=4.0)
         errors[c] = abs(measured_overlap(res, x) - expected)
         resolution = 2 * np.pi / (res.t0 * 2**c)  # one clock bin in eigenvalue units
         assert errors[c] <= resolution, (c, errors[c], resolution)
@@ -56,7 +76,7 @@ def test_large_kappa_a_is_plain_hhl():
     # kappa_a beyond the clock resolution: only clock value 0 is 'ill' (plain HHL drops it), so the
     # |well> branch is plain HHL's output and the |ill> branch holds what plain HHL discards.
     plain = simulate_hhl(system, 8)
-    trunc = truncated_hhl(system, 8, 1e6, C=plain.C)
+    trunc = simulate_hhl(system, 8, C=plain.C, kappa_a=1e6)
     p_ill = np.linalg.norm(trunc.state_ill) ** 2
     assert 0 < p_ill < 1e-4
     assert np.allclose(trunc.state_well / np.sqrt(1 - p_ill), plain.state, atol=1e-12)

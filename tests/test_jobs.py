@@ -1,6 +1,8 @@
 """``hpcqml jobs render``: SLURM/PBS scripts that are valid shell, carry the requested
-resources, forward the warning signal to the ranks and requeue; PBS scripts are run here
-with the PBS environment variables set (no PBS server exists on the test machine)."""
+resources, forward the warning signal to the ranks and requeue, treat SIGTERM (a cancel)
+as stop-without-requeue, and leave no helper process behind; the scripts are run here with
+the SLURM/PBS environment variables set and fake ``scontrol``/``qsub`` on PATH (no
+scheduler server exists on the test machine)."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +19,7 @@ from conftest import REPO, run_cli
 from hpcqml.errors import UserError
 from hpcqml.jobs import add_arguments, cli_main
 from hpcqml.jobs.render import STANDARD, standard_specs
+from hpcqml.training.checkpoint import load_checkpoint
 
 VENV = REPO / ".venv"
 
@@ -32,10 +35,14 @@ synth_classes = 4
 """
 
 FAKE_LAUNCH = """#!/bin/bash
-# stand-in for srun/mpirun: records its arguments, then waits for SIGUSR1 (a rank that
-# checkpoints and stops) or gives up after 20 s
+# stand-in for srun/mpirun: records its arguments and what the ranks would be told, then
+# waits for SIGUSR1 or SIGTERM (a rank that checkpoints and stops) or gives up after 20 s;
+# 'note:' is what the job script noted as the signal it received (USR1 or TERM)
 echo "args: $*" >> "$FAKE_LOG"
-trap 'echo "got USR1" >> "$FAKE_LOG"; exit 0' USR1
+echo "env: HPCQML_BATCH=${HPCQML_BATCH:-} HPCQML_REQUEUE=${HPCQML_REQUEUE:-}" >> "$FAKE_LOG"
+echo "note-file: ${HPCQML_STOP_NOTE:-}" >> "$FAKE_LOG"
+trap 'echo "got USR1" >> "$FAKE_LOG"; echo "note: $(cat "$HPCQML_STOP_NOTE")" >> "$FAKE_LOG"; exit 0' USR1
+trap 'echo "got TERM" >> "$FAKE_LOG"; exit 0' TERM
 for i in $(seq 1 200); do sleep 0.1; done
 echo "no signal" >> "$FAKE_LOG"
 exit 3
@@ -161,9 +168,38 @@ def test_pbs_warning_timer_checkpoints_and_resubmits(tmp_path, tiny, fakes):
     assert time.monotonic() - t0 < 15          # the fake launcher would wait 20 s without the signal
     log = fakes["log"].read_text().splitlines()
     assert log[0] == f"args: -n 2 hpcqml run {tiny} --output results/tiny.h5"
-    assert "got USR1" in log
-    assert f"qsub -W depend=afterany:77.srv {out}" in log
+    assert "got USR1" in log and "env: HPCQML_BATCH=pbs HPCQML_REQUEUE=1" in log
+    # the next segment logs to its own file instead of overwriting this one's
+    assert f"qsub -W depend=afterany:77.srv -v HPCQML_SEGMENT=2 -o results/tiny-seg2.pbs.log {out}" in log
+    assert "-o results/tiny-seg1.pbs.log" in directives(out.read_text(), "#PBS")
     assert "got SIGUSR1" in res.stdout and "requeueing" in res.stdout
+    # a resubmitted segment names the one after it
+    fakes["log"].unlink()
+    env["HPCQML_SEGMENT"] = "2"
+    res = subprocess.run(["bash", str(out)], capture_output=True, text=True, env=env, timeout=60, cwd="/")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "-v HPCQML_SEGMENT=3 -o results/tiny-seg3.pbs.log" in fakes["log"].read_text()
+
+
+def _note_file(log: list[str]) -> Path:
+    """The stop-note file the job script made (it must be gone when the script has ended)."""
+    return Path(next(line for line in log if line.startswith("note-file: ")).split(": ", 1)[1])
+
+
+def _sleeps(seconds: int) -> list[int]:
+    """Pids of live ``sleep SECONDS`` processes (the PBS timer's helper)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if argv[:2] == [b"sleep", str(seconds).encode()] and state != "Z":
+            pids.append(int(proc.name))
+    return pids
 
 
 def _run_until_launched(script: Path, env: dict, log: Path) -> subprocess.Popen:
@@ -193,6 +229,100 @@ def test_slurm_batch_shell_forwards_usr1_and_requeues(tmp_path, tiny, fakes, req
     assert "got USR1" in log
     assert ("scontrol requeue 42" in log) == (requeue == "1"), log
     assert "launcher exited with status 0" in stdout
+
+
+def test_slurm_sigterm_stops_without_requeue(tmp_path, tiny, fakes):
+    """scancel sends SIGTERM: forwarded to the ranks, which checkpoint and stop; no requeue."""
+    out = tmp_path / "job.sbatch"
+    jobs("render", str(tiny), "--scheduler", "slurm", "--nodes", "1", "--ranks-per-node", "2",
+         "--time", "00:20:00", "--out", str(out))
+    env = dict(fakes["env"], SLURM_JOB_ID="43", SLURM_NTASKS="2", SLURM_SUBMIT_DIR=str(tmp_path))
+    proc = _run_until_launched(out, env, fakes["log"])
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stdout
+    log = fakes["log"].read_text().splitlines()
+    # the ranks are asked with SIGUSR1 (mpirun aborts on a second SIGTERM) and read the cancel
+    assert "got USR1" in log and "note: TERM" in log and "env: HPCQML_BATCH=slurm HPCQML_REQUEUE=1" in log
+    assert not any(line.startswith("scontrol") for line in log), log
+    assert not _note_file(log).exists()
+    assert "got SIGTERM (cancel)" in stdout and "requeueing" not in stdout
+    last = stdout.strip().splitlines()[-1]
+    assert "cancelled (SIGTERM); saved the checkpoints in results/tiny.h5" in last and "not requeued" in last
+
+
+def test_slurm_cancel_after_warning_does_not_requeue(tmp_path, tiny, fakes):
+    """A cancel is final: SIGTERM after the wall-time warning still means no requeue."""
+    out = tmp_path / "job.sbatch"
+    jobs("render", str(tiny), "--scheduler", "slurm", "--nodes", "1", "--ranks-per-node", "2",
+         "--time", "00:20:00", "--out", str(out))
+    slow = Path(fakes["launch"]).parent / "slow-launch"        # stops only once told of the cancel
+    slow.write_text(FAKE_LAUNCH.replace('>> "$FAKE_LOG"; exit 0\' USR1',
+                                        '>> "$FAKE_LOG"; [ "$(cat "$HPCQML_STOP_NOTE")" = TERM ] && exit 0\' USR1'))
+    slow.chmod(0o755)
+    env = dict(fakes["env"], SLURM_JOB_ID="44", SLURM_NTASKS="2", SLURM_SUBMIT_DIR=str(tmp_path),
+               LAUNCH=str(slow))
+    proc = _run_until_launched(out, env, fakes["log"])
+    os.kill(proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while "got USR1" not in fakes["log"].read_text():
+        assert time.monotonic() < deadline, "USR1 never reached the launcher"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=30)
+    log = fakes["log"].read_text().splitlines()
+    assert log.count("got USR1") == 2 and log[-1] == "note: TERM", log
+    assert not any(line.startswith("scontrol") for line in log), log
+    assert "not requeued" in stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGTERM, False), (signal.SIGUSR1, True)])
+def test_pbs_signals_and_no_leftover_timer(tmp_path, tiny, fakes, sig, requeued):
+    """qdel sends SIGTERM: stop without resubmission; SIGUSR1 (as the timer would send it)
+    resubmits.  Either way the timer's sleep is gone when the script ends."""
+    out = tmp_path / "job.pbs"
+    jobs("render", str(tiny), "--scheduler", "pbs", "--nodes", "1", "--ranks-per-node", "2",
+         "--time", "01:00:00", "--signal-lead", "300", "--out", str(out))
+    lead = 300
+    wait = 86_000 + os.getpid() % 997 + (1 if requeued else 0)   # a sleep length no one else uses
+    env = dict(fakes["env"], PBS_O_WORKDIR=str(tmp_path), PBS_JOBID="78.srv",
+               HPCQML_WALL_SECONDS=str(wait + lead))
+    proc = _run_until_launched(out, env, fakes["log"])
+    deadline = time.monotonic() + 30
+    while not _sleeps(wait):
+        assert time.monotonic() < deadline, "the timer never started"
+        time.sleep(0.05)
+    os.kill(proc.pid, sig)
+    stdout, _ = proc.communicate(timeout=30)
+    leftover = _sleeps(wait)
+    for pid in leftover:                     # ours (unique length): clean up, then fail
+        os.kill(pid, signal.SIGKILL)
+    assert not leftover, f"timer sleep left behind: {leftover}"
+    assert proc.returncode == 0, stdout
+    log = fakes["log"].read_text().splitlines()
+    qsubs = [line for line in log if line.startswith("qsub")]
+    assert "got USR1" in log and ("note: USR1" if requeued else "note: TERM") in log
+    assert bool(qsubs) == requeued, log
+    assert not _note_file(log).exists()
+    last = stdout.strip().splitlines()[-1]
+    assert ("requeueing" in last) == requeued and "saved the checkpoints in results/tiny.h5" in last
+
+
+def test_slurm_threads_follow_cpus_per_task(tmp_path, tiny, fakes):
+    """OMP_NUM_THREADS: as set, else SLURM_CPUS_PER_TASK, else the rendered cores per rank."""
+    out = tmp_path / "job.sbatch"
+    jobs("render", str(tiny), "--scheduler", "slurm", "--nodes", "1", "--ranks-per-node", "2",
+         "--cpus-per-rank", "3", "--time", "00:20:00", "--out", str(out))
+    base = dict(fakes["env"], HPCQML_DRY_RUN="1", SLURM_SUBMIT_DIR=str(tmp_path))
+    base.pop("OMP_NUM_THREADS", None)
+    for extra, want in (({}, "3"), ({"SLURM_CPUS_PER_TASK": "5"}, "5"),
+                        ({"SLURM_CPUS_PER_TASK": "5", "OMP_NUM_THREADS": "2"}, "2")):
+        script = out.read_text().replace('  echo "HPCQML_DRY_RUN: ${launch_cmd[*]}"',
+                                         '  echo "HPCQML_DRY_RUN: ${launch_cmd[*]}"; echo "threads=$OMP_NUM_THREADS"')
+        res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=dict(base, **extra),
+                             timeout=60, cwd="/")
+        assert res.returncode == 0, res.stderr
+        assert f"threads={want}" in res.stdout, (extra, res.stdout)
 
 
 def test_scaling_writes_one_job_per_rank_count(tmp_path, tiny, capsys):
@@ -300,3 +430,90 @@ def test_checked_in_pbs_script_dry_run(tmp_path):
     assert res.returncode == 0, res.stderr
     assert re.search(rf"--hostfile {nodefile} -n 8 hpcqml run jobs/configs/resnet56-w11-cifar100.toml "
                      r"--output results/resnet56-w11-cifar100.h5$", res.stdout.strip()), res.stdout
+
+
+TRAINING = """[run]
+output = "{out}"
+stages = ["data", "pretrain", "prune", "train"]
+seed = 2
+threads = 1
+device = "cpu"
+[data]
+synth_train = 64
+synth_test = 8
+synth_classes = 4
+[pretrain]
+model = "resnet8-w1"
+epochs = 1
+batch_size = 16
+[prune]
+keep_fraction = 0.2
+evaluate = false
+[train]
+steps = 5000
+batch_size = 8
+test_interval = 0
+snapshot_every = 3
+checkpoint_every = 1000
+"""
+
+
+def _signal_session(sid: int, sig: int) -> list[int]:
+    """Send ``sig`` to every process of session ``sid``, as PBS and SLURM do on a cancel
+    (Open MPI puts its ranks in process groups of their own, so killpg would miss them)."""
+    hit = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            try:
+                os.kill(int(proc.name), sig)
+                hit.append(int(proc.name))
+            except ProcessLookupError:
+                pass
+    return hit
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("scheduler", ["pbs"])
+def test_cancel_of_a_real_run_checkpoints_and_does_not_requeue(tmp_path, fakes, scheduler):
+    """hpcqml under mpirun in a rendered script; the cancel as the scheduler delivers it:
+    SIGTERM to every process of the job (batch shell, mpirun, ranks).  The ranks save
+    their state and say so in one line, and nothing is resubmitted.  (PBS: mpirun is its
+    launcher; the SLURM script shares this part, and tests/test_slurm.py runs it under a
+    real SLURM.)"""
+    from conftest import child_env
+
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(TRAINING.format(out=tmp_path / "train.h5"))
+    out = tmp_path / f"job.{scheduler}"
+    jobs("render", str(cfg), "--scheduler", scheduler, "--nodes", "1", "--ranks-per-node", "2",
+         "--time", "01:00:00", "--out", str(out))
+    env = child_env(PATH=fakes["env"]["PATH"], FAKE_LOG=str(fakes["log"]), HPCQML_VENV=str(VENV),
+                    LAUNCH="mpirun --allow-run-as-root --oversubscribe",
+                    OMPI_MCA_odls_base_sigkill_timeout="5")   # the ranks got SIGTERM themselves
+    env.update({"pbs": {"PBS_O_WORKDIR": str(tmp_path), "PBS_JOBID": "79.srv"},
+                "slurm": {"SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_ID": "45", "SLURM_NTASKS": "2"}}[scheduler])
+    proc = subprocess.Popen(["bash", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd="/", start_new_session=True)
+    marker = tmp_path / "train.work" / "snapshots" / "step_000003.pt"
+    deadline = time.monotonic() + 150
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "training never reached step 3"
+        time.sleep(0.05)
+    assert len(_signal_session(proc.pid, signal.SIGTERM)) >= 4      # shell, mpirun, 2 ranks (+ PBS timer)
+    stdout, _ = proc.communicate(timeout=120)
+    state = load_checkpoint(tmp_path / "train.work" / "train_state.pt")
+    assert 3 <= state.step < 5000
+    stop = [line for line in stdout.splitlines() if "stopped by" in line and "(rank 0 of 2)" in line]
+    assert len(stop) == 1, stdout[-3000:]
+    assert f"stopped by SIGTERM (cancel): train after step {state.step} of 5000; saved checkpoint " \
+           f"{tmp_path / 'train.work' / 'train_state.pt'} (step {state.step}); no requeue" in stop[0]
+    assert not fakes["log"].exists() or not any(
+        line.startswith(("qsub", "scontrol")) for line in fakes["log"].read_text().splitlines())
+    assert "cancelled (SIGTERM)" in stdout.strip().splitlines()[-1], stdout[-3000:]

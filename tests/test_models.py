@@ -6,20 +6,21 @@ import argparse
 import pytest
 import torch
 
-torch.set_num_threads(1)   # the test box has 2 shared cores
-
 from hpcqml.errors import UserError
-from hpcqml.models import build, cli_list, count_parameters, count_parameters_of, parse_name
+from hpcqml.models import build, cli_list, count_parameters, parse_name, analytic_parameter_count
 from hpcqml.models.resnet import BasicBlock, Bottleneck
+
+torch.set_num_threads(1)   # the test box has 2 shared cores
 
 
 def test_resnet32_w4_has_exactly_7451044_parameters():
-    assert count_parameters_of("resnet32-w4", 100) == 7_451_044
+    assert analytic_parameter_count("resnet32-w4", 100) == 7_451_044
+    assert count_parameters(build("resnet32-w4", 100, device="meta")) == 7_451_044
 
 
 def test_resnet56_w11_has_exactly_103703700_parameters():
     model = build("resnet56-w11", 100, device="meta")
-    assert count_parameters(model) == 103_703_700
+    assert count_parameters(model) == 103_703_700 == analytic_parameter_count("resnet56-w11", 100)
     assert all(isinstance(b, Bottleneck) for b in model.layer1)
     assert len(model.layer1) == len(model.layer2) == len(model.layer3) == 9
 
@@ -40,8 +41,16 @@ def _analytic_basic(depth: int, k: int, classes: int) -> int:
 
 @pytest.mark.parametrize("name,depth,k", [("resnet8-w1", 8, 1), ("resnet20-w2", 20, 2), ("resnet32-w4", 32, 4)])
 def test_basic_family_matches_closed_form(name, depth, k):
-    assert count_parameters_of(name, 10) == _analytic_basic(depth, k, 10)
+    assert count_parameters(build(name, 10, device="meta")) == _analytic_basic(depth, k, 10)
+    assert analytic_parameter_count(name, 10) == _analytic_basic(depth, k, 10)
     assert isinstance(build(name, 10, device="meta").layer1[0], BasicBlock)
+
+
+@pytest.mark.parametrize("name", ["resnet56-w1", "resnet62-w2", "resnet14-w3"])
+def test_analytic_count_equals_the_built_model(name):
+    """The torch-free count validate uses equals the model torch builds (both block types)."""
+    for classes in (7, 100):
+        assert analytic_parameter_count(name, classes) == count_parameters(build(name, classes, device="meta"))
 
 
 def test_batchnorm_running_stats_are_not_parameters():

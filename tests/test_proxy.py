@@ -6,8 +6,7 @@ import pytest
 
 from hpcqml.errors import UserError
 from hpcqml.hessian.density import gaussian_density, kernel_width
-from hpcqml.hessian.proxy import (dissipation, error_proxy, fidelity_ii92, fidelity_ii93, grid_masses,
-                                  log_error_proxy, modes, time_limit)
+from hpcqml.hessian.proxy import dissipation, error_proxy, grid_masses, log_error_proxy, modes, time_limit
 
 # eigenvalues 0.5 (mass 0.56), -0.6 (0.24) and 0.1 (0.2, removed by the 0.4 cutoff)
 LAM = np.array([0.5, -0.6, 0.1])
@@ -74,15 +73,17 @@ def test_dissipation_and_time_limit_eq_ii34():
     assert d_all.fraction == pytest.approx(0.76)
 
 
-def test_fidelity_ii92_limits_to_ii93():
-    f = 0.7
-    assert fidelity_ii92(f, -1e-12, 50) == pytest.approx(fidelity_ii93(f), rel=1e-9)
-    assert fidelity_ii92(f, 0.0, 7) == pytest.approx(f)
-    # direct eq. II.92 with counts Delta_+ = 70, Delta_- = 30 (scale invariant)
-    a, T, dp, dm = -0.3, 10, 70.0, 30.0
-    s = ((a + 1) ** (T + 1) - 1) / a
-    ref = dp * s / (np.sqrt((T + 1) * (dp + dm)) * np.sqrt(dp * s + (T + 1) * dm))
-    assert fidelity_ii92(0.7, a, T) == pytest.approx(ref, rel=1e-12)
+def test_spectral_ii93_is_the_count_ratio_of_eq_ii93():
+    """Equal-weight nodes: the spectral eq. II.93 estimate equals Delta_+/Delta of the
+    Carleman-side definition (counts), and eq. II.92 tends to it as a_+ -> 0^-."""
+    from hpcqml.hessian.spectrum import Spectrum
+    from hpcqml.hhl.truncated import fidelity_ii92, fidelity_ii93
+
+    lam = np.array([[0.5, 1.0, 1.5, -0.2, 0.3, 1.9, 2.5, 0.1, -1.0, 0.7]] * 3)  # 7 of 10 in (0, 2)
+    spec = Spectrum(n=10, nodes=lam, weights=np.full(lam.shape, 0.1), residuals=np.zeros(lam.shape),
+                    quad_forms=np.zeros(3), probes=np.arange(3), steps=np.full(3, 10), breakdown=np.zeros(3, bool))
+    assert spec.fidelity_ii93("paper").value == pytest.approx(fidelity_ii93(7, 10))
+    assert fidelity_ii92(7, 10, -1e-12, 50) == pytest.approx(spec.fidelity_ii93("paper").value, rel=1e-9)
 
 
 def test_density_width_rule_and_normalisation():

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)   # the test box has 2 shared cores
 from torch import nn
 
 from hpcqml.errors import UserError
 from hpcqml.models import build
 from hpcqml.training.pruning import (global_magnitude_mask, layer_sparsity, prunable_parameters, prune_,
                                      sparsity)
+
+torch.set_num_threads(1)   # the test box has 2 shared cores
 
 
 def _numpy_topk_mask(arrays, keep):

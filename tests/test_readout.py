@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 
 from hpcqml.errors import UserError
-from hpcqml.hhl.readout import (coupon_collector_expectation, coupon_integrand, coupon_uniform_exact,
-                                estimate_magnitudes, r_log_r, readout_trials, sample_until_all_seen,
-                                targets_above)
+from hpcqml.hhl.readout import (
+    coupon_collector_expectation,
+    coupon_integrand,
+    coupon_uniform_exact,
+    estimate_magnitudes,
+    r_log_r,
+    readout_trials,
+    sample_until_all_seen,
+    targets_above,
+)
 
 Z999 = 3.29  # two-sided 99.9 % normal quantile
 
@@ -61,7 +68,7 @@ def test_sampling_stops_when_every_target_is_seen():
         assert np.count_nonzero(counts[targets] == 1) >= 1
 
 
-def test_uniform_mean_agrees_with_r_H_r():
+def test_uniform_mean_agrees_with_r_H_r():  # noqa: N802 - paper notation
     r, trials = 16, 1500
     x = np.zeros(64)
     x[np.arange(0, 64, 4)] = 1 / np.sqrt(r)

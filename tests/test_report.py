@@ -68,18 +68,91 @@ def test_info_summarises(small_results):
     assert "qcm       complete" in res.stdout and "spectrum  not run" in res.stdout
 
 
-def test_notebook_executes(small_results, tmp_path):
+def _execute_notebook(cwd: Path, env: dict[str, str]):
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(REPO / "notebooks" / "analysis.ipynb", as_version=4)
-    os.environ["HPCQML_RESULTS"] = str(small_results)
-    os.environ["HPCQML_FIGDIR"] = str(tmp_path / "figs")
+    saved = {k: os.environ.get(k) for k in ("HPCQML_RESULTS", "HPCQML_FIGDIR")}
+    for key in saved:
+        os.environ.pop(key, None)
+    os.environ.update(env)
     try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
     finally:
-        os.environ.pop("HPCQML_RESULTS")
-        os.environ.pop("HPCQML_FIGDIR")
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "drawn:" in outputs and "fig4a" in outputs
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def _add_spectrum(path: Path) -> None:
+    """Add ``spectrum/step_000000/result`` as the spectrum stage writes it, for a known
+    spectrum (diag(-1, 0.5, 1, ..., 4), n = 8, exact with 8 Lanczos steps)."""
+    import h5py
+    import numpy as np
+    import torch
+
+    from hpcqml.hessian.spectrum import slq
+    from hpcqml.stages.spectrum import SCHEMA, result_writer
+
+    diag = torch.tensor([-1.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0], dtype=torch.float64)
+
+    class Diagonal:
+        n = 8
+
+        def matvec(self, v):
+            return diag * v
+
+    spec = slq(Diagonal(), probes=3, steps=8, seed=0)
+    with h5py.File(path, "a") as fh:
+        group = fh.create_group("spectrum/step_000000/result")
+        result_writer(spec, {k: f.default for k, f in SCHEMA.items()}, 0.01)(group)
+        group.attrs.update({"eta": 0.01, "complete": True})
+    import hpcqml.results
+
+    with hpcqml.results.open(path) as res:            # read back through the one Spectrum definition
+        back = res.spectra["step_000000"].spectrum
+    assert np.isclose(back.trace().value, float(diag.sum()), rtol=1e-10)   # z^T D z = tr D for +-1 probes
+    assert np.isclose(back.negative_mass().value, 1 / 8, rtol=1e-8)       # one of 8 eigenvalues below 0
+
+
+def test_notebook_runs_from_notebooks_folder_and_draws_inline(small_results, tmp_path):
+    """Started where Jupyter opens it (``notebooks/``), it finds ``results/demo.h5`` above,
+    and prints the spectrum's estimates (with their uncertainty) through hpcqml.results."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    (checkout / "notebooks").mkdir(parents=True)
+    (checkout / "results").mkdir()
+    shutil.copy(small_results, checkout / "results" / "demo.h5")
+    _add_spectrum(checkout / "results" / "demo.h5")
+    outputs = _execute_notebook(checkout / "notebooks", {})
+    errors = [o for o in outputs if o.get("output_type") == "error"]
+    assert not errors, errors
+    text = "".join(o.get("text", "") for o in outputs)
+    assert f"file: {checkout / 'results' / 'demo.h5'}" in text
+    assert "drawn:" in text and "fig4a" in text
+    line = next(x for x in text.splitlines() if x.startswith("step_000000 | trace:"))
+    assert "negative mass:" in line and line.count("±") == 2, line
+    assert "dissipative fraction (eta convention):" in text
+    inline = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(inline) >= 3                                      # figures shown in the notebook itself
+    assert (checkout / "results" / "notebook-figures" / "fig4a_error_vs_order.png").exists()
+
+
+def test_notebook_reads_an_explicit_path(small_results, tmp_path):
+    outputs = _execute_notebook(REPO / "notebooks", {"HPCQML_RESULTS": str(small_results),
+                                                     "HPCQML_FIGDIR": str(tmp_path / "figs")})
+    text = "".join(o.get("text", "") for o in outputs)
+    assert f"file: {small_results}" in text and "qcm       complete" in text
     assert (tmp_path / "figs" / "fig4a_error_vs_order.png").exists()
+
+
+def test_every_dataset_is_self_describing(small_results):
+    """Every dataset has ``units`` and a ``description``. Point it at any results file with
+    ``HPCQML_RESULTS=results/demo.h5`` (default: the qcm + hhl file this module makes)."""
+    from hpcqml.results import assert_self_describing
+
+    assert_self_describing(os.environ.get("HPCQML_RESULTS") or small_results)

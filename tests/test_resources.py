@@ -11,7 +11,7 @@ from hpcqml.hhl import resources as res
 
 def test_hand_computed_case():
     # n = 4, N = 2, T = 3: Delta = 4 + 16 = 20, (T+1) Delta = 80 -> 7 qubits, +1 for the dilation
-    assert res.carleman_dimension(4, 2) == 20
+    assert res.carleman_dim(4, 2) == 20  # the Carleman module's own function (eq. II.13)
     assert res.system_qubits(4, 2, 3, dilated=False) == 7
     assert res.system_qubits(4, 2, 3) == 8
     # s = 3, q = 2, T = 3: s q T = 18, (s q T)^2 = 324
@@ -71,7 +71,7 @@ def test_model_table_for_the_paper_models():
 
 def test_bad_inputs_raise_user_error():
     with pytest.raises(UserError, match="n must"):
-        res.carleman_dimension(0, 2)
+        res.system_qubits(0, 2, 3)
     with pytest.raises(UserError, match="< 1"):
         res.log_term(1.5, [0, 0, 1.0], 1.0)
     with pytest.raises(UserError, match="theorem"):

@@ -1,10 +1,12 @@
 """A real one-node SLURM (env/slurm-local.sh): a rendered sbatch script runs a tiny config
 under MPI, its results file passes ``hpcqml info``, resubmitting resumes, and the
-batch-shell warning signal checkpoints-and-requeues.  The daemons the test started are
+batch-shell warning signal checkpoints-and-requeues while SIGTERM (a cancel) checkpoints
+and stops without requeue.  The daemons the test started are
 stopped by their pids at the end.  Skipped, with the reason, where SLURM cannot be run."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,11 +34,13 @@ synth_classes = 4
 """
 
 FAKE_LAUNCH = """#!/bin/bash
-# stand-in launcher: the first run waits for SIGUSR1 (checkpoint and stop), the requeued
-# run finds the marker and finishes at once
+# stand-in launcher: the first run waits for SIGUSR1 (checkpoint and stop; the job script
+# notes whether it stands for the warning or a cancel), the requeued run finds the marker
+# and finishes at once
 echo "args: $*" >> fake.log
 if [ -f fake.marker ]; then echo "resumed" >> fake.log; exit 0; fi
-trap 'echo "got USR1" >> fake.log; touch fake.marker; exit 0' USR1
+trap 'echo "got USR1 (note $(cat "$HPCQML_STOP_NOTE"))" >> fake.log; touch fake.marker; exit 0' USR1
+trap 'echo "got TERM" >> fake.log; touch fake.marker; exit 0' TERM
 for i in $(seq 1 600); do sleep 0.1; done
 exit 3
 """
@@ -159,7 +163,8 @@ def test_sbatch_run_completes_and_resubmission_resumes(slurm, submit_dir):
     assert "launcher exited with status 0" in log
     info = run_cli("info", str(submit_dir / "results" / "tiny.h5"))
     assert info.returncode == 0, info.stderr
-    assert "status: completed" in info.stdout and "mpi_size: 2" in info.stdout
+    assert re.search(r"latest invocation run_\d+: completed", info.stdout), info.stdout
+    assert "mpi_size: 2" in info.stdout and f"job id {job};" in info.stdout
     assert "data/" in info.stdout and "num_train=64" in info.stdout
 
     # same script again, launched by mpirun inside the allocation: resumes, nothing redone
@@ -171,7 +176,8 @@ def test_sbatch_run_completes_and_resubmission_resumes(slurm, submit_dir):
     assert "mpirun --allow-run-as-root -n 2 hpcqml run" in log2
     assert "resumed" in log2 and "already complete" in log2
     info = run_cli("info", str(submit_dir / "results" / "tiny.h5"))
-    assert info.returncode == 0 and "invocations: 2" in info.stdout, info.stdout
+    assert info.returncode == 0 and "invocations: 2" in info.stdout and f"job id {job2};" in info.stdout, \
+        info.stdout
 
 
 @pytest.mark.timeout(240)
@@ -196,7 +202,30 @@ def test_warning_signal_reaches_ranks_and_requeues(slurm, submit_dir):
     fields = _wait(slurm, job, lambda f: _done(f) and f.get("Restarts") == "1")
     assert fields["JobState"] == "COMPLETED"
     assert (submit_dir / "fake.log").read_text().splitlines() == [
-        "args: -n 2 hpcqml run tiny.toml --output results/tiny.h5", "got USR1",
+        "args: -n 2 hpcqml run tiny.toml --output results/tiny.h5", "got USR1 (note USR1)",
         "args: -n 2 hpcqml run tiny.toml --output results/tiny.h5", "resumed"]
     log = (submit_dir / "results" / f"tiny-{job}.out").read_text()
     assert "got SIGUSR1" in log and "requeueing" in log
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_to_the_batch_shell_stops_without_requeue(slurm, submit_dir):
+    """What scancel sends, SIGTERM, delivered to the batch shell alone: the ranks are told
+    to checkpoint and stop and the job ends without being requeued."""
+    fake = submit_dir / "fake-launch"
+    fake.write_text(FAKE_LAUNCH)
+    fake.chmod(0o755)
+    job = _sbatch(slurm, submit_dir, submit_dir / "tiny.sbatch", HPCQML_VENV=str(VENV), LAUNCH=str(fake))
+    _wait(slurm, job, lambda f: f.get("JobState") == "RUNNING" or _done(f))
+    deadline = time.monotonic() + 60
+    while not ((submit_dir / "fake.log").exists() and "args:" in (submit_dir / "fake.log").read_text()):
+        assert time.monotonic() < deadline, "fake launcher never started"
+        time.sleep(0.2)
+    res = subprocess.run(["scancel", "--batch", "--signal=TERM", job], capture_output=True, text=True, env=slurm)
+    assert res.returncode == 0, res.stderr
+    fields = _wait(slurm, job, _done)
+    assert fields["JobState"] == "COMPLETED" and fields.get("Restarts") == "0", fields
+    assert (submit_dir / "fake.log").read_text().splitlines()[1:] == ["got USR1 (note TERM)"]
+    log = (submit_dir / "results" / f"tiny-{job}.out").read_text()
+    assert "got SIGTERM (cancel)" in log and "requeueing" not in log
+    assert "cancelled (SIGTERM); saved the checkpoints in results/tiny.h5" in log

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)   # the test box has 2 shared cores
 import torch.nn.functional as F
 from mpi4py import MPI
 
@@ -25,6 +24,8 @@ from hpcqml.training.loop import (Dataset, PretrainSettings, SparseSettings, eva
                                   is_download, lr_at, make_pretrain_optimizer, pretrain, sparse_train,
                                   train_step)
 from hpcqml.training.syncbn import global_batchnorm
+
+torch.set_num_threads(1)   # the test box has 2 shared cores
 
 SELF = MPI.COMM_SELF
 CPU = torch.device("cpu")
@@ -52,7 +53,7 @@ def test_global_batchnorm_single_rank_equals_torch_batchnorm():
         assert type(bn2).__name__ == "GlobalBatchNorm2d"
         g2 = torch.autograd.grad((bn2(x) * w).sum(), [x, bn2.weight, bn2.bias])
     assert type(bn2) is torch.nn.BatchNorm2d                      # swapped back
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
     assert torch.allclose(bn.running_mean, bn2.running_mean, atol=1e-14)
     assert torch.allclose(bn.running_var, bn2.running_var, atol=1e-14)
@@ -76,7 +77,7 @@ def test_train_step_equals_plain_full_batch_sgd(data):
             p -= 0.05 * p.grad
     assert abs(loss - ref_loss.item()) < 1e-5
     assert abs(acc - float((out.argmax(1) == y).float().mean())) <= 1 / 24 + 1e-12   # argmax near-ties
-    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6), n
 
 
@@ -119,7 +120,7 @@ def test_sparse_protocol_history(data):
     n, h = sparse_train(m, SELF, data, s, CPU, after_step=lambda t, hist, masks: seen.append((t, masks is not None)))
     assert n == 6 and h["step"] == [1, 2, 3, 4, 5, 6]
     assert h["download"] == [False, False, True, False, False, True]
-    assert seen == list(zip(h["step"], h["download"]))
+    assert seen == list(zip(h["step"], h["download"], strict=True))
     assert h["quantum_eligible"] == [False, True, True, False, True, True]
     assert math.isnan(h["test_accuracy"][0]) and not math.isnan(h["test_accuracy"][1])
     # pruned weights regrow during training and the download re-prunes to 1 - keep
@@ -136,7 +137,7 @@ def test_checkpoint_round_trip_and_corrupt_file(tmp_path):
     ck = load_checkpoint(p)
     assert ck.step == 7 and ck.model_name == "resnet8-w1" and ck.meta == {"a": [1.0, 2.0]}
     assert not ck.model.training and torch.equal(ck.mask["conv1.weight"], mask["conv1.weight"])
-    for a, b in zip(ck.model.state_dict().values(), m.state_dict().values()):
+    for a, b in zip(ck.model.state_dict().values(), m.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     raw = p.read_bytes()
     p.write_bytes(raw[:100])
@@ -145,6 +146,78 @@ def test_checkpoint_round_trip_and_corrupt_file(tmp_path):
     assert str(p) in str(e.value)
     with pytest.raises(UserError):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_stop_flag_records_the_signal_and_a_cancel_wins():
+    import os
+    import signal
+
+    from hpcqml.training.signals import StopFlag
+
+    for first, second in ((signal.SIGUSR1, signal.SIGTERM), (signal.SIGTERM, signal.SIGUSR1)):
+        with StopFlag() as flag:
+            assert not flag.requested(SELF) and flag.signum is None
+            os.kill(os.getpid(), first)
+            assert flag.requested(SELF) and flag.signum == first
+            os.kill(os.getpid(), second)
+            assert flag.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL       # handlers restored
+
+
+@pytest.mark.parametrize("signum, env, requeue", [
+    ("SIGUSR1", {"HPCQML_BATCH": "slurm", "HPCQML_REQUEUE": "1"}, True),
+    ("SIGUSR1", {"HPCQML_BATCH": "pbs"}, True),
+    ("SIGUSR1", {"HPCQML_BATCH": "slurm", "HPCQML_REQUEUE": "0"}, False),
+    ("SIGUSR1", {}, False),
+    ("SIGTERM", {"HPCQML_BATCH": "slurm", "HPCQML_REQUEUE": "1"}, False),
+    ("SIGTERM", {"HPCQML_BATCH": "pbs"}, False),
+    # the job script forwards a cancel as SIGUSR1 and notes that it was SIGTERM
+    ("SIGUSR1", {"HPCQML_BATCH": "pbs", "HPCQML_STOP_NOTE": "TERM"}, False),
+    ("SIGUSR1", {"HPCQML_BATCH": "slurm", "HPCQML_STOP_NOTE": "USR1"}, True),
+])
+def test_stop_message_says_what_was_saved_and_whether_the_job_requeues(tmp_path, signum, env, requeue):
+    import signal
+
+    from hpcqml.training.signals import interrupted_error, will_requeue
+
+    env = dict(env)
+    noted = env.get("HPCQML_STOP_NOTE")
+    if noted:
+        (tmp_path / "note").write_text(noted + "\n")
+        env["HPCQML_STOP_NOTE"] = str(tmp_path / "note")
+    sig = getattr(signal, signum)
+    assert will_requeue(sig, env) is requeue
+    msg = str(interrupted_error(sig, 12, "w/pretrain_state.pt", total=40, stage="pretrain", env=env))
+    shown = "SIGTERM" if noted == "TERM" else signum
+    meaning = "wall-time warning" if shown == "SIGUSR1" else "cancel"
+    assert msg.startswith(f"stopped by {shown} ({meaning}): pretrain after step 12 of 40; "
+                          f"saved checkpoint w/pretrain_state.pt (step 12); ")
+    assert ("the job script requeues the job" in msg) is requeue
+    assert ("no requeue" in msg) is (not requeue)
+    assert "\n" not in msg
+
+
+def test_step_meter_rate_eta_and_cadence():
+    from hpcqml.training.progress import StepMeter, format_duration
+
+    now = [100.0]
+    meter = StepMeter(total=250, start=50, every=50, interval=60.0, clock=lambda: now[0])
+    now[0] += 20.0                                  # 10 steps in 20 s after resuming at 50
+    assert not meter.due(60)
+    assert meter.line(60) == "step 60 of 250 (24.0%), 0.5 steps/s, ETA 0:06:20"
+    assert meter.due(100)                           # every 50 steps
+    now[0] += 61.0
+    assert meter.due(101)                           # at least once a minute
+    assert not meter.due(102)
+    assert meter.due(250)                           # the last step
+    assert format_duration(3 * 3600 + 7) == "3:00:07" and format_duration(float("inf")) == "?"
+
+
+def test_pretrain_refuses_a_batch_larger_than_the_data(data):
+    m = build("resnet8-w1", data.num_classes)
+    s = PretrainSettings(epochs=1, batch_size=601)
+    with pytest.raises(UserError, match="batch size 601 is larger than the 600 training samples"):
+        pretrain(m, SELF, data, s, CPU, make_pretrain_optimizer(m, s))
 
 
 SIGNAL_CONFIG = """
@@ -203,11 +276,14 @@ def test_stages_end_to_end_with_sigusr1_restart(tmp_path):
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert "stopped by SIGUSR1" in err, err[-1500:]
+    assert "stopped by SIGUSR1 (wall-time warning): train after step" in err, err[-1500:]
     state = load_checkpoint(tmp_path / "a.work" / "train_state.pt")
+    # one line: what stopped, what was saved, what next (not in a batch job: no requeue)
+    line = next(x for x in err.splitlines() if "stopped by SIGUSR1" in x)
+    assert f"train after step {state.step} of {steps}" in line
+    assert f"saved checkpoint {tmp_path / 'a.work' / 'train_state.pt'} (step {state.step})" in line
+    assert line.endswith("no requeue; run the same command again to continue")
     assert 3 <= state.step < steps
-    import h5py
-
     with h5py.File(tmp_path / "a.h5", "r") as fh:   # the per-step log up to the stop is in the file
         assert fh["train_log"].attrs["steps_done"] == state.step
         assert fh["train_log/loss"].shape == (state.step,) and "train" not in fh
@@ -221,7 +297,7 @@ def test_stages_end_to_end_with_sigusr1_restart(tmp_path):
     a = load_checkpoint(tmp_path / "a.work" / "trained.pt")
     b = load_checkpoint(tmp_path / "b.work" / "trained.pt")
     assert a.step == b.step == steps
-    for (n, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+    for (n, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(x, y), n
     with h5py.File(tmp_path / "a.h5", "r") as fa, h5py.File(tmp_path / "b.h5", "r") as fb:
         assert np.array_equal(fa["train/loss"][()], fb["train/loss"][()])

@@ -1,6 +1,9 @@
 """Instance generators: the random quadratic family of Sec. III C, a sparse variant for scale
-runs, a scalar logistic-type map, and reduced instances of a neural network (eq. II.65)."""
+runs, a scalar logistic-type map, and reduced instances of a neural network (eq. II.65).
+"""
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -9,12 +12,17 @@ from hpcqml.carleman.instance import PolynomialODE
 from hpcqml.errors import UserError
 
 
-def _spectrum(n: int, f: float, rng: np.random.Generator) -> np.ndarray:
-    """Hessian eigenvalues h: round(f*n) from U(0,1) (dissipative), the rest from U(-0.01,0)."""
+def _spectrum(n: int, f: float, rng: np.random.Generator, div_range: float = 0.01) -> np.ndarray:
+    """Hessian eigenvalues h: round(f*n) from U(0,1) (dissipative), the rest from U(-div_range,0).
+
+    The paper (Sec. III C) uses div_range = 0.01.
+    """
     if not 0.0 <= f <= 1.0:
         raise UserError(f"random_quadratic: fraction f={f} must lie in [0, 1]")
+    if not (np.isfinite(div_range) and div_range >= 0.0):
+        raise UserError(f"random_quadratic: div_range={div_range} must be a finite number >= 0")
     npos = int(round(f * n))
-    return np.concatenate([rng.uniform(0.0, 1.0, npos), rng.uniform(-0.01, 0.0, n - npos)])
+    return np.concatenate([rng.uniform(0.0, 1.0, npos), rng.uniform(-div_range, 0.0, n - npos)])
 
 
 def f0_noise(n: int, sigma: float, T: int, seed: int) -> np.ndarray:
@@ -39,17 +47,19 @@ def with_f0_noise(ode: PolynomialODE, sigma: float, T: int, seed: int) -> Polyno
 
 
 def random_quadratic(n: int, f: float, seed: int, u_scale: float = 0.1,
-                     f2_scale: float = 0.015, noise: float = 0.0, T: int = 0) -> PolynomialODE:
+                     f2_scale: float = 0.015, noise: float = 0.0, T: int = 0,
+                     div_range: float = 0.01) -> PolynomialODE:
     """Sec. III C: F1 = -Q diag(h) Q^T (Q Haar-orthogonal), F2 ~ U(-0.015, 0.015)^{n x n^2}, F0 = 0.
 
     The eigenvalues of F1 are -h; a mode is dissipative when |1 - h| < 1.  ``u_in`` is drawn
     from U(-u_scale, u_scale) (the paper does not state it).  ``noise`` > 0 adds the SGD noise
     F0_t[t] ~ noise * N(0, I), t < T (:func:`f0_noise`, same seed), so F0(t) = F0_t[t].
+    ``div_range`` widens the divergent eigenvalues to U(-div_range, 0) (paper: 0.01).
     """
     if n < 1:
         raise UserError(f"random_quadratic: n={n} must be >= 1")
     rng = np.random.default_rng(seed)
-    h = _spectrum(n, f, rng)
+    h = _spectrum(n, f, rng, div_range)
     g = rng.standard_normal((n, n))
     Q, R = np.linalg.qr(g)
     Q = Q * np.sign(np.diag(R))  # Haar measure
@@ -62,7 +72,7 @@ def random_quadratic(n: int, f: float, seed: int, u_scale: float = 0.1,
 
 
 def sparse_quadratic(n: int, f: float, seed: int, f2_per_row: int = 4, u_scale: float = 0.1,
-                     f2_scale: float = 0.015) -> PolynomialODE:
+                     f2_scale: float = 0.015, div_range: float = 0.01) -> PolynomialODE:
     """Sparse analogue of :func:`random_quadratic` for scale runs (n up to 10^2-10^3, Delta >= 10^6).
 
     F1 = -Q diag(h) Q^T with Q a random permutation times random Givens rotations on disjoint
@@ -70,7 +80,7 @@ def sparse_quadratic(n: int, f: float, seed: int, f2_per_row: int = 4, u_scale: 
     U(-0.015, 0.015) entries per row at random columns; F0 = 0.
     """
     rng = np.random.default_rng(seed)
-    h = _spectrum(n, f, rng)
+    h = _spectrum(n, f, rng, div_range)
     perm = rng.permutation(n)
     rows, cols, vals = [], [], []
     for k in range(0, n - 1, 2):
@@ -81,7 +91,9 @@ def sparse_quadratic(n: int, f: float, seed: int, f2_per_row: int = 4, u_scale: 
         cols += [k, k + 1, k, k + 1]
         vals += [c, -s, s, c]
     if n % 2:
-        rows.append(perm[n - 1]); cols.append(n - 1); vals.append(1.0)
+        rows.append(perm[n - 1])
+        cols.append(n - 1)
+        vals.append(1.0)
     Q = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
     F1 = -(Q @ sp.diags(h) @ Q.T)
     r = np.repeat(np.arange(n), f2_per_row)
@@ -106,24 +118,16 @@ def scale_step(ode: PolynomialODE, h: float) -> PolynomialODE:
                          F0_t=None if ode.F0_t is None else h * ode.F0_t)
 
 
-def network_instance(model, loss_fn, inputs, targets, k: int, eta: float, mask: dict | None = None,
-                     names: list[str] | None = None) -> PolynomialODE:
-    """Reduced instance of gradient descent theta <- theta - eta grad L(theta) in a k-parameter subspace.
-
-    The k coordinates are the k largest-magnitude surviving (``mask``) weights.  With theta* the
-    current weights and u = theta - theta* restricted to them, the Taylor expansion of the update is
-    F0 = -eta grad L, F1 = -eta grad^2 L, F2 = -(eta/2) grad^3 L flattened to k x k^2 (eq. II.65,
-    V.6), all computed exactly by torch.func (forward-over-reverse) on the fixed batch.
-    ``u_in`` = 0 (the expansion point).
+def _top_k(model: Any, k: int, mask: dict | None, names: list[str] | None) -> list[tuple[str, int]]:
+    """(parameter name, flat index) of the k largest-magnitude surviving trainable weights
+    (of the parameters ``names``, all if None), largest first.
     """
     import torch
-    from torch.func import functional_call, grad, jacfwd
 
-    params = {nm: p.detach() for nm, p in model.named_parameters()}
-    if names is not None:
-        params = {nm: params[nm] for nm in names}
     flat, owners = [], []
-    for nm, p in params.items():
+    for nm, p in model.named_parameters():
+        if not p.requires_grad or (names is not None and nm not in names):
+            continue
         w = p.detach().abs().reshape(-1).clone()
         if mask is not None and nm in mask:
             w[~mask[nm].reshape(-1).bool()] = -1.0
@@ -132,27 +136,60 @@ def network_instance(model, loss_fn, inputs, targets, k: int, eta: float, mask: 
     allw = torch.cat(flat)
     if k < 1 or k > int((allw >= 0).sum()):
         raise UserError(f"network_instance: k={k} must be between 1 and the number of surviving weights")
-    chosen = torch.topk(allw, k).indices.tolist()
-    picks = [owners[i] for i in chosen]
-    base = {nm: p.clone() for nm, p in model.named_parameters()}
+    return [owners[i] for i in torch.topk(allw, k).indices.tolist()]
+
+
+def _gradient_and_hessian(model: Any, loss_fn: Callable, inputs: Any, targets: Any,
+                          picks: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(g, H)`` of the loss in the coordinates ``picks`` (that order), float64 numpy, from the
+    Hessian operator restricted to them (:class:`hpcqml.hessian.hvp.HessianLinearOperator`).
+    """
+    import torch
+
+    from hpcqml.hessian.hvp import HessianLinearOperator
+
+    keep = {nm: torch.zeros_like(p, dtype=torch.bool) for nm, p in model.named_parameters() if p.requires_grad}
+    for nm, i in picks:
+        keep[nm].view(-1)[i] = True
+    op = HessianLinearOperator(model, (inputs, targets), loss_fn, wrt="support", mask=keep, route="double-backward")
+    model_order = [(nm, i) for nm in op.space.names for i in torch.nonzero(keep[nm].view(-1)).view(-1).tolist()]
+    order = [model_order.index(pick) for pick in picks]     # model order -> top-k order
+    k = len(picks)
+    H = op.matmat(torch.eye(k, dtype=op.dtype, device=op.device))
+    g = op.gradient()
+    return g[order].detach().double().cpu().numpy(), H[order][:, order].detach().double().cpu().numpy()
+
+
+def network_instance(model: Any, loss_fn: Callable, inputs: Any, targets: Any, k: int, eta: float,
+                     mask: dict | None = None, names: list[str] | None = None) -> PolynomialODE:
+    """Reduced instance of gradient descent theta <- theta - eta grad L(theta) in a k-parameter subspace.
+
+    The k coordinates are the k largest-magnitude surviving (``mask``) weights.  With theta* the
+    current weights and u = theta - theta* restricted to them, the Taylor expansion of the update is
+    F0 = -eta grad L, F1 = -eta grad^2 L, F2 = -(eta/2) grad^3 L flattened to k x k^2 (eq. II.65,
+    V.6) on the fixed batch: F0 and F1 from the Hessian operator of :mod:`hpcqml.hessian.hvp`
+    (which evaluates the model in eval mode), the third derivative exactly by torch.func
+    (forward over forward over reverse, with the model in the mode the caller set: eval mode
+    for the pipeline stages).  ``u_in`` = 0 (the expansion point).
+    """
+    import torch
+    from torch.func import functional_call, grad, jacfwd
+
+    picks = _top_k(model, k, mask, names)
+    g, H = _gradient_and_hessian(model, loss_fn, inputs, targets, picks)
+    base = {nm: p.detach().clone() for nm, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
-    def loss_of(z):
-        ps = {nm: p.clone() for nm, p in base.items()}
+    def loss_of(z: Any) -> Any:
+        ps = dict(base)
         for idx, (nm, i) in enumerate(picks):
             flatp = ps[nm].reshape(-1)
             flatp = flatp.index_put((torch.tensor([i]),), flatp[i] + z[idx])
             ps[nm] = flatp.reshape(base[nm].shape)
-        out = functional_call(model, (ps, buffers), (inputs,))
-        return loss_fn(out, targets)
+        return loss_fn(functional_call(model, (ps, buffers), (inputs,)), targets)
 
     z0 = torch.zeros(k, dtype=torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32)
-    g = grad(loss_of)(z0)
-    H = jacfwd(grad(loss_of))(z0)
-    D3 = jacfwd(jacfwd(grad(loss_of)))(z0)
-    g = g.detach().double().numpy()
-    H = H.detach().double().numpy()
-    D3 = D3.detach().double().numpy().reshape(k, k * k)
+    D3 = jacfwd(jacfwd(grad(loss_of)))(z0).detach().double().numpy().reshape(k, k * k)
     F = [sp.csr_matrix(-eta * g.reshape(k, 1)), sp.csr_matrix(-eta * H), sp.csr_matrix(-0.5 * eta * D3)]
     return PolynomialODE(F=F, u_in=np.zeros(k), meta={"generator": "network", "k": k, "eta": eta,
                                                       "params": [f"{nm}[{i}]" for nm, i in picks]})

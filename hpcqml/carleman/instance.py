@@ -7,26 +7,27 @@ An instance is the map
 with sparse ``F[l]`` of shape ``n x n**l`` (``F[0]`` is the column ``n x 1``).  Kronecker powers use
 the row-major convention of eq. II.2: ``(u (x) v)[i * len(v) + k] = u[i] * v[k]``.
 
-Time-varying constant term ("SGD noise", issue 5): an optional dense ``F0_t`` of shape
+Time-varying constant term ("SGD noise"): an optional dense ``F0_t`` of shape
 ``(T_max, n)`` makes the constant term of step t equal to ``F0(t) = F[0] + F0_t[t]``, so
 ``F[0]`` stays the mean and eq. II.1 becomes u(t+1) - u(t) = F0(t) + sum_{l>=1} F_l u^{(x)l}.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from hpcqml.errors import UserError
+from hpcqml.errors import InputFileError, UserError
 
 
 @dataclass
 class PolynomialODE:
     """The discrete polynomial ODE of eq. II.1.
 
-    Attributes
+    Attributes:
     ----------
     F : list of ``scipy.sparse.csr_matrix``; ``F[l]`` has shape ``(n, n**l)``, ``l = 0..q``.
     u_in : float64 array of length ``n``, the initial point ``u(0)``.
@@ -64,7 +65,7 @@ class PolynomialODE:
         return len(self.F) - 1
 
     @property
-    def T_max(self) -> int | None:
+    def T_max(self) -> int | None:  # noqa: N802 - the paper's horizon T
         """Number of steps covered by ``F0_t`` (None when F0 does not depend on t)."""
         return None if self.F0_t is None else int(self.F0_t.shape[0])
 
@@ -162,29 +163,59 @@ def to_dict(ode: PolynomialODE) -> dict[str, np.ndarray]:
     return out
 
 
-def from_dict(d: Any) -> PolynomialODE:
-    """Rebuild (and validate) an instance from :func:`to_dict` output or an ``h5py.Group`` of the same layout."""
+#: limits checked on declared shapes before any array of an instance file is read
+MAX_DEGREE = 8
+MAX_N = 100_000
+MAX_ENTRIES = 50_000_000
+
+
+def _read(d: Any, key: str, dtype: Any, max_len: int) -> np.ndarray:
+    """``d[key]`` as an array of ``dtype`` after checking its declared shape and kind (integer
+    kinds only when ``dtype`` is an integer type).
+    """
     try:
-        u_in = np.asarray(d["u_in"][()], dtype=np.float64)
-        q = int(np.asarray(d["q"][()]))
+        obj = d[key]
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"PolynomialODE file: missing or bad 'u_in'/'q' ({exc})") from None
+        raise InputFileError(f"PolynomialODE file: missing {key!r} ({exc.__class__.__name__})") from None
+    shape = getattr(obj, "shape", np.shape(obj))
+    if len(shape) > 2 or int(np.prod(shape, dtype=np.float64)) > max_len:
+        raise InputFileError(f"PolynomialODE file: {key!r} has shape {tuple(shape)}, larger than allowed")
+    kind = getattr(getattr(obj, "dtype", None), "kind", None) or np.asarray(obj).dtype.kind
+    allowed = "biu" if np.issubdtype(dtype, np.integer) else "biuf"
+    if kind not in allowed:
+        raise InputFileError(f"PolynomialODE file: {key!r} has dtype kind {kind!r}, expected one of {allowed!r}")
+    try:
+        return np.asarray(obj[()], dtype=dtype)
+    except (TypeError, ValueError, OSError) as exc:
+        raise InputFileError(f"PolynomialODE file: cannot read {key!r} ({exc})") from None
+
+
+def from_dict(d: Any) -> PolynomialODE:
+    """Rebuild (and validate) an instance from :func:`to_dict` output or an ``h5py.Group`` of the same layout.
+
+    Declared shapes, dtypes and sizes are checked before the arrays are read; anything malformed
+    raises :class:`InputFileError` with one line naming the field.
+    """
+    u_in = _read(d, "u_in", np.float64, MAX_N)
+    q_arr = _read(d, "q", np.float64, 1)
+    if q_arr.size != 1 or not np.isfinite(q_arr).all() or q_arr.reshape(-1)[0] != int(q_arr.reshape(-1)[0]):
+        raise InputFileError("PolynomialODE file: 'q' must be one integer")
+    q = int(q_arr.reshape(-1)[0])
+    if not 1 <= q <= MAX_DEGREE:
+        raise InputFileError(f"PolynomialODE file: degree q={q} must lie in [1, {MAX_DEGREE}]")
     n = u_in.shape[0] if u_in.ndim == 1 else -1
     if n < 1:
-        raise UserError(f"PolynomialODE file: u_in must be a vector, got shape {u_in.shape}")
+        raise InputFileError(f"PolynomialODE file: u_in must be a non-empty vector, got shape {u_in.shape}")
     F = []
     for ell in range(q + 1):
-        try:
-            indptr = np.asarray(d[f"F{ell}/indptr"][()], dtype=np.int64)
-            indices = np.asarray(d[f"F{ell}/indices"][()], dtype=np.int64)
-            data = np.asarray(d[f"F{ell}/data"][()], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"PolynomialODE file: missing or bad F{ell} ({exc})") from None
+        indptr = _read(d, f"F{ell}/indptr", np.int64, n + 1)
+        indices = _read(d, f"F{ell}/indices", np.int64, MAX_ENTRIES)
+        data = _read(d, f"F{ell}/data", np.float64, MAX_ENTRIES)
         ncols = n**ell
-        if (indptr.ndim != 1 or indptr.shape[0] != n + 1 or indices.shape != data.shape
+        if (indptr.ndim != 1 or indptr.shape[0] != n + 1 or indices.shape != data.shape or indices.ndim != 1
                 or indptr[0] != 0 or indptr[-1] != data.shape[0] or np.any(np.diff(indptr) < 0)
                 or (indices.size and (indices.min() < 0 or indices.max() >= ncols))):
-            raise UserError(f"PolynomialODE file: F{ell} CSR arrays do not describe an {n} x {ncols} matrix")
+            raise InputFileError(f"PolynomialODE file: F{ell} CSR arrays do not describe an {n} x {ncols} matrix")
         F.append(sp.csr_matrix((data, indices, indptr), shape=(n, ncols)))
     F0_t = None
     try:
@@ -192,11 +223,41 @@ def from_dict(d: Any) -> PolynomialODE:
     except TypeError:
         has_noise = False
     if has_noise:
+        F0_t = _read(d, "F0_t", np.float64, MAX_ENTRIES)
+    try:
+        return PolynomialODE(F=F, u_in=u_in, F0_t=F0_t)
+    except InputFileError:
+        raise
+    except UserError as exc:
+        raise InputFileError(str(exc)) from None
+
+
+def load_instance(path: str | Path, group: str = "/") -> PolynomialODE:
+    """Read an instance from ``group`` of the HDF5 file ``path`` (layout of :func:`to_dict`).
+
+    Raises :class:`InputFileError` (one line) for a missing, truncated or non-HDF5 file, a missing
+    group, or malformed contents.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"instance file {path} does not exist")
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputFileError(f"instance file {path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
+    with fh:
         try:
-            F0_t = np.asarray(d["F0_t"][()], dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"PolynomialODE file: bad 'F0_t' ({exc})") from None
-    return PolynomialODE(F=F, u_in=u_in, F0_t=F0_t)
+            node = fh[group]
+        except (KeyError, ValueError, OSError):
+            raise InputFileError(f"instance file {path} has no group {group!r}") from None
+        if not isinstance(node, h5py.Group):
+            raise InputFileError(f"instance file {path}: {group!r} is not a group")
+        try:
+            return from_dict(node)
+        except OSError as exc:
+            raise InputFileError(f"instance file {path}: damaged HDF5 data ({exc})") from None
 
 
 def kron_power(u: np.ndarray, j: int) -> np.ndarray:

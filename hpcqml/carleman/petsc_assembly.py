@@ -9,7 +9,7 @@ off_j = n + ... + n^{j-1}; inside block j the row multi-index (a_1..a_j) has fla
 sum_i a_i n^{j-i}.  The term I^{(x)p} (x) F_l (x) I^{(x)(j-1-p)} of A^j_{j+l-1} maps row
 (prefix, a_{p+1}, suffix) to columns (prefix, c, suffix) with c a column of row a_{p+1} of F_l.
 
-Time-varying constant term F0(t) = F[0] + F0_t[t] (issue 5): only the blocks A^j_{j-1} (l = 0)
+Time-varying constant term F0(t) = F[0] + F0_t[t] (SGD noise): only the blocks A^j_{j-1} (l = 0)
 depend on t.  Their entries are generated once on the union S of the supports of F[0] and of all
 F0_t[t] (:meth:`PolynomialODE.f0_support`), so every A(t) has one sparsity pattern
 (:class:`LocalPattern`); per t only the values change (zeros on S are stored explicitly).  In M,
@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from hpcqml.carleman.instance import PolynomialODE, carleman_dim, lift
+from hpcqml.parallel import block_bounds
 
 
 def block_offsets(n: int, N: int) -> np.ndarray:
@@ -33,13 +36,6 @@ def block_offsets(n: int, N: int) -> np.ndarray:
     for j in range(1, N + 1):
         off[j + 1] = off[j] + n**j
     return off
-
-
-def ownership(total: int, rank: int, size: int) -> tuple[int, int]:
-    """PETSc's default contiguous split of ``total`` rows: [start, end) of ``rank``."""
-    base, extra = divmod(total, size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def _gather_rows(F: sp.csr_matrix, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,7 +151,7 @@ class LocalPattern:
                              shape=(self.nrows, ncols or self.ncols))
 
 
-def _to_csr(rows, cols, vals, nrows: int, ncols: int) -> sp.csr_matrix:
+def _to_csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, nrows: int, ncols: int) -> sp.csr_matrix:
     m = sp.csr_matrix((vals, (rows, cols)), shape=(nrows, ncols), dtype=np.float64)
     m.sum_duplicates()
     m.sort_indices()
@@ -207,13 +203,9 @@ def block_system_local_csr(ode: PolynomialODE, N: int, T: int, R0: int, R1: int)
     ncols = (T + 1) * D
     cache: dict[tuple[int, int], sp.csr_matrix] = {}
     pieces = []
-    for t in range(R0 // D, (R1 - 1) // D + 1):
-        lo, hi = max(R0, t * D), min(R1, (t + 1) * D)
-        r0, r1 = lo - t * D, hi - t * D
-        diag = np.arange(lo, hi, dtype=np.int64)
+    for t, r0, r1, diag in _time_blocks(R0, R1, D):
         if t == 0:
-            empty = sp.csr_matrix((hi - lo, ncols))
-            pieces.append(_append_diagonal(empty, 0, diag))
+            pieces.append(_append_diagonal(sp.csr_matrix((r1 - r0, ncols)), 0, diag))
             continue
         if (r0, r1) not in cache:
             A_loc = carleman_local_csr(ode, N, r0, r1)
@@ -225,6 +217,15 @@ def block_system_local_csr(ode: PolynomialODE, N: int, T: int, R0: int, R1: int)
             cache[(r0, r1)] = sp.csr_matrix((IA.data, IA.indices, IA.indptr), shape=(r1 - r0, ncols))
         pieces.append(_append_diagonal(cache[(r0, r1)], (t - 1) * D, diag))
     return _stack_rows(pieces, R1 - R0, ncols)
+
+
+def _time_blocks(R0: int, R1: int, D: int) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """For the rows [R0, R1) of M: ``(t, r0, r1, diag)`` per time block t they meet, with the
+    block-local rows [r0, r1) and the global indices of those rows (the unit diagonal).
+    """
+    for t in range(R0 // D, (R1 - 1) // D + 1):
+        lo, hi = max(R0, t * D), min(R1, (t + 1) * D)
+        yield t, lo - t * D, hi - t * D, np.arange(lo, hi, dtype=np.int64)
 
 
 def _stack_rows(pieces: list, nrows: int, ncols: int) -> sp.csr_matrix:
@@ -251,12 +252,9 @@ def _block_system_local_csr_t(ode: PolynomialODE, N: int, T: int, R0: int, R1: i
     support = ode.f0_support(T)
     cache: dict[tuple[int, int], LocalPattern] = {}
     pieces = []
-    for t in range(R0 // D, (R1 - 1) // D + 1):
-        lo, hi = max(R0, t * D), min(R1, (t + 1) * D)
-        r0, r1 = lo - t * D, hi - t * D
-        diag = np.arange(lo, hi, dtype=np.int64)
+    for t, r0, r1, diag in _time_blocks(R0, R1, D):
         if t == 0:
-            pieces.append(_append_diagonal(sp.csr_matrix((hi - lo, ncols)), 0, diag))
+            pieces.append(_append_diagonal(sp.csr_matrix((r1 - r0, ncols)), 0, diag))
             continue
         if (r0, r1) not in cache:
             cache[(r0, r1)] = LocalPattern(ode, N, r0, r1, support, add_identity=True)
@@ -282,13 +280,13 @@ class AssemblyStats:
     exact_preallocation: bool = True
 
 
-def _petsc():
+def _petsc() -> Any:
     from petsc4py import PETSc
 
     return PETSc
 
 
-def _mat_from_local(local: sp.csr_matrix, nglobal: int, comm):
+def _mat_from_local(local: sp.csr_matrix, nglobal: int, comm: Any) -> Any:
     PETSc = _petsc()
     IT = PETSc.IntType
     nloc = local.shape[0]
@@ -300,7 +298,7 @@ def _mat_from_local(local: sp.csr_matrix, nglobal: int, comm):
     return mat
 
 
-def _stats(mat, seconds: float, comm) -> AssemblyStats:
+def _stats(mat: Any, seconds: float, comm: Any) -> AssemblyStats:
     info = mat.getInfo(_petsc().Mat.InfoType.LOCAL)
     nnz_local = int(info["nz_used"])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -312,41 +310,42 @@ def _stats(mat, seconds: float, comm) -> AssemblyStats:
                          exact_preallocation=exact)
 
 
-def _max_op():
+def _max_op() -> Any:
     from mpi4py import MPI
 
     return MPI.MAX
 
 
-def _min_op():
+def _min_op() -> Any:
     from mpi4py import MPI
 
     return MPI.MIN
 
 
-def assemble_carleman(ode: PolynomialODE, N: int, comm, chunk_rows: int = 0, t: int | None = None):
-    """Distributed AIJ matrix A of order N on ``comm`` (rows split like PETSc's default).
+def assemble_carleman(ode: PolynomialODE, N: int, comm: Any, t: int | None = None) -> tuple[Any, AssemblyStats]:
+    """Distributed AIJ matrix A of order N on ``comm`` (rows split by :func:`hpcqml.parallel.block_bounds`,
+    which is PETSc's default split).
 
     With ``t`` given and a time-varying constant term this is A(t) (F0 replaced by F0(t)).
-    Returns ``(mat, AssemblyStats)``.  ``chunk_rows`` is accepted for API symmetry (unused).
+    Returns ``(mat, AssemblyStats)``; the caller destroys ``mat``.
     """
     t0 = time.perf_counter()
     D = carleman_dim(ode.n, N)
-    r0, r1 = ownership(D, comm.Get_rank(), comm.Get_size())
+    r0, r1 = block_bounds(D, comm.Get_rank(), comm.Get_size())
     mat = _mat_from_local(carleman_local_csr(ode, N, r0, r1, t), D, comm)
     return mat, _stats(mat, time.perf_counter() - t0, comm)
 
 
-def assemble_block_system(ode: PolynomialODE, N: int, T: int, comm):
+def assemble_block_system(ode: PolynomialODE, N: int, T: int, comm: Any) -> tuple[Any, Any, AssemblyStats]:
     """Distributed M (eq. II.79) and right-hand side B = (y_in, b, ..., b).
 
     With a time-varying constant term: -(I + A(t)) in block row t+1 and B = (y_in, b(0), ..., b(T-1)).
 
-    Returns ``(M, B, AssemblyStats)`` with PETSc Mat and Vec on ``comm``.
+    Returns ``(M, B, AssemblyStats)`` with PETSc Mat and Vec on ``comm``; the caller destroys M and B.
     """
     t0 = time.perf_counter()
     D = carleman_dim(ode.n, N)
-    R0, R1 = ownership((T + 1) * D, comm.Get_rank(), comm.Get_size())
+    R0, R1 = block_bounds((T + 1) * D, comm.Get_rank(), comm.Get_size())
     M = _mat_from_local(block_system_local_csr(ode, N, T, R0, R1), (T + 1) * D, comm)
     B = M.createVecLeft()
     B.setArray(block_rhs_local(ode, N, T, R0, R1))
@@ -374,7 +373,7 @@ def block_rhs_local(ode: PolynomialODE, N: int, T: int, R0: int, R1: int) -> np.
     return out
 
 
-def to_numpy_all(vec) -> np.ndarray:
+def to_numpy_all(vec: Any) -> np.ndarray:
     """Gather a distributed PETSc Vec into a float64 numpy array on every rank."""
     PETSc = _petsc()
     scatter, full = PETSc.Scatter.toAll(vec)
@@ -383,14 +382,3 @@ def to_numpy_all(vec) -> np.ndarray:
     scatter.destroy()
     full.destroy()
     return out
-
-
-def to_scipy_all(mat) -> sp.csr_matrix:
-    """Gather a distributed AIJ matrix to a scipy CSR on every rank (small matrices; tests)."""
-    r0, r1 = mat.getOwnershipRange()
-    indptr, indices, data = mat.getValuesCSR()
-    comm = mat.getComm().tompi4py()
-    parts = comm.allgather((np.asarray(indptr, np.int64), np.asarray(indices, np.int64), np.asarray(data)))
-    m, n = mat.getSize()
-    blocks = [sp.csr_matrix((d, i, p), shape=(p.shape[0] - 1, n)) for p, i, d in parts]
-    return sp.csr_matrix(sp.vstack(blocks, format="csr"))

@@ -61,7 +61,7 @@ def carleman_matrix(ode: PolynomialODE, N: int, t: int | None = None) -> sp.csr_
 
 
 def carleman_rhs(ode: PolynomialODE, N: int, t: int | None = None) -> np.ndarray:
-    """b = (F0, 0, ..., 0) of length Delta (eq. II.5); b(t) = (F0(t), 0, ..., 0) when ``t`` is given."""
+    """B = (F0, 0, ..., 0) of length Delta (eq. II.5); b(t) = (F0(t), 0, ..., 0) when ``t`` is given."""
     b = np.zeros(carleman_dim(ode.n, N), dtype=np.float64)
     b[: ode.n] = ode.f0(t)
     return b

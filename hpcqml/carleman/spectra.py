@@ -1,85 +1,207 @@
-"""SLEPc spectra of the Carleman matrix and condition numbers of M (eq. II.28, II.81-II.83).
+"""SLEPc spectra of the Carleman matrix, the one KSP set-up of the suite's Carleman solves, and
+condition numbers of M (eq. II.28, II.81-II.83).
 
-Methods (all exposed through ``setFromOptions`` with the ``qcm_eps_`` / ``qcm_svd_`` prefixes):
+Methods (all open to ``setFromOptions``; options prefixes: ``-qcm_eps_*`` for the eigensolver,
+``-qcm_svd_*`` for ‖A‖, ‖I+A‖ and σ(M), ``-qcm_ksp_*``/``-qcm_pc_*`` for the time-stepping solve,
+``-qcm_inv_ksp_*``/``-qcm_inv_svd_*`` for the inverse iteration of σ_min(M)):
 - all eigenvalues of A for Delta <= ``dense_limit``: EPS type LAPACK (dense QR on a
   redundant copy; exact up to rounding);
 - beyond: EPS Krylov-Schur, ``nev`` eigenvalues of largest real part and of smallest real part;
-- extremal singular values (||I+A||_2, sigma_max(M), sigma_min(M)): SVD thick-restart Lanczos
-  (``trlanczos``, one-sided off), relative residual tolerance ``tol`` (default 1e-10), at most
-  ``max_it`` restarts; for size <= ``dense_limit`` the smallest one uses SVD type LAPACK because
-  Lanczos converges slowly to clustered small singular values; beyond, sigma_min(M) is
-  1/sigma_max(M^{-1}) with M^{-1} applied by KSP solves (see
-  :func:`smallest_singular_value_by_inverse`).  The method used is returned.
+- extremal singular values: for size <= ``dense_limit`` SVD type LAPACK (dense, exact up to
+  rounding; Lanczos converges slowly to clustered small singular values and can break down on
+  small rank-deficient matrices); beyond, SVD thick-restart Lanczos (``trlanczos``) with relative
+  residual tolerance ``tol`` for σ_max, and σ_min(M) is
+  1/σ_max(M⁻¹) with M⁻¹ applied by KSP solves (:func:`smallest_singular_value_by_inverse`).
+- the zero matrix (A = 0 when F1 = 0 and F2 = 0) is answered exactly without SLEPc: its
+  eigenvalues and singular values are 0.
+
+Every PETSc/SLEPc object created here is registered with a :class:`PetscOwner`, which
+destroys it when the owner is closed, also when an exception leaves the ``with`` block.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
 from hpcqml.errors import NumericalError
 
+PREFIX = "qcm_"
+INVERSE_PREFIX = "qcm_inv_"
+OwnedT = TypeVar("OwnedT")
 
-def _slepc():
+
+class PetscOwner:
+    """Holds PETSc/SLEPc objects and destroys them, newest first, on :meth:`close` / ``__exit__``."""
+
+    def __init__(self) -> None:
+        self._objects: list[Any] = []
+
+    def own(self, obj: OwnedT) -> OwnedT:
+        """Register ``obj`` (anything with ``destroy()``) and return it."""
+        self._objects.append(obj)
+        return obj
+
+    def close(self) -> None:
+        """Destroy every registered object (idempotent)."""
+        while self._objects:
+            self._objects.pop().destroy()
+
+    def __enter__(self) -> PetscOwner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _slepc() -> Any:
     from slepc4py import SLEPc
 
     return SLEPc
 
 
-def eigenvalues(A, dense_limit: int = 3000, nev: int = 20, tol: float = 1e-10) -> tuple[np.ndarray, str]:
+def is_zero_matrix(mat: Any) -> bool:
+    """True when every stored entry of the distributed matrix is 0 (Frobenius norm 0)."""
+    from petsc4py import PETSc
+
+    return float(mat.norm(PETSc.NormType.FROBENIUS)) == 0.0
+
+
+def make_ksp(M: Any, owner: PetscOwner, rtol: float = 1e-12, prefix: str = PREFIX, max_it: int = 1000,
+             restart: int | None = None) -> Any:
+    """The KSP for M x = b: GMRES with ILU(0) (1 rank) or block Jacobi/ILU(0) (p ranks).
+
+    The one KSP set-up of the suite: the qcm time stepping (prefix ``qcm_``) and the hhl
+    reference solve (prefix ``hhl_``, :mod:`hpcqml.hhl.reference`) both use it.  For the
+    Carleman block system M is unit lower triangular, so this preconditioner is exact on one
+    rank and nilpotent of index <= p on p ranks (see :mod:`hpcqml.carleman.timestepping`).
+    ``-{prefix}ksp_*`` and ``-{prefix}pc_*`` options override every choice.
+
+    Args:
+        M: the assembled PETSc matrix.
+        owner: registers the KSP for destruction.
+        rtol: relative residual tolerance.
+        prefix: options prefix.
+        max_it: iteration limit.
+        restart: GMRES restart length (None: PETSc's default).
+
+    Returns:
+        The set-up KSP.
+    """
+    from petsc4py import PETSc
+
+    ksp = owner.own(PETSc.KSP().create(comm=M.getComm()))
+    ksp.setOperators(M)
+    ksp.setType("gmres")
+    ksp.getPC().setType("bjacobi" if M.getComm().getSize() > 1 else "ilu")
+    if restart is not None:
+        ksp.setGMRESRestart(restart)
+    ksp.setTolerances(rtol=rtol, atol=0.0, max_it=max_it)
+    ksp.setOptionsPrefix(prefix)
+    ksp.setFromOptions()
+    ksp.setUp()
+    return ksp
+
+
+def checked_solve(ksp: Any, b: Any, x: Any, transpose: bool = False) -> None:
+    """``ksp.solve(b, x)`` (or the transposed solve); :class:`NumericalError` unless it converged."""
+    (ksp.solveTranspose if transpose else ksp.solve)(b, x)
+    reason = int(ksp.getConvergedReason())
+    if reason < 0:
+        raise NumericalError(f"KSP ({ksp.getOptionsPrefix() or ''}) did not converge: reason {reason} "
+                             f"after {ksp.getIterationNumber()} iterations")
+
+
+def _eps(A: Any, owner: PetscOwner, kind: str, which: Any = None, nev: int = 1,
+         tol: float = 1e-10) -> list[complex]:
+    SLEPc = _slepc()
+    eps = owner.own(SLEPc.EPS().create(comm=A.getComm()))
+    eps.setOperators(A)
+    eps.setProblemType(SLEPc.EPS.ProblemType.NHEP)
+    eps.setType(kind)
+    if which is not None:
+        eps.setWhichEigenpairs(which)
+    eps.setDimensions(nev=nev)
+    eps.setTolerances(tol=tol, max_it=2000)
+    eps.setOptionsPrefix(PREFIX)
+    eps.setFromOptions()
+    eps.solve()
+    return [eps.getEigenvalue(i) for i in range(eps.getConverged())]
+
+
+def eigenvalues(A: Any, owner: PetscOwner, dense_limit: int = 3000, nev: int = 20,
+                tol: float = 1e-10) -> tuple[np.ndarray, str]:
     """Eigenvalues a of the Carleman matrix A (complex128, on every rank) and the method used.
 
     All Delta of them when Delta <= dense_limit, otherwise ``nev`` of largest and ``nev`` of smallest
-    real part (deduplicated).
+    real part (deduplicated).  A = 0 gives Delta exact zeros.
     """
     SLEPc = _slepc()
     D = A.getSize()[0]
+    if is_zero_matrix(A):
+        return np.zeros(D, dtype=np.complex128), "zero matrix (exact)"
     if D <= dense_limit:
-        eps = SLEPc.EPS().create(comm=A.getComm())
-        eps.setOperators(A)
-        eps.setProblemType(SLEPc.EPS.ProblemType.NHEP)
-        eps.setType(SLEPc.EPS.Type.LAPACK)
-        eps.setDimensions(nev=D)
-        eps.setOptionsPrefix("qcm_")
-        eps.setFromOptions()
-        eps.solve()
-        vals = np.array([eps.getEigenvalue(i) for i in range(eps.getConverged())], dtype=np.complex128)
-        eps.destroy()
+        vals = np.array(_eps(A, owner, SLEPc.EPS.Type.LAPACK, nev=D), dtype=np.complex128)
         if vals.shape[0] != D:
             raise NumericalError(f"SLEPc LAPACK returned {vals.shape[0]} of {D} eigenvalues")
         return vals, "EPS lapack (all)"
-    out = []
+    out: list[complex] = []
     for which in (SLEPc.EPS.Which.LARGEST_REAL, SLEPc.EPS.Which.SMALLEST_REAL):
-        eps = SLEPc.EPS().create(comm=A.getComm())
-        eps.setOperators(A)
-        eps.setProblemType(SLEPc.EPS.ProblemType.NHEP)
-        eps.setType(SLEPc.EPS.Type.KRYLOVSCHUR)
-        eps.setWhichEigenpairs(which)
-        eps.setDimensions(nev=min(nev, D - 2))
-        eps.setTolerances(tol=tol, max_it=2000)
-        eps.setOptionsPrefix("qcm_")
-        eps.setFromOptions()
-        eps.solve()
-        out += [eps.getEigenvalue(i) for i in range(eps.getConverged())]
-        eps.destroy()
+        out += _eps(A, owner, SLEPc.EPS.Type.KRYLOVSCHUR, which, nev=min(nev, D - 2), tol=tol)
     vals = np.unique(np.round(np.array(out, dtype=np.complex128), 14))
     return vals, f"EPS krylovschur ({nev} largest + {nev} smallest real part, tol {tol:g})"
 
 
+def is_dissipative(a: np.ndarray) -> np.ndarray:
+    """Boolean mask of the dissipative modes, |1 + a| < 1 (eq. II.28), for eigenvalues ``a``.
+
+    The one definition; callers holding Hessian eigenvalues λ pass a = -η λ (eq. II.65), and
+    weighted fractions (SLQ masses) sum their weights over this mask.
+    """
+    return np.abs(1.0 + np.asarray(a)) < 1.0
+
+
 def dissipative_counts(eigs: np.ndarray) -> tuple[int, int]:
-    """(Delta_+, Delta_-): modes with |1 + a| < 1 (dissipative) vs |1 + a| >= 1 (eq. II.28)."""
-    dis = int(np.sum(np.abs(1.0 + eigs) < 1.0))
+    """(Delta_+, Delta_-): modes with |1 + a| < 1 (dissipative) vs |1 + a| >= 1 (eq. II.28).
+
+    The one count of dissipative modes for eigenvalues a of a Carleman (or F1) matrix.
+    """
+    eigs = np.asarray(eigs)
+    dis = int(np.count_nonzero(is_dissipative(eigs)))
     return dis, int(eigs.shape[0] - dis)
 
 
-def singular_value(mat, which: str = "largest", tol: float = 1e-10, max_it: int = 5000,
+def dissipative_mean(a: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The representative dissipative eigenvalue a_+ of eq. II.92: the weighted mean of Re(a)
+    over the dissipative modes (:func:`is_dissipative`); nan when there are none.
+
+    The one convention of a_+: equal weights for the eigenvalues of a Carleman (or F1)
+    matrix, the SLQ masses for a Hessian spectrum (a = -lambda or a = -eta*lambda).
+    """
+    a = np.asarray(a)
+    w = np.ones(a.shape, dtype=np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
+    plus = is_dissipative(a)
+    if not plus.any() or not w[plus].sum() > 0:
+        return float("nan")
+    return float(np.sum(w[plus] * np.real(a[plus])) / np.sum(w[plus]))
+
+
+def singular_value(mat: Any, owner: PetscOwner, which: str = "largest", tol: float = 1e-10, max_it: int = 5000,
                    dense_limit: int = 3000) -> tuple[float, str]:
-    """sigma_max or sigma_min of a distributed matrix by SLEPc SVD; returns (value, method)."""
+    """σ_max or σ_min of a distributed matrix by SLEPc SVD; returns (value, method).
+
+    The zero matrix returns 0 exactly (Lanczos cannot start on it).
+    """
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"singular_value: which={which!r} is not 'largest' or 'smallest'")
+    if is_zero_matrix(mat):
+        return 0.0, "zero matrix (exact)"
     SLEPc = _slepc()
     size = mat.getSize()[0]
-    svd = SLEPc.SVD().create(comm=mat.getComm())
+    svd = owner.own(SLEPc.SVD().create(comm=mat.getComm()))
     svd.setOperators(mat)
-    if which == "smallest" and size <= dense_limit:
+    if size <= dense_limit:  # exact; Lanczos can break down on small rank-deficient matrices
         svd.setType(SLEPc.SVD.Type.LAPACK)
         method = "SVD lapack (dense)"
     else:
@@ -88,74 +210,62 @@ def singular_value(mat, which: str = "largest", tol: float = 1e-10, max_it: int 
         method = f"SVD trlanczos tol {tol:g}"
     svd.setWhichSingularTriplets(SLEPc.SVD.Which.LARGEST if which == "largest" else SLEPc.SVD.Which.SMALLEST)
     svd.setTolerances(tol=tol, max_it=max_it)
-    svd.setOptionsPrefix("qcm_")
+    svd.setOptionsPrefix(PREFIX)
     svd.setFromOptions()
     svd.solve()
     nconv = svd.getConverged()
     if nconv < 1:
         raise NumericalError(f"SLEPc SVD ({which}) did not converge in {max_it} iterations")
     vals = [svd.getValue(i) for i in range(nconv)]
-    svd.destroy()
     return float(max(vals) if which == "largest" else min(vals)), method
 
 
 class _InverseShell:
-    """Python context of a shell matrix applying M^{-1} (and M^{-T}) by KSP solves."""
+    """Python context of a shell matrix applying M⁻¹ (and M⁻ᵀ) by solves with one KSP."""
 
-    def __init__(self, ksp):
+    def __init__(self, ksp: Any) -> None:
         self.ksp = ksp
 
-    def mult(self, mat, x, y):
-        self.ksp.solve(x, y)
-        if self.ksp.getConvergedReason() < 0:
-            raise NumericalError("KSP failed inside the M^{-1} shell for kappa(M)")
+    def mult(self, mat: Any, x: Any, y: Any) -> None:  # noqa: ARG002 - petsc4py shell-context signature
+        checked_solve(self.ksp, x, y)
 
-    def multTranspose(self, mat, x, y):  # noqa: N802 - petsc4py naming
-        self.ksp.solveTranspose(x, y)
+    def multTranspose(self, mat: Any, x: Any, y: Any) -> None:  # noqa: N802, ARG002 - petsc4py shell-context API
+        checked_solve(self.ksp, x, y, transpose=True)
 
 
-def smallest_singular_value_by_inverse(M, tol: float = 1e-10, max_it: int = 5000,
+def smallest_singular_value_by_inverse(M: Any, owner: PetscOwner, tol: float = 1e-10, max_it: int = 5000,
                                        ksp_rtol: float = 1e-13) -> tuple[float, str]:
-    """sigma_min(M) = 1 / sigma_max(M^{-1}): thick-restart Lanczos on a shell M^{-1} (KSP solves).
+    """σ_min(M) = 1 / σ_max(M⁻¹): thick-restart Lanczos on a shell M⁻¹ (solves with :func:`make_ksp`).
 
-    The largest singular value of M^{-1} is well separated in practice, unlike the smallest of M,
+    The largest singular value of M⁻¹ is well separated in practice, unlike the smallest of M,
     so this converges in a few dozen products where Lanczos on M stalls.
     """
     from petsc4py import PETSc
 
     SLEPc = _slepc()
-    ksp = PETSc.KSP().create(comm=M.getComm())
-    ksp.setOperators(M)
-    ksp.setType("gmres")
-    ksp.getPC().setType("bjacobi" if M.getComm().getSize() > 1 else "ilu")
-    ksp.setTolerances(rtol=ksp_rtol, atol=0.0, max_it=1000)
-    ksp.setOptionsPrefix("qcm_inv_")
-    ksp.setFromOptions()
-    ksp.setUp()
-    shell = PETSc.Mat().createPython(M.getSizes(), context=_InverseShell(ksp), comm=M.getComm())
+    ksp = make_ksp(M, owner, rtol=ksp_rtol, prefix=INVERSE_PREFIX)
+    shell = owner.own(PETSc.Mat().createPython(M.getSizes(), context=_InverseShell(ksp), comm=M.getComm()))
     shell.setUp()
-    svd = SLEPc.SVD().create(comm=M.getComm())
+    svd = owner.own(SLEPc.SVD().create(comm=M.getComm()))
     svd.setOperators(shell)
     svd.setType(SLEPc.SVD.Type.TRLANCZOS)
     svd.setWhichSingularTriplets(SLEPc.SVD.Which.LARGEST)
     svd.setDimensions(nsv=1, ncv=min(M.getSize()[0], 16))
     svd.setTolerances(tol=tol, max_it=max_it)
-    svd.setOptionsPrefix("qcm_inv_")
+    svd.setOptionsPrefix(INVERSE_PREFIX)
     svd.setFromOptions()
     svd.solve()
     if svd.getConverged() < 1:
         raise NumericalError(f"SLEPc SVD of M^-1 did not converge in {max_it} iterations")
     val = max(svd.getValue(i) for i in range(svd.getConverged()))
-    for obj in (svd, shell, ksp):
-        obj.destroy()
     return 1.0 / float(val), f"1/sigma_max(M^-1), SVD trlanczos on KSP shell, tol {tol:g}"
 
 
-def shifted_identity(A):
-    """I + A as a new distributed matrix (diagonal entries inserted where missing)."""
+def shifted_identity(A: Any, owner: PetscOwner) -> Any:
+    """I + A as a new distributed matrix (diagonal entries inserted where missing), owned by ``owner``."""
     from petsc4py import PETSc
 
-    B = A.duplicate(copy=True)
+    B = owner.own(A.duplicate(copy=True))
     B.setOption(PETSc.Mat.Option.NEW_NONZERO_ALLOCATION_ERR, False)
     B.shift(1.0)
     B.assemble()
@@ -164,24 +274,38 @@ def shifted_identity(A):
 
 @dataclass
 class ConditionReport:
-    """kappa(M) = sigma_max / sigma_min and its bounds (eq. II.81-II.83)."""
+    """κ(M) = σ_max / σ_min and its bounds (eq. II.81-II.83), each with whether it held."""
 
     sigma_max: float
     sigma_min: float
     kappa: float
-    norm_IA: float
-    bound_II83: float      # 2(T+1), valid when ||I+A|| < 1
-    bound_general: float   # (1 + ||I+A||) sum_{t=0}^T ||I+A||^t
+    norm_IA: float  # noqa: N815 - the paper's symbol ||I+A||
+    bound_II83: float  # noqa: N815 - names eq. II.83; 2(T+1), derived for ||I+A|| < 1
+    bound_general: float   # (1 + ||I+A||) sum_{t=0}^T ||I+A||^t (eq. II.81 times ||M|| <= 1 + ||I+A||)
     method: str
 
+    @property
+    def II83_applies(self) -> bool:  # noqa: N802 - names eq. II.83
+        """Eq. II.83's premise ‖I+A‖ < 1 (eq. II.82 for every mode is weaker)."""
+        return bool(self.norm_IA < 1.0)
 
-def condition_report(M, IA_norm: float, T: int, tol: float = 1e-10, dense_limit: int = 3000) -> ConditionReport:
-    """kappa(M) from SLEPc SVD next to 2(T+1) (eq. II.83) and the general bound (eq. II.81)."""
-    smax, m1 = singular_value(M, "largest", tol=tol, dense_limit=dense_limit)
+    @property
+    def holds_II83(self) -> bool:  # noqa: N802 - names eq. II.83
+        return bool(self.kappa <= self.bound_II83 * (1.0 + 1e-9))
+
+    @property
+    def holds_general(self) -> bool:
+        return bool(self.kappa <= self.bound_general * (1.0 + 1e-9))
+
+
+def condition_report(M: Any, IA_norm: float, T: int, owner: PetscOwner, tol: float = 1e-10,
+                     dense_limit: int = 3000) -> ConditionReport:
+    """κ(M) from SLEPc SVD next to 2(T+1) (eq. II.83) and the general bound (eq. II.81)."""
+    smax, m1 = singular_value(M, owner, "largest", tol=tol, dense_limit=dense_limit)
     if M.getSize()[0] <= dense_limit:
-        smin, m2 = singular_value(M, "smallest", tol=tol, dense_limit=dense_limit)
+        smin, m2 = singular_value(M, owner, "smallest", tol=tol, dense_limit=dense_limit)
     else:
-        smin, m2 = smallest_singular_value_by_inverse(M, tol=tol)
+        smin, m2 = smallest_singular_value_by_inverse(M, owner, tol=tol)
     general = (1.0 + IA_norm) * float(sum(IA_norm**t for t in range(T + 1)))
     return ConditionReport(sigma_max=smax, sigma_min=smin, kappa=smax / smin, norm_IA=IA_norm,
                            bound_II83=2.0 * (T + 1), bound_general=general, method=f"max: {m1}; min: {m2}")

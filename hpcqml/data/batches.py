@@ -34,13 +34,9 @@ def epoch_batches(n_train: int, batch_size: int, seed: int, epoch: int) -> list[
     return [perm[i * batch_size:(i + 1) * batch_size].astype(np.int64) for i in range(nb)]
 
 
-#: [start, stop) of a rank's contiguous near-equal slice of n samples
-shard_bounds = block_bounds
-
-
 def shard(indices: np.ndarray, rank: int, size: int) -> np.ndarray:
-    """This rank's contiguous slice of ``indices`` (sizes differ by at most one)."""
-    a, b = shard_bounds(len(indices), rank, size)
+    """This rank's contiguous slice of ``indices`` (:func:`hpcqml.parallel.block_bounds`)."""
+    a, b = block_bounds(len(indices), rank, size)
     return indices[a:b]
 
 

@@ -18,11 +18,14 @@ import numpy as np
 
 from hpcqml.errors import UserError
 
-WIDTH_RULE = "sigma = max(width_factor * (theta_max - theta_min), min_width); grid = linspace(theta_min - 5 sigma, theta_max + 5 sigma, points)"
+WIDTH_RULE = ("sigma = max(width_factor * (theta_max - theta_min), min_width); "
+              "grid = linspace(theta_min - 5 sigma, theta_max + 5 sigma, points)")
 
 
 @dataclass
 class Density:
+    """A smoothed spectral density and the width rule that made it."""
+
     grid: np.ndarray      # (points,) eigenvalue lambda
     rho: np.ndarray       # (points,) density, integrates to ~1 over the grid
     sigma: float
@@ -52,9 +55,30 @@ def gaussian_density(nodes: np.ndarray, weights: np.ndarray, points: int = 256,
         raise UserError("density width_factor and min_width must be > 0")
     sigma = kernel_width(float(x.min()), float(x.max()), width_factor, min_width)
     grid = np.linspace(x.min() - 5 * sigma, x.max() + 5 * sigma, int(points))
+    rho = density_on_grid(x, w, grid, sigma)
+    return Density(grid=grid, rho=rho, sigma=sigma, width_factor=float(width_factor), min_width=float(min_width))
+
+
+def density_on_grid(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
+    """``rho`` on a given grid for a given kernel width (the sum in the module docstring).
+
+    Args:
+        nodes: node positions (NaN entries are skipped).
+        weights: node masses, same length.
+        grid: evaluation points.
+        sigma: kernel width (> 0).
+
+    Returns:
+        float64 array of ``grid``'s shape.
+    """
+    x = np.asarray(nodes, dtype=np.float64).ravel()
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    ok = ~(np.isnan(x) | np.isnan(w))
+    x, w = x[ok], w[ok]
+    grid = np.asarray(grid, dtype=np.float64)
     rho = np.zeros_like(grid)
     norm = 1.0 / (sigma * np.sqrt(2 * np.pi))
     for s in range(0, x.size, 4096):
         d = (grid[:, None] - x[None, s:s + 4096]) / sigma
         rho += (np.exp(-0.5 * d * d) * w[None, s:s + 4096]).sum(axis=1) * norm
-    return Density(grid=grid, rho=rho, sigma=sigma, width_factor=float(width_factor), min_width=float(min_width))
+    return rho

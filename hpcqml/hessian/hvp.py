@@ -1,38 +1,53 @@
-"""Exact Hessian-vector products of the mean cross-entropy over a fixed batch.
+"""Exact Hessian-vector products of a loss over a data set, as a linear operator.
 
-The loss is the mean cross-entropy over a fixed batch of ``B`` samples (paper Sec. III B:
-B = 2048 randomly selected training samples),
+The loss is a loss function ``loss_fn(output, target)`` over a data set of ``N`` samples,
+possibly sharded over the ranks of an MPI communicator.  With the default cross-entropy
+and reduction ``mean`` this is the paper's batch loss (Sec. III B: B = 2048 randomly
+selected training samples),
 
-    L(theta) = (1/B) sum_{i=1}^{B} l_i(theta),      H = d^2 L / d theta^2,
+    L(theta) = (1/N) sum_{i=1}^{N} l_i(theta),      H = d^2 L / d theta^2,
 
-restricted to a coordinate subspace ``S`` (``all`` trainable parameters, or ``support``:
-the coordinates kept by a pruning mask plus every parameter the mask does not cover).
-With the selection matrix ``P`` (rows = chosen coordinates) the operator is
+and with reduction ``sum`` the factor 1/N is dropped.  In general ``L`` is what the loss
+function returns on the whole data set in one call, ``loss_fn(model(X), Y)``.
+
+``H`` is restricted to a coordinate subspace ``S`` (``all`` trainable parameters, or
+``support``: the coordinates kept by a pruning mask plus every parameter the mask does not
+cover).  With the selection matrix ``P`` (rows = chosen coordinates) the operator is
 ``H_S = P H P^T``; a vector of ``H_S`` is a flat tensor of length ``n = |S|``.
 
-Because ``L`` is a sum over samples, ``H v = sum_c (1/B) sum_{i in c} Hess(l_i) v`` for any
-partition of the batch into chunks ``c``: each rank holds a contiguous shard of the batch,
-splits it into micro-batches, accumulates the chunk products (each chunk's loss is the
-*sum* of its cross-entropies divided by the global ``B``, so a ragged last chunk is
-weighted correctly), and the partial products are summed over ranks by MPI allreduce.
+Because ``L`` is a sum over samples, ``H v = sum_c Hess(L_c) v`` for any partition of the
+data into chunks ``c``, where ``L_c`` is the chunk's share of ``L`` (its summed loss divided
+by the global mean's denominator, so a ragged last chunk is weighted correctly).  Each rank
+iterates its shard of the data, splits every batch into micro-batches, accumulates the
+chunk products, and the partial products are summed over ranks by MPI allreduce.
 
 BatchNorm layers are used in eval mode (running statistics fixed; they are neither used
 from the batch nor updated by a product).
 
-Two product routes are implemented:
+Structure: :class:`CurvatureOperator` owns the parameters, the data iteration, the
+micro-batching, the scaling, the reductions and the product API (``@``, ``matvec``,
+``matmat``, ``to_scipy``); a product route is a subclass that implements the one per-chunk
+hook ``_chunk_products``.  Two routes are implemented:
 
-* ``double-backward``: g = dL/dtheta with ``create_graph=True``, then d(g . v)/dtheta;
-* ``func``: forward-over-reverse, ``torch.func.jvp(torch.func.grad(L), (theta,), (v,))``.
+* ``double-backward`` (:class:`DoubleBackwardHessian`): g = dL_c/dtheta with
+  ``create_graph=True``, then d(g . v)/dtheta;
+* ``func`` (:class:`FuncHessian`): forward-over-reverse,
+  ``torch.func.jvp(torch.func.grad(L_c), (theta,), (v,))``.
 
-``auto`` times both on the first product and keeps the faster one (decided on rank 0 of
-the communicator and broadcast, so every rank uses the same route).
+:class:`HessianLinearOperator` runs one of them by name, or with ``auto`` times every route
+on the first product and keeps the fastest (decided on rank 0 and broadcast).
+:class:`HessianOperator` keeps the suite's original call signature (one tensor batch, mean
+cross-entropy, the global batch size given).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -41,8 +56,8 @@ import torch.nn.functional as F
 from hpcqml.errors import NumericalError, UserError
 from hpcqml.parallel import allreduce_sum
 
-ROUTES = ("auto", "double-backward", "func")
 SPACES = ("all", "support")
+REDUCTIONS = ("mean", "sum")
 
 
 @contextlib.contextmanager
@@ -73,15 +88,18 @@ class ParamSpace:
     n: int = field(init=False)
 
     def __post_init__(self) -> None:
+        """Set ``n`` and the flat offsets of the parameters."""
         self.n = int(sum(self.sizes))
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)]).tolist()
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the parameters (of the first one)."""
         return self.params[0].dtype
 
     @property
     def device(self) -> torch.device:
+        """Device of the parameters (of the first one)."""
         return self.params[0].device
 
     def to_params(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -117,6 +135,7 @@ def param_space(model: torch.nn.Module, wrt: str = "all",
         raise UserError(f"hessian wrt = {wrt!r}: not one of {', '.join(SPACES)}")
     if wrt == "support" and mask is None:
         raise UserError("hessian wrt = 'support' needs a pruning mask, but the model has none")
+    chosen: Mapping[str, torch.Tensor] = mask if wrt == "support" and mask is not None else {}
     names, params, masks, sizes = [], [], [], []
     known = set()
     for name, p in model.named_parameters():
@@ -124,8 +143,8 @@ def param_space(model: torch.nn.Module, wrt: str = "all",
             continue
         known.add(name)
         m = None
-        if wrt == "support" and name in mask:
-            m = mask[name].to(device=p.device, dtype=torch.bool)
+        if name in chosen:
+            m = chosen[name].to(device=p.device, dtype=torch.bool)
             if m.shape != p.shape:
                 raise UserError(f"mask for {name} has shape {tuple(m.shape)}, parameter has {tuple(p.shape)}")
         names.append(name)
@@ -135,10 +154,92 @@ def param_space(model: torch.nn.Module, wrt: str = "all",
     if not params:
         raise UserError("model has no trainable parameters")
     if wrt == "support":
-        missing = sorted(set(mask) - known)
+        missing = sorted(set(chosen) - known)
         if missing:
             raise UserError(f"mask names {missing[0]!r}, which is not a trainable parameter of the model")
     return ParamSpace(names, params, masks, sizes)
+
+
+# -- the loss ------------------------------------------------------------------------------
+
+def _reduction_of(loss_fn: Callable) -> str:
+    """Return the reduction a loss function applies: its ``reduction`` attribute or argument default."""
+    red = getattr(loss_fn, "reduction", None)
+    if red is None:
+        param = _signature_params(loss_fn).get("reduction")
+        red = None if param is None or param.default is inspect.Parameter.empty else param.default
+    if red is None:
+        raise UserError("loss_fn has neither a 'reduction' attribute nor a 'reduction' argument with a default; "
+                        "give it one ('mean' or 'sum')")
+    if red not in REDUCTIONS:
+        raise UserError(f"loss_fn reduction = {red!r}: not one of {', '.join(REDUCTIONS)}")
+    return str(red)
+
+
+def _signature_params(fn: Callable) -> Mapping[str, inspect.Parameter]:
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return {}
+
+
+def _with_reduction(loss_fn: Callable, reduction: str) -> Callable | None:
+    """``loss_fn`` with another reduction (a module copy or a bound argument), or None."""
+    if isinstance(loss_fn, torch.nn.Module) and hasattr(loss_fn, "reduction"):
+        other: Any = copy.copy(loss_fn)
+        other.reduction = reduction
+        return other
+    if "reduction" in _signature_params(loss_fn):
+        return lambda out, target: loss_fn(out, target, reduction=reduction)
+    return None
+
+
+class ChunkLoss:
+    """A loss function evaluated on chunks whose values add up to the loss of the whole data set.
+
+    Reduction ``sum``: a chunk's value is the loss itself.  Reduction ``mean``: when the
+    reduction can be switched (a module with a ``reduction`` attribute, or a function with
+    a ``reduction`` argument), the chunk's summed loss divided by ``num_data`` times the
+    loss elements per sample (``reduction='none'`` tells how many: 1 for cross-entropy, the
+    output width for ``MSELoss``); otherwise the chunk's mean times ``b / num_data``.
+    """
+
+    def __init__(self, loss_fn: Callable | None = None) -> None:
+        self.fn = F.cross_entropy if loss_fn is None else loss_fn
+        self.reduction = _reduction_of(self.fn)
+        if self.reduction == "mean" and getattr(self.fn, "weight", None) is not None:
+            raise UserError("loss_fn has class weights and reduction 'mean', whose denominator is not a sample "
+                            "count; use reduction 'sum'")
+        self._sum = _with_reduction(self.fn, "sum") if self.reduction == "mean" else None
+        self._none = _with_reduction(self.fn, "none") if self.reduction == "mean" else None
+        self._per_sample: int | None = None
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor, num_data: int) -> torch.Tensor:
+        """Return the chunk's share of the loss of a data set of ``num_data`` samples."""
+        if self.reduction == "sum":
+            return self.fn(out, target)
+        b = int(out.shape[0])
+        per_sample = self._elements_per_sample(out, target)
+        if per_sample is None or self._sum is None:
+            return self.fn(out, target) * (b / num_data)
+        return self._sum(out, target) / (num_data * per_sample)
+
+    def _elements_per_sample(self, out: torch.Tensor, target: torch.Tensor) -> int | None:
+        if self._per_sample is None and self._sum is not None and self._none is not None:
+            with torch.no_grad():
+                try:
+                    count = int(self._none(out.detach(), target).numel())
+                except (TypeError, ValueError, RuntimeError):  # a custom loss without 'none'
+                    count = 0
+            b = int(out.shape[0])
+            self._per_sample = count // b if count >= b and count % b == 0 else 0
+        return self._per_sample or None
+
+
+# -- the data -------------------------------------------------------------------------------
+
+def _is_tensor_pair(data: Any) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
@@ -146,152 +247,377 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-class HessianOperator:
-    """``v -> H_S v`` for the mean cross-entropy of a batch sharded over ``comm``.
+class DataSource:
+    """Samples of one rank, split into micro-batches.
 
-    Parameters
-    ----------
-    model: the network (put in eval mode during every product; its flags are restored).
-    x, y: this rank's shard of the batch (inputs on the model's device, int64 labels).
-    total_batch: the global batch size B (sum of the shard sizes over ``comm``).
-    comm: the communicator whose ranks hold the shards (None = single process).
-    space: the coordinate subspace (``param_space``).
-    micro_batch: samples per chunk (the last chunk may be smaller).
-    route: ``auto``, ``double-backward`` or ``func``.
-    perf: optional object with ``count(name, n)`` and ``comm_timer()``.
+    The data is one ``(x, y)`` pair of tensors, or a re-iterable collection of ``(x, y)``
+    batches (a list, a ``DataLoader``).
     """
 
-    def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, total_batch: int,
-                 comm: Any = None, space: ParamSpace | None = None, micro_batch: int = 512,
-                 route: str = "auto", perf: Any = None) -> None:
-        if route not in ROUTES:
-            raise UserError(f"hessian route = {route!r}: not one of {', '.join(ROUTES)}")
-        if micro_batch < 1:
+    def __init__(self, data: Any, micro_batch: int | None) -> None:
+        if micro_batch is not None and int(micro_batch) < 1:
             raise UserError(f"micro_batch = {micro_batch}: must be >= 1")
-        if int(x.shape[0]) != int(y.shape[0]):
-            raise UserError(f"batch inputs ({x.shape[0]}) and labels ({y.shape[0]}) differ in length")
+        if _is_tensor_pair(data):
+            if int(data[0].shape[0]) != int(data[1].shape[0]):
+                raise UserError(f"batch inputs ({data[0].shape[0]}) and labels ({data[1].shape[0]}) differ in length")
+        elif not isinstance(data, Iterable):
+            raise UserError(f"data is a {type(data).__name__}: pass (x, y) tensors or an iterable of (x, y) batches")
+        elif isinstance(data, Iterator):
+            raise UserError("data is a one-shot iterator (a generator?): every product reads the data again; "
+                            "pass a list of (x, y) batches, (x, y) tensors or a DataLoader")
+        self.data = data
+        self.micro_batch = None if micro_batch is None else int(micro_batch)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the ``(x, y)`` batches as stored."""
+        if _is_tensor_pair(self.data):
+            yield self.data[0], self.data[1]
+            return
+        for item in self.data:
+            if not (isinstance(item, (tuple, list)) and len(item) >= 2
+                    and isinstance(item[0], torch.Tensor) and isinstance(item[1], torch.Tensor)):
+                raise UserError(f"data yields a {type(item).__name__}; expected (x, y) tensor pairs")
+            if int(item[0].shape[0]) != int(item[1].shape[0]):
+                raise UserError(f"a batch has {item[0].shape[0]} inputs but {item[1].shape[0]} targets")
+            yield item[0], item[1]
+
+    def count(self) -> int:
+        """Count the samples held here (one pass over the data)."""
+        return sum(int(y.shape[0]) for _, y in self.batches())
+
+    def chunks(self, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield micro-batches on ``device``, floating-point inputs cast to ``dtype``."""
+        for x, y in self.batches():
+            x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+            y = y.to(device)
+            n = int(y.shape[0])
+            for lo, hi in _chunks(n, self.micro_batch or max(n, 1)):
+                yield x[lo:hi], y[lo:hi]
+
+
+# -- the operator ---------------------------------------------------------------------------
+
+ROUTE_CLASSES: dict[str, type[CurvatureOperator]] = {}  # route name -> subclass, filled on definition
+
+
+class CurvatureOperator:
+    """Base of the Hessian operators: ``v -> H_S v`` of a loss over a data set.
+
+    The base owns the parameter subspace, the data iteration and micro-batching, the
+    scaling (:class:`ChunkLoss`), eval mode, the reduction over ``comm``, the finite check
+    and the product API.  A route subclass sets ``route_name`` and implements
+    :meth:`_chunk_products`; it is then registered in :data:`ROUTE_CLASSES`.
+
+    Args:
+        model: the network (put in eval mode during every product; its flags are restored).
+        data: this rank's samples: ``(x, y)`` tensors, or a re-iterable collection of
+            ``(x, y)`` batches such as a list or a ``torch.utils.data.DataLoader`` (it must
+            give the same samples on every pass: no shuffling or augmentation).
+        loss_fn: ``loss_fn(output, target)`` with a ``reduction`` attribute or argument
+            (``mean`` or ``sum``); default: cross-entropy, reduction ``mean``.
+        wrt: ``all`` trainable parameters, or the ``support`` of ``mask``.
+        mask: pruning masks by parameter name (for ``wrt='support'``).
+        space: a ready coordinate subspace (overrides ``wrt``/``mask``).
+        micro_batch: samples per chunk (the last chunk of a batch may be smaller); None
+            takes each batch whole.
+        num_data: samples over all ranks; None counts them (one pass over the data and an
+            allreduce).
+        comm: the mpi4py communicator whose ranks hold the shards (None = one process).
+        check_finite: raise :class:`NumericalError` on a NaN/Inf product.
+        perf: optional object with ``count(name, n)`` and ``comm_timer()``.
+    """
+
+    route_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register a subclass that names a route in :data:`ROUTE_CLASSES`."""
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("route_name"):
+            ROUTE_CLASSES[cls.route_name] = cls
+
+    def __init__(self, model: torch.nn.Module, data: Any, loss_fn: Callable | ChunkLoss | None = None, *,
+                 wrt: str = "all", mask: Mapping[str, torch.Tensor] | None = None,
+                 space: ParamSpace | None = None, micro_batch: int | None = None, num_data: int | None = None,
+                 comm: Any = None, check_finite: bool = True, perf: Any = None) -> None:
         self.model = model
-        self.x, self.y = x, y
-        self.total_batch = int(total_batch)
-        if self.total_batch < 1:
-            raise UserError("Hessian batch is empty")
+        self.space = space if space is not None else param_space(model, wrt, mask)
+        self.source = data if isinstance(data, DataSource) else DataSource(data, micro_batch)
+        self.loss_fn = loss_fn if isinstance(loss_fn, ChunkLoss) else ChunkLoss(loss_fn)
         self.comm = comm
-        self.space = space if space is not None else param_space(model)
-        self.micro_batch = int(micro_batch)
-        self.route = route
+        self.num_data = int(num_data) if num_data is not None else self._count(comm)
+        if self.num_data < 1:
+            raise UserError("Hessian data set is empty")
+        self.check_finite = bool(check_finite)
         self.perf = perf
-        self.route_timings: dict[str, float] = {}
         self.products = 0
 
-    @property
-    def n(self) -> int:
-        return self.space.n
+    def _count(self, comm: Any) -> int:
+        total = np.array([self.source.count()], dtype=np.int64)
+        allreduce_sum(comm, total)
+        return int(total[0])
 
-    # -- losses -------------------------------------------------------------------------
-    def _chunk_loss(self, params: Sequence[torch.Tensor] | None, lo: int, hi: int) -> torch.Tensor:
-        """Sum of the chunk's cross-entropies divided by the global batch size B."""
-        xb, yb = self.x[lo:hi], self.y[lo:hi]
+    # -- the per-chunk hook ----------------------------------------------------------------
+    def _chunk_products(self, x: torch.Tensor, y: torch.Tensor,
+                        vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """``[Hess(L_c) v for v in vps]`` on one chunk, each in parameter-shaped list form."""
+        raise NotImplementedError(f"{type(self).__name__} implements no product route")
+
+    def _chunk_loss(self, x: torch.Tensor, y: torch.Tensor,
+                    params: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Return the chunk's share ``L_c`` of the loss (with ``params``: a functional call on them)."""
         if params is None:
-            out = self.model(xb)
+            out = self.model(x)
         else:
-            named = dict(zip(self.space.names, params))
-            out = torch.func.functional_call(self.model, named, (xb,))
-        return F.cross_entropy(out, yb, reduction="sum") / self.total_batch
+            out = torch.func.functional_call(self.model, dict(zip(self.space.names, params, strict=True)), (x,))
+        return self.loss_fn(out, y, self.num_data)
 
-    # -- local (unreduced) products ------------------------------------------------------
-    def _local_double_backward(self, vp: list[torch.Tensor]) -> list[torch.Tensor]:
-        params = self.space.params
-        acc = [torch.zeros_like(p) for p in params]
-        for lo, hi in _chunks(int(self.x.shape[0]), self.micro_batch):
-            loss = self._chunk_loss(None, lo, hi)
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            # d(g . v)/dtheta as a vector-Jacobian product of the gradient with v
-            hv = torch.autograd.grad(grads, params, grad_outputs=vp)
-            for a, h in zip(acc, hv):
-                a.add_(h)
-        return acc
-
-    def _local_func(self, vp: list[torch.Tensor]) -> list[torch.Tensor]:
-        params = tuple(p.detach() for p in self.space.params)
-        acc = [torch.zeros_like(p) for p in params]
-        for lo, hi in _chunks(int(self.x.shape[0]), self.micro_batch):
-            def loss_fn(ps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-                return self._chunk_loss(ps, lo, hi)
-            _, hv = torch.func.jvp(torch.func.grad(loss_fn), (params,), (tuple(vp),))
-            for a, h in zip(acc, hv):
-                a.add_(h)
-        return acc
-
-    def _local(self, route: str, vp: list[torch.Tensor]) -> list[torch.Tensor]:
+    # -- local (unreduced) products ---------------------------------------------------------
+    def _local(self, vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """Return the sum of the chunk products over this rank's data, in eval mode."""
+        acc = [[torch.zeros_like(p) for p in self.space.params] for _ in vps]
         with eval_mode(self.model):
-            if route == "func":
-                return self._local_func(vp)
-            return self._local_double_backward(vp)
+            for x, y in self.source.chunks(self.space.device, self.space.dtype):
+                for a_col, h_col in zip(acc, self._chunk_products(x, y, vps), strict=True):
+                    for a, h in zip(a_col, h_col, strict=True):
+                        a.add_(h)
+        return acc
 
-    def _choose_route(self, vp: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Time both routes on this product; rank 0's choice is broadcast."""
-        results = {}
-        for route in ("double-backward", "func"):
-            _sync(self.space.device)
-            t0 = time.perf_counter()
-            try:
-                results[route] = self._local(route, vp)
-            except (RuntimeError, NotImplementedError):  # an op without forward-mode AD
-                self.route_timings[route] = float("inf")
-                continue
-            _sync(self.space.device)
-            self.route_timings[route] = time.perf_counter() - t0
-        best = min(self.route_timings, key=self.route_timings.get)
-        if self.comm is not None and self.comm.Get_size() > 1:
-            best = self.comm.bcast(best, root=0)
-        self.route = best
-        if best not in results:
-            results[best] = self._local(best, vp)
-        return results[best]
-
-    # -- public -------------------------------------------------------------------------
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """Return ``H_S v`` (flat, length n, same dtype/device as the parameters).
-
-        Collective over ``comm``: every rank passes the same ``v`` and gets the same result.
-        """
-        if v.shape != (self.n,):
-            raise UserError(f"vector has shape {tuple(v.shape)}, expected ({self.n},)")
-        vp = self.space.to_params(v)
-        if self.route == "auto":
-            local = self._choose_route(vp)
+    def _product(self, cols: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Return the flat products ``H_S c`` for the flat columns ``cols``, reduced over ``comm``."""
+        local = self._local([self.space.to_params(c) for c in cols])
+        if len(cols) == 1:
+            out = self.space.from_params(local[0]).contiguous()
         else:
-            local = self._local(self.route, vp)
-        out = self.space.from_params(local).contiguous()
+            out = torch.stack([self.space.from_params(c) for c in local], dim=1).contiguous()
         timer = self.perf.comm_timer() if self.perf is not None else contextlib.nullcontext()
         with timer:
             allreduce_sum(self.comm, out)
-        self.products += 1
+        self.products += len(cols)
         if self.perf is not None:
-            self.perf.count("hvp_products", 1)
-        return out
+            self.perf.count("hvp_products", len(cols))
+        if self.check_finite:
+            check_finite(out, f"product {self.products} of {type(self).__name__}")
+        return [out] if len(cols) == 1 else list(out.unbind(1))
+
+    # -- public -----------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        """Dimension of the coordinate subspace S."""
+        return self.space.n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, n)``."""
+        return (self.n, self.n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the products (that of the parameters)."""
+        return self.space.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the products (that of the parameters)."""
+        return self.space.device
+
+    def _as_tensor(self, v: Any, ndim: int) -> tuple[torch.Tensor, Any]:
+        """``v`` as a tensor of the operator's dtype/device, and the numpy dtype to return (or None)."""
+        np_dtype = None
+        if isinstance(v, np.ndarray):
+            np_dtype = v.dtype
+            v = torch.from_numpy(np.ascontiguousarray(v))
+        if not isinstance(v, torch.Tensor):
+            raise UserError(f"cannot multiply the Hessian with a {type(v).__name__}; "
+                            "pass a torch tensor or numpy array")
+        if v.ndim != ndim or v.shape[0] != self.n:
+            want = f"({self.n},)" if ndim == 1 else f"({self.n}, k)"
+            raise UserError(f"vector has shape {tuple(v.shape)}, expected {want}")
+        return v.to(device=self.device, dtype=self.dtype), np_dtype
+
+    @staticmethod
+    def _as_output(out: torch.Tensor, np_dtype: Any) -> Any:
+        return out if np_dtype is None else out.detach().cpu().numpy().astype(np_dtype, copy=False)
+
+    def matvec(self, v: Any) -> Any:
+        """Return ``H_S v`` for a flat ``v`` of length n.
+
+        A torch ``v`` gives a tensor of the operator's dtype and device; a numpy ``v`` is
+        cast in and gives numpy of its own dtype.
+
+        Collective over ``comm``: every rank passes the same ``v`` and gets the same result.
+        """
+        t, np_dtype = self._as_tensor(v, 1)
+        return self._as_output(self._product([t])[0], np_dtype)
+
+    def matmat(self, V: Any) -> Any:
+        """Return ``H_S V`` for an (n, k) matrix: one pass over the data for all k columns."""
+        t, np_dtype = self._as_tensor(V, 2)
+        if t.shape[1] == 0:
+            return self._as_output(t.clone(), np_dtype)
+        cols = self._product(list(t.unbind(1)))
+        return self._as_output(torch.stack(cols, dim=1), np_dtype)
+
+    def __matmul__(self, v: Any) -> Any:
+        """``H_S @ v``: :meth:`matmat` for a matrix, :meth:`matvec` for a vector."""
+        return self.matmat(v) if getattr(v, "ndim", 1) == 2 else self.matvec(v)
+
+    def to_scipy(self) -> Any:
+        """Return ``H_S`` as a ``scipy.sparse.linalg.LinearOperator`` (float64 in and out)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(v: np.ndarray) -> np.ndarray:
+            return self.matvec(np.asarray(v, dtype=np.float64).reshape(-1))
+
+        def mm(V: np.ndarray) -> np.ndarray:
+            return self.matmat(np.asarray(V, dtype=np.float64))
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np.float64)
 
     def gradient(self) -> torch.Tensor:
-        """Flat gradient ``P dL/dtheta`` of the batch loss (allreduced); for benchmarks."""
+        """Flat gradient ``P dL/dtheta`` of the data-set loss (allreduced)."""
         params = self.space.params
         acc = [torch.zeros_like(p) for p in params]
         with eval_mode(self.model):
-            for lo, hi in _chunks(int(self.x.shape[0]), self.micro_batch):
-                g = torch.autograd.grad(self._chunk_loss(None, lo, hi), params)
-                for a, h in zip(acc, g):
+            for x, y in self.source.chunks(self.space.device, self.space.dtype):
+                for a, h in zip(acc, torch.autograd.grad(self._chunk_loss(x, y), params), strict=True):
                     a.add_(h)
         out = self.space.from_params(acc).contiguous()
         allreduce_sum(self.comm, out)
         return out
 
     def loss(self) -> float:
-        """The batch loss L(theta) (allreduced), evaluated without gradients."""
+        """Return the data-set loss L(theta) (allreduced), evaluated without gradients."""
         total = torch.zeros(1, dtype=torch.float64)
         with eval_mode(self.model), torch.no_grad():
-            for lo, hi in _chunks(int(self.x.shape[0]), self.micro_batch):
-                total += float(self._chunk_loss(None, lo, hi))
+            for x, y in self.source.chunks(self.space.device, self.space.dtype):
+                total += float(self._chunk_loss(x, y))
         allreduce_sum(self.comm, total)
         return float(total[0])
+
+
+class DoubleBackwardHessian(CurvatureOperator):
+    """Route ``double-backward``: the chunk gradient with a graph, then a VJP of it per vector.
+
+    The graph is built once per chunk for all the vectors of a ``matmat``.
+    """
+
+    route_name = "double-backward"
+
+    def _chunk_products(self, x: torch.Tensor, y: torch.Tensor,
+                        vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        params = self.space.params
+        grads = torch.autograd.grad(self._chunk_loss(x, y), params, create_graph=True)
+        last = len(vps) - 1
+        return [list(torch.autograd.grad(grads, params, grad_outputs=vp, retain_graph=j < last))
+                for j, vp in enumerate(vps)]
+
+
+class FuncHessian(CurvatureOperator):
+    """Route ``func``: forward-over-reverse, ``jvp(grad(L_c), (theta,), (v,))`` per vector."""
+
+    route_name = "func"
+
+    def _chunk_products(self, x: torch.Tensor, y: torch.Tensor,
+                        vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        params = tuple(p.detach() for p in self.space.params)
+
+        def loss_of(ps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            return self._chunk_loss(x, y, ps)
+
+        grad_fn = torch.func.grad(loss_of)
+        return [list(torch.func.jvp(grad_fn, (params,), (tuple(vp),))[1]) for vp in vps]
+
+
+class HessianLinearOperator(CurvatureOperator):
+    """The Hessian operator with its product route chosen by name, or ``auto``.
+
+    With ``auto`` every registered route is timed on the first product and the fastest is
+    kept (rank 0's choice is broadcast, so every rank uses the same route).
+
+    Takes the arguments of :class:`CurvatureOperator` and ``route``.  ``route`` holds the
+    requested name until ``auto`` has chosen; then it and ``route_used`` hold the choice
+    (store it and pass it back as ``route`` to skip the timing on a resumed run).
+    ``route_timings`` holds the seconds each route took on the first product.
+    """
+
+    def __init__(self, model: torch.nn.Module, data: Any, loss_fn: Callable | ChunkLoss | None = None, *,
+                 route: str = "auto", **kwargs: Any) -> None:
+        if route != "auto" and route not in ROUTE_CLASSES:
+            raise UserError(f"hessian route = {route!r}: not one of {', '.join(routes())}")
+        super().__init__(model, data, loss_fn, **kwargs)
+        self.route = route
+        self.route_timings: dict[str, float] = {}
+        self._routes = {name: cls(model, self.source, self.loss_fn, space=self.space, num_data=self.num_data)
+                        for name, cls in ROUTE_CLASSES.items()}
+
+    @property
+    def route_used(self) -> str | None:
+        """The route the products run on (None until ``auto`` has timed the first product)."""
+        return None if self.route == "auto" else self.route
+
+    def _chunk_products(self, x: torch.Tensor, y: torch.Tensor,
+                        vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        return self._routes[self._active]._chunk_products(x, y, vps)
+
+    def _local(self, vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        if self.route == "auto":
+            return self._choose_route(vps)
+        self._active = self.route
+        return super()._local(vps)
+
+    def _choose_route(self, vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """Time every route on this product; rank 0's choice is broadcast."""
+        results = {}
+        for name in self._routes:
+            self._active = name
+            _sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                results[name] = super()._local(vps)
+            except (RuntimeError, NotImplementedError):  # an op without forward-mode AD
+                self.route_timings[name] = float("inf")
+                continue
+            _sync(self.device)
+            self.route_timings[name] = time.perf_counter() - t0
+        best = min(self.route_timings, key=lambda name: self.route_timings[name])
+        if self.comm is not None and self.comm.Get_size() > 1:
+            best = self.comm.bcast(best, root=0)
+        self.route = self._active = best
+        if best not in results:
+            results[best] = super()._local(vps)
+        return results[best]
+
+
+class HessianOperator(HessianLinearOperator):
+    """``v -> H_S v`` for the mean cross-entropy of one tensor batch sharded over ``comm``.
+
+    The suite's original signature; see :class:`HessianLinearOperator` for any loss and data.
+
+    Args:
+        model: the network (put in eval mode during every product; its flags are restored).
+        x, y: this rank's shard of the batch (inputs on the model's device, int64 labels).
+        total_batch: the global batch size B (sum of the shard sizes over ``comm``).
+        comm: the communicator whose ranks hold the shards (None = single process).
+        space: the coordinate subspace (``param_space``; default all parameters).
+        micro_batch: samples per chunk (the last chunk may be smaller).
+        route: ``auto``, ``double-backward`` or ``func``.
+        perf: optional object with ``count(name, n)`` and ``comm_timer()``.
+    """
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, total_batch: int,
+                 comm: Any = None, space: ParamSpace | None = None, micro_batch: int = 512,
+                 route: str = "auto", perf: Any = None) -> None:
+        if micro_batch < 1:
+            raise UserError(f"micro_batch = {micro_batch}: must be >= 1")
+        super().__init__(model, (x, y), None, route=route, space=space, micro_batch=micro_batch,
+                         num_data=int(total_batch), comm=comm, check_finite=False, perf=perf)
+        self.x, self.y = x, y
+        self.total_batch = self.num_data
+
+
+def routes() -> tuple[str, ...]:
+    """Return the accepted ``route`` names: ``auto`` and every registered route."""
+    return ("auto", *ROUTE_CLASSES)
 
 
 def check_finite(w: torch.Tensor, what: str) -> None:

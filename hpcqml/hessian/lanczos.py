@@ -28,6 +28,7 @@ was found): the run ends early and says so.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,13 +38,9 @@ import torch
 
 from hpcqml.errors import UserError
 from hpcqml.hessian.hvp import check_finite
-from hpcqml.parallel import block_bounds
+from hpcqml.parallel import allreduce_sum, block_bounds
 
 REORTH = ("full", "none")
-
-
-#: contiguous near-equal slice ``[lo, hi)`` of the parameter vector owned by a rank
-slice_bounds = block_bounds
 
 
 RADEMACHER_BLOCK = 1 << 20
@@ -106,43 +103,38 @@ def tridiagonal_quadrature(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndar
 
 
 class _Dist:
-    """Slice bookkeeping and the two collectives Lanczos needs on ``comm``."""
+    """Slice bookkeeping of ``comm`` and the allgather of a sliced vector (sums use
+    :func:`hpcqml.parallel.allreduce_sum`).
+    """
 
     def __init__(self, comm: Any, n: int, perf: Any = None) -> None:
         self.comm = comm
         self.size = 1 if comm is None else comm.Get_size()
         rank = 0 if comm is None else comm.Get_rank()
-        self.lo, self.hi = slice_bounds(n, rank, self.size)
+        self.lo, self.hi = block_bounds(n, rank, self.size)
         self.n = n
-        bounds = [slice_bounds(n, r, self.size) for r in range(self.size)]
-        self.counts = [h - l for l, h in bounds]
-        self.displs = [l for l, _ in bounds]
+        bounds = [block_bounds(n, r, self.size) for r in range(self.size)]
+        self.counts = [hi - lo for lo, hi in bounds]
+        self.displs = [lo for lo, _ in bounds]
         self.perf = perf
 
-    def _timer(self):  # noqa: ANN202
-        import contextlib
-        return self.perf.comm_timer() if self.perf is not None else contextlib.nullcontext()
-
-    def sum(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float64)
-        if self.size == 1:
-            return x
-        from mpi4py import MPI
-        out = np.empty_like(x)
-        with self._timer():
-            self.comm.Allreduce(x, out, op=MPI.SUM)
-        return out
-
     def gather(self, loc: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Assemble the full vector from every rank's slice (allgather)."""
         if self.size == 1:
             return loc.to(device).contiguous()
-        from mpi4py import MPI
+        from mpi4py.util.dtlib import from_numpy_dtype
+
         send = loc.detach().cpu().contiguous().numpy()
         recv = np.empty(self.n, dtype=send.dtype)
-        mpitype = MPI._typedict[send.dtype.char]
-        with self._timer():
+        mpitype = from_numpy_dtype(send.dtype)
+        timer = self.perf.comm_timer() if self.perf is not None else contextlib.nullcontext()
+        with timer:
             self.comm.Allgatherv([send, mpitype], [recv, self.counts, self.displs, mpitype])
         return torch.from_numpy(recv).to(device)
+
+
+class Interrupted(Exception):
+    """Raised by :func:`lanczos` when its ``interrupt`` callback asks it to stop."""
 
 
 def _project(V: torch.Tensor, w: torch.Tensor, cols: int) -> np.ndarray:
@@ -160,87 +152,153 @@ def _subtract(V: torch.Tensor, coef: np.ndarray, w: torch.Tensor, cols: int) -> 
         w[s:s + cols] -= c @ V[:, s:s + cols].to(torch.float64)
 
 
-def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, comm: Any, z_local: np.ndarray,
-            steps: int = 100, reorth: str = "full", state_dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu", basis_device: torch.device | str | None = None,
-            rtol: float | None = None, probe: int = 0, label: str = "", perf: Any = None) -> LanczosResult:
-    """Run ``steps`` Lanczos steps on ``matvec`` from the start vector ``z`` (sharded).
+def _reorthogonalise(V: torch.Tensor, w: torch.Tensor, dist: _Dist, cols: int) -> float:
+    """Classical Gram-Schmidt of ``w`` against the basis rows ``V``; returns ``||w||``.
 
-    ``matvec(v)`` takes and returns a full length-n tensor on ``device`` and is collective
-    over ``comm`` (same input, same output on every rank).  ``z_local`` is this rank's slice
-    ``[lo, hi)`` (``slice_bounds``) of the unnormalised start vector.  The basis is kept on
-    ``basis_device`` (default ``device``) in ``state_dtype``.  A non-finite product raises
-    :class:`~hpcqml.errors.NumericalError` naming ``label``, the probe and the step.
+    A second pass runs only when the first removed more than 1 - 1/sqrt(2) of the norm
+    ("twice is enough", Kahan-Parlett criterion).
     """
+    before = float(np.sqrt(_sum_scalar(dist, float(w @ w))))
+    after = before
+    for _ in range(2):
+        coef = allreduce_sum(dist.comm, _project(V, w, cols), perf=dist.perf)
+        _subtract(V, coef, w, cols)
+        after = float(np.sqrt(_sum_scalar(dist, float(w @ w))))
+        if after >= before / np.sqrt(2.0):
+            break
+        before = after
+    return after
+
+
+def _unit_start(z_local: np.ndarray, dist: _Dist, bdev: torch.device,
+                state_dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """This rank's slice of ``v_1 = z/||z||`` and ``||z||^2``."""
+    nloc = dist.hi - dist.lo
+    if z_local.shape != (nloc,):
+        raise ValueError(f"start slice has shape {z_local.shape}, expected ({nloc},)")
+    z = torch.from_numpy(np.asarray(z_local, dtype=np.float64)).to(bdev)
+    znorm2 = _sum_scalar(dist, float(z @ z))
+    if not znorm2 > 0.0:
+        raise UserError("Lanczos start vector is zero")
+    return (z / np.sqrt(znorm2)).to(state_dtype), znorm2
+
+
+def _check_arguments(reorth: str, steps: int) -> None:
     if reorth not in REORTH:
         raise UserError(f"reorth = {reorth!r}: not one of {', '.join(REORTH)}")
     if steps < 1:
         raise UserError(f"lanczos steps = {steps}: must be >= 1")
+
+
+def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, comm: Any, z_local: np.ndarray,
+            steps: int = 100, reorth: str = "full", state_dtype: torch.dtype = torch.float32,
+            device: torch.device | str = "cpu", basis_device: torch.device | str | None = None,
+            rtol: float | None = None, probe: int = 0, label: str = "", perf: Any = None,
+            on_step: Callable[[int, int], None] | None = None,
+            interrupt: Callable[[], bool] | None = None) -> LanczosResult:
+    """Run ``steps`` Lanczos steps on ``matvec`` from the start vector ``z`` (sharded).
+
+    Args:
+        matvec: ``v -> H v`` on full length-n tensors on ``device``; collective over
+            ``comm`` (same input, same output on every rank).
+        n: dimension of the operator.
+        comm: communicator sharding the basis (None = one process).
+        z_local: this rank's slice ``[lo, hi)`` (:func:`hpcqml.parallel.block_bounds`) of the unnormalised
+            start vector.
+        steps: Lanczos steps m (at most n are taken).
+        reorth: ``full`` (against the stored basis) or ``none``.
+        state_dtype: dtype of the stored basis vectors and of the products.
+        device: where the products run.
+        basis_device: where the basis is held (default ``device``).
+        rtol: breakdown threshold relative to ``max(|alpha|, beta)`` (default 100 eps).
+        probe: the probe number (named in errors, stored in the result).
+        label: what is measured (named in errors).
+        perf: optional timer/counter object charged with the communication time.
+        on_step: called as ``on_step(done, total)`` after every step (progress display).
+        interrupt: polled after every step (collectively over ``comm``); when it returns
+            True the run stops and :class:`Interrupted` is raised.
+
+    Returns:
+        The recurrence coefficients, Ritz values, Gauss weights and residual bounds.
+
+    Raises:
+        NumericalError: a non-finite product (naming ``label``, the probe and the step).
+    """
+    _check_arguments(reorth, steps)
     device = torch.device(device)
     bdev = torch.device(basis_device) if basis_device is not None else device
     dist = _Dist(comm, n, perf)
-    nloc = dist.hi - dist.lo
-    if z_local.shape != (nloc,):
-        raise ValueError(f"start slice has shape {z_local.shape}, expected ({nloc},)")
     m = min(int(steps), int(n))
     if rtol is None:
         rtol = 100.0 * float(torch.finfo(state_dtype).eps)
     cols = max(1, (1 << 24) // max(1, m))
-
-    z = torch.from_numpy(np.asarray(z_local, dtype=np.float64)).to(bdev)
-    znorm2 = float(dist.sum(np.array([float(z @ z)]))[0])
-    if not znorm2 > 0.0:
-        raise UserError("Lanczos start vector is zero")
-    v = (z / np.sqrt(znorm2)).to(state_dtype)
-    del z
+    v, znorm2 = _unit_start(z_local, dist, bdev, state_dtype)
+    V = None
     if reorth == "full":
-        V = torch.empty((m, nloc), dtype=state_dtype, device=bdev)
+        V = torch.empty((m, dist.hi - dist.lo), dtype=state_dtype, device=bdev)
         V[0] = v
     v_prev: torch.Tensor | None = None
-    v_full = dist.gather(v, device)
     alphas: list[float] = []
     betas: list[float] = []
     breakdown = False
     for j in range(m):
-        w_full = matvec(v_full)
-        check_finite(w_full, f"{label + ', ' if label else ''}probe {probe}, Lanczos step {j}")
-        w = w_full[dist.lo:dist.hi].to(device=bdev, dtype=torch.float64)
-        del w_full
-        vj = v.to(torch.float64)
-        alpha = float(dist.sum(np.array([float(vj @ w)]))[0])
-        w -= alpha * vj
-        if j > 0:
-            w -= betas[-1] * v_prev.to(torch.float64)
-        if reorth == "full":
-            # classical Gram-Schmidt; a second pass only when the first removed more than
-            # 1 - 1/sqrt(2) of the norm ("twice is enough", Kahan-Parlett criterion)
-            before = float(np.sqrt(dist.sum(np.array([float(w @ w)]))[0]))
-            for _ in range(2):
-                coef = dist.sum(_project(V[:j + 1], w, cols))
-                _subtract(V[:j + 1], coef, w, cols)
-                after = float(np.sqrt(dist.sum(np.array([float(w @ w)]))[0]))
-                if after >= before / np.sqrt(2.0):
-                    break
-                before = after
-            beta = after
-        else:
-            beta = float(np.sqrt(dist.sum(np.array([float(w @ w)]))[0]))
+        where = f"{label + ', ' if label else ''}probe {probe}, Lanczos step {j}"
+        alpha, beta, w = _step(matvec(dist.gather(v, device)), v, v_prev, betas[-1] if betas else 0.0,
+                               None if V is None else V[:j + 1], dist, bdev, cols, where)
         alphas.append(alpha)
         betas.append(beta)
+        if on_step is not None:
+            on_step(j + 1, m)
+        if interrupt is not None and interrupt():
+            raise Interrupted(f"probe {probe} stopped after Lanczos step {j + 1} of {m}")
         if j == m - 1:
             break
-        scale = max(max(abs(a) for a in alphas), max(betas[:-1], default=0.0))
-        if beta <= rtol * scale or beta == 0.0:
+        if _broke_down(alphas, betas, rtol):
             breakdown = True
             break
-        v_prev = v
-        v = (w / beta).to(state_dtype)
+        v_prev, v = v, (w / beta).to(state_dtype)
         del w
-        if reorth == "full":
+        if V is not None:
             V[j + 1] = v
-        v_full = dist.gather(v, device)
     # Spanning the whole space (k = n) is an invariant subspace too: T_k is then exact.
-    breakdown = breakdown or len(alphas) == n
+    return _result(probe, alphas, betas, breakdown or len(alphas) == n, znorm2)
+
+
+def _sum_scalar(dist: _Dist, x: float) -> float:
+    """``x`` summed over the ranks of ``dist``."""
+    return float(allreduce_sum(dist.comm, np.array([x], dtype=np.float64), perf=dist.perf)[0])
+
+
+def _step(w_full: torch.Tensor, v: torch.Tensor, v_prev: torch.Tensor | None, beta_prev: float,
+          V: torch.Tensor | None, dist: _Dist, bdev: torch.device, cols: int,
+          where: str) -> tuple[float, float, torch.Tensor]:
+    """One step of the three-term recurrence from the product ``w_full = H v``.
+
+    Returns ``(alpha_j, beta_j, w)``: the diagonal entry, the norm of the new residual and
+    the residual itself (this rank's float64 slice), reorthogonalised against the basis
+    rows ``V`` when given.
+    """
+    check_finite(w_full, where)
+    w = w_full[dist.lo:dist.hi].to(device=bdev, dtype=torch.float64)
+    del w_full
+    vj = v.to(torch.float64)
+    alpha = _sum_scalar(dist, float(vj @ w))
+    w -= alpha * vj
+    if v_prev is not None:
+        w -= beta_prev * v_prev.to(torch.float64)
+    if V is not None:
+        return alpha, _reorthogonalise(V, w, dist, cols), w
+    return alpha, float(np.sqrt(_sum_scalar(dist, float(w @ w)))), w
+
+
+def _broke_down(alphas: list[float], betas: list[float], rtol: float) -> bool:
+    """Whether the last beta is negligible against the largest recurrence coefficient."""
+    scale = max(max(abs(a) for a in alphas), max(betas[:-1], default=0.0))
+    return betas[-1] <= rtol * scale or betas[-1] == 0.0
+
+
+def _result(probe: int, alphas: list[float], betas: list[float], breakdown: bool, znorm2: float) -> LanczosResult:
+    """The Lanczos result with the Gauss quadrature of its tridiagonal matrix."""
     alpha_arr = np.array(alphas, dtype=np.float64)
     beta_arr = np.array(betas, dtype=np.float64)
     nodes, weights, residuals = tridiagonal_quadrature(alpha_arr, beta_arr)

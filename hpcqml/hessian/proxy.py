@@ -29,12 +29,12 @@ of "representative"),
 meaning T << T_lim; 0 when Delta_- >= Delta_+ (no admissible T), inf when there are no
 divergent modes.
 
-Fidelity estimate (eq. II.92, II.93).  With kappa_a = 2(T+1),
-
-    <x|x~> = Delta_+ S / ( ((T+1) Delta)^{1/2} (Delta_+ S + (T+1) Delta_-)^{1/2} ),
-    S = sum_{t=0}^{T} (1 + a_+)^t,
-
-which tends to Delta_+/Delta as a_+ -> 0^- (eq. II.93).
+Fidelity estimate (eq. II.93).  The a_+ -> 0^- limit of eq. II.92 is Delta_+/Delta over
+all modes: the dissipative fraction without a cutoff
+(:meth:`hpcqml.hessian.spectrum.Spectrum.fidelity_ii93`).  The formulas of eq. II.92/II.93 are
+:func:`hpcqml.hhl.truncated.fidelity_ii92`/:func:`~hpcqml.hhl.truncated.fidelity_ii93`; the
+dissipative test and a_+ are :func:`hpcqml.carleman.spectra.is_dissipative` and
+:func:`hpcqml.carleman.spectra.dissipative_mean`.
 """
 from __future__ import annotations
 
@@ -110,10 +110,10 @@ def grid_masses(grid: np.ndarray, rho: np.ndarray) -> np.ndarray:
 class Dissipation:
     """Dissipative/divergent split of the kept modes (eq. II.28, II.34, II.93)."""
 
-    fraction: float        # Delta_+/Delta among the kept modes (= fidelity estimate, eq. II.93)
+    fraction: float        # Delta_+/Delta among the kept modes (eq. II.28)
     r_plus: float          # geometric-mean |1 + a| over dissipative modes (nan if none)
     r_minus: float         # geometric-mean |1 + a| over divergent modes (nan if none)
-    a_plus: float          # mass-weighted mean a over dissipative modes (nan if none)
+    a_plus: float          # a_+ of eq. II.92: mass-weighted mean a over dissipative modes (nan if none)
     time_limit: float      # eq. II.34
 
 
@@ -124,7 +124,8 @@ def time_limit(fraction: float, r_plus: float, r_minus: float) -> float:
     if fraction <= 0.0 or not np.isfinite(r_plus):
         return 0.0
     num = np.log((1.0 - fraction) / fraction)
-    den = np.log(r_plus / r_minus)
+    with np.errstate(divide="ignore"):  # r_plus = 0: a mode at |1 + a| = 0 gives T_lim = 0
+        den = np.log(r_plus / r_minus)
     if den == 0.0:
         return float("inf") if num < 0 else 0.0
     return float(max(num / den, 0.0))
@@ -136,10 +137,13 @@ def dissipation(lam: np.ndarray, mass: np.ndarray, cutoff: float = 0.4, conventi
     lam_k, m_k = _kept(lam, mass, cutoff)
     if m_k.size == 0:
         return Dissipation(float("nan"), float("nan"), float("nan"), float("nan"), float("nan"))
+    from hpcqml.carleman.spectra import dissipative_mean, is_dissipative
+    from hpcqml.hhl.truncated import fidelity_ii93
+
     a = modes(lam_k, convention, eta)
     g = np.abs(1.0 + a)
-    plus = g < 1.0
-    frac = float(m_k[plus].sum() / m_k.sum())
+    plus = is_dissipative(a)
+    frac = float(fidelity_ii93(float(m_k[plus].sum()), float(m_k.sum())))  # scalars in, float out
 
     def gmean(sel: np.ndarray) -> float:
         if not sel.any():
@@ -148,21 +152,5 @@ def dissipation(lam: np.ndarray, mass: np.ndarray, cutoff: float = 0.4, conventi
             return float(np.exp(np.sum(m_k[sel] * np.log(g[sel])) / m_k[sel].sum()))
 
     r_plus, r_minus = gmean(plus), gmean(~plus)
-    a_plus = float(np.sum(m_k[plus] * a[plus]) / m_k[plus].sum()) if plus.any() else float("nan")
-    return Dissipation(fraction=frac, r_plus=r_plus, r_minus=r_minus, a_plus=a_plus,
+    return Dissipation(fraction=frac, r_plus=r_plus, r_minus=r_minus, a_plus=dissipative_mean(a, m_k),
                        time_limit=time_limit(frac, r_plus, r_minus))
-
-
-def fidelity_ii92(fraction: float, a_plus: float, T: int) -> float:
-    """Eq. II.92 with Delta normalised to 1 (Delta_+ = fraction, Delta_- = 1 - fraction)."""
-    if T < 0:
-        raise UserError(f"fidelity T = {T}: must be >= 0")
-    s = float(T + 1) if a_plus == 0.0 else float(sum((1.0 + a_plus) ** t for t in range(T + 1)))
-    num = fraction * s
-    den = np.sqrt(T + 1.0) * np.sqrt(fraction * s + (T + 1.0) * (1.0 - fraction))
-    return float(num / den) if den > 0 else float("nan")
-
-
-def fidelity_ii93(fraction: float) -> float:
-    """Eq. II.93: the a_+ -> 0^- limit of eq. II.92 is Delta_+/Delta."""
-    return float(fraction)

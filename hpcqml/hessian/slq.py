@@ -7,9 +7,9 @@ For Rademacher probes ``z_l`` (l = 1..n_v) and ``v_l = z_l/sqrt(n)``, Lanczos on
               ~= (1/n_v) sum_l sum_i tau_{l,i} delta(lambda - theta_{l,i})
 
 is unbiased in expectation over the probes for every polynomial of degree < 2m.  The
-Hutchinson estimate of the trace is the mean of ``z_l^T H z_l = n alpha_{l,1}`` with
-standard error ``std(ddof=1)/sqrt(n_v)``; the spectral mass below zero is
-``(1/n_v) sum_l sum_{theta_{l,i} < 0} tau_{l,i}``.
+Hutchinson samples are ``z_l^T H z_l = n alpha_{l,1}``.  The quantities derived from the
+pooled probes, with their uncertainties, are defined once in
+:mod:`hpcqml.hessian.spectrum`.
 
 Probe groups: the ranks of ``comm`` are split into G contiguous groups
 (``comm.Split``); in each round group g runs probe ``probes[round*G + g]`` with the data
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from hpcqml.errors import UserError
-from hpcqml.hessian.lanczos import LanczosResult, lanczos, rademacher_slice, slice_bounds
+from hpcqml.hessian.lanczos import Interrupted, LanczosResult, lanczos, rademacher_slice
+from hpcqml.parallel import block_bounds
 
 
 @dataclass
@@ -51,41 +52,84 @@ def probe_groups(world: Any, groups: int = 1) -> GroupLayout:
     return GroupLayout(comm=sub, index=color, count=groups, world=world)
 
 
+class ProbesInterrupted(Exception):
+    """A stop was requested; ``done`` lists the probes finished (and handed to ``on_round``)."""
+
+    def __init__(self, done: list[int], remaining: list[int]) -> None:
+        super().__init__(f"stopped with probes {done} finished and {remaining} not run")
+        self.done = done
+        self.remaining = remaining
+
+
+def _run_one(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, gcomm: Any, probe: int, seed: int,
+             on_step: Callable[[int, int, int], None] | None, should_stop: Callable[[Any], bool] | None,
+             **kw: Any) -> LanczosResult | None:
+    """One probe on this rank's group; None when a stop was requested in the middle."""
+    grank = 0 if gcomm is None else gcomm.Get_rank()
+    gsize = 1 if gcomm is None else gcomm.Get_size()
+    lo, hi = block_bounds(n, grank, gsize)
+    z = rademacher_slice(n, lo, hi, seed, probe)
+    step_cb = None if on_step is None else (lambda done, total: on_step(probe, done, total))
+    stop_cb = None if should_stop is None else (lambda: should_stop(gcomm))
+    try:
+        return lanczos(matvec, n, gcomm, z, probe=probe, on_step=step_cb, interrupt=stop_cb, **kw)
+    except Interrupted:
+        return None
+
+
 def run_probes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, layout: GroupLayout,
                probes: Sequence[int], seed: int, steps: int = 100, reorth: str = "full",
                state_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                basis_device: torch.device | str | None = None, label: str = "",
                on_round: Callable[[list[LanczosResult]], None] | None = None,
-               perf: Any = None) -> list[LanczosResult]:
+               perf: Any = None, on_step: Callable[[int, int, int], None] | None = None,
+               should_stop: Callable[[Any], bool] | None = None) -> list[LanczosResult]:
     """Run SLQ for the listed probe numbers; collective over ``layout.world``.
 
-    ``matvec`` must be collective over ``layout.comm`` (the group).  After each round the
-    finished probes are gathered on every rank and ``on_round(results)`` is called on every
-    rank (so a caller can commit them collectively).  Returns all results sorted by probe.
+    Args:
+        matvec: the product, collective over ``layout.comm`` (the group).
+        n: operator dimension.
+        layout: the probe groups (:func:`probe_groups`).
+        probes: probe numbers to run; probe ``l`` starts from ``rademacher_slice(.., seed, l)``.
+        seed: probe seed.
+        steps: Lanczos steps per probe.
+        reorth: ``full`` or ``none``.
+        state_dtype: dtype of the basis and of the products.
+        device: where the products run.
+        basis_device: where the basis is held.
+        label: what is measured (named in errors).
+        perf: optional timer/counter object.
+        on_round: called on every rank with the probes finished in a round (gathered), so a
+            caller can commit them collectively.
+        on_step: ``on_step(probe, done, total)`` after every Lanczos step (progress).
+        should_stop: ``should_stop(comm)``, collective over ``comm``: polled over the group
+            after every Lanczos step and over ``layout.world`` after every round.
+
+    Returns:
+        All results, sorted by probe.
+
+    Raises:
+        ProbesInterrupted: ``should_stop`` said so; finished probes went to ``on_round`` first.
     """
     probes = list(probes)
     out: list[LanczosResult] = []
     G = layout.count
-    gcomm = layout.comm
-    grank = 0 if gcomm is None else gcomm.Get_rank()
-    gsize = 1 if gcomm is None else gcomm.Get_size()
-    lo, hi = slice_bounds(n, grank, gsize)
+    grank = 0 if layout.comm is None else layout.comm.Get_rank()
+    kw = dict(steps=steps, reorth=reorth, state_dtype=state_dtype, device=device,
+              basis_device=basis_device, label=label, perf=perf)
     for start in range(0, len(probes), G):
         batch = probes[start:start + G]
         mine = None
         if layout.index < len(batch):
-            p = batch[layout.index]
-            z = rademacher_slice(n, lo, hi, seed, p)
-            mine = lanczos(matvec, n, gcomm, z, steps=steps, reorth=reorth, state_dtype=state_dtype,
-                           device=device, basis_device=basis_device, probe=p, label=label, perf=perf)
-        if G > 1:
-            gathered = layout.world.allgather(mine if grank == 0 else None)
-            done = sorted((r for r in gathered if r is not None), key=lambda r: r.probe)
-        else:
-            done = [mine]
-        if on_round is not None:
+            mine = _run_one(matvec, n, layout.comm, batch[layout.index], seed, on_step, should_stop, **kw)
+        gathered = layout.world.allgather(mine if grank == 0 else None) if G > 1 else [mine]
+        done = sorted((r for r in gathered if r is not None), key=lambda r: r.probe)
+        if on_round is not None and done:
             on_round(done)
         out.extend(done)
+        if should_stop is not None and should_stop(layout.world):
+            finished = sorted(r.probe for r in out)
+            raise ProbesInterrupted(finished, [p for p in probes if p not in finished])
     return sorted(out, key=lambda r: r.probe)
 
 
@@ -96,58 +140,3 @@ def pad(rows: Iterable[np.ndarray], width: int) -> np.ndarray:
     for i, r in enumerate(rows):
         out[i, :r.size] = r
     return out
-
-
-@dataclass
-class SpectrumSummary:
-    """Pooled SLQ results of one model state (see module docstring for the formulas)."""
-
-    n: int
-    nodes: np.ndarray          # (n_v, m) NaN-padded
-    weights: np.ndarray        # (n_v, m) NaN-padded, each row sums to 1
-    residuals: np.ndarray      # (n_v, m)
-    steps: np.ndarray          # (n_v,) int
-    breakdown: np.ndarray      # (n_v,) bool
-    probes: np.ndarray         # (n_v,) int
-    trace: float
-    trace_se: float
-    quad_forms: np.ndarray     # (n_v,) z^T H z
-    mass_below_zero: float
-    lambda_min: float
-    lambda_min_residual: float
-    lambda_max: float
-    lambda_max_residual: float
-
-    def pooled(self) -> tuple[np.ndarray, np.ndarray]:
-        """All (node, weight/n_v) pairs as flat arrays: the SLQ measure (total mass 1)."""
-        ok = ~np.isnan(self.nodes)
-        return self.nodes[ok], (self.weights / self.nodes.shape[0])[ok]
-
-    def moment(self, k: int) -> float:
-        """k-th moment of the SLQ measure, an estimate of tr(H^k)/n."""
-        x, w = self.pooled()
-        return float(np.sum(w * x ** k))
-
-
-def summarize(results: Sequence[LanczosResult], n: int) -> SpectrumSummary:
-    """Pool per-probe results into the spectrum summary (extremes over all probes)."""
-    if not results:
-        raise UserError("no SLQ probes to summarise")
-    results = sorted(results, key=lambda r: r.probe)
-    width = max(r.steps for r in results)
-    nodes = pad((r.nodes for r in results), width)
-    weights = pad((r.weights for r in results), width)
-    residuals = pad((r.residuals for r in results), width)
-    q = np.array([r.quad_form for r in results], dtype=np.float64)
-    se = float(np.std(q, ddof=1) / np.sqrt(q.size)) if q.size > 1 else float("nan")
-    below = float(np.mean([np.sum(r.weights[r.nodes < 0]) for r in results]))
-    imin = np.nanargmin(nodes)
-    imax = np.nanargmax(nodes)
-    return SpectrumSummary(
-        n=int(n), nodes=nodes, weights=weights, residuals=residuals,
-        steps=np.array([r.steps for r in results], dtype=np.int64),
-        breakdown=np.array([r.breakdown for r in results], dtype=bool),
-        probes=np.array([r.probe for r in results], dtype=np.int64),
-        trace=float(np.mean(q)), trace_se=se, quad_forms=q, mass_below_zero=below,
-        lambda_min=float(nodes.flat[imin]), lambda_min_residual=float(residuals.flat[imin]),
-        lambda_max=float(nodes.flat[imax]), lambda_max_residual=float(residuals.flat[imax]))

@@ -10,7 +10,12 @@ Modules
   expressions eq. I.1, I.2, II.77, II.94-II.96, tomography and sparse state preparation.
 - ``readout``: sampling read-out of a sparse state and the weighted coupon collector
   expectation eq. II.99.
+- ``systems``: linear systems M x = b read from HDF5, PETSc binary and MatrixMarket files,
+  with size checks before allocation (untrusted input).
+- ``reference``: the PETSc KSP (options prefix ``hhl_``) that gives the reference solution,
+  owning and destroying its PETSc objects.
 
-The kernels are serial numpy/scipy code on explicit arrays; they know nothing of files,
-configs or MPI (the ``hhl`` stage distributes sweep points over ranks).
+The simulation kernels are serial numpy/scipy code on explicit arrays; they know nothing of
+configs or MPI (the ``hhl`` stage distributes sweep points over ranks; ``reference`` is
+the one collective piece).
 """

@@ -15,6 +15,7 @@ index is an independent Poisson stream of rate ``|x_i|^2``). For ``r`` equal wei
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,9 +55,12 @@ def coupon_collector_expectation(weights: np.ndarray, rtol: float = 1e-10) -> tu
     y_lo = 0.01 / p.max()
     edges = np.concatenate([[0.0], np.geomspace(y_lo, y_hi, 40)])
     total, err = 0.0, 0.0
-    f = lambda y: float(coupon_integrand(y, p)[0])  # noqa: E731
-    for a, b in zip(edges[:-1], edges[1:]):
-        val, e = integrate.quad(f, a, b, epsabs=0.0, epsrel=rtol, limit=200)
+
+    def integrand(y: float) -> float:
+        return float(coupon_integrand(y, p)[0])
+
+    for a, b in itertools.pairwise(edges):
+        val, e = integrate.quad(integrand, a, b, epsabs=0.0, epsrel=rtol, limit=200)
         total += val
         err += e
     return float(total), float(err)
@@ -101,7 +105,7 @@ def sample_until_all_seen(probs: np.ndarray, targets: np.ndarray, rng: np.random
     cdf[-1] = 1.0
     is_target = np.zeros(probs.size, dtype=bool)
     is_target[targets] = True
-    missing = set(int(t) for t in targets)
+    missing = {int(t) for t in targets}
     drawn: list[np.ndarray] = []
     shots = 0
     last = -1

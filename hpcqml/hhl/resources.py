@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from hpcqml.carleman.instance import carleman_dim
 from hpcqml.errors import UserError
 
 UNKNOWN = "unknown (not given in the paper)"
@@ -51,12 +52,6 @@ def _pos_float(name: str, v: Any) -> float:
     return f
 
 
-def carleman_dimension(n: int, N: int) -> int:
-    """``Delta = n + n^2 + ... + n^N`` (eq. II.13), exact integer."""
-    n, N = _pos_int("n", n), _pos_int("N", N)
-    return sum(n**j for j in range(1, N + 1))
-
-
 def qubits_for(dim: int) -> int:
     """``ceil(log2 dim)``: qubits to hold a vector of length ``dim`` (0 for dim 1)."""
     dim = _pos_int("dim", dim)
@@ -68,11 +63,11 @@ def system_qubits(n: int, N: int, T: int, dilated: bool = True) -> int:
 
     The block matrix is not symmetric, so HHL needs the Hermitian dilation, one more qubit.
     """
-    T = _pos_int("T", T, 0)
-    return qubits_for((T + 1) * carleman_dimension(n, N)) + (1 if dilated else 0)
+    n, N, T = _pos_int("n", n), _pos_int("N", N), _pos_int("T", T, 0)
+    return qubits_for((T + 1) * carleman_dim(n, N)) + (1 if dilated else 0)
 
 
-def sparsity(M) -> int:
+def sparsity(M: Any) -> int:
     """``s``: the largest number of non-zeros in any row or column of ``M`` (dense or sparse)."""
     A = sp.csr_matrix(M)
     A.eliminate_zeros()
@@ -83,7 +78,7 @@ def sparsity(M) -> int:
     return int(max(rows, cols))
 
 
-def condition_number(M, dense_limit: int = 6000) -> float:
+def condition_number(M: Any, dense_limit: int = 6000) -> float:
     """``kappa = sigma_max / sigma_min`` by a dense SVD (``M`` up to ``dense_limit`` rows).
 
     Larger matrices: take kappa from the SLEPc SVD of the ``qcm`` stage instead.
@@ -190,9 +185,9 @@ def model_table(n_params: dict[str, int] | None = None, density: float = 0.1, N:
     rows = []
     for name, n in n_params.items():
         n = _pos_int("n", n)
-        r = max(int(round(density * n)), 1)
+        r = max(round(density * n), 1)
         m = qubits_for(n)
-        delta = carleman_dimension(n, N)
+        delta = carleman_dim(n, _pos_int("N", N))
         kappa_a = kappa_bound_dissipative(T)
         rows.append({
             "model": name, "n": n, "density": float(density), "r": r, "m": m, "N": N, "q": q, "T": T, "eps": eps,

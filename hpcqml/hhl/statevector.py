@@ -47,6 +47,7 @@ branch that is kept, and the eigen-decomposition two dense ``D x D`` float64 mat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -56,12 +57,15 @@ from hpcqml.errors import UserError
 #: Relative tolerance under which M is treated as symmetric (no dilation needed).
 SYMMETRY_RTOL = 1e-12
 
+#: How eigenvalues are mapped to clock values: the fixed default ``t0`` or an exact mapping.
+CLOCK_MAPPINGS = ("default", "exact")
+
 
 @dataclass
 class HermitianSystem:
     """A linear system embedded as a Hermitian, power-of-two, unit-norm problem ``H z = b``.
 
-    Attributes
+    Attributes:
     ----------
     H : float64 array ``(D, D)``, symmetric, spectral norm 1, ``D = 2**system_qubits``.
     b : float64 array ``(D,)``, the (unnormalised) embedded right-hand side.
@@ -79,7 +83,7 @@ class HermitianSystem:
     scale: float
     eigenvalues: np.ndarray = field(repr=False)
     eigenvectors: np.ndarray = field(repr=False)
-    spectrum: np.ndarray = field(repr=False, default=None)
+    spectrum: np.ndarray | None = field(repr=False, default=None)
 
     @property
     def dim(self) -> int:
@@ -89,7 +93,7 @@ class HermitianSystem:
     @property
     def system_qubits(self) -> int:
         """Number of qubits of the system register, ``log2 D``."""
-        return int(round(np.log2(self.dim)))
+        return int(self.dim).bit_length() - 1
 
     def embed_solution(self, x: np.ndarray) -> np.ndarray:
         """Place a solution ``x`` of ``M x = B`` where ``H^{-1} b`` carries it (float64, length D)."""
@@ -113,7 +117,26 @@ class HermitianSystem:
         return z / np.linalg.norm(z)
 
 
-def embed(M, B: np.ndarray) -> HermitianSystem:
+def is_symmetric(M: Any) -> bool:
+    """Whether ``M`` (dense or scipy.sparse) equals its transpose to ``SYMMETRY_RTOL`` times its largest entry."""
+    A = sp.csr_matrix(M, dtype=np.float64)
+    biggest = float(abs(A).max()) if A.nnz else 0.0
+    diff = A - A.T
+    return (float(abs(diff).max()) if diff.nnz else 0.0) <= SYMMETRY_RTOL * max(biggest, 1e-300)
+
+
+def padded_dim(size: int) -> int:
+    """The power of two (at least 2) that holds ``size`` coordinates."""
+    return 1 << max(int(np.ceil(np.log2(size))), 1)
+
+
+def embedded_dim(M: Any) -> int:
+    """Dimension ``D`` of the embedding :func:`embed` builds for ``M``, without building it."""
+    n = M.shape[0]
+    return padded_dim(n if is_symmetric(M) else 2 * n)
+
+
+def embed(M: Any, B: np.ndarray) -> HermitianSystem:
     """Hermitian, padded, normalised embedding of ``M x = B`` (dense or scipy.sparse ``M``).
 
     Raises :class:`UserError` for non-square or mismatched shapes, non-finite entries,
@@ -131,7 +154,7 @@ def embed(M, B: np.ndarray) -> HermitianSystem:
         raise UserError("HHL: M or B contains NaN or Inf")
     if not np.any(B):
         raise UserError("HHL: right-hand side B is zero, |B> is undefined")
-    sym = np.allclose(Md, Md.T, rtol=0.0, atol=SYMMETRY_RTOL * max(np.abs(Md).max(), 1e-300))
+    sym = is_symmetric(Md)
     if sym:
         Hu, b = 0.5 * (Md + Md.T), B.copy()
     else:
@@ -144,7 +167,7 @@ def embed(M, B: np.ndarray) -> HermitianSystem:
     scale = float(np.max(np.abs(w)))
     if scale == 0.0:
         raise UserError("HHL: M is the zero matrix")
-    D = 1 << max(int(np.ceil(np.log2(size))), 1)
+    D = padded_dim(size)
     H = np.zeros((D, D), dtype=np.float64)
     H[:size, :size] = Hu / scale
     H[np.arange(size, D), np.arange(size, D)] = 1.0  # padding: eigenvalue ||H||, no amplitude there
@@ -177,17 +200,72 @@ def clock_eigenvalues(clock_qubits: int, t0: float) -> np.ndarray:
     return 2.0 * np.pi * signed / (t0 * Nc)
 
 
-def default_C(clock_qubits: int, t0: float, kappa_a: float | None = None) -> float:
+def default_C(clock_qubits: int, t0: float, kappa_a: float | None = None) -> float:  # noqa: N802 - the paper's C
     """Largest rotation constant with ``|C / lambda~| <= 1`` on every inverted clock value.
 
     Plain HHL inverts every non-zero clock value, the smallest being ``2 pi / (t0 N_c)``;
     truncated HHL only inverts ``|lambda~| >= 1/kappa_a`` and passes the rest with amplitude
     ``C`` (which must be ``<= 1``), so there ``C = max(2 pi / (t0 N_c), 1/kappa_a)``, capped at 1.
     """
-    cmin = 2.0 * np.pi / (t0 * 2**clock_qubits)
+    cmin = min(2.0 * np.pi / (t0 * 2**clock_qubits), 1.0)
     if kappa_a is None:
         return float(cmin)
     return float(min(max(cmin, 1.0 / kappa_a), 1.0))
+
+
+def exact_t0(eigenvalues: np.ndarray, clock_qubits: int, tol: float = 1e-9) -> float | None:
+    """Evolution time that puts every eigenvalue exactly on a clock value, or ``None``.
+
+    With ``t0 = 2 pi m / N_c`` the clock values are ``lambda~_y = y'/m`` (see
+    :func:`clock_eigenvalues`), so an eigenvalue is read without phase-estimation error
+    when ``m lambda`` is an integer. This returns ``2 pi m / N_c`` for the smallest
+    ``m = 1 .. N_c/2 - 1`` with ``|m lambda_j - round(m lambda_j)| <= tol m`` for every
+    ``lambda_j`` (``|lambda_j| <= 1``: the largest, ``m``, stays below the aliasing point
+    ``N_c/2``). The smallest ``m`` is chosen because the default rotation constant is
+    ``C = 1/m``, so it maximises the success probability. The default mapping
+    (:func:`default_t0`) is ``m = N_c/2 - 1``.
+
+    Args:
+        eigenvalues: eigenvalues of the scaled Hermitian matrix (``|lambda| <= 1``).
+        clock_qubits: ``c``, at least 2.
+        tol: tolerance on ``m lambda`` per unit ``m`` (rounding of the eigen-decomposition).
+
+    Returns:
+        ``t0`` (float) or ``None`` when no ``m`` up to ``N_c/2 - 1`` works.
+    """
+    default_t0(clock_qubits)  # validates clock_qubits
+    lam = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
+    Nc = 2**clock_qubits
+    for m in range(1, Nc // 2):
+        scaled = m * lam
+        if np.all(np.abs(scaled - np.round(scaled)) <= tol * m):
+            return float(2.0 * np.pi * m / Nc)
+    return None
+
+
+def clock_t0(system: HermitianSystem, clock_qubits: int, mapping: str = "default") -> tuple[float, bool]:
+    """``t0`` for a clock mapping and whether every eigenvalue of ``H`` sits on a clock value.
+
+    ``mapping = "default"``: :func:`default_t0`; ``"exact"``: :func:`exact_t0` over the
+    eigenvalues of ``H`` (padding included), falling back to the default when no exact
+    mapping exists for this clock size.
+
+    Returns:
+        ``(t0, exact)``; ``exact`` is True when every ``t0 N_c lambda_j / (2 pi)`` is an integer.
+    """
+    if mapping not in CLOCK_MAPPINGS:
+        raise UserError(f"HHL: clock mapping must be one of {', '.join(CLOCK_MAPPINGS)}, got {mapping!r}")
+    t_exact = exact_t0(system.eigenvalues, clock_qubits) if mapping == "exact" else None
+    if t_exact is not None:
+        return t_exact, True
+    t0 = default_t0(clock_qubits)
+    return t0, on_clock_grid(system.eigenvalues, clock_qubits, t0)
+
+
+def on_clock_grid(eigenvalues: np.ndarray, clock_qubits: int, t0: float, tol: float = 1e-9) -> bool:
+    """Whether every ``phi_j N_c = lambda_j t0 N_c / (2 pi)`` is an integer (within ``tol`` per unit)."""
+    y = np.asarray(eigenvalues, dtype=np.float64) * t0 * 2**clock_qubits / (2.0 * np.pi)
+    return bool(np.all(np.abs(y - np.round(y)) <= tol * max(1.0, float(np.abs(y).max(initial=0.0)))))
 
 
 @dataclass
@@ -222,8 +300,8 @@ class HHLResult:
     C: float
     kappa_a: float | None
     qubits: dict
-    clock_blocks: np.ndarray = field(repr=False, default=None)
-    basis: np.ndarray = field(repr=False, default=None)
+    clock_blocks: np.ndarray | None = field(repr=False, default=None)
+    basis: np.ndarray | None = field(repr=False, default=None)
 
     def fidelity_with(self, ref: np.ndarray) -> float:
         """``|<ref|x>|^2`` with both normalised; truncated runs compare ``|ref>|well>`` (eq. II.87 squared)."""
@@ -233,6 +311,8 @@ class HHLResult:
 
     def density_fidelity_with(self, ref: np.ndarray) -> float:
         """``<ref| rho |ref>`` for the state conditioned on ancilla ``|1>`` (clock traced out; flag ``|well>``)."""
+        if self.basis is None or self.clock_blocks is None:
+            raise ValueError("density_fidelity_with: this result keeps no clock_blocks/basis")
         ref = np.asarray(ref, dtype=np.complex128)
         ref = self.basis.T @ (ref / np.linalg.norm(ref))  # into the eigenbasis the blocks use
         blocks = self.clock_blocks
@@ -246,11 +326,41 @@ def _controlled_phases(psi: np.ndarray, lam: np.ndarray, t0: float, sign: float)
     ``psi`` has shape ``(N_c, D)`` with the system in the eigenbasis of ``H`` (``U`` diagonal).
     """
     Nc = psi.shape[0]
-    c = int(round(np.log2(Nc)))
+    c = Nc.bit_length() - 1
     k = np.arange(Nc)
     for p in range(c):
         rows = (k >> p) & 1 == 1
         psi[rows, :] *= np.exp(1j * sign * (2**p) * t0 * lam)[None, :]
+
+
+def _circuit_parameters(clock_qubits: int, C: float | None, t0: float | None,
+                        kappa_a: float | None) -> tuple[float, float]:
+    """Checked ``(t0, C)``, defaults filled in; :class:`UserError` on bad parameters."""
+    if not isinstance(clock_qubits, (int, np.integer)) or clock_qubits < 2:
+        raise UserError(f"HHL: clock_qubits must be an integer >= 2, got {clock_qubits!r}")
+    if kappa_a is not None and not kappa_a > 0:
+        raise UserError(f"HHL: kappa_a must be > 0, got {kappa_a!r}")
+    t0 = default_t0(clock_qubits) if t0 is None else float(t0)
+    if not 0.0 < t0 < np.pi:
+        raise UserError(f"HHL: t0 must lie in (0, pi) (eigenvalues +-1 alias beyond), got {t0!r}")
+    C = default_C(clock_qubits, t0, kappa_a) if C is None else float(C)
+    if not 0.0 < C <= 1.0:
+        raise UserError(f"HHL: rotation constant C must lie in (0, 1], got {C!r}")
+    return t0, C
+
+
+def _rotation_branches(clock_qubits: int, t0: float, C: float, kappa_a: float | None) -> list[np.ndarray]:
+    """Step 4, the ancilla-|1> amplitude per clock value: ``[well]`` (plain HHL) or
+    ``[well, ill]`` (truncated: clock values with ``|lambda~| < 1/kappa_a`` flag ill, not inverted).
+    """
+    lam_est = clock_eigenvalues(clock_qubits, t0)
+    with np.errstate(divide="ignore"):
+        inv = np.where(lam_est != 0.0, C / lam_est, 0.0)
+    inv = np.clip(inv, -1.0, 1.0)  # |C/lambda~| > 1 (only when C exceeds the default) saturates
+    if kappa_a is None:
+        return [inv]
+    ill = np.abs(lam_est) < 1.0 / kappa_a
+    return [np.where(ill, 0.0, inv), np.where(ill, C, 0.0)]
 
 
 def simulate_hhl(system: HermitianSystem, clock_qubits: int, C: float | None = None,
@@ -261,17 +371,8 @@ def simulate_hhl(system: HermitianSystem, clock_qubits: int, C: float | None = N
     ``|lambda~| < 1/kappa_a`` set the flag to ``|ill>`` and are not inverted.
     Raises :class:`UserError` when nothing survives post-selection or on bad parameters.
     """
-    if not isinstance(clock_qubits, (int, np.integer)) or clock_qubits < 2:
-        raise UserError(f"HHL: clock_qubits must be an integer >= 2, got {clock_qubits!r}")
-    if kappa_a is not None and not kappa_a > 0:
-        raise UserError(f"HHL: kappa_a must be > 0, got {kappa_a!r}")
+    t0, C = _circuit_parameters(clock_qubits, C, t0, kappa_a)
     Nc = 2**clock_qubits
-    t0 = default_t0(clock_qubits) if t0 is None else float(t0)
-    if not t0 > 0:
-        raise UserError(f"HHL: t0 must be > 0, got {t0!r}")
-    C = default_C(clock_qubits, t0, kappa_a) if C is None else float(C)
-    if not 0.0 < C <= 1.0:
-        raise UserError(f"HHL: rotation constant C must lie in (0, 1], got {C!r}")
     lam, V = system.eigenvalues, system.eigenvectors
     b = system.b / np.linalg.norm(system.b)
     beta = (V.T @ b).astype(np.complex128)
@@ -282,20 +383,8 @@ def simulate_hhl(system: HermitianSystem, clock_qubits: int, C: float | None = N
     _controlled_phases(psi, lam, t0, +1.0)
     # 3: inverse QFT  |k> -> N_c^{-1/2} sum_y exp(-2 pi i k y / N_c) |y>.
     psi = np.fft.fft(psi, axis=0) / np.sqrt(Nc)
-    # 4: ancilla rotation controlled by the clock value (and the well/ill flag).
-    lam_est = clock_eigenvalues(clock_qubits, t0)
-    with np.errstate(divide="ignore"):
-        inv = np.where(lam_est != 0.0, C / lam_est, 0.0)
-    inv = np.clip(inv, -1.0, 1.0)  # |C/lambda~| > 1 (only when C exceeds the default) saturates
-    if kappa_a is None:
-        amp_well, amp_ill = inv, None
-    else:
-        ill = np.abs(lam_est) < 1.0 / kappa_a
-        amp_well = np.where(ill, 0.0, inv)
-        amp_ill = np.where(ill, C, 0.0)
-    branches = [amp_well] if amp_ill is None else [amp_well, amp_ill]
     outs, blocks = [], []
-    for amp in branches:
+    for amp in _rotation_branches(clock_qubits, t0, C, kappa_a):
         phi = psi * amp[:, None]  # ancilla-|1> branch only: it is all that post-selection keeps
         # 5: uncompute: QFT, controlled U^{-2^p}; the final Hadamards are applied implicitly.
         phi = np.fft.ifft(phi, axis=0) * np.sqrt(Nc)
@@ -318,6 +407,29 @@ def simulate_hhl(system: HermitianSystem, clock_qubits: int, C: float | None = N
                      p_success=p_succ, p_ancilla=p_anc, leakage=1.0 - p_succ / p_anc if p_anc > 0 else 0.0,
                      clock_qubits=int(clock_qubits), t0=t0, C=C, kappa_a=kappa_a, qubits=qubits,
                      clock_blocks=clock_blocks, basis=V)
+
+
+def estimate_solution_norm(system: HermitianSystem, result: HHLResult) -> float:
+    """``||x||`` of ``M x = B`` estimated from the success probability of plain HHL.
+
+    Post-selection keeps ``C sum_j beta_j lambda~_j^{-1} |u_j>`` (eq. II.85 with the
+    rotation ``a_y = C / lambda~_y``), so with exact eigenvalue estimates
+    ``p_success = C^2 ||H^{-1} b||^2 / ||b||^2``. Since ``H = H_unscaled / scale`` and the
+    solution block of ``H_unscaled^{-1} b`` is ``x`` (zero elsewhere, also for the dilation),
+
+        ||x|| = sqrt(p_success) ||B|| / (C scale).
+
+    With a finite clock the estimate carries the phase-estimation error (it converges as
+    the clock grows, see the tests). It is undefined (``nan``) for truncated runs and when
+    the rotation saturates (``C`` above the smallest clock value ``2 pi / (t0 N_c)``).
+
+    Returns:
+        The estimate (float, units of ``x``) or ``nan``.
+    """
+    smallest = 2.0 * np.pi / (result.t0 * 2**result.clock_qubits)
+    if result.kappa_a is not None or result.C > smallest * (1.0 + 1e-12):
+        return float("nan")
+    return float(np.sqrt(result.p_success) * np.linalg.norm(system.b) / (result.C * system.scale))
 
 
 def memory_estimate_bytes(dim: int, clock_qubits: int, truncated: bool = False) -> int:

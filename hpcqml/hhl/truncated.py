@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcqml.errors import UserError
-from hpcqml.hhl.statevector import HHLResult, HermitianSystem, simulate_hhl
+from hpcqml.hhl.statevector import HermitianSystem, HHLResult
 
 
 def _check_kappa(kappa_a: float) -> float:
@@ -31,12 +31,6 @@ def _check_kappa(kappa_a: float) -> float:
     if not kappa_a > 0 or not np.isfinite(kappa_a):
         raise UserError(f"truncated HHL: kappa_a must be a finite number > 0, got {kappa_a!r}")
     return kappa_a
-
-
-def truncated_hhl(system: HermitianSystem, clock_qubits: int, kappa_a: float,
-                  C: float | None = None, t0: float | None = None) -> HHLResult:
-    """Simulate truncated HHL (eq. II.86) with the flag set from the clock register."""
-    return simulate_hhl(system, clock_qubits, C=C, t0=t0, kappa_a=_check_kappa(kappa_a))
 
 
 def eigen_coefficients(system: HermitianSystem) -> tuple[np.ndarray, np.ndarray]:
@@ -63,21 +57,6 @@ def closed_form_fidelity(eigenvalues: np.ndarray, beta: np.ndarray, kappa_a: flo
     if s_well == 0.0:
         return 0.0
     return s_well / (np.sqrt(s_all) * np.sqrt(s_well + p_ill))
-
-
-def exact_truncated_state(system: HermitianSystem, kappa_a: float) -> tuple[np.ndarray, np.ndarray]:
-    """The two flag branches of eq. II.86 from the eigen-decomposition, jointly normalised.
-
-    Returns ``(well, ill)`` float64 vectors of length D with ``||well||^2 + ||ill||^2 = 1``.
-    """
-    kappa_a = _check_kappa(kappa_a)
-    lam, beta = eigen_coefficients(system)
-    well = np.abs(lam) >= 1.0 / kappa_a
-    cw = np.where(well, beta / np.where(well, lam, 1.0), 0.0)
-    ci = np.where(well, 0.0, beta)
-    norm = np.sqrt(np.sum(cw**2) + np.sum(ci**2))
-    V = system.eigenvectors
-    return V @ cw / norm, V @ ci / norm
 
 
 def measured_overlap(result: HHLResult, x_full: np.ndarray) -> float:
@@ -115,23 +94,26 @@ def haar_average_fidelity(eigenvalues: np.ndarray, kappa_a: float) -> float:
 def dissipative_split(qcm_eigenvalues: np.ndarray) -> tuple[int, int, float]:
     """``(Delta_+, Delta, a_+)`` from the eigenvalues ``a_mu`` of the Carleman matrix A.
 
-    Dissipative modes satisfy ``|1 + a_mu| < 1`` (eq. II.28). ``a_+`` (one representative
-    eigenvalue in eq. II.92) is taken here as the mean real part of the dissipative
-    eigenvalues; ``nan`` when there are none.
+    The count is :func:`hpcqml.carleman.spectra.dissipative_counts` (``|1 + a_mu| < 1``,
+    eq. II.28) and ``a_+`` is :func:`hpcqml.carleman.spectra.dissipative_mean` (the mean
+    real part of the dissipative eigenvalues; ``nan`` when there are none).
     """
+    from hpcqml.carleman.spectra import dissipative_counts, dissipative_mean
+
     a = np.asarray(qcm_eigenvalues)
     if a.size == 0:
         raise UserError("truncated HHL: empty Carleman spectrum")
-    diss = np.abs(1.0 + a) < 1.0
-    d_plus = int(np.count_nonzero(diss))
-    a_plus = float(np.mean(np.real(a[diss]))) if d_plus else float("nan")
-    return d_plus, int(a.size), a_plus
+    d_plus, _ = dissipative_counts(a)
+    return d_plus, int(a.size), dissipative_mean(a)
 
 
 def fidelity_ii92(delta_plus: int, delta: int, a_plus: float, T: int) -> float:
     """Eq. II.92 with ``kappa_a = 2(T+1)``: ``Delta_+ G / ( ((T+1) Delta)^{1/2} (Delta_+ G + (T+1) Delta_-)^{1/2} )``.
 
     ``G = sum_{t=0}^{T} (1 + a_+)^t = ((1 + a_+)^{T+1} - 1) / a_+`` (``T + 1`` at ``a_+ = 0``).
+    The one formula of eq. II.92.  ``a_+`` is the representative dissipative eigenvalue of
+    :func:`hpcqml.carleman.spectra.dissipative_mean` (weighted mean of Re a over the modes with
+    ``|1 + a| < 1``).
     """
     if not (0 <= delta_plus <= delta and delta >= 1 and T >= 0):
         raise UserError(f"eq. II.92: need 0 <= Delta_+ <= Delta, Delta >= 1, T >= 0 "
@@ -148,8 +130,22 @@ def fidelity_ii92(delta_plus: int, delta: int, a_plus: float, T: int) -> float:
     return delta_plus * g / (np.sqrt((T + 1) * delta) * np.sqrt(delta_plus * g + (T + 1) * d_minus))
 
 
-def fidelity_ii93(delta_plus: int, delta: int) -> float:
-    """Eq. II.93, the ``a_+ -> 0^-`` limit of eq. II.92: ``Delta_+ / Delta``."""
-    if not (0 <= delta_plus <= delta and delta >= 1):
-        raise UserError(f"eq. II.93: need 0 <= Delta_+ <= Delta and Delta >= 1 (got {delta_plus}, {delta})")
-    return delta_plus / delta
+def fidelity_ii93(delta_plus: float | np.ndarray, delta: float | np.ndarray) -> float | np.ndarray:
+    """Eq. II.93, the ``a_+ -> 0^-`` limit of eq. II.92: ``Delta_+ / Delta``.
+
+    The one formula of eq. II.93 (and of the ratio Delta_+/Delta of eq. II.28).  ``delta_plus``
+    and ``delta`` are mode counts or masses (SLQ weights), scalars or arrays of equal shape.
+
+    Returns:
+        A float for scalars, else a float64 array (NaN where ``delta`` is 0).
+
+    Raises:
+        UserError: a negative count/mass, ``Delta_+ > Delta``, or a scalar ``Delta`` <= 0.
+    """
+    dp = np.asarray(delta_plus, dtype=np.float64)
+    d = np.asarray(delta, dtype=np.float64)
+    if np.any(dp < 0) or np.any(dp > d * (1.0 + 1e-12)) or (d.ndim == 0 and not d > 0):
+        raise UserError(f"eq. II.93: need 0 <= Delta_+ <= Delta and Delta > 0 (got {delta_plus}, {delta})")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = dp / d
+    return float(ratio) if ratio.ndim == 0 else ratio

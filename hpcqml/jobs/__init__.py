@@ -13,7 +13,6 @@ whether they are up to date).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND")
     p = sub.add_parser("render", help="write a SLURM/PBS job script for a run config",
                        description="Write a batch job script that runs 'hpcqml run CONFIG' under MPI, "
-                                   "checkpoints on a warning signal before the wall time and requeues.")
+                                   "checkpoints on a warning signal before the wall time and requeues; "
+                                   "a cancel (SIGTERM: scancel, qdel) checkpoints and stops without requeue.")
     p.add_argument("config", help="run config (TOML), e.g. jobs/configs/demo.toml")
     p.add_argument("--scheduler", required=True, choices=SCHEDULERS)
     p.add_argument("--nodes", type=int, required=True, help="nodes (ignored with --scaling: derived)")
@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="passed on to 'hpcqml run --set', repeatable")
     p.add_argument("--stages", default="", help="passed on to 'hpcqml run --stages'")
     p.add_argument("--signal-lead", type=int, default=300,
-                   help="seconds before the wall time at which the run is told to checkpoint (default 300)")
+                   help="seconds before the wall time at which the run is told to checkpoint and the job "
+                        "requeues (default 300)")
     p.add_argument("--no-validate", action="store_true",
                    help="only check the config's TOML syntax, not its sections against the stages")
     p = sub.add_parser("standard", help="rewrite the checked-in jobs/slurm and jobs/pbs scripts")
@@ -60,9 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    os.chmod(path, 0o755)
+    """Write a job script atomically, executable as the umask allows (never through a symlink)."""
+    from hpcqml.io import atomic_write_bytes, executable_mode
+
+    atomic_write_bytes(path, text.encode(), mode=executable_mode())
 
 
 def _cli_render(args: argparse.Namespace) -> int:

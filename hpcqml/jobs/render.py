@@ -13,6 +13,11 @@ A rendered script
   (``scontrol requeue`` / ``qsub`` of the same script), and because hpcqml resumes when
   the same config meets an existing results file, the next run continues where this
   one stopped;
+* treats SIGTERM (``scancel``, ``qdel``) as a cancel: forwarded to the ranks, which
+  checkpoint and stop, and never followed by a requeue;
+* prints one line at the end saying what stopped the run, what was saved and whether
+  the job was requeued; leaves no helper process behind (the PBS timer is stopped on
+  exit); on PBS each resubmitted segment writes its own log;
 * with ``HPCQML_DRY_RUN=1`` prints the launch command instead of running it.
 
 Nothing here touches MPI: rendering is plain text generation, usable on a login node.
@@ -22,7 +27,6 @@ from __future__ import annotations
 import math
 import re
 import shlex
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -125,30 +129,24 @@ def check_spec(spec: JobSpec) -> None:
         raise UserError(f"--modules {spec.modules!r}: module names without quotes or shell characters")
     if not str(spec.output).endswith((".h5", ".hdf5")):
         raise UserError(f"--output {spec.output!r}: must end in .h5 or .hdf5")
+    from hpcqml.config import parse_override
+
     for item in spec.overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise UserError(f"--set {item!r}: expected section.key=value")
+        parse_override(item)
 
 
 def read_config_sections(config: str | Path, validate: bool = True,
                      overrides: Sequence[str] = ()) -> dict:
     """The config's sections as a dict (validated against the registered stages unless
-    ``validate`` is False, in which case only TOML syntax and the file's presence are checked)."""
-    path = Path(config)
-    if validate:
-        from hpcqml.config import load_config
-        from hpcqml.stages import schemas
+    ``validate`` is False, in which case only TOML syntax and the file's presence are checked).
+    """
+    from hpcqml.config import load_config, read_toml
 
-        return load_config(path, schemas(), overrides).sections
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"config {path}: file not found") from None
-    except OSError as exc:
-        raise UserError(f"config {path}: cannot read ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"config {path}: not valid TOML ({exc})") from None
-    return raw
+    if not validate:
+        return read_toml(config)
+    from hpcqml.stages import schemas
+
+    return load_config(config, schemas(), overrides).sections
 
 
 # --------------------------------------------------------------------------- rendering
@@ -179,6 +177,8 @@ def _header(spec: JobSpec, lines: list[str]) -> list[str]:
     out.append("# (default $HPCQML_ROOT/.venv), HPCQML_MODULES (modules to load first), LAUNCH (MPI")
     out.append("# launcher), HPCQML_REQUEUE=0 (do not requeue after the warning signal),")
     out.append("# HPCQML_DRY_RUN=1 (print the launch command instead of running it).")
+    out.append("# Signals: SIGUSR1 (the wall-time warning) checkpoints and requeues; SIGTERM (scancel,")
+    out.append("# qdel) checkpoints and stops without requeue.")
     return out
 
 
@@ -218,12 +218,17 @@ def _pbs_directives(spec: JobSpec) -> list[str]:
          f"#PBS -l walltime={spec.time}",
          "#PBS -r y",
          "#PBS -j oe",
-         f"#PBS -o results/{spec.name}.pbs.log"]
+         f"#PBS -o {_pbs_log(spec, 1)}"]
     if spec.partition:
         d.append(f"#PBS -q {spec.partition}")
     if spec.account:
         d.append(f"#PBS -A {spec.account}")
     return d
+
+
+def _pbs_log(spec: JobSpec, segment: int | str) -> str:
+    """The log of PBS segment ``segment`` (1 = the first submission, then one per resubmission)."""
+    return f"results/{spec.name}-seg{segment}.pbs.log"
 
 
 _COMMON_BODY = r'''
@@ -251,7 +256,8 @@ else
   echo "no virtual environment at $HPCQML_VENV: run 'make install' (env/install.sh) first" >&2
   exit 2
 fi
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-__CPUS__}" PYTHONUNBUFFERED=1
+# threads per rank: OMP_NUM_THREADS when set, else the scheduler's cores per rank
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-__THREADS__}" PYTHONUNBUFFERED=1
 
 # --- the run ----------------------------------------------------------------------------
 CMD=(hpcqml run __CMD__)
@@ -265,17 +271,45 @@ if [ "${HPCQML_DRY_RUN:-0}" = 1 ]; then
   exit 0
 fi
 
-# The warning signal reaches this batch shell only: forward it to the launcher (srun and
-# mpirun pass SIGUSR1 on to every rank), whose ranks checkpoint and stop; then requeue.
+# Signals.  SIGUSR1 is the wall-time warning: the ranks checkpoint and stop, and the job
+# is requeued afterwards.  SIGTERM is a cancel (scancel, qdel): the ranks checkpoint and
+# stop, and the job is not requeued, even after a warning.  The batch shell asks the
+# ranks with SIGUSR1 in both cases (srun and mpirun pass it on to every rank; Open MPI's
+# mpirun kills its ranks at once on a second SIGTERM, and a cancel sends it one itself)
+# and writes which signal it was to HPCQML_STOP_NOTE, where the ranks read it, as they
+# read HPCQML_BATCH/HPCQML_REQUEUE, to say in their last line whether a requeue follows.
+export HPCQML_BATCH=__SCHEDULER__ HPCQML_REQUEUE="${HPCQML_REQUEUE:-1}"
+HPCQML_STOP_NOTE="$(mktemp "${TMPDIR:-/tmp}/hpcqml-stop.XXXXXX")" || exit 2
+export HPCQML_STOP_NOTE
+# mpirun (Open MPI) leaves its ranks 1 s between SIGTERM and SIGKILL: too short for a checkpoint
+export OMPI_MCA_odls_base_sigkill_timeout="${OMPI_MCA_odls_base_sigkill_timeout:-30}"
 SIGNALLED=""
+launcher_pid=""
+timer_pid=""
 forward() {
-  SIGNALLED="$1"
-  log "got SIG$1: asking the ranks to checkpoint and stop"
-  kill -s "$1" "$launcher_pid" 2>/dev/null || true
+  if [ "$1" = TERM ] || [ -z "$SIGNALLED" ]; then SIGNALLED="$1"; fi
+  echo "$SIGNALLED" > "$HPCQML_STOP_NOTE"
+  if [ "$1" = USR1 ]; then
+    log "got SIGUSR1 (wall-time warning): asking the ranks to checkpoint and stop"
+  else
+    log "got SIG$1 (cancel): asking the ranks to checkpoint and stop; no requeue"
+  fi
+  [ -n "$launcher_pid" ] && kill -s USR1 "$launcher_pid" 2>/dev/null
+  return 0
+}
+cleanup() {
+  if [ -n "$timer_pid" ]; then
+    kill "$timer_pid" 2>/dev/null
+    wait "$timer_pid" 2>/dev/null
+    timer_pid=""
+  fi
+  rm -f "$HPCQML_STOP_NOTE"
+  return 0
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
-log "job ${JOBID:-?}: ${launch_cmd[*]}"
+trap cleanup EXIT
+log "job ${JOBID:-?}: ${launch_cmd[*]} (OMP_NUM_THREADS=$OMP_NUM_THREADS)"
 "${launch_cmd[@]}" &
 launcher_pid=$!
 __TIMER__
@@ -286,12 +320,20 @@ while :; do
   if [ "$rc" -gt 128 ] && kill -0 "$launcher_pid" 2>/dev/null; then continue; fi
   break
 done
-[ -n "${timer_pid:-}" ] && kill "$timer_pid" 2>/dev/null
+cleanup
 log "launcher exited with status $rc"
-if [ -n "$SIGNALLED" ] && [ "${HPCQML_REQUEUE:-1}" = 1 ]; then
-  log "requeueing: the next run resumes from the checkpoints in __OUTPUT__"
-  requeue
-fi
+SAVED="the checkpoints in __OUTPUT__ and its work directory"
+case "$SIGNALLED" in
+  USR1)
+    if [ "$HPCQML_REQUEUE" = 1 ]; then
+      log "stopped at the wall-time warning; saved $SAVED; requeueing: the next run resumes from them"
+      requeue
+    else
+      log "stopped at the wall-time warning; saved $SAVED; not requeued (HPCQML_REQUEUE=0): submit again to resume"
+    fi ;;
+  TERM)
+    log "cancelled (SIGTERM); saved $SAVED; not requeued: submit again to resume" ;;
+esac
 exit "$rc"
 '''
 
@@ -303,7 +345,10 @@ def _body(spec: JobSpec) -> str:
     for item in spec.overrides:
         cmd += ["--set", item]
     body = _COMMON_BODY.replace("__MODULES__", spec.modules.replace('"', ""))
-    body = body.replace("__CPUS__", str(spec.cpus_per_rank))
+    threads = str(spec.cpus_per_rank)
+    if spec.scheduler == "slurm":
+        threads = f"${{SLURM_CPUS_PER_TASK:-{spec.cpus_per_rank}}}"
+    body = body.replace("__THREADS__", threads)
     body = body.replace("__CMD__", " ".join(_q(c) for c in cmd))
     return body.replace("__OUTPUT__", _q(spec.output))
 
@@ -317,7 +362,8 @@ HPCQML_ROOT="${HPCQML_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 JOBID="${SLURM_JOB_ID:-}"
 NRANKS="${HPCQML_RANKS:-${SLURM_NTASKS:-__RANKS__}}"
 export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-__CPUS__}"   # srun >= 22.05 does not inherit it
-requeue() { scontrol requeue "$JOBID"; }'''.replace("__RANKS__", str(spec.total_ranks)).replace("__CPUS__", str(spec.cpus_per_rank))
+requeue() { scontrol requeue "$JOBID"; }'''.replace("__RANKS__", str(spec.total_ranks)).replace(
+        "__CPUS__", str(spec.cpus_per_rank))
     launcher = r'''
 # srun starts the ranks itself when SLURM has PMIx for this MPI (Debian's slurm-wlm does:
 # 'srun --mpi=pmix'); otherwise mpirun inside the allocation reads it from SLURM.
@@ -329,7 +375,8 @@ if [ -z "${LAUNCH:-}" ]; then
     [ "$(id -u)" = 0 ] && LAUNCH="$LAUNCH --allow-run-as-root"
   fi
 fi'''
-    tail = _LAUNCH_BODY.replace("__TIMER__", "timer_pid=\"\"").replace("__OUTPUT__", spec.output)
+    tail = _LAUNCH_BODY.replace("__TIMER__", "").replace("__OUTPUT__", spec.output)
+    tail = tail.replace("__SCHEDULER__", "slurm")
     return "\n".join(lines) + "\n" + pre + _body(spec) + launcher + "\n" + tail
 
 
@@ -344,27 +391,43 @@ HPCQML_ROOT="${HPCQML_ROOT:-${PBS_O_WORKDIR:-$PWD}}"
 JOBID="${PBS_JOBID:-}"
 NRANKS="${HPCQML_RANKS:-__RANKS__}"
 HPCQML_JOB_SCRIPT="${HPCQML_JOB_SCRIPT:-__SCRIPT__}"
+HPCQML_SEGMENT="${HPCQML_SEGMENT:-1}"
 # PBS has no 'signal before the wall time' directive: resubmit this script (qrerun needs
-# operator rights on many sites); the new job resumes from the results file.
+# operator rights on many sites); the new job resumes from the results file and writes
+# its own log (segment N+1) instead of overwriting this one's.
 requeue() {
   if [ -n "$HPCQML_JOB_SCRIPT" ]; then
-    qsub -W depend=afterany:"$JOBID" "$HPCQML_JOB_SCRIPT"
+    local next=$((HPCQML_SEGMENT + 1))
+    qsub -W depend=afterany:"$JOBID" -v HPCQML_SEGMENT="$next" -o "__LOG__" "$HPCQML_JOB_SCRIPT"
   else
     log "HPCQML_JOB_SCRIPT unset: resubmit this script by hand to resume"
   fi
 }'''.replace("__RANKS__", str(spec.total_ranks)).replace("__SCRIPT__", resubmit.replace('"', ""))
+    pre = pre.replace("__LOG__", _pbs_log(spec, "${next}"))
     launcher = r'''
 if [ -z "${LAUNCH:-}" ]; then
   LAUNCH="mpirun"
   [ "$(id -u)" = 0 ] && LAUNCH="$LAUNCH --allow-run-as-root"
   [ -n "${PBS_NODEFILE:-}" ] && LAUNCH="$LAUNCH --hostfile $PBS_NODEFILE"
 fi'''
-    timer = (f'# the warning signal, {spec.signal_lead} s before the {spec.time} wall time\n'
-             f'WALL_SECONDS="${{HPCQML_WALL_SECONDS:-{wall}}}"\n'
-             f'( sleep "$((WALL_SECONDS - {spec.signal_lead}))" && kill -s USR1 $$ ) &\n'
-             'timer_pid=$!')
+    timer = _PBS_TIMER.replace("__LEAD__", str(spec.signal_lead)).replace("__WALL__", str(wall))
+    timer = timer.replace("__TIME__", spec.time)
     tail = _LAUNCH_BODY.replace("__TIMER__", timer).replace("__OUTPUT__", spec.output)
+    tail = tail.replace("__SCHEDULER__", "pbs")
     return "\n".join(lines) + "\n" + pre + _body(spec) + launcher + "\n" + tail
+
+
+_PBS_TIMER = r'''# the warning signal, __LEAD__ s before the __TIME__ wall time; the timer's sleep is stopped
+# with it (cleanup, on exit), so no helper process outlives the job
+WALL_SECONDS="${HPCQML_WALL_SECONDS:-__WALL__}"
+(
+  sleep_pid=""
+  trap '[ -n "$sleep_pid" ] && kill "$sleep_pid" 2>/dev/null; exit 0' TERM
+  sleep "$((WALL_SECONDS - __LEAD__))" &
+  sleep_pid=$!
+  wait "$sleep_pid" && kill -s USR1 $$
+) &
+timer_pid=$!'''
 
 
 def render(spec: JobSpec) -> str:
@@ -381,6 +444,7 @@ def render(spec: JobSpec) -> str:
 
 @dataclass(frozen=True)
 class ScalingJob:
+    """One job script of a scaling series: its total rank count, spec and output path."""
     ranks: int
     spec: JobSpec
     path: Path
@@ -404,7 +468,8 @@ def _weak_override(sections: dict, key: str, factor: float) -> str:
 def scaling_jobs(base: JobSpec, counts: Sequence[int], out_dir: Path,
                  weak: Sequence[str] = (), sections: dict | None = None) -> list[ScalingJob]:
     """One job per total rank count: ``ceil(n / R)`` nodes of ``min(n, R)`` ranks, results
-    ``<stem>-n<n>.h5``.  ``weak`` keys are multiplied by ``n / counts[0]`` (weak scaling)."""
+    ``<stem>-n<n>.h5``.  ``weak`` keys are multiplied by ``n / counts[0]`` (weak scaling).
+    """
     out_dir = Path(out_dir)
     stem = Path(base.output).stem
     parent = Path(base.output).parent
@@ -468,7 +533,7 @@ STANDARD: tuple[Standard, ...] = (
              comments=("Paper Fig. 2 protocol: resnet32-w4 (7,451,044 parameters) pretrained 200 epochs, pruned",
                        "to 10%, 1000 steps of sparse training, spectra of the snapshots every 10 steps for the",
                        "first 200 steps and at/10 steps after each later download (B = 2048, m = 100, 4 probes).",
-                       "Sizing: issue 4's H100 reference figures, resnet32-w4 H.v 0.65-1.24 s at B = 2048 ->",
+                       "Sizing: the H100 figures of BENCHMARKS.md, resnet32-w4 H.v 0.65-1.24 s at B = 2048 ->",
                        "<= 400 products x 1.24 s = 8.3 min per spectrum on one GPU; 37 snapshots = 5 h on one",
                        "GPU, ~1.5 h on 4 ranks/GPUs. Pretraining, taking a gradient as ~half an H.v (0.6 s per 2048",
                        "samples): 200 epochs ~ 40 min on one GPU, <= 1 h here; sparse training ~10 min.",
@@ -480,7 +545,7 @@ STANDARD: tuple[Standard, ...] = (
              2, 4, "12:00:00", "192G", gpus_per_node=4, cpus_per_rank=4,
              comments=("Paper Fig. 3: spectrum of resnet56-w11 (103,703,700 parameters) pretrained 200 epochs",
                        "and pruned to 10%, without further training (spectrum source = pruned).",
-                       "Sizing: issue 4's H100 reference figures, gradient 2.17 s and 36.9 GiB GPU memory at",
+                       "Sizing: the H100 figures of BENCHMARKS.md, gradient 2.17 s and 36.9 GiB GPU memory at",
                        "micro-batch 256 -> pretraining 196 micro-batches x 2.17 s = 7 min per epoch, 200 epochs",
                        "= 24 h on one GPU, ~3-4 h on 8 ranks/GPUs; one H.v (~2.5 gradients) at B = 2048 ~",
                        "8 x 5.4 s = 43 s on one GPU, 400 products ~ 40 min on 8. Total ~5 h; 12 h with requeue",

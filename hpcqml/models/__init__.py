@@ -3,19 +3,29 @@
 ``build("resnet32-w4")`` is the paper's 7,451,044-parameter model (Fig. 2);
 ``build("resnet56-w11")`` the 103,703,700-parameter one (Fig. 3).  Any depth 6n+2 with
 n >= 1 and widen factor >= 1 is accepted; depth >= 54 uses bottleneck blocks.
+
+Names and parameter counts (:func:`parse_name`, :func:`analytic_parameter_count`) need no
+torch, so ``hpcqml validate`` starts fast; :func:`build` imports it.
 """
 from __future__ import annotations
 
 import argparse
 import re
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from hpcqml.errors import UserError
-from hpcqml.models.resnet import BOTTLENECK_MIN_DEPTH, CifarResNet
 
-__all__ = ["build", "parse_name", "count_parameters", "count_parameters_of", "LISTED_MODELS",
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+#: depth from which the ResNets use bottleneck blocks (the same constant as models.resnet)
+BOTTLENECK_MIN_DEPTH = 54
+#: output channels of a bottleneck block per planes
+_EXPANSION = 4
+
+__all__ = ["build", "parse_name", "count_parameters", "analytic_parameter_count", "LISTED_MODELS",
            "cli_list", "add_arguments"]
 
 _NAME = re.compile(r"^resnet(\d+)-w(\d+)$")
@@ -44,6 +54,10 @@ def build(name: str, num_classes: int = 100, device: torch.device | str | None =
 
     ``device="meta"`` builds it without allocating storage (for parameter counting).
     """
+    import torch
+
+    from hpcqml.models.resnet import CifarResNet
+
     depth, widen = parse_name(name)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes = {num_classes!r}: must be a positive integer")
@@ -58,9 +72,36 @@ def count_parameters(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def count_parameters_of(name: str, num_classes: int = 100) -> int:
-    """Trainable parameter count of model ``name`` without allocating its weights."""
-    return count_parameters(build(name, num_classes, device="meta"))
+def _block_parameters(cin: int, planes: int, stride: int, bottleneck: bool) -> tuple[int, int]:
+    """Trainable parameters of one residual block and its output channels."""
+    if bottleneck:
+        out = planes * _EXPANSION
+        count = cin * planes + 2 * planes + 9 * planes * planes + 2 * planes + planes * out + 2 * out
+    else:
+        out = planes
+        count = 9 * cin * planes + 2 * planes + 9 * planes * planes + 2 * planes
+    if stride != 1 or cin != out:
+        count += cin * out + 2 * out                    # 1x1 projection and its BatchNorm
+    return count, out
+
+
+def analytic_parameter_count(name: str, num_classes: int = 100) -> int:
+    """Trainable parameter count of model ``name`` from its layer shapes (no torch).
+
+    Equals ``count_parameters(build(name, num_classes))``: bias-free convolutions, two
+    affine BatchNorm parameters per channel, a linear classifier with bias.
+    """
+    depth, widen = parse_name(name)
+    n = (depth - 2) // 6
+    bottleneck = depth >= BOTTLENECK_MIN_DEPTH
+    widths = (16 * widen, 32 * widen, 64 * widen)
+    total = 9 * 3 * widths[0] + 2 * widths[0]          # stem conv3x3 and its BatchNorm
+    cin = widths[0]
+    for s, planes in enumerate(widths):
+        for b in range(n):
+            count, cin = _block_parameters(cin, planes, 2 if (s > 0 and b == 0) else 1, bottleneck)
+            total += count
+    return total + cin * num_classes + num_classes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +116,7 @@ def cli_list(args: argparse.Namespace) -> int:
     classes = int(getattr(args, "classes", 100))
     depths = [parse_name(name)[0] for name in names]        # refuse bad names before printing
     print(f"{'model':<16}{'block':<12}{'parameters':>16}")
-    for name, depth in zip(names, depths):
+    for name, depth in zip(names, depths, strict=True):
         block = "bottleneck" if depth >= BOTTLENECK_MIN_DEPTH else "basic"
-        print(f"{name:<16}{block:<12}{count_parameters_of(name, classes):>16,}")
+        print(f"{name:<16}{block:<12}{analytic_parameter_count(name, classes):>16,}")
     return 0

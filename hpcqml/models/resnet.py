@@ -17,7 +17,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-BOTTLENECK_MIN_DEPTH = 54
+from hpcqml.models import BOTTLENECK_MIN_DEPTH
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

@@ -1,7 +1,6 @@
 """Assemble figures and ``report.md`` from one or more results files."""
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,11 +10,14 @@ import numpy as np
 
 from hpcqml.errors import UserError
 from hpcqml.report.figures import FIGURES, Skip, fig_scaling, proxy_over_training
-from hpcqml.store import open_results
+from hpcqml import results
+from hpcqml.results import Results, provenance_facts
+from hpcqml.store import DAMAGE_ERRORS, damage_error
 
 
 @dataclass
 class ReportSummary:
+    """What a report wrote: its folder, figures, skipped figures (with why) and Markdown file."""
     out: Path
     figures: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -34,50 +36,99 @@ def _attr(a, key: str, fmt: str = "{}") -> str:
         return str(value)
 
 
-def _provenance_md(fh: h5py.File, path: Path) -> list[str]:
-    a = fh.attrs
-    lines = [f"## {path.name}", "",
-             f"- command: `{_attr(a, 'prov_command_line')}`",
-             f"- code: hpcqml {_attr(a, 'hpcqml_version')}, git {_attr(a, 'prov_git_commit')}",
-             f"- MPI ranks: {_attr(a, 'prov_mpi_size')} on {_attr(a, 'prov_hosts')}",
-             f"- run: {_attr(a, 'prov_start_time')} → {_attr(a, 'prov_end_time')} ({_attr(a, 'prov_status')})",
-             f"- config sha256: `{_attr(a, 'config_sha256')[:16]}`"]
-    if "prov_versions" in a:
-        versions = json.loads(a["prov_versions"])
-        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
+def _provenance_md(res: Results, path: Path) -> list[str]:
+    """The latest invocation (:func:`hpcqml.results.provenance_facts`) and stale stages, as Markdown."""
+    lines = [f"## {path.name}", ""]
+    for fact in provenance_facts(res.latest, res.attrs):
+        lines.append(f"- {fact.label}: " + (f"`{fact.text}`" if fact.code else fact.text))
+    stale = [f"{name} ({st.stale_because})" for name, st in res.stages.items() if st.stale]
+    if stale:
+        lines.append("- stale (inputs recomputed since; rerun them): " + "; ".join(stale))
     lines.append("")
     return lines
 
 
-def _perf_md(fh: h5py.File) -> list[str]:
-    if "perf" not in fh:
+def _perf_md(res: Results) -> list[str]:
+    if not res.perf:
         return []
     lines = ["| stage | ranks | wall max (s) | MPI max (s) | peak host max (MiB) | work counts (sum) |",
              "|---|---|---|---|---|---|"]
-    for stage, g in fh["perf"].items():
-        counters = ", ".join(f"{c} {int(np.sum(g['counters'][c][()])):,}" for c in g["counters"])
-        lines.append(f"| {stage} | {g.attrs['ranks']} | {np.max(g['wall_seconds'][()]):.2f} | "
-                     f"{np.max(g['comm_seconds'][()]):.2f} | {np.max(g['peak_host_bytes'][()]) / 2**20:.0f} | "
-                     f"{counters} |")
+    for stage, rec in res.perf.items():
+        counters = ", ".join(f"{c} {int(np.sum(v)):,}" for c, v in rec.counters.items())
+        lines.append(f"| {stage} | {rec.ranks} | {rec.wall_seconds.max():.2f} | {rec.comm_seconds.max():.2f} | "
+                     f"{rec.peak_host_bytes.max() / 2**20:.0f} | {counters} |")
     return ["### Stage timings", ""] + lines + [""]
+
+
+def _estimate_text(group: h5py.Group, name: str, fmt: str = "{:.4g}") -> str:
+    """A stored estimate as ``value ± stderr (ci_low–ci_high)``, ``± unknown`` or ``unresolved``."""
+    if name not in group:
+        return "–"
+    d = group[name]
+    value, se, lo, hi = (float(v) for v in d[()])
+    if not bool(d.attrs.get("resolved", True)):
+        return "unresolved"
+    if not np.isfinite(se):
+        return f"{fmt.format(value)} ± unknown"
+    return f"{fmt.format(value)} ± {se:.2g} ({fmt.format(lo)}–{fmt.format(hi)})"
+
+
+def _spectrum_rows(fh: h5py.File) -> list[tuple[str, h5py.Group]]:
+    """``(label, result group)`` of every spectrum result with stored estimates."""
+    return [(label, g["result"]) for label, g in fh["spectrum"].items()
+            if "result" in g and "estimates" in g["result"]]
+
+
+def _convention_rows(label: str, res: h5py.Group) -> list[str]:
+    """One table row per mode convention of a result, the primary one first."""
+    p = res["proxy"]
+    primary = p.attrs.get("primary", "eta")
+    primary = primary.decode() if isinstance(primary, bytes) else str(primary)
+    rows = []
+    for conv in [primary] + [c for c in ("eta", "paper") if c != primary]:
+        if conv not in p:
+            continue
+        e = p[conv]["estimates"]
+        a_def = p[conv].attrs.get("a_definition", conv)
+        a_def = a_def.decode() if isinstance(a_def, bytes) else str(a_def)
+        proxies = sorted((k for k in e if k.startswith("error_proxy_t") and not k.endswith("_per_probe")),
+                         key=lambda k: int(k[len("error_proxy_t"):]))
+        grid = " / ".join(_estimate_text(e, f"dissipative_fraction_{w}", "{:.3f}")
+                          for w in ("grid_half_width", "grid", "grid_double_width"))
+        rows.append(f"| {label} | {a_def}{' (primary)' if conv == primary else ''} | "
+                    f"{_estimate_text(e, 'dissipative_fraction_nodes', '{:.3f}')} | {grid} | "
+                    f"{_estimate_text(e, 'fidelity_ii93', '{:.3f}')} | "
+                    + "; ".join(f"E({k[len('error_proxy_t'):]}) = {_estimate_text(e, k)}" for k in proxies) + " |")
+    return rows
 
 
 def _spectrum_md(fh: h5py.File) -> list[str]:
     if "spectrum" not in fh:
         return []
+    rows = _spectrum_rows(fh)
+    if not rows:
+        return []
     lines = ["### Hessian spectra (SLQ)", "",
-             "| state | n | λ_min ± res | λ_max ± res | trace ± s.e. | mass < 0 | Δ₊/Δ (nodes) | eq. II.93 |",
+             "Uncertainties: ± jackknife standard error over probes, (95 % bootstrap interval over probes); "
+             "'unknown' with fewer than 3 probes; 'unresolved' when a single Ritz node whose residual interval "
+             "straddles a decision point (λ = 0 or 2/k for a = −kλ) carries more than the stored share "
+             "(resolution_mass) of the mass: more Lanczos steps resolve it. Negative mass counts nodes below "
+             "−max(δ, residual bound).", "",
+             "| state | n | λ_min ± res | λ_max ± res | trace | negative mass | precision | route |",
              "|---|---|---|---|---|---|---|---|"]
-    for label, g in fh["spectrum"].items():
-        if "result" not in g:
-            continue
-        a = g["result"].attrs
-        p = g["result/proxy"].attrs if "result/proxy" in g else {}
+    for label, res in rows:
+        a, e = res.attrs, res["estimates"]
         lines.append(f"| {label} | {_attr(a, 'n', '{:,}')} | {_attr(a, 'lambda_min', '{:.4g}')} ± "
                      f"{_attr(a, 'lambda_min_residual', '{:.2g}')} | {_attr(a, 'lambda_max', '{:.4g}')} ± "
-                     f"{_attr(a, 'lambda_max_residual', '{:.2g}')} | {_attr(a, 'trace', '{:.4g}')} ± "
-                     f"{_attr(a, 'trace_se', '{:.2g}')} | {_attr(a, 'mass_below_zero', '{:.3f}')} | "
-                     f"{_attr(p, 'dissipative_fraction_nodes', '{:.3f}')} | {_attr(p, 'fidelity_ii93_nodes', '{:.3f}')} |")
+                     f"{_attr(a, 'lambda_max_residual', '{:.2g}')} | {_estimate_text(e, 'trace')} | "
+                     f"{_estimate_text(e, 'negative_mass', '{:.3f}')} | {_attr(a, 'precision')} | "
+                     f"{_attr(a, 'route')} |")
+    lines += ["", "Both mode conventions, cutoff |λ| ≥ c as stored (eq. III.12/III.13); "
+              "Δ₊/Δ from the density grid at 0.5× / 1× / 2× the kernel width:", "",
+              "| state | modes | Δ₊/Δ (nodes) | Δ₊/Δ (grid 0.5× / 1× / 2×) | eq. II.93 | error proxy |",
+              "|---|---|---|---|---|---|"]
+    for label, res in rows:
+        lines += _convention_rows(label, res)
     return lines + [""]
 
 
@@ -103,38 +154,108 @@ def _train_md(fh: h5py.File) -> list[str]:
     return lines + [""]
 
 
+#: violated-bound name -> (attribute of the bound, attribute of the measured quantity) in a qcm order group
+_QCM_BOUND_KEYS = {
+    "II57": ("bound_II57", "measured_II57"),
+    "II57_inverse_norm": ("bound_II57_inverse_norm", "measured_II57"),
+    "II57_truncation": ("bound_II57", "measured_II57_truncation"),
+    "II60": ("eps", "order_II60_measured"),
+    "discrete": ("bound_discrete", "measured_II57"),
+    "kappa_II83": ("kappa_bound_II83", "kappa_M"),
+    "kappa_II81": ("kappa_bound_general", "kappa_M"),
+}
+
+
 def _qcm_md(fh: h5py.File) -> list[str]:
+    """Carleman table, late-time rates (Fig. 4) and every bound that was checked and did not hold."""
     if "qcm" not in fh:
         return []
     lines = ["### Carleman systems", "",
              "| case | N | Δ | nnz(A) | KSP its | max abs η₁ | ‖I+A‖ | κ(M) | 2(T+1) | dissipative/divergent |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    rates, violated = [], []
     for label, case in fh["qcm"].items():
-        for key in sorted(k for k in case if k.startswith("N_")):
+        for key in sorted((k for k in case if k.startswith("N_")), key=lambda k: int(k[2:])):
             a = case[key].attrs
             eta = np.max(np.abs(case[f"{key}/eta1"][()])) if "eta1" in case[key] else float("nan")
             lines.append(f"| {label} | {_attr(a, 'N')} | {_attr(a, 'Delta', '{:,}')} | {_attr(a, 'nnz_A', '{:,}')} | "
                          f"{_attr(a, 'ksp_iterations')} | {eta:.3e} | {_attr(a, 'norm_I_plus_A', '{:.4f}')} | "
                          f"{_attr(a, 'kappa_M', '{:.4g}')} | {_attr(a, 'kappa_bound_II83', '{:.4g}')} | "
                          f"{_attr(a, 'dissipative_modes')}/{_attr(a, 'divergent_modes')} |")
-    return lines + [""]
+            names = a.get("violated_bounds", "")
+            names = names.decode() if isinstance(names, bytes) else str(names)
+            for name in filter(None, names.split(",")):
+                bkey, mkey = _QCM_BOUND_KEYS.get(name, (f"bound_{name}", f"measured_{name}"))
+                bound, measured = a.get(bkey, float("nan")), a.get(mkey, float("nan"))
+                violated.append(f"| {label} | {a.get('N')} | {name} | {float(bound):.3e} | {float(measured):.3e} |")
+        if "rates" in case:
+            r = case["rates"]
+            for i, N in enumerate(r["N"][()]):
+                rates.append(f"| {label} | {N} | {r['fitted'][()][i]:+.4f} ± {r['fitted_se'][()][i]:.4f} | "
+                             f"{r['predicted'][()][i]:+.4f} | {float(r['rho'][()]):+.4f} |")
+    lines.append("")
+    lines += ["Dissipative/divergent counts use |1 + a| < 1 over the eigenvalues a of A "
+              "(`hpcqml.carleman.spectra.dissipative_counts`, eq. II.28); other counts (truncated HHL, "
+              "SLQ mass fractions of Hessian eigenvalues λ with a = −ηλ, eq. II.65) should use the same "
+              "`dissipative_counts` / `is_dissipative`.", ""]
+    if rates:
+        lines += ["#### Late-time error rates (Fig. 4)", "",
+                  "Slope of log‖ŷ₁^(N_ref) − ŷ₁^(N)‖₂ over the late window (± least-squares standard error), "
+                  "against (N+1)ρ for a divergent mode or ρ for the slowest dissipative one, "
+                  "ρ = max log|1 + a| over the eigenvalues a of F₁.", "",
+                  "| case | N | fitted rate per step | predicted | ρ |", "|---|---|---|---|---|", *rates, ""]
+    lines += ["#### Violated bounds", ""]
+    if violated:
+        lines += ["| case | N | bound | bound value | measured |", "|---|---|---|---|---|", *violated, ""]
+    else:
+        lines += ["Every checked bound held.", ""]
+    return lines
 
 
 def _hhl_md(fh: h5py.File) -> list[str]:
+    """Plain HHL at the largest clock size per case: fidelities, leakage, ||x|| from p_success, read-out."""
     if "hhl" not in fh:
         return []
-    lines = ["### Simulated HHL", "", "| case | dim | clock qubits | fidelity | success prob. | read-out shots (eq. II.99) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["### Simulated HHL", "",
+             "Largest clock size per case. Leakage and the clock-traced fidelity do not converge with the "
+             "clock for plain HHL (docs/science.md); ||x|| is estimated from the success probability.", "",
+             "| case | dim | clock qubits | on grid | fidelity | clock-traced fid. | leakage | success prob. | "
+             "‖x‖ est. (rel. err.) | read-out shots (eq. II.99) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, g in fh["hhl"].items():
         if "hhl" not in g:
             continue
-        c = g["hhl/clock_qubits"][()]
-        i = int(np.argmax(c))
+        h, inst = g["hhl"], g["instance"].attrs
+        i = int(np.argmax(h["clock_qubits"][()]))
         ro = g["readout"].attrs if "readout" in g else {}
-        lines.append(f"| {label} | {_attr(g['instance'].attrs, 'embedded_dim')} | {c[i]} | "
-                     f"{g['hhl/fidelity'][()][i]:.6f} | {g['hhl/p_success'][()][i]:.3g} | "
+        grid = ("yes" if h["clock_exact"][i] else "no") if "clock_exact" in h else "–"
+        norm = "–"
+        if "x_norm_estimate" in h and "x_norm" in inst:
+            est = float(h["x_norm_estimate"][i])
+            norm = f"{est:.4g} ({est / inst['x_norm'] - 1:+.1e})" if np.isfinite(est) else "undefined"
+        lines.append(f"| {label} | {_attr(inst, 'embedded_dim')} | {h['clock_qubits'][i]} | {grid} | "
+                     f"{h['fidelity'][i]:.6f} | {h['density_fidelity'][i]:.4f} | {h['leakage'][i]:.3g} | "
+                     f"{h['p_success'][i]:.3g} | {norm} | "
                      f"{_attr(ro, 'mean', '{:.1f}')} ({_attr(ro, 'expected_ii99', '{:.1f}')}) |")
     return lines + [""]
+
+
+def _report_one(res: Results, path: Path, prefix: str, out: Path, summary: ReportSummary) -> list[str]:
+    """Figures and markdown of one results file."""
+    fh = res.file
+    md = _provenance_md(res, path)
+    for name, draw in FIGURES.items():
+        try:
+            drawn = draw(fh, out)
+        except Skip as why:
+            summary.skipped[f"{prefix}{name}"] = str(why)
+            continue
+        if prefix:
+            renamed = drawn.with_name(prefix + drawn.name)
+            drawn.replace(renamed)
+            drawn = renamed
+        summary.figures.append(drawn)
+    return md + _perf_md(res) + _train_md(fh) + _spectrum_md(fh) + _qcm_md(fh) + _hhl_md(fh)
 
 
 def make_report(paths: list[str | Path], out: str | Path, quiet: bool = False) -> ReportSummary:
@@ -148,20 +269,14 @@ def make_report(paths: list[str | Path], out: str | Path, quiet: bool = False) -
     md = ["# hpcqml report", ""]
     for path in paths:
         prefix = "" if len(paths) == 1 else f"{path.stem}_"
-        with open_results(path) as fh:
-            md += _provenance_md(fh, path)
-            for name, draw in FIGURES.items():
-                try:
-                    drawn = draw(fh, out)
-                except Skip as why:
-                    summary.skipped[f"{prefix}{name}"] = str(why)
-                    continue
-                if prefix:
-                    renamed = drawn.with_name(prefix + drawn.name)
-                    drawn.replace(renamed)
-                    drawn = renamed
-                summary.figures.append(drawn)
-            md += _perf_md(fh) + _train_md(fh) + _spectrum_md(fh) + _qcm_md(fh) + _hhl_md(fh)
+        with results.open(path) as res:
+            try:
+                md += _report_one(res, path, prefix, out, summary)
+            except DAMAGE_ERRORS as exc:
+                error = damage_error(path, exc)
+                if error is None:
+                    raise
+                raise error from None
     try:
         summary.figures.append(fig_scaling(paths, out))
     except Skip as why:
@@ -181,10 +296,12 @@ def make_report(paths: list[str | Path], out: str | Path, quiet: bool = False) -
 
 
 def add_arguments(parser) -> None:
+    """Options of ``hpcqml report``."""
     parser.add_argument("results", nargs="+", help="results file(s); several files of one study add scaling plots")
     parser.add_argument("--out", required=True, help="folder for the PNG figures and report.md")
 
 
 def cli_main(args) -> int:
+    """``hpcqml report RESULTS... --out DIR``: figures and report.md; returns the exit code."""
     make_report(args.results, args.out, quiet=getattr(args, "quiet", False))
     return 0

@@ -1,8 +1,10 @@
 """One function per figure. Each reads an open results file and returns the PNG path it
-wrote, or raises :class:`Skip` naming what the file lacks. Figure numbers follow the paper."""
+wrote, or raises :class:`Skip` naming what the file lacks. Figure numbers follow the paper.
+"""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +14,7 @@ import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 class Skip(Exception):
@@ -27,9 +29,12 @@ def _need(fh: h5py.File, key: str, what: str) -> h5py.Group:
 
 
 def _save(fig, out: Path, name: str) -> Path:
+    """Write ``fig`` to ``out/name`` atomically (never through a symlink planted there) and close it."""
+    from hpcqml.io import atomic_write
+
     path = out / name
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda fh: fig.savefig(fh, dpi=110, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
 
@@ -57,7 +62,7 @@ def _step_labels(fh: h5py.File) -> dict[int, str]:
 def _density_axes(ax, curves, title: str, cmap: str = "viridis", log: bool = True) -> None:
     colors = plt.get_cmap(cmap)(np.linspace(0.05, 0.95, max(len(curves), 1)))
     span = max(np.max(np.abs(g)) for _, g, _ in curves)
-    for (label, grid, rho), color in zip(curves, colors):
+    for (label, grid, rho), color in zip(curves, colors, strict=True):
         ax.plot(grid, np.maximum(rho, 1e-12) if log else rho, color=color, lw=1.2, label=label)
     ax.set_xlabel("Hessian eigenvalue λ")
     ax.set_ylabel("spectral density ρ(λ)")
@@ -99,24 +104,66 @@ def fig2b_spectra_downloads(fh: h5py.File, out: Path) -> Path:
     return _save(fig, out, "fig2b_spectra_downloads.png")
 
 
-def proxy_over_training(fh: h5py.File, source: str = "nodes") -> tuple[np.ndarray, np.ndarray]:
+CONVENTION_LABEL = {"eta": "a = −ηλ (eq. II.65)", "paper": "a = −λ"}
+
+
+def _primary_convention(fh: h5py.File, label: str) -> str:
+    """The convention a result draws first (``proxy`` attr ``primary``; older files: ``convention``)."""
+    a = fh[f"spectrum/{label}/result/proxy"].attrs
+    value = a.get("primary", a.get("convention", "paper"))
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _proxy_curve(fh: h5py.File, label: str, source: str,
+                 convention: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """E(t) of one stored spectrum and its ±1 standard-error band (NaN where unknown)."""
+    g = fh[f"spectrum/{label}/result/proxy"]
+    if convention in g:
+        cg = g[convention]
+        curve = cg[source][()]
+        if source == "nodes" and "log_nodes_stderr" in cg:
+            log, se = cg["log_nodes"][()], cg["log_nodes_stderr"][()]
+            with np.errstate(over="ignore", invalid="ignore"):
+                return curve, np.exp(log - se), np.exp(log + se)
+        return curve, np.full(curve.shape, np.nan), np.full(curve.shape, np.nan)
+    if _primary_convention(fh, label) != convention or source not in g:  # a file with one convention
+        raise Skip(f"no error proxy for convention {convention!r} in spectrum/{label}")
+    curve = g[source][()]
+    return curve, np.full(curve.shape, np.nan), np.full(curve.shape, np.nan)
+
+
+@dataclass
+class ProxySeries:
+    """The error proxy along the training steps, with a ±1 standard-error band."""
+
+    step: np.ndarray
+    value: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    convention: str
+    eta: float
+
+
+def proxy_series(fh: h5py.File, source: str = "nodes", convention: str | None = None) -> ProxySeries:
     """Error proxy per training step (eq. III.12): 1 on classical steps; on a quantum
     segment starting at s0, the proxy at t = s - s0 + 1 of the spectrum measured last at
     or before s0 (the state uploaded to the quantum ODE solver).
 
     ``source`` is ``nodes`` (the SLQ quadrature itself: exact for the measured Ritz
     values) or ``grid`` (the paper's 256-point smoothed density, whose kernel can smear
-    the large mass near zero across the 0.4 cutoff)."""
+    the large mass near zero across the 0.4 cutoff).  ``convention`` is ``eta`` or
+    ``paper`` (None: the one the spectra name as primary).
+    """
     train = _need(fh, "train", "training log")
     steps = _step_labels(fh)
     if not steps:
         raise Skip("no spectrum/step_* groups")
+    measured = np.array(sorted(steps))
+    convention = convention or _primary_convention(fh, steps[int(measured[0])])
     step = train["step"][()]
     quantum = train["quantum_eligible"][()].astype(bool)
-    proxy = np.ones(step.shape, dtype=np.float64)
-    measured = np.array(sorted(steps))
-    s0 = None
-    curve = None
+    out = [np.ones(step.shape, dtype=np.float64) for _ in range(3)]
+    s0, curves = None, None
     for i, s in enumerate(step):
         if not quantum[i]:
             s0 = None
@@ -124,34 +171,82 @@ def proxy_over_training(fh: h5py.File, source: str = "nodes") -> tuple[np.ndarra
         if s0 is None:
             s0 = int(s)
             before = measured[measured <= s0 - 1] if np.any(measured <= s0 - 1) else measured[measured <= s0]
-            if before.size == 0:
-                curve = None
-            else:
-                curve = fh[f"spectrum/{steps[int(before[-1])]}/result/proxy/{source}"][()]
+            curves = _proxy_curve(fh, steps[int(before[-1])], source, convention) if before.size else None
         t = int(s) - s0 + 1
-        proxy[i] = curve[t] if curve is not None and t < curve.size else np.nan
-    return step, proxy
+        for k in range(3):
+            out[k][i] = curves[k][t] if curves is not None and t < curves[k].size else np.nan
+    eta = float(fh[f"spectrum/{steps[int(measured[0])]}/result"].attrs.get("eta", np.nan))
+    return ProxySeries(step, out[0], out[1], out[2], convention, eta)
+
+
+def proxy_over_training(fh: h5py.File, source: str = "nodes",
+                        convention: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(step, E)`` of :func:`proxy_series` (the primary convention unless named)."""
+    series = proxy_series(fh, source, convention)
+    return series.step, series.value
+
+
+def _unresolved_proxies(fh: h5py.File, convention: str) -> tuple[int, int]:
+    """How many step spectra store an unresolved E(t) estimate for ``convention``, of how many."""
+    count, total = 0, 0
+    for label in _step_labels(fh).values():
+        key = f"spectrum/{label}/result/proxy/{convention}/estimates"
+        if key not in fh:
+            continue
+        total += 1
+        e = fh[key]
+        count += any(not bool(e[k].attrs.get("resolved", True)) for k in e
+                     if k.startswith("error_proxy_t") and not k.endswith("_per_probe"))
+    return count, total
+
+
+def _proxy_axes(ax, fh: h5py.File, convention: str, primary: bool) -> None:
+    """One panel of Fig. 2c: E(t) from the nodes with its band, and from the density grid."""
+    nodes = proxy_series(fh, "nodes", convention)
+    style = dict(lw=1.4, ls="-") if primary else dict(lw=1.1, ls="-.")
+    color = "C3" if convention == "eta" else "C0"
+    ax.plot(nodes.step, nodes.value, color=color, label="from Ritz nodes and weights", **style)
+    if np.any(np.isfinite(nodes.low)):
+        ax.fill_between(nodes.step, nodes.low, nodes.high, color=color, alpha=0.25, lw=0,
+                        label="±1 standard error over probes")
+    try:
+        grid = proxy_series(fh, "grid", convention)
+        ax.plot(grid.step, grid.value, lw=0.9, ls="--", color="0.4", label="from the 256-point density (paper)")
+    except (KeyError, Skip):
+        pass
+    ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
+    finite = nodes.value[np.isfinite(nodes.value) & (nodes.value > 0)]
+    if finite.size and finite.max() / max(finite.min(), 1e-300) > 100:
+        ax.set_yscale("log")
+    unresolved, total = _unresolved_proxies(fh, convention)
+    if unresolved:
+        ax.text(0.02, 0.02, f"E(t) unresolved in {unresolved} of {total} spectra (see report)",
+                transform=ax.transAxes, fontsize=7, color="0.3")
+    name = CONVENTION_LABEL[convention] + (f", η = {nodes.eta:g}" if convention == "eta" else "")
+    ax.set_title(f"{'' if primary else 'other convention: '}{name}", fontsize=9)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("error proxy E (eq. III.12)")
+    ax.legend(fontsize=7)
+
+
+def draw_fig2c(fh: h5py.File):
+    """The Fig. 2c figure: the primary convention's panel, and the other beside it."""
+    primary = proxy_series(fh, "nodes").convention
+    others = [c for c in ("eta", "paper") if c != primary]
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 3.9))
+    _proxy_axes(axes[0], fh, primary, True)
+    try:
+        _proxy_axes(axes[1], fh, others[0], False)
+    except Skip as why:
+        axes[1].set_axis_off()
+        axes[1].text(0.5, 0.5, str(why), ha="center", va="center", fontsize=8, wrap=True)
+    fig.suptitle("Error proxy during sparse training (Fig. 2c)", fontsize=11)
+    return fig
 
 
 def fig2c_error_proxy(fh: h5py.File, out: Path) -> Path:
-    """Fig. 2(c): the error proxy along the sparse-training run."""
-    step, proxy = proxy_over_training(fh, "nodes")
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ax.plot(step, proxy, lw=1.2, color="C3", label="from Ritz nodes and weights")
-    try:
-        _, smoothed = proxy_over_training(fh, "grid")
-        ax.plot(step, smoothed, lw=0.9, ls="--", color="0.4", label="from the smoothed 256-point density (paper)")
-    except KeyError:
-        pass
-    ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
-    finite = proxy[np.isfinite(proxy) & (proxy > 0)]
-    if finite.size and finite.max() / max(finite.min(), 1e-300) > 100:
-        ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("error proxy (eq. III.12)")
-    ax.set_title("Error proxy during sparse training (Fig. 2c)")
-    ax.legend(fontsize=7)
-    return _save(fig, out, "fig2c_error_proxy.png")
+    """Fig. 2(c): the error proxy along the sparse-training run, both mode conventions."""
+    return _save(draw_fig2c(fh), out, "fig2c_error_proxy.png")
 
 
 def fig2d_accuracy(fh: h5py.File, out: Path) -> Path:
@@ -176,7 +271,7 @@ def fig3_pruned_spectrum(fh: h5py.File, out: Path) -> Path:
     """Fig. 3: spectrum of a model measured once (the pruned large model)."""
     if "spectrum" not in fh:
         raise Skip("no spectrum group")
-    labels = [l for l in fh["spectrum"] if not l.startswith("step_") and f"spectrum/{l}/result" in fh]
+    labels = [lab for lab in fh["spectrum"] if not lab.startswith("step_") and f"spectrum/{lab}/result" in fh]
     if not labels:
         raise Skip("no spectrum of a pruned/single model (spectrum/pruned)")
     curves = _densities(fh, labels)
@@ -205,53 +300,123 @@ def _positive(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def fig4a_error_vs_order(fh: h5py.File, out: Path) -> Path:
-    """Fig. 4(a): |η₁(t)| of one coordinate for N = 1..4, all modes dissipative (f = 1).
+def _median_band(curves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median, minimum and maximum over seeds at every t (curves of equal length; NaN ignored)."""
+    import warnings
 
-    Solid: error against the exact nonlinear recurrence; dashed: its truncation part
-    (against the large-N reference run), which is what shrinks with N once the O(step)
-    discreteness floor of the Euler-type stepping dominates (paper Sec. V B)."""
-    cases = _qcm_cases(fh)
-    full = [g for k, g in cases.items() if float(g.attrs.get("f", -1)) == 1.0] or list(cases.values())
-    if not full:
-        raise Skip("no qcm case")
-    case = full[0]
-    coord = int(case.attrs.get("coordinate", 0))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, N in enumerate(_orders(case)):
-        err = _positive(case[f"N_{N}/eta1"][()][:, coord])
-        ax.semilogy(np.arange(err.size), err, color=f"C{i}", label=f"N = {N}")
-        key = f"split/N_{N}/truncation"
-        if key in case:
-            trunc = _positive(case[key][()][:, coord])
-            ax.semilogy(np.arange(trunc.size), trunc, color=f"C{i}", ls="--", lw=0.9)
+    stack = np.vstack(curves)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (under the floor) stay NaN
+        return np.nanmedian(stack, axis=0), np.nanmin(stack, axis=0), np.nanmax(stack, axis=0)
+
+
+def _norm_curve(case: h5py.Group, key: str) -> np.ndarray:
+    """‖case[key](t)‖₂ over coordinates, zeros as NaN (log axes)."""
+    return _positive(np.linalg.norm(case[key][()], axis=1))
+
+
+def _floor_line(ax, cases: list[h5py.Group], t: np.ndarray) -> None:
+    """The median rounding floor of the cases (errors under it are not fitted), thin black dotted."""
+    floors = [case["floor"][()] for case in cases if "floor" in case]
+    if floors:
+        ax.semilogy(t, np.median(np.vstack(floors), axis=0), color="k", ls=":", lw=0.7,
+                    label="rounding floor (not fitted below)")
+
+
+def _rate_text(cases: list[h5py.Group], N: int) -> str:
+    """'fitted r (median over seeds) ± spread vs predicted p' for order N."""
+    fitted, predicted = [], []
+    for case in cases:
+        if "rates" not in case:
+            continue
+        orders = list(case["rates/N"][()])
+        if N in orders:
+            i = orders.index(N)
+            fitted.append(case["rates/fitted"][()][i])
+            predicted.append(case["rates/predicted"][()][i])
+    f, p = np.asarray(fitted, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    if not np.any(np.isfinite(f)):
+        return "rate not fitted (under the rounding floor)"
+    seeds = f"{int(np.isfinite(f).sum())}/{f.size} seeds"
+    return (f"rate {np.nanmedian(f):+.4f} [{np.nanmin(f):+.4f}, {np.nanmax(f):+.4f}] vs {np.nanmedian(p):+.4f}/step"
+            f" ({seeds})")
+
+
+def _band(ax, t, curves, color, label, ls="-"):
+    med, lo, hi = _median_band(curves)
+    ax.semilogy(t, med, color=color, ls=ls, label=label)
+    if len(curves) > 1:
+        ax.fill_between(t, lo, hi, color=color, alpha=0.18, lw=0)
+
+
+def _by_fraction(fh: h5py.File) -> dict[float, list[h5py.Group]]:
+    """Complete random-family cases grouped by their dissipative fraction f (all seeds)."""
+    out: dict[float, list[h5py.Group]] = {}
+    for case in _qcm_cases(fh).values():
+        if "f" in case.attrs and "split" in case:
+            out.setdefault(float(case.attrs["f"]), []).append(case)
+    return out
+
+
+def fig4a_error_vs_order(fh: h5py.File, out: Path) -> Path:
+    """Fig. 4(a): linearisation error vs t for N = 1..4, all modes dissipative (f = 1), median and
+    min-max band over seeds.
+
+    Solid: ‖ŷ₁^(N_ref)(t) − ŷ₁^(N)(t)‖₂, the truncation error of the Carleman stepping against its
+    large-order limit (the primary curve). Dashed grey: ‖u(t) − ŷ₁^(N_ref)(t)‖₂, the discreteness
+    error between the discrete map and the continuous-time lift (eq. V.20–V.22), the same for all N.
+    The legend gives the fitted late-time rate (median [min, max] over seeds) and the slowest mode's
+    rate max log|1 + a|.
+    """
+    groups = _by_fraction(fh)
+    cases = groups.get(1.0) or (list(_qcm_cases(fh).values())[:1] if _qcm_cases(fh) else [])
+    cases = [c for c in cases if "split" in c]
+    if not cases:
+        raise Skip("no qcm case with an error split")
+    orders = sorted(set.intersection(*[set(_orders(c)) for c in cases]))
+    T = cases[0]["u_exact"].shape[0]
+    t = np.arange(T)
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    for i, N in enumerate(orders):
+        _band(ax, t, [_norm_curve(c, f"split/N_{N}/truncation") for c in cases], f"C{i}",
+              f"N = {N}: {_rate_text(cases, N)}")
+    _band(ax, t, [_norm_curve(c, f"split/N_{orders[0]}/discreteness") for c in cases], "0.5",
+          "discreteness error u − ŷ₁^(N_ref) (eq. V.21), all N", ls="--")
+    _floor_line(ax, cases, t)
     ax.set_xlabel("time step t")
-    ax.set_ylabel(f"|u_{coord}(t) − ŷ_{coord}(t)|")
-    ax.set_title(f"Carleman error vs order, {case.name.split('/')[-1]} (Fig. 4a; dashed: truncation part)",
-                 fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("‖error(t)‖₂ over coordinates")
+    ax.set_title(f"Fig. 4a: truncation error, f = {float(cases[0].attrs.get('f', 1.0)):g}, "
+                 f"{len(cases)} seed(s), median and min–max band", fontsize=9)
+    ax.legend(fontsize=6.5)
     return _save(fig, out, "fig4a_error_vs_order.png")
 
 
 def fig4b_error_vs_fraction(fh: h5py.File, out: Path, order: int = 4) -> Path:
-    """Fig. 4(b): the same error at N = ``order`` (or the largest) for several fractions f."""
-    cases = _qcm_cases(fh)
-    with_f = sorted(((float(g.attrs["f"]), g) for g in cases.values() if "f" in g.attrs), key=lambda p: -p[0])
-    if len({f for f, _ in with_f}) < 2:
+    """Fig. 4(b): truncation error at N = ``order`` (or the largest) for each fraction f, median and
+    min-max band over seeds, with the fitted late-time rate beside (N+1)·max log|1 + a| (divergent)
+    or max log|1 + a| (all dissipative). Dotted: the discreteness error of each f (eq. V.21).
+    """
+    groups = _by_fraction(fh)
+    if len(groups) < 2:
         raise Skip("fewer than two dissipative fractions f among the qcm cases")
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for f, case in with_f:
-        orders = _orders(case)
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    for i, f in enumerate(sorted(groups, reverse=True)):
+        cases = groups[f]
+        orders = sorted(set.intersection(*[set(_orders(c)) for c in cases]))
         if not orders:
             continue
         N = order if order in orders else orders[-1]
-        coord = int(case.attrs.get("coordinate", 0))
-        err = _positive(case[f"N_{N}/eta1"][()][:, coord])
-        ax.semilogy(np.arange(err.size), err, label=f"f = {f:g} (N = {N})")
+        t = np.arange(cases[0]["u_exact"].shape[0])
+        _band(ax, t, [_norm_curve(c, f"split/N_{N}/truncation") for c in cases], f"C{i}",
+              f"f = {f:g}, N = {N}: {_rate_text(cases, N)}")
+        med, _, _ = _median_band([_norm_curve(c, f"split/N_{N}/discreteness") for c in cases])
+        ax.semilogy(t, med, color=f"C{i}", ls=(0, (1, 3)), lw=0.9)
+    _floor_line(ax, [c for cs in groups.values() for c in cs], t)
     ax.set_xlabel("time step t")
-    ax.set_ylabel("|η₁(t)| of one coordinate")
-    ax.set_title("Carleman error vs fraction of dissipative modes (Fig. 4b)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("‖truncation error(t)‖₂ (dotted: discreteness error)")
+    ax.set_title("Fig. 4b: truncation error vs fraction f of dissipative modes (median, min–max band)",
+                 fontsize=9)
+    ax.legend(fontsize=6.5)
     return _save(fig, out, "fig4b_error_vs_fraction.png")
 
 
@@ -279,31 +444,43 @@ def fig_kappa(fh: h5py.File, out: Path) -> Path:
 
 
 def fig_hhl(fh: h5py.File, out: Path) -> Path:
-    """HHL fidelity vs clock qubits, and truncated-HHL overlap vs κ_a, per case."""
+    """Per case: HHL infidelity vs clock qubits, leakage and clock-traced infidelity vs clock
+    qubits (plain and truncated), and truncated-HHL overlap vs κ_a.
+    """
     if "hhl" not in fh:
         raise Skip("no hhl group")
     cases = [(k, g) for k, g in fh["hhl"].items() if "hhl" in g and g.attrs.get("complete", False)]
     if not cases:
         raise Skip("no hhl case")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
     for i, (label, g) in enumerate(cases):
         c = g["hhl/clock_qubits"][()]
         ax1.semilogy(c, _positive(1 - g["hhl/fidelity"][()]), "o-", color=f"C{i}", label=label)
+        ax2.plot(c, g["hhl/leakage"][()], "o-", color=f"C{i}", label=f"{label} leakage")
+        ax2.plot(c, 1 - g["hhl/density_fidelity"][()], "s:", color=f"C{i}", label=f"{label} 1 − clock-traced F")
         tr = g.get("truncated")
         if tr is not None and tr["kappa_a"].size:
-            best = tr["clock_qubits"][()] == tr["clock_qubits"][()].max()
-            ka = tr["kappa_a"][()][best]
-            order = np.argsort(ka)
-            ax2.semilogx(ka[order], tr["overlap"][()][best][order], "o-", color=f"C{i}", label=f"{label} simulated")
-            ax2.semilogx(ka[order], tr["overlap_ii87"][()][best][order], "k--", lw=0.8)
+            clocks, kas = tr["clock_qubits"][()], tr["kappa_a"][()]
+            largest = kas == kas.max()
+            ax2.plot(clocks[largest], tr["leakage"][()][largest], "^--", color=f"C{i}",
+                     label=f"{label} truncated leakage (κ_a = {kas.max():g})")
+            best = clocks == clocks.max()
+            order = np.argsort(kas[best])
+            ax3.semilogx(kas[best][order], tr["overlap"][()][best][order], "o-", color=f"C{i}",
+                         label=f"{label} simulated")
+            ax3.semilogx(kas[best][order], tr["overlap_ii87"][()][best][order], "k--", lw=0.8)
     ax1.set_xlabel("clock qubits c")
     ax1.set_ylabel("1 − fidelity |⟨x_ref|x⟩|²")
     ax1.set_title("HHL infidelity vs clock qubits")
     ax1.legend(fontsize=7)
-    ax2.set_xlabel("κ_a")
-    ax2.set_ylabel("overlap with the full solution")
-    ax2.set_title("Truncated HHL (dashed: eq. II.87)")
-    ax2.legend(fontsize=7)
+    ax2.set_xlabel("clock qubits c")
+    ax2.set_ylabel("probability")
+    ax2.set_title("Leakage: no limit for plain HHL (docs/science.md)")
+    ax2.legend(fontsize=6)
+    ax3.set_xlabel("κ_a")
+    ax3.set_ylabel("overlap with the full solution")
+    ax3.set_title("Truncated HHL (dashed: eq. II.87)")
+    ax3.legend(fontsize=7)
     return _save(fig, out, "hhl_fidelity.png")
 
 
@@ -322,7 +499,8 @@ FIGURES: dict[str, Callable[[h5py.File, Path], Path]] = {
 
 def scaling_records(paths: list[Path]) -> dict[str, list[tuple[int, float]]]:
     """(ranks, max wall seconds) per stage over several results files of one study
-    (records of resumed stages, which time only part of the work, are left out)."""
+    (records of resumed stages, which time only part of the work, are left out).
+    """
     from hpcqml.store import open_results
 
     table: dict[str, list[tuple[int, float]]] = {}

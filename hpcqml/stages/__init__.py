@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
@@ -24,6 +24,7 @@ PIPELINE = ("data", "pretrain", "prune", "train", "spectrum", "qcm", "hhl", "rep
 
 @dataclass(frozen=True)
 class Stage:
+    """A registered stage: its name, config schema, entry point and one-line description."""
     name: str
     schema: Mapping[str, Field]
     run: Callable[["StageContext"], None]
@@ -34,6 +35,7 @@ REGISTRY: dict[str, Stage] = {}
 
 
 def register(stage: Stage) -> Stage:
+    """Add ``stage`` to the registry (a second, different stage of the same name is an error)."""
     if stage.name in REGISTRY and REGISTRY[stage.name] is not stage:
         raise RuntimeError(f"stage {stage.name!r} registered twice")
     REGISTRY[stage.name] = stage
@@ -49,6 +51,7 @@ def load_all() -> dict[str, Stage]:
 
 
 def schemas() -> dict[str, Schema]:
+    """Every registered stage's config schema, by stage name."""
     return {name: stage.schema for name, stage in load_all().items()}
 
 
@@ -67,6 +70,10 @@ class StageContext:
     #: hex digest of the stage inputs that change its results (this stage's result-relevant
     #: keys and those of the stages it reads); stamped on every work-directory artifact.
     fingerprint: str = ""
+    #: True when the runner discarded this stage's earlier results because its settings
+    #: changed: the stage's own work-directory artifacts with another fingerprint may be
+    #: replaced (recomputed) instead of refused.
+    fresh: bool = False
 
     @property
     def run_cfg(self) -> dict[str, Any]:

@@ -4,19 +4,23 @@
 Reads ``model_file`` (default ``<workdir>/pretrained.pt``), keeps the ``keep_fraction``
 largest-magnitude prunable weights (:mod:`hpcqml.training.pruning`), writes
 ``<workdir>/pruned.pt`` (model + mask) and the HDF5 group ``prune`` (mask and per-layer
-sparsity).  Every rank computes the same mask; rank 0 writes.
+sparsity).  Every rank computes the same mask; rank 0 writes.  ``pruned.pt`` records the
+fingerprint of the stage inputs and the results file of its run, and a ``pretrained.pt``
+that this run's pretrain stage did not make is refused (:mod:`hpcqml.training.origin`).
 """
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from hpcqml.config import Field
 from hpcqml.errors import UserError
 from hpcqml.stages import Stage, StageContext, register
-from hpcqml.training.checkpoint import load_checkpoint, save_checkpoint
-from hpcqml.training.pruning import SCOPES, layer_sparsity, prune_
+from hpcqml.store import write_dataset
+from hpcqml.training.origin import begin, check_input, model_source, stamp
+from hpcqml.training.pruning import SCOPES, layer_sparsity, prunable_parameters, prune_
 
 SCHEMA = {
     "keep_fraction": Field(float, 0.1, min=1e-9, max=1.0, doc="fraction of prunable weights kept"),
@@ -29,59 +33,76 @@ SCHEMA = {
 OUTPUT = "pruned.pt"
 
 
-def run(ctx: StageContext) -> None:
-    cfg = ctx.cfg
-    if ctx.store.is_complete("prune") and (ctx.workdir / OUTPUT).is_file():
-        ctx.log("already complete")
-        return
-    src = Path(cfg["model_file"]) if cfg["model_file"] else ctx.workdir / "pretrained.pt"
-    if not src.is_file():
-        raise UserError(f"prune: model file {src} not found (run the pretrain stage or set [prune] model_file)")
-    device = ctx.device()
-    ck = load_checkpoint(src, device)
-    model = ck.model
-    before = after = (float("nan"), float("nan"))
-    data = None
-    if cfg["evaluate"]:
-        from hpcqml.stages.data import load_dataset
-        from hpcqml.training.loop import evaluate
+def check_keep(keep_fraction: float, prunable: int) -> None:
+    """Refuse a keep fraction that keeps no weight at all (one-line UserError)."""
+    if round(keep_fraction * prunable) < 1:
+        raise UserError(f"[prune] keep_fraction = {keep_fraction:g} keeps none of the {prunable:,} prunable "
+                        f"weights; use at least {1.0 / prunable:.3g}")
 
-        data = load_dataset(ctx)
-        before = evaluate(model, ctx.comm, data.test_x, data.test_y, device, perf=ctx.perf)
-    masks = prune_(model, cfg["keep_fraction"], cfg["scope"])
-    if data is not None:
-        from hpcqml.training.loop import evaluate
 
-        after = evaluate(model, ctx.comm, data.test_x, data.test_y, device, perf=ctx.perf)
-    rows = layer_sparsity(model, cfg["scope"])
-    total = sum(r[1] for r in rows)
-    kept = sum(int(m.sum()) for m in masks.values())
-    nonzero = sum(r[2] for r in rows)
-    if ctx.rank == 0:
-        save_checkpoint(ctx.workdir / OUTPUT, ck.model_name, ck.num_classes, model, mask=masks, step=0,
-                        meta={"stage": "prune", "keep_fraction": cfg["keep_fraction"], "scope": cfg["scope"],
-                              "source": str(src)})
-    ctx.comm.Barrier()
-
-    def write(g) -> None:
-        g.create_dataset("layer_names", data=np.array([r[0] for r in rows], dtype=object),
-                         dtype=__import__("h5py").string_dtype())
-        g.create_dataset("numel", data=np.array([r[1] for r in rows], dtype=np.int64))
-        g.create_dataset("kept", data=np.array([int(masks[r[0]].sum()) for r in rows], dtype=np.int64))
-        g.create_dataset("sparsity", data=np.array([1.0 - r[2] / r[1] for r in rows], dtype=np.float64))
-        g["sparsity"].attrs["units"] = "fraction of the layer's weights that are zero"
-        if cfg["store_mask"]:
+def mask_writer(rows: list[tuple[str, int, int]], masks: dict, store_mask: bool) -> Callable[[Any], None]:
+    """A store writer for the per-layer pruning record (and the masks)."""
+    def write(g: Any) -> None:
+        write_dataset(g, "layer_names", [r[0] for r in rows], "1",
+                      "parameter name of each prunable tensor (read with hpcqml.store.read_strings)")
+        write_dataset(g, "numel", np.array([r[1] for r in rows], dtype=np.int64), "count",
+                      "entries of each prunable tensor")
+        write_dataset(g, "kept", np.array([int(masks[r[0]].sum()) for r in rows], dtype=np.int64), "count",
+                      "entries of each prunable tensor kept by the global magnitude mask")
+        write_dataset(g, "sparsity", np.array([1.0 - r[2] / r[1] for r in rows], dtype=np.float64), "1",
+                      "fraction of each prunable tensor's entries that are zero after pruning")
+        if store_mask:
             mg = g.create_group("mask")
             for name, m in masks.items():
-                mg.create_dataset(name, data=m.numpy(), dtype=bool, compression="gzip",
-                                  compression_opts=4, chunks=True)
+                write_dataset(mg, name, m.numpy(), "1", f"True where {name} is kept (global magnitude mask)",
+                              dtype=bool, compression="gzip", compression_opts=4, chunks=True)
+    return write
 
-    ctx.store.commit("prune", write, attrs={
+
+def _evaluate(ctx: StageContext, model: Any, device: Any) -> Callable[[], tuple[float, float]]:
+    """Test loss and accuracy of ``model`` as it is when called (NaN when ``evaluate`` is off)."""
+    if not ctx.cfg["evaluate"]:
+        return lambda: (float("nan"), float("nan"))
+    from hpcqml.stages.data import load_dataset
+    from hpcqml.training.loop import evaluate
+
+    data = load_dataset(ctx)
+    return lambda: evaluate(model, ctx.comm, data.test_x, data.test_y, device, perf=ctx.perf)
+
+
+def run(ctx: StageContext) -> None:
+    """Prune the source model to the top ``keep_fraction``; write the model, mask and group."""
+    from hpcqml.training.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = ctx.cfg
+    output = ctx.workdir / OUTPUT
+    src, own = model_source(ctx, "pretrained.pt")
+    if not begin(ctx, output, source=src, missing="run the pretrain stage or set [prune] model_file"):
+        return
+    device = ctx.device()
+    ck = load_checkpoint(src, device)
+    if own:
+        check_input(ctx, src, "pretrain", ck.fingerprint, ck.results)
+    model = ck.model
+    check_keep(cfg["keep_fraction"], sum(p.numel() for _, p in prunable_parameters(model, cfg["scope"])))
+    test = _evaluate(ctx, model, device)
+    before = test()
+    masks = prune_(model, cfg["keep_fraction"], cfg["scope"])
+    after = test()
+    rows = layer_sparsity(model, cfg["scope"])
+    total, nonzero = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    kept = sum(int(m.sum()) for m in masks.values())
+    if ctx.rank == 0:
+        save_checkpoint(output, ck.model_name, ck.num_classes, model, mask=masks, step=0,
+                        meta={"stage": "prune", "keep_fraction": cfg["keep_fraction"], "scope": cfg["scope"],
+                              "source": str(src)}, **stamp(ctx))
+    ctx.comm.Barrier()
+    ctx.store.commit("prune", mask_writer(rows, masks, cfg["store_mask"]), attrs={
         "model": ck.model_name, "keep_fraction": cfg["keep_fraction"], "scope": cfg["scope"],
         "prunable_total": total, "kept_total": kept, "nonzero_total": nonzero,
         "sparsity": 1.0 - nonzero / total, "test_loss_before": before[0], "test_accuracy_before": before[1],
         "test_loss_after": after[0], "test_accuracy_after": after[1], "source": str(src),
-        "checkpoint": str(ctx.workdir / OUTPUT)})
+        "checkpoint": str(output), "fingerprint": ctx.fingerprint})
     ctx.log(f"kept {kept:,} of {total:,} prunable weights ({cfg['scope']}); test accuracy "
             f"{before[1]:.4f} -> {after[1]:.4f}")
 

@@ -1,20 +1,21 @@
 """``qcm`` stage: quantum Carleman matrices of polynomial ODE instances (paper Sec. II A-C, III C, V B).
 
 For every instance (one per fraction f and seed, or one from a file / a network) and every
-truncation order N it assembles A (eq. II.3-II.6) and M (eq. II.79) with PETSc, solves M X = B
-with KSP, compares with the exact nonlinear recurrence (eq. II.1), computes SLEPc spectra,
-||I+A||_2, kappa(M) and the bounds of eq. II.57, II.60, II.83, and writes one HDF5 group per
-case (layout: docs/schema/qcm.md).
+truncation order N it assembles A (eq. II.3-II.6) and M (eq. II.79) with PETSc inside one
+:class:`hpcqml.carleman.system.CarlemanCase` (which owns every PETSc object of the case), solves
+M X = B with KSP, compares with the exact nonlinear recurrence (eq. II.1), computes SLEPc spectra,
+||I+A||_2, kappa(M), the bounds of eq. II.57, II.60, II.81, II.83 and a discrete-map bound, each
+with the measured quantity and a ``holds_*`` flag, fits the late-time error rate (Fig. 4) and
+writes one HDF5 group per case (layout: docs/schema/qcm.md).
 """
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 
 from hpcqml.config import Field
-from hpcqml.errors import UserError
+from hpcqml.errors import NumericalError, UserError
 from hpcqml.stages import Stage, StageContext, register
 
 SCHEMA = {
@@ -22,12 +23,16 @@ SCHEMA = {
                        doc="instance source: random quadratic family (Sec. III C), its sparse variant, "
                            "scalar logistic map, reduced network instance, or an HDF5 file"),
     "n": Field(int, 3, min=1, doc="state dimension (random/sparse)"),
-    "f": Field(list, [1.0], min_items=1, item=float, min=0.0, max=1.0, doc="fractions of dissipative Hessian modes, one case each"),
+    "f": Field(list, [1.0], min_items=1, item=float, min=0.0, max=1.0,
+               doc="fractions of dissipative Hessian modes, one case each"),
     "seeds": Field(list, [0], min_items=1, item=int, min=0, doc="instance seeds, one case each"),
     "N": Field(list, [1, 2, 3], min_items=1, item=int, min=1, doc="Carleman truncation orders"),
     "T": Field(int, 20, min=1, doc="number of time steps"),
-    "eta": Field(float, 0.25, min=0.0, doc="step size: F_l -> eta F_l (random/sparse/logistic); learning rate (network)"),
+    "eta": Field(float, 0.25, min=0.0,
+                 doc="step size: F_l -> eta F_l (random/sparse/logistic); learning rate (network)"),
     "u_scale": Field(float, 0.1, min=0.0, doc="u_in ~ U(-u_scale, u_scale) (random/sparse); u_in (logistic)"),
+    "div_range": Field(float, 0.01, min=0.0, doc="random/sparse: divergent Hessian eigenvalues ~ U(-div_range, 0) "
+                                                 "(the paper's 0.01; larger values are a stated variant)"),
     "f2_per_row": Field(int, 4, min=0, doc="nonzeros per row of F2 (sparse)"),
     "logistic_a": Field(float, 1.0, doc="logistic: linear rate a in u' = -a u - c u^2"),
     "logistic_c": Field(float, 1.0, doc="logistic: quadratic rate c"),
@@ -39,7 +44,8 @@ SCHEMA = {
     "N_ref": Field(int, 0, min=0, doc="order of the reference run for the truncation/discreteness split; 0 = max(N)+2 "
                                       "capped by ref_max_dim"),
     "ref_max_dim": Field(int, 20000, min=1, doc="largest Delta allowed for the reference run"),
-    "step_sizes": Field(list, [1.0, 0.5, 0.25], item=float, min=0.0, doc="relative step sizes for the discreteness scaling"),
+    "step_sizes": Field(list, [1.0, 0.5, 0.25], item=float, min=0.0,
+                        doc="relative step sizes for the discreteness scaling"),
     "eps": Field(float, 1e-3, min=0.0, doc="target linearisation error for the order of eq. II.60"),
     "dense_limit": Field(int, 3000, min=1, doc="all eigenvalues / dense SVD up to this size"),
     "nev": Field(int, 20, min=1, doc="extremal eigenvalues computed beyond dense_limit"),
@@ -47,91 +53,73 @@ SCHEMA = {
     "ksp_rtol": Field(float, 1e-12, min=0.0, doc="KSP relative residual tolerance"),
     "kappa": Field(bool, True, doc="compute kappa(M) by SLEPc SVD (skip for huge systems)"),
     "f0_noise": Field(float, 0.0, min=0.0, doc="SGD noise of the constant term: F0(t) = F0 + f0_noise * xi_t, "
-                                                "xi_t ~ N(0, I) per step t < T from the case seed (issue 5); 0 = off"),
+                                                "xi_t ~ N(0, I) per step t < T from the case seed; 0 = off"),
+    "late_fraction": Field(float, 0.5, min=0.05, max=1.0,
+                           doc="last fraction of t = 0..T over which the late-time error rate is fitted"),
 }
 
 
-def _make_instances(ctx: StageContext) -> list[tuple[str, object, dict]]:
-    """(label, PolynomialODE, attrs) for every case of the config."""
+def _generated(ctx: StageContext) -> list[tuple[str, object, dict]]:
+    """(label, PolynomialODE, attrs) of the configured generator, before any F0 noise."""
     from hpcqml.carleman import generators as gen
-    from hpcqml.carleman.instance import from_dict
+    from hpcqml.carleman.cases import random_instance
+    from hpcqml.carleman.instance import load_instance
 
     cfg = ctx.cfg
     kind, eta = cfg["generator"], cfg["eta"]
-    out = []
     if kind in ("random", "sparse"):
-        for f in cfg["f"]:
-            for seed in cfg["seeds"]:
-                if kind == "random":
-                    ode = gen.random_quadratic(cfg["n"], f, seed, u_scale=cfg["u_scale"])
-                else:
-                    ode = gen.sparse_quadratic(cfg["n"], f, seed, f2_per_row=cfg["f2_per_row"], u_scale=cfg["u_scale"])
-                out.append((f"f{f:.3f}_seed{seed}", gen.scale_step(ode, eta), {"f": f, "seed": seed}))
-    elif kind == "logistic":
+        return [(f"f{f:.3f}_seed{seed}",
+                 random_instance(kind, cfg["n"], f, seed, eta=eta, u_scale=cfg["u_scale"],
+                                 div_range=cfg["div_range"], f2_per_row=cfg["f2_per_row"]),
+                 {"f": f, "seed": seed})
+                for f in cfg["f"] for seed in cfg["seeds"]]
+    if kind == "logistic":
         ode = gen.logistic(cfg["logistic_a"], cfg["logistic_c"], cfg["u_scale"], h=eta)
-        out.append(("logistic", ode, {"a": cfg["logistic_a"], "c": cfg["logistic_c"]}))
-    elif kind == "file":
+        return [("logistic", ode, {"a": cfg["logistic_a"], "c": cfg["logistic_c"]})]
+    if kind == "file":
         if not cfg["file"]:
             raise UserError("[qcm] generator = 'file' needs [qcm] file")
-        path = Path(cfg["file"])
-        if not path.exists():
-            raise UserError(f"[qcm] file {path} does not exist")
-        import h5py
+        return [("file", load_instance(cfg["file"], cfg["file_group"]), {"file": str(cfg["file"])})]
+    return [("network", _network_instance(ctx), {"k": cfg["k"], "eta": eta})]
 
-        def load():
-            with h5py.File(path, "r") as fh:
-                if cfg["file_group"] not in fh:
-                    raise UserError(f"[qcm] file {path} has no group {cfg['file_group']!r}")
-                return from_dict(fh[cfg["file_group"]])
 
-        ode = load()
-        out.append(("file", ode, {"file": str(path)}))
-    else:
-        ode = _network_instance(ctx)
-        import json
+def _make_instances(ctx: StageContext) -> list[tuple[str, object, dict]]:
+    """(label, PolynomialODE, attrs) for every case of the config, with F0 noise when set."""
+    from hpcqml.carleman import generators as gen
 
-        out.append(("network", ode, {"k": cfg["k"], "eta": eta, "params": json.dumps(ode.meta["params"])}))
+    cfg = ctx.cfg
+    out = _generated(ctx)
     sigma = cfg.get("f0_noise", 0.0)
-    if sigma > 0.0:  # per-step noise of the map itself, added after the eta scaling
-        noisy = []
-        for label, ode, attrs in out:
-            if ode.F0_t is not None:
-                raise UserError("[qcm] the file instance already has F0_t; set f0_noise = 0")
-            noisy.append((label, gen.with_f0_noise(ode, sigma, cfg["T"], attrs.get("seed", 0)),
-                          {**attrs, "f0_noise": sigma}))
-        out = noisy
-    else:
-        for label, ode, _ in out:
+    if sigma <= 0.0:
+        for _, ode, _ in out:
             ode.check_horizon(cfg["T"])  # a file instance with F0_t must cover T steps
-    return out
+        return out
+    noisy = []
+    for label, ode, attrs in out:   # per-step noise of the map itself, added after the eta scaling
+        if ode.F0_t is not None:
+            raise UserError("[qcm] the file instance already has F0_t; set f0_noise = 0")
+        noisy.append((label, gen.with_f0_noise(ode, sigma, cfg["T"], attrs.get("seed", 0)),
+                      {**attrs, "f0_noise": sigma}))
+    return noisy
 
 
 def _network_instance(ctx: StageContext):
-    """Reduced instance of the pruned model of the train stage on a fixed training batch."""
+    """Reduced instance of the pruned model on a fixed training batch."""
     import torch
 
-    from hpcqml.carleman.generators import network_instance
+    from hpcqml.carleman.cases import network_case, network_checkpoint
     from hpcqml.data.batches import batch_indices, to_tensor
     from hpcqml.data.cifar import load_cifar100
-    from hpcqml.training.checkpoint import load_checkpoint
+    from hpcqml.stages.data import ensure_data
 
     cfg = ctx.cfg
-    path = Path(cfg["model_file"]) if cfg["model_file"] else ctx.workdir / "pruned.pt"
-    if not path.exists():
-        raise UserError(f"[qcm] network instance: checkpoint {path} not found (run the train stage or set model_file)")
-    ckpt = load_checkpoint(path)
-    try:
-        from hpcqml.stages.data import ensure_data
-
-        root = ensure_data(ctx)  # [data] root, or the synthetic set under workdir (collective)
-    except ImportError:
-        root = ctx.workdir / "data"
+    ckpt, _ = network_checkpoint(ctx, "qcm")
+    root = ensure_data(ctx)  # [data] root, or the synthetic set under workdir (collective)
     data = load_cifar100(root)
     idx = batch_indices(len(data.train_y), cfg["batch_size"], ctx.run_cfg["seed"], 0)
-    x = to_tensor(data.train_x[idx]).double()
+    x = to_tensor(data.train_x[idx])
     y = torch.as_tensor(data.train_y[idx])
-    model = ckpt.model.double().eval()
-    return network_instance(model, torch.nn.functional.cross_entropy, x, y, cfg["k"], cfg["eta"], mask=ckpt.mask)
+    return network_case(ckpt.model, ckpt.mask, x, y, cfg["k"], cfg["eta"])
 
 
 def _ref_order(cfg: dict, n: int) -> int:
@@ -143,117 +131,322 @@ def _ref_order(cfg: dict, n: int) -> int:
     return N_ref
 
 
-def run(ctx: StageContext) -> None:
-    from hpcqml.carleman import reference as ref
+def _f1_eigenvalues(ode) -> np.ndarray:
+    """Eigenvalues a of F1 (a = -η λ for Hessian eigenvalues λ, eq. II.65); NaN beyond n = 2000."""
+    if ode.n > 2000:
+        return np.full(1, np.nan)
+    return np.linalg.eigvals(ode.F[1].toarray()).astype(np.complex128)
+
+
+class _Case:
+    """Serial (every rank alike) reference quantities of one instance: u, the order-N_ref run, splits."""
+
+    def __init__(self, cfg: dict, label: str, ode, attrs: dict):
+        from hpcqml.carleman import reference as ref
+        from hpcqml.carleman import timestepping as ts
+
+        T = cfg["T"]
+        self.ode, self.attrs, self.T = ode, attrs, T
+        self.u = ref.exact_recurrence(ode, T)
+        bad = np.flatnonzero(~np.all(np.isfinite(self.u), axis=1))
+        if bad.size:
+            raise NumericalError(f"[qcm] the exact map of case {label} overflows at t = {bad[0]} "
+                                 f"(|u| grows without bound); shorten T or shrink u_scale")
+        self.F_norms = ode.norms()
+        self.u_bar = float(np.max(np.linalg.norm(self.u, axis=1)))
+        self.coord = int(np.random.default_rng(attrs.get("seed", 0)).integers(ode.n))
+        self.N_ref = _ref_order(cfg, ode.n)
+        self.yR = ts.carleman_trajectory(ode, self.N_ref, T)
+        self.a = _f1_eigenvalues(ode)
+        self.split = {N: ts.error_split(ode, N, self.N_ref, T, u=self.u, yR=self.yR) for N in cfg["N"]}
+        # rounding floor of a difference of two O(|u|) trajectories (100x the float64 vs extended-precision
+        # difference seen on the Fig. 4 instances): fitted and drawn points must lie above it
+        self.floor = 1e-14 * np.maximum.accumulate(np.maximum(np.linalg.norm(self.u, axis=1),
+                                                              np.linalg.norm(self.yR, axis=1)))
+
+
+def _rates(case: _Case, orders: list[int], late_fraction: float) -> dict[str, np.ndarray]:
+    """Late-time rates per order: fitted slopes of log‖error‖ (truncation and total) and predictions."""
     from hpcqml.carleman import timestepping as ts
+
+    out = {k: [] for k in ("fitted", "fitted_se", "fitted_total", "fitted_total_se", "predicted")}
+    window = (0, 0)
+    for N in orders:
+        parts = case.split[N]
+        for key, name in (("truncation", "fitted"), ("total", "fitted_total")):
+            err = np.linalg.norm(parts[key], axis=1)
+            err = np.where(err > case.floor, err, np.nan)
+            slope, se, t0, t1 = ts.fit_late_rate(err, late_fraction)
+            out[name].append(slope)
+            out[f"{name}_se"].append(se)
+            window = (t0, t1)
+        rho, pred = ts.predicted_rate(case.a, N) if np.all(np.isfinite(case.a)) else (np.nan, np.nan)
+        out["predicted"].append(pred)
+    res = {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+    res["rho"] = np.asarray(rho, dtype=np.float64)
+    res["window"] = np.asarray(window, dtype=np.int64)
+    return res
+
+
+def _write_case(g, case: _Case, cfg: dict, scaling, rates) -> None:
+    """The case group: instance, exact trajectory, error split, rates, discreteness scaling."""
     from hpcqml.carleman.instance import to_dict
+    from hpcqml.store import write_dataset
+
+    gi = g.create_group("instance")
+    units = {"n": "count", "q": "count"}
+    for key, val in to_dict(case.ode).items():
+        write_dataset(gi, key, val, units.get(key, "1"), f"instance array {key} (CSR of F_l, eq. II.1-II.2)")
+    write_dataset(g, "u_exact", case.u, "1", "exact nonlinear recurrence u(t), t = 0..T (eq. II.1)")
+    write_dataset(g, "F_norms", case.F_norms, "1", "spectral norms ||F_l||_2, l = 0..q")
+    write_dataset(g, "F1_eigenvalues", case.a, "1", "eigenvalues a of F1 (a = -eta*lambda, eq. II.65)")
+    write_dataset(g, "floor", case.floor, "1", "rounding floor 1e-14*max_{s<=t} max(||u(s)||, ||y_ref(s)||); "
+                                              "errors below it are not fitted or drawn")
+    if "params" in case.ode.meta:
+        write_dataset(g, "params", list(case.ode.meta["params"]), "1", "network: names of the kept weights")
+    for N, parts in case.split.items():
+        gs = g.create_group(f"split/N_{N}")
+        write_dataset(gs, "total", parts["total"], "1", "u(t) - y1^(N)(t): error against the discrete map (eq. II.8)")
+        write_dataset(gs, "truncation", parts["truncation"], "1",
+                      "y1^(N_ref)(t) - y1^(N)(t): linearisation (truncation) error of the Carleman stepping")
+        write_dataset(gs, "discreteness", parts["discreteness"], "1",
+                      "u(t) - y1^(N_ref)(t): discreteness error of the continuous-time lift (eq. V.20-V.22)")
+    _write_rates(g.create_group("rates"), case, rates)
+    if scaling is not None:
+        gd = g.create_group("discreteness_scaling")
+        write_dataset(gd, "h", scaling["h"], "1", "relative step sizes (F_l -> h F_l, horizon/h steps)")
+        write_dataset(gd, "error", scaling["error"], "1", "max-abs discreteness error at the horizon")
+        gd.attrs["slope"] = float(scaling["slope"])
+        gd.attrs["horizon"] = float(cfg["T"])
+
+
+def _write_rates(gr, case: _Case, rates: dict) -> None:
+    """The fitted late-time rates beside their predictions (Fig. 4)."""
+    from hpcqml.store import write_dataset
+
+    gr.attrs["late_window"] = rates["window"]
+    write_dataset(gr, "N", np.asarray(list(case.split), dtype=np.int64), "count", "Carleman orders of the rows")
+    write_dataset(gr, "fitted", rates["fitted"], "1/step", "late-time slope of log||truncation error(t)||_2")
+    write_dataset(gr, "fitted_se", rates["fitted_se"], "1/step", "standard error of that slope (least squares)")
+    write_dataset(gr, "fitted_total", rates["fitted_total"], "1/step", "late-time slope of log||u(t)-y1(t)||_2")
+    write_dataset(gr, "fitted_total_se", rates["fitted_total_se"], "1/step", "standard error of that slope")
+    write_dataset(gr, "predicted", rates["predicted"], "1/step",
+                  "(N+1)*rho when rho > 0 (divergent mode), rho otherwise (slowest mode); eq. II.28, II.52")
+    write_dataset(gr, "rho", rates["rho"], "1/step", "max log|1+a| over the eigenvalues a of F1 (eq. II.28)")
+
+
+def _case_attrs(case: _Case, cfg: dict) -> dict:
+    return {"generator": cfg["generator"], "n": case.ode.n, "q": case.ode.q, "T": case.T, "eta": cfg["eta"],
+            "u_bar": case.u_bar, "coordinate": case.coord, "N_ref": case.N_ref,
+            **{k: v for k, v in case.attrs.items() if isinstance(v, (int, float, str))}}
+
+
+def run(ctx: StageContext) -> None:
+    """Every (instance, order) case of the config; finished groups are skipped on resume."""
+    from hpcqml.carleman import timestepping as ts
 
     cfg = ctx.cfg
-    T = cfg["T"]
-    for label, ode, attrs in _make_instances(ctx):
-        base = f"qcm/{label}"
-        u = ref.exact_recurrence(ode, T)
-        F_norms = ode.norms()
-        u_bar = float(np.max(np.linalg.norm(u, axis=1)))
-        coord = int(np.random.default_rng(attrs.get("seed", 0)).integers(ode.n))
+    instances = _make_instances(ctx)
+    tasks = [(i, N) for i in range(len(instances)) for N in cfg["N"]]
+    cases: dict[int, _Case] = {}
+    for i, N in ctx.progress(tasks, total=len(tasks), desc="qcm cases"):
+        label, ode, attrs = instances[i]
+        base, key = f"qcm/{label}", f"qcm/{label}/N_{N}"
+        if ctx.store.is_complete(key) and ctx.store.is_complete(base):
+            continue
+        if i not in cases:
+            cases = {i: _Case(cfg, label, ode, attrs)}  # one instance's references in memory at a time
+        case = cases[i]
         if not ctx.store.is_complete(base):
-            N_ref = _ref_order(cfg, ode.n)
-            split = {N: ts.error_split(ode, N, N_ref, T) for N in cfg["N"]}
-            scaling = ts.discreteness_scaling(ode, N_ref, float(T), cfg["step_sizes"]) if cfg["step_sizes"] else None
-            inst = to_dict(ode)
-
-            def write_case(g, inst=inst, u=u, split=split, scaling=scaling, F_norms=F_norms):
-                gi = g.create_group("instance")
-                for key, val in inst.items():
-                    gi.create_dataset(key, data=val)
-                g.create_dataset("u_exact", data=u)
-                g.create_dataset("F_norms", data=F_norms)
-                for N, parts in split.items():
-                    gs = g.create_group(f"split/N_{N}")
-                    for key, val in parts.items():
-                        gs.create_dataset(key, data=val)
-                if scaling is not None:
-                    gd = g.create_group("discreteness_scaling")
-                    gd.create_dataset("h", data=scaling["h"])
-                    gd.create_dataset("error", data=scaling["error"])
-                    gd.attrs["slope"] = float(scaling["slope"])
-                    gd.attrs["horizon"] = float(T)
-
-            ctx.store.commit(base, write_case, attrs={
-                "generator": cfg["generator"], "n": ode.n, "q": ode.q, "T": T, "eta": cfg["eta"],
-                "u_bar": u_bar, "coordinate": coord, "N_ref": N_ref,
-                **{k: v for k, v in attrs.items() if isinstance(v, (int, float, str))}})
-        for N in ctx.progress(cfg["N"], desc=f"qcm {label}"):
-            key = f"{base}/N_{N}"
-            if ctx.store.is_complete(key):
-                continue
-            res = _one_order(ctx, ode, N, T, u, F_norms, u_bar)
-            a = res["attrs"]
-            ctx.perf.count("carleman_rows", a["Delta"])
-            ctx.perf.count("nnz_assembled", a["nnz_A"] + a["nnz_M"])   # global nonzeros of A and M
-            ctx.perf.count("ksp_iterations", a["ksp_iterations"])
-            arrays = res["arrays"]
-            ctx.store.commit(key, lambda g, arrays=arrays: [g.create_dataset(k, data=v) for k, v in arrays.items()],
-                             attrs=res["attrs"])
-            ctx.log(f"{label} N={N}: Delta={res['attrs']['Delta']} nnz(A)={res['attrs']['nnz_A']} "
-                    f"KSP its={res['attrs']['ksp_iterations']} max|eta1|={np.max(np.abs(arrays['eta1'])):.3e}")
+            scaling = (ts.discreteness_scaling(ode, case.N_ref, float(case.T), cfg["step_sizes"])
+                       if cfg["step_sizes"] else None)
+            rates = _rates(case, cfg["N"], cfg["late_fraction"])
+            ctx.store.commit(base, lambda g, c=case, s=scaling, r=rates: _write_case(g, c, cfg, s, r),
+                             attrs=_case_attrs(case, cfg))
+        if ctx.store.is_complete(key):
+            continue
+        res = _one_order(ctx, label, case, N)
+        a = res["attrs"]
+        ctx.perf.count("carleman_rows", a["Delta"])
+        ctx.perf.count("nnz_assembled", a["nnz_A"] + a["nnz_M"])   # global nonzeros of A and M
+        ctx.perf.count("ksp_iterations", a["ksp_iterations"])
+        ctx.store.commit(key, lambda g, arrays=res["arrays"]: _write_order(g, arrays), attrs=a)
+        ctx.log(f"{label} N={N}: Delta={a['Delta']} nnz(A)={a['nnz_A']} KSP its={a['ksp_iterations']} "
+                f"max|eta1|={a['max_abs_eta1']:.3e} violated: {a['violated_bounds'] or 'none'}")
 
 
-def _one_order(ctx: StageContext, ode, N: int, T: int, u: np.ndarray, F_norms: np.ndarray, u_bar: float) -> dict:
-    from hpcqml.carleman import spectra, timestepping as ts
+#: (units, description) of every dataset of an order group
+_ORDER_DATASETS = {
+    "y": ("1", "KSP solution y(t) of M X = B (eq. II.79); first n columns only when large"),
+    "eta1": ("1", "eta_1(t) = u(t) - y_1(t) (eq. II.8)"),
+    "eta1_norm": ("1", "||eta_1(t)||_2"),
+    "eta_norm": ("1", "||lift(u(t)) - y(t)||_2 over all N blocks (eq. II.8); NaN when y is not stored whole"),
+    "eigenvalues": ("1", "eigenvalues a of A (eq. II.28)"),
+    "residual_norm": ("1", "||r(t)||: per-step residual of the lifted exact trajectory (eq. II.50, V.21)"),
+    "residual_truncation": ("1", "truncation part of r(t) (eq. II.50-II.52)"),
+    "residual_discreteness": ("1", "discreteness part of r(t) (delta zeta, eq. V.21-V.22)"),
+    "bound_discrete": ("1", "B(t) = sum_s ||I+A||^(t-1-s) ||r(s)||, a valid bound on ||eta(t)|| of the map"),
+    "mat_bytes_per_rank": ("bytes", "AIJ storage of A per rank"),
+    "mat_bytes_per_rank_M": ("bytes", "AIJ storage of M per rank"),
+    "peak_rss_bytes_per_rank": ("bytes", "peak resident memory per rank after assembling M"),
+}
+
+
+def _write_order(g, arrays: dict) -> None:
+    from hpcqml.store import write_dataset
+
+    for name, val in arrays.items():
+        units, desc = _ORDER_DATASETS[name]
+        write_dataset(g, name, val, units, desc)
+
+
+def _order_II60_check(case: _Case, cfg: dict, N_star: float) -> tuple[float, bool, float]:  # noqa: N802 - eq. II.60
+    """(order to report, whether it was checked, measured max_t ||eta_1(t)|| at that order).
+
+    The order of eq. II.60 is verified by running the order-N* stepping when it is small enough
+    (Delta <= ref_max_dim); when its error misses eps the order is reported as NaN, so no N is
+    named that does not reach the target.  Unchecked orders are reported as the formula gives them.
+    """
+    from hpcqml.carleman import timestepping as ts
     from hpcqml.carleman.instance import carleman_dim
-    from hpcqml.carleman.petsc_assembly import assemble_block_system, assemble_carleman, to_numpy_all
 
-    cfg, comm = ctx.cfg, ctx.comm
+    if not np.isfinite(N_star) or N_star > 64 or carleman_dim(case.ode.n, int(N_star)) > cfg["ref_max_dim"]:
+        return N_star, False, float("nan")
+    y = ts.carleman_trajectory(case.ode, int(N_star), case.T)
+    err = float(np.max(np.linalg.norm(case.u - y, axis=1)))
+    return (N_star if err <= cfg["eps"] else float("nan")), True, err
+
+
+def _bounds(case: _Case, cfg: dict, N: int, norms, eta_norm: np.ndarray, bound_discrete: np.ndarray) -> dict:
+    """Every bound of the order with the measured quantity beside it and a ``holds_*`` flag."""
+    from hpcqml.carleman import timestepping as ts
+
+    measured = float(np.nanmax(eta_norm))
+    trunc = float(np.max(np.linalg.norm(case.split[N]["truncation"], axis=1)))
+    inv_A = 1.0 / norms.norm_A if norms.norm_A > 0 else float("inf")
+    inv_Ainv = 1.0 / norms.sigma_min_A if norms.sigma_min_A > 0 else float("inf")
+    b57 = ts.bound_II57(N, inv_A, case.u_bar, case.F_norms) if case.u_bar > 0 else 0.0
+    b57i = ts.bound_II57(N, inv_Ainv, case.u_bar, case.F_norms) if case.u_bar > 0 else 0.0
+    formula = ts.order_II60(cfg["eps"], norms.norm_A, case.u_bar, case.F_norms) if norms.norm_A > 0 else float("nan")
+    order, checked, err_at = _order_II60_check(case, cfg, formula)
+    atol = 1e-10 * case.u_bar  # resolution of the measured errors (KSP rtol 1e-12 on M of norm <= 2)
+
+    def holds(measured_value: float | np.ndarray, bound: float | np.ndarray) -> bool:
+        return bool(np.all(measured_value <= np.asarray(bound) * (1 + 1e-9) + atol))
+
+    out = {
+        "bound_II57": b57, "bound_II57_inverse_norm": b57i, "measured_II57": measured, "bounds_atol": atol,
+        "holds_II57": holds(measured, b57), "holds_II57_inverse_norm": holds(measured, b57i),
+        "measured_II57_truncation": trunc, "holds_II57_truncation": holds(trunc, b57),
+        "order_II60_formula": formula, "order_II60": order, "order_II60_checked": checked,
+        "order_II60_measured": err_at, "holds_II60": bool(checked and np.isfinite(order)),
+        "bound_discrete": float(bound_discrete[-1]) if bound_discrete.size else float("nan"),
+        "holds_discrete": holds(eta_norm, bound_discrete) if bound_discrete.size else False,
+    }
+    return out
+
+
+def _violated(attrs: dict) -> str:
+    """Comma-separated names of the bounds that were checked and did not hold."""
+    names = [k[len("holds_"):] for k, v in attrs.items() if k.startswith("holds_") and v is False]
+    if "II60" in names and not attrs.get("order_II60_checked", False):
+        names.remove("II60")
+    if "discrete" in names and not np.isfinite(attrs.get("bound_discrete", np.nan)):
+        names.remove("discrete")
+    if "kappa_II83" in names and not attrs.get("kappa_bound_II83_applies", False):
+        names.remove("kappa_II83")
+    return ",".join(names)
+
+
+def _lifted_error(case: _Case, X: np.ndarray, N: int) -> np.ndarray:
+    """||lift(u(t)) - y(t)||_2 over all N blocks, t = 0..T (the η of eq. II.8)."""
+    from hpcqml.carleman.instance import lift
+
+    return np.array([np.linalg.norm(lift(case.u[t], N) - X[t]) for t in range(case.T + 1)], dtype=np.float64)
+
+
+def _residual_bound(case: _Case, cfg: dict, N: int, norm_IA: float) -> tuple[dict, np.ndarray]:
+    """Per-step residual norms and the discrete bound B(t); empty when too large or F0 varies with t."""
+    from hpcqml.carleman import timestepping as ts
+    from hpcqml.carleman.instance import carleman_dim
+
+    if case.ode.F0_t is not None or carleman_dim(case.ode.n, N + max(case.ode.q - 1, 0)) > cfg["ref_max_dim"]:
+        return {}, np.zeros(0)
+    res = ts.lifted_residuals(case.ode, N, case.u)
+    return ({"residual_norm": res["residual"], "residual_truncation": res["truncation"],
+             "residual_discreteness": res["discreteness"]}, ts.discrete_bound(norm_IA, res["residual"]))
+
+
+def _petsc_part(ctx: StageContext, label: str, case: _Case, N: int) -> tuple[dict, object, object]:
+    """Assembly, KSP solve, spectra, norms and κ of one order inside one :class:`CarlemanCase`."""
+    from hpcqml.carleman.system import CarlemanCase
+
+    cfg = ctx.cfg
+    tol, dense = cfg["svd_tol"], cfg["dense_limit"]
+    with CarlemanCase(case.ode, N, case.T, ctx.comm, rtol=cfg["ksp_rtol"]) as pc:
+        big = pc.stats_M.rows >= 50_000
+        if big:
+            ctx.log(f"{label} N={N}: KSP solve of M ({pc.stats_M.rows:,} rows, {pc.stats_M.nnz:,} nonzeros)")
+        facts = pc.solve()
+        if big:
+            ctx.log(f"{label} N={N}: KSP done, {facts.iterations} its in {facts.seconds:.2f} s")
+        eigs, eig_method = pc.eigenvalues(dense_limit=dense, nev=cfg["nev"], tol=tol)
+        norms = pc.norms(tol=tol, dense_limit=dense)
+        attrs = {"Delta": pc.stats_A.rows, "nnz_A": pc.stats_A.nnz, "rows_M": pc.stats_M.rows,
+                 "nnz_M": pc.stats_M.nnz, "assembly_seconds_A": pc.stats_A.seconds,
+                 "assembly_seconds_M": pc.stats_M.seconds,
+                 "exact_preallocation": bool(pc.stats_A.exact_preallocation and pc.stats_M.exact_preallocation),
+                 "ksp_type": facts.ksp_type, "pc_type": facts.pc_type, "ksp_iterations": facts.iterations,
+                 "ksp_reason": facts.reason, "ksp_residual_norm": facts.residual_norm,
+                 "solve_seconds": facts.seconds, "eigen_method": eig_method,
+                 "norm_I_plus_A": norms.norm_IA, "norm_A": norms.norm_A, "sigma_min_A": norms.sigma_min_A,
+                 "svd_method": norms.method}
+        if cfg["kappa"]:
+            if big:
+                ctx.log(f"{label} N={N}: SLEPc SVD for kappa(M)")
+            cr = pc.condition(norms.norm_IA, tol=tol, dense_limit=dense)
+            attrs.update({"sigma_max_M": cr.sigma_max, "sigma_min_M": cr.sigma_min, "kappa_M": cr.kappa,
+                          "kappa_bound_II83": cr.bound_II83, "kappa_bound_general": cr.bound_general,
+                          "kappa_bound_II83_applies": cr.II83_applies, "holds_kappa_II83": cr.holds_II83,
+                          "holds_kappa_II81": cr.holds_general, "kappa_method": cr.method})
+        stats = (pc.stats_A, pc.stats_M)
+    return attrs, (facts.X, eigs, norms), stats
+
+
+def _one_order(ctx: StageContext, label: str, case: _Case, N: int) -> dict:
+    from hpcqml.carleman import spectra
+    from hpcqml.carleman import timestepping as ts
+
+    cfg = ctx.cfg
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stable = ts.check_stability(ode, N)
+        stable = ts.check_stability(case.ode, N)
     for w in caught:
         ctx.log(f"warning: {w.message}")
-    A, stA = assemble_carleman(ode, N, comm)
-    M, B, stM = assemble_block_system(ode, N, T, comm)
-    x, its, reason, kt, pt, resid, sec = ts.solve_ksp(M, B, rtol=cfg["ksp_rtol"])
-    X = to_numpy_all(x).reshape(T + 1, carleman_dim(ode.n, N))
-    eigs, eig_method = spectra.eigenvalues(A, dense_limit=cfg["dense_limit"], nev=cfg["nev"], tol=cfg["svd_tol"])
+    petsc_attrs, (X, eigs, norms), (stA, stM) = _petsc_part(ctx, label, case, N)
     dis, div = spectra.dissipative_counts(eigs)
-    IA = spectra.shifted_identity(A)
-    norm_IA, svd_method = spectra.singular_value(IA, "largest", tol=cfg["svd_tol"], dense_limit=cfg["dense_limit"])
-    norm_A, _ = spectra.singular_value(A, "largest", tol=cfg["svd_tol"], dense_limit=cfg["dense_limit"])
-    smin_A = float("nan")  # ||A^{-1}||^{-1}: dense SVD only (Lanczos stalls on clustered small values)
-    if stA.rows <= cfg["dense_limit"]:
-        smin_A, _ = spectra.singular_value(A, "smallest", tol=cfg["svd_tol"], dense_limit=cfg["dense_limit"])
-    attrs = {
-        "N": N, "T": T, "Delta": stA.rows, "nnz_A": stA.nnz, "rows_M": stM.rows, "nnz_M": stM.nnz,
-        "assembly_seconds_A": stA.seconds, "assembly_seconds_M": stM.seconds,
-        "exact_preallocation": bool(stA.exact_preallocation and stM.exact_preallocation),
-        "ksp_type": kt, "pc_type": pt, "ksp_iterations": its, "ksp_reason": reason,
-        "ksp_residual_norm": resid, "solve_seconds": sec, "ranks": comm.Get_size(),
-        "stability_number": ts.stability_number(ode, N), "stable": bool(stable),
-        "eigen_method": eig_method, "dissipative_modes": dis, "divergent_modes": div,
-        "norm_I_plus_A": norm_IA, "norm_A": norm_A, "sigma_min_A": smin_A, "svd_method": svd_method,
-        "svd_tol": cfg["svd_tol"], "u_bar": u_bar, "eps": cfg["eps"],
-        "bound_II57": ts.bound_II57(N, 1.0 / norm_A if norm_A > 0 else float("inf"), u_bar, F_norms),
-        "bound_II57_inverse_norm": ts.bound_II57(N, 1.0 / smin_A if smin_A > 0 else float("inf"), u_bar, F_norms),
-        "order_II60": ts.order_II60(cfg["eps"], norm_A, u_bar, F_norms) if norm_A > 0 else float("nan"),
-    }
-    if cfg["kappa"]:
-        cr = spectra.condition_report(M, norm_IA, T, tol=cfg["svd_tol"], dense_limit=cfg["dense_limit"])
-        attrs.update({"sigma_max_M": cr.sigma_max, "sigma_min_M": cr.sigma_min, "kappa_M": cr.kappa,
-                      "kappa_bound_II83": cr.bound_II83, "kappa_bound_general": cr.bound_general,
-                      "kappa_bound_II83_applies": bool(norm_IA < 1.0), "kappa_method": cr.method})
-    eta1 = u - X[:, : ode.n]
-    arrays = {
-        "y": X if X.size <= 2_000_000 else X[:, : ode.n],
-        "eta1": eta1, "eta1_norm": np.linalg.norm(eta1, axis=1),
-        "eigenvalues": eigs, "mat_bytes_per_rank": np.asarray(stA.mat_bytes_per_rank, dtype=np.int64),
-        "mat_bytes_per_rank_M": np.asarray(stM.mat_bytes_per_rank, dtype=np.int64),
-        "peak_rss_bytes_per_rank": np.asarray(stM.peak_rss_bytes_per_rank, dtype=np.int64),
-    }
-    for obj in (A, M, B, x, IA):
-        obj.destroy()
+    eta1 = case.u - X[:, : case.ode.n]
+    eta_norm = _lifted_error(case, X, N)
+    residuals, bound_discrete = _residual_bound(case, cfg, N, norms.norm_IA)
+    with np.errstate(divide="ignore"):
+        rho_A = float(np.max(np.log(np.abs(1.0 + eigs)))) if eigs.size else float("nan")
+    attrs = {"N": N, "T": case.T, "ranks": ctx.comm.Get_size(), **petsc_attrs,
+             "stability_number": ts.stability_number(case.ode, N), "stable": bool(stable),
+             "dissipative_modes": dis, "divergent_modes": div, "max_log_abs_1_plus_a": rho_A,
+             "svd_tol": cfg["svd_tol"], "u_bar": case.u_bar, "eps": cfg["eps"],
+             "max_abs_eta1": float(np.max(np.abs(eta1))),
+             **_bounds(case, cfg, N, norms, eta_norm, bound_discrete)}
+    attrs["violated_bounds"] = _violated(attrs)
+    arrays = {"y": X if X.size <= 2_000_000 else X[:, : case.ode.n], "eta1": eta1,
+              "eta1_norm": np.linalg.norm(eta1, axis=1), "eta_norm": eta_norm, "eigenvalues": eigs,
+              **residuals, "mat_bytes_per_rank": np.asarray(stA.mat_bytes_per_rank, dtype=np.int64),
+              "mat_bytes_per_rank_M": np.asarray(stM.mat_bytes_per_rank, dtype=np.int64),
+              "peak_rss_bytes_per_rank": np.asarray(stM.peak_rss_bytes_per_rank, dtype=np.int64)}
+    if bound_discrete.size:
+        arrays["bound_discrete"] = bound_discrete
     return {"attrs": attrs, "arrays": arrays}
 
 
 register(Stage(name="qcm", schema=SCHEMA, run=run,
-               doc="quantum Carleman matrices: PETSc assembly, KSP time stepping, SLEPc spectra and kappa "
-                   "(eq. II.3-II.6, II.57-II.60, II.78-II.83)"))
+               doc="quantum Carleman matrices: PETSc assembly, KSP time stepping, SLEPc spectra and kappa, "
+                   "bounds with holds flags, late-time error rates (eq. II.3-II.6, II.57-II.60, II.78-II.83)"))

@@ -12,6 +12,7 @@ SCHEMA = {
 
 
 def run(ctx: StageContext) -> None:
+    """Write the figures and report.md of this run's results file (rank 0)."""
     from hpcqml.report import make_report
 
     output = ctx.config.output_path()

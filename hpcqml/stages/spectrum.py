@@ -2,9 +2,12 @@
 
 Measures, for each model state, the Hessian of the mean cross-entropy over a fixed batch
 of ``batch_size`` training samples (drawn with the state's step and the run seed, paper
-Sec. III B) and stores Ritz nodes/weights per probe, a smoothed density, extremes,
-the Hutchinson trace, the mass below zero, and the error proxy of eq. III.10-III.13 with
-the dissipation measures of eq. II.28, II.34 and II.93.  HDF5 layout: docs/schema/spectrum.md.
+Sec. III B) and stores Ritz nodes/weights/residual bounds per probe, a smoothed density,
+extremes, and, each with a standard error and a bootstrap interval over probes (see
+:mod:`hpcqml.hessian.spectrum`), the Hutchinson trace, the resolved negative mass, and for
+both mode conventions (a = -lambda and a = -eta*lambda, eq. II.65) the error proxy of
+eq. III.10-III.13 and the dissipation measures of eq. II.28, II.34 and II.93.
+HDF5 layout: docs/schema/spectrum.md.
 
 Model states (``source``):
   ``snapshots``  ``<workdir>/snapshots/step_XXXXXX.pt`` written by the train stage (the
@@ -14,20 +17,28 @@ Model states (``source``):
   ``pretrained`` ``<workdir>/pretrained.pt``;
   ``file``       the checkpoint named by ``model_file``.
 Every probe is committed as soon as it finishes, so an interrupted run resumes at the next
-unfinished probe.
+unfinished probe.  SIGTERM/SIGUSR1 stop the stage after the current Lanczos step: the
+finished probes stay committed and one line says what was saved.  ``route = "auto"`` is
+decided once (at the first product of the run) and the route used is stored with every
+probe, so a resumed run keeps it.
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
-import torch
 
 from hpcqml.config import Field
 from hpcqml.errors import UserError
 from hpcqml.stages import Stage, StageContext, register
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA = {
     "source": Field(str, "snapshots", choices=("snapshots", "pruned", "pretrained", "file"),
@@ -51,11 +62,27 @@ SCHEMA = {
                           doc="where the Krylov basis lives: the model's device, or host memory"),
     "grid_points": Field(int, 256, min=2, doc="points of the smoothed density grid"),
     "width_factor": Field(float, 0.01, min=1e-9, doc="kernel sigma = width_factor * (theta_max - theta_min)"),
-    "cutoff": Field(float, 0.4, min=0.0, doc="eigenvalue magnitude removed before the error proxy (eq. III.12)"),
-    "convention": Field(str, "paper", choices=("paper", "eta"), doc="modes a = -lambda (paper) or a = -eta*lambda"),
-    "eta": Field(float, 0.01, min=0.0, doc="learning rate for convention = 'eta'"),
-    "t_max": Field(int, 100, min=0, doc="error proxy evaluated for t = 0..t_max"),
+    "cutoff": Field(float, 0.4, min=0.0,
+                    doc="eigenvalue magnitude |lambda| removed before the error proxy (eq. III.12), both conventions"),
+    "convention": Field(str, "eta", choices=("eta", "paper"),
+                        doc="convention drawn first in the report and Fig. 2c (both are stored): "
+                            "a = -eta*lambda (eq. II.65, as the qcm network instances) or a = -lambda"),
+    "eta": Field(float, 0.0, min=0.0, doc="learning rate eta of a = -eta*lambda; 0 = the [train] lr"),
+    "t_max": Field(int, 100, min=0, doc="error proxy curves evaluated for t = 0..t_max"),
+    "proxy_t": Field(list, [10, 100], item=int, min=0, doc="t at which the error proxy gets error bars"),
+    "negative_delta": Field(float, 0.0, min=0.0,
+                            doc="negative mass counts nodes below -max(negative_delta, residual bound)"),
+    "bootstrap": Field(int, 1000, min=10, doc="bootstrap resamples over probes for the intervals"),
+    "resolution_mass": Field(float, 0.05, min=0.0, max=1.0,
+                             doc="a quantity is unresolved when nodes straddling its decision points carry more "
+                                 "than this fraction of its mass"),
+    "precision": Field(str, "tf32", choices=("tf32", "fp32"),
+                       doc="float32 matmul/convolution precision on CUDA (TF32 or strict fp32); CPU is always fp32"),
 }
+
+#: a warning is logged when one rank's Krylov basis needs more than this fraction of the
+#: memory available to that rank (device memory, or host memory divided by the node's ranks)
+BASIS_MEMORY_FRACTION = 0.5
 
 _SNAP = re.compile(r"^step_(\d{6,})\.pt$")
 
@@ -81,7 +108,8 @@ def _find_states(ctx: StageContext) -> list[tuple[str, Path]]:
     if src in ("pruned", "pretrained"):
         path = ctx.workdir / f"{src}.pt"
         if not path.is_file():
-            raise UserError(f"[spectrum] {path}: not found (run the {'prune' if src == 'pruned' else 'pretrain'} stage first)")
+            before = "prune" if src == "pruned" else "pretrain"
+            raise UserError(f"[spectrum] {path}: not found (run the {before} stage first)")
         return [(src, path)]
     snapdir = ctx.workdir / "snapshots"
     found = {}
@@ -110,14 +138,22 @@ def _probe_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([int(seed), 0x51A7, int(step)]).generate_state(1)[0])
 
 
-def _write_probe(res: Any):  # noqa: ANN202
+def _write_probe(res: Any) -> Callable[[Any], None]:
+    from hpcqml.store import write_dataset
+
     def write(g: Any) -> None:
-        for name in ("alpha", "beta", "nodes", "weights", "residuals"):
-            g.create_dataset(name, data=np.asarray(getattr(res, name), dtype=np.float64))
+        f8 = np.float64
+        write_dataset(g, "alpha", np.asarray(res.alpha, dtype=f8), "nat", "Lanczos diagonal alpha_j = v_j^T H v_j")
+        write_dataset(g, "beta", np.asarray(res.beta, dtype=f8), "nat",
+                      "Lanczos off-diagonal beta_j of T_k; the last entry is the final residual norm")
+        write_dataset(g, "nodes", np.asarray(res.nodes, dtype=f8), "nat", "Ritz values theta_i of T_k, ascending")
+        write_dataset(g, "weights", np.asarray(res.weights, dtype=f8), "1", "Gauss weights S_1i^2, sum to 1")
+        write_dataset(g, "residuals", np.asarray(res.residuals, dtype=f8), "nat",
+                      "Ritz residual bounds |beta_k S_ki|: an eigenvalue lies in theta +- residual")
     return write
 
 
-def _read_probe(label: str, probe: int):  # noqa: ANN202
+def _read_probe(label: str, probe: int) -> Callable[[Any], Any]:
     from hpcqml.hessian.lanczos import LanczosResult
 
     def read(fh: Any) -> LanczosResult:
@@ -131,40 +167,206 @@ def _read_probe(label: str, probe: int):  # noqa: ANN202
 
 def memory_format(choice: str, device: torch.device) -> torch.memory_format:
     """Tensor layout of the model and batch: channels-last is faster for convolutions on
-    GPUs (measured on an H100, BENCHMARKS.md), the default layout on CPUs."""
+    GPUs (measured on an H100, BENCHMARKS.md), the default layout on CPUs.
+    """
+    import torch
+
     if choice == "auto":
         choice = "channels_last" if device.type == "cuda" else "contiguous"
     return torch.channels_last if choice == "channels_last" else torch.contiguous_format
 
 
-def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: Any) -> None:
-    """Run (or resume) SLQ for one model state and commit its probes and result."""
+@contextlib.contextmanager
+def matmul_precision(setting: str, device: torch.device, dtype: torch.dtype) -> Iterator[str]:
+    """Set TF32 (``tf32``) or strict float32 (``fp32``) for CUDA matmuls and convolutions.
+
+    Yields the effective precision of the products: ``tf32`` only for float32 on CUDA;
+    otherwise the dtype's own (``fp32`` on CPU whatever the setting, ``fp64`` for float64).
+    The previous torch flags are restored on exit.
+    """
+    import torch
+
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    allow = setting == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+    native = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    tf32 = allow and device.type == "cuda" and dtype == torch.float32
+    effective = "tf32" if tf32 else native.get(dtype, str(dtype))
+    try:
+        yield effective
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+class StepProgress:
+    """A progress bar per probe on world rank 0, advanced after every Lanczos step (rate, ETA)."""
+
+    def __init__(self, ctx: StageContext, label: str) -> None:
+        self.show = ctx.rank == 0 and not ctx.quiet
+        self.label = label
+        self.bar: Any = None
+        self.probe: int | None = None
+
+    def __call__(self, probe: int, done: int, total: int) -> None:
+        """Advance the bar of ``probe`` to ``done`` of ``total`` steps (a new bar per probe)."""
+        if not self.show:
+            return
+        from tqdm import tqdm
+
+        if probe != self.probe:
+            self.close()
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=total, desc=f"{self.label} probe {probe}", unit="step", file=sys.stderr,
+                            mininterval=0.5 if interactive else 10.0, dynamic_ncols=interactive, leave=True)
+            self.probe = probe
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        """Close the current bar, if any."""
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.probe = None, None
+
+
+def _stored_route(ctx: StageContext) -> str | None:
+    """The product route recorded with any committed probe of this file (None: none yet)."""
+    def find(fh: Any) -> str | None:
+        for g in fh.get("spectrum", {}).values():
+            for key, probe in g.items():
+                if key.startswith("probe_") and "route" in probe.attrs:
+                    value = probe.attrs["route"]
+                    return value.decode() if isinstance(value, bytes) else str(value)
+        return None
+    return ctx.store.read(find)
+
+
+def decide_route(ctx: StageContext, st: "Prepared") -> str:
+    """The route of the operator, deciding ``auto`` once: both routes are timed on one
+    product and world rank 0's choice is used by every group.
+    """
+    import torch
+
+    op = st.op
+    if op.route != "auto":
+        return op.route
+    op.matvec(torch.ones(st.n, dtype=st.dtype, device=ctx.device()))
+    route = ctx.comm.bcast(op.route, root=0) if ctx.size > 1 else op.route
+    timings = ", ".join(f"{k} {v:.3g} s" for k, v in getattr(op, "route_timings", {}).items())
+    ctx.log(f"product route: {route} (decided once, timed on one product: {timings})")
+    return route
+
+
+def _local_ranks(comm: Any) -> int:
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return node.Get_size()
+    finally:
+        node.Free()
+
+
+def check_sizes(ctx: StageContext, label: str, n: int, layout: Any, dtype: torch.dtype, basis_device: Any) -> None:
+    """Refuse more Lanczos steps than dimensions; warn when the basis may not fit in memory."""
+    import torch
+
+    import os
+
+    steps = ctx.cfg["lanczos_steps"]
+    if steps > n:
+        raise UserError(f"[spectrum] lanczos_steps = {steps} exceeds the dimension n = {n} of {label}'s "
+                        f"parameter space; use at most {n}")
+    if ctx.cfg["reorth"] != "full":
+        return
+    gsize = 1 if layout.comm is None else layout.comm.Get_size()
+    per_rank = steps * (-(-n // gsize)) * torch.empty((), dtype=dtype).element_size()
+    dev = torch.device(basis_device)
+    if dev.type == "cuda":
+        available = torch.cuda.mem_get_info(dev)[1]
+        where = f"{torch.cuda.get_device_name(dev)} memory"
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // _local_ranks(ctx.comm)
+        where = "host memory per rank on this node"
+    if per_rank > BASIS_MEMORY_FRACTION * available:
+        ctx.log(f"warning: {label}: the Krylov basis needs {per_rank / 2**30:.2f} GiB per rank "
+                f"({steps} steps x {-(-n // gsize):,} values), more than {BASIS_MEMORY_FRACTION:.0%} of the "
+                f"{available / 2**30:.1f} GiB of {where}; use more ranks, basis_device = 'cpu' or fewer steps")
+
+
+#: the stage that writes each work-directory source of model states
+_PRODUCERS = {"snapshots": "train", "pruned": "prune", "pretrained": "pretrain"}
+
+
+def _check_origins(ctx: StageContext, states: list[tuple[str, Path]]) -> None:
+    """Refuse a work-directory checkpoint that this run's producing stage did not make,
+    before any data is loaded (collective; a file named by ``model_file`` is measured as
+    it is, an unreadable one is reported when it is loaded).
+    """
+    from hpcqml.parallel import decide_on_root
+    from hpcqml.training.checkpoint import read_origin
+    from hpcqml.training.origin import check_input
+
+    producer = _PRODUCERS.get(ctx.cfg["source"])
+    if producer is None:
+        return
+    for label, path in states:
+        if ctx.store.is_complete(f"spectrum/{label}/result"):
+            continue
+        origin = decide_on_root(ctx.comm, lambda p=path: read_origin(p))
+        if origin is not None:
+            check_input(ctx, path, producer, *origin)
+
+
+@dataclass
+class Prepared:
+    """One model state ready for products: its checkpoint, operator and batch description."""
+
+    ck: Any
+    op: Any
+    n: int
+    fmt: torch.memory_format
+    dtype: torch.dtype
+
+
+def prepare_state(ctx: StageContext, path: Path, layout: Any, data: Any, route: str) -> Prepared:
+    """Load a checkpoint and build the Hessian operator of its fixed batch on this group."""
+    import torch
+
     from hpcqml.data.batches import batch_indices, shard, to_tensor
-    from hpcqml.hessian.density import gaussian_density
     from hpcqml.hessian.hvp import HessianOperator, param_space
-    from hpcqml.hessian.proxy import dissipation, fidelity_ii93, grid_masses, log_error_proxy
-    from hpcqml.hessian.slq import run_probes, summarize
     from hpcqml.training.checkpoint import load_checkpoint
 
     cfg = ctx.cfg
-    seed = int(ctx.run_cfg["seed"])
     device = ctx.device()
     ck = load_checkpoint(path, device=device)
     fmt = memory_format(cfg["memory_format"], device)
     model = ck.model.to(memory_format=fmt)
     space = param_space(model, cfg["wrt"], ck.mask)
-    n = space.n
     if cfg["batch_size"] > len(data.train_y):
         raise UserError(f"[spectrum] batch_size = {cfg['batch_size']}: only {len(data.train_y)} training samples")
-    idx = batch_indices(len(data.train_y), cfg["batch_size"], seed, ck.step)
+    idx = batch_indices(len(data.train_y), cfg["batch_size"], int(ctx.run_cfg["seed"]), ck.step)
     gcomm = layout.comm
     mine = shard(idx, gcomm.Get_rank(), gcomm.Get_size())
     x = to_tensor(data.train_x[mine]).to(device=device, dtype=space.dtype).contiguous(memory_format=fmt)
     y = torch.from_numpy(data.train_y[mine]).to(device)
     op = HessianOperator(model, x, y, cfg["batch_size"], comm=gcomm, space=space,
-                         micro_batch=cfg["micro_batch"], route=cfg["route"], perf=ctx.perf)
-    pseed = _probe_seed(seed, ck.step)
+                         micro_batch=cfg["micro_batch"], route=route, perf=ctx.perf)
+    return Prepared(ck=ck, op=op, n=space.n, fmt=fmt, dtype=space.dtype)
+
+
+def run_missing_probes(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, pseed: int,
+                       route: str) -> None:
+    """Run the probes of ``label`` not yet committed, committing each round as it finishes."""
+    from hpcqml.hessian.slq import ProbesInterrupted, run_probes
+    from hpcqml.training.signals import StoppedBySignal, stop_message
+
+    cfg = ctx.cfg
     todo = [p for p in range(cfg["probes"]) if not ctx.store.is_complete(f"spectrum/{label}/probe_{p:03d}")]
+    if not todo:
+        return
 
     def commit(done: list) -> None:
         for res in done:
@@ -172,88 +374,172 @@ def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: 
             ctx.store.commit(f"spectrum/{label}/probe_{res.probe:03d}", _write_probe(res),
                              attrs={"probe": res.probe, "steps": res.steps, "breakdown": res.breakdown,
                                     "quad_form": res.quad_form, "start_norm2": res.start_norm2,
-                                    "probe_seed": pseed})
-        ctx.log(f"{label}: probes {[r.probe for r in done]} done ({op.products} products on this group)")
+                                    "probe_seed": pseed, "route": route})
+        ctx.log(f"{label}: probes {[r.probe for r in done]} done ({st.op.products} products on this group)")
 
+    device = ctx.device()
     basis_device = "cpu" if cfg["basis_device"] == "cpu" else device
-    if todo:
-        ctx.log(f"{label}: n = {n}, B = {cfg['batch_size']}, probes to run {todo}")
-        run_probes(op.matvec, n, layout, todo, pseed, steps=cfg["lanczos_steps"], reorth=cfg["reorth"],
-                   state_dtype=space.dtype, device=device, basis_device=basis_device,
-                   label=label, on_round=commit, perf=ctx.perf)
-    results = [ctx.store.read(_read_probe(label, p)) for p in range(cfg["probes"])]
-    s = summarize(results, n)
-    nodes, weights = s.pooled()
-    dens = gaussian_density(nodes, weights, cfg["grid_points"], cfg["width_factor"])
+    ctx.log(f"{label}: n = {st.n:,}, B = {cfg['batch_size']}, route {route}, probes to run {todo}")
+    bar = StepProgress(ctx, label)
+    try:
+        run_probes(st.op.matvec, st.n, layout, todo, pseed, steps=cfg["lanczos_steps"], reorth=cfg["reorth"],
+                   state_dtype=st.dtype, device=device, basis_device=basis_device, label=label,
+                   on_round=commit, perf=ctx.perf, on_step=bar, should_stop=stop.requested)
+    except ProbesInterrupted as why:
+        bar.close()
+        kept = [p for p in range(cfg["probes"]) if p not in why.remaining]
+        raise StoppedBySignal(stop_message(
+            stop.signum, f"spectrum {label} with probes {why.remaining} not finished",
+            f"probes {kept} of {label} in {ctx.store.path}", None)) from None
+    bar.close()
+
+
+def train_eta(ctx: StageContext) -> tuple[float, str]:
+    """The eta of a = -eta*lambda and where it came from: ``[spectrum] eta`` if set, else ``[train] lr``."""
+    if ctx.cfg["eta"] > 0:
+        return float(ctx.cfg["eta"]), "[spectrum] eta"
+    return float(ctx.section("train")["lr"]), "[train] lr"
+
+
+def _write_estimate(group: Any, name: str, est: Any, units: str, description: str) -> None:
+    """``[value, stderr, ci_low, ci_high]`` plus per-probe values, resolution and a note."""
+    from hpcqml.store import write_dataset
+
+    d = write_dataset(group, name, np.array([est.value, est.stderr, est.ci_low, est.ci_high], dtype=np.float64),
+                      units, description)
+    d.attrs.update({"columns": "value, stderr, ci_low, ci_high", "resolved": bool(est.resolved),
+                    "ambiguous_mass": float(est.ambiguous_mass),
+                    "uncertainty": est.note or "jackknife standard error, percentile bootstrap interval over probes"})
+    write_dataset(group, f"{name}_per_probe", np.asarray(est.per_probe, dtype=np.float64), units,
+                  f"{description}: the value from each probe alone")
+
+
+def write_convention(g: Any, spec: Any, convention: str, eta: float, cfg: dict[str, Any]) -> None:
+    """Proxy curves (grid and nodes) and the dissipation estimates of one mode convention."""
+    from hpcqml.hessian.proxy import dissipation
+    from hpcqml.store import write_dataset
+
+    k = dict(convention=convention, eta=eta, cutoff=cfg["cutoff"])
+    wf, pts = cfg["width_factor"], cfg["grid_points"]
     t = np.arange(cfg["t_max"] + 1, dtype=np.float64)
-    pk = dict(cutoff=cfg["cutoff"], convention=cfg["convention"], eta=cfg["eta"])
-    gmass = grid_masses(dens.grid, dens.rho)
-    proxy_grid_log = log_error_proxy(dens.grid, gmass, t, **pk)
-    proxy_nodes_log = log_error_proxy(nodes, weights, t, **pk)
-    dis_grid = dissipation(dens.grid, gmass, **pk)
-    dis_nodes = dissipation(nodes, weights, **pk)
-    dis_all = dissipation(nodes, weights, cutoff=0.0, convention=cfg["convention"], eta=cfg["eta"])
-    route = op.route if op.products else cfg["route"]
+    log_nodes, log_se = spec.log_error_proxy(t, **k)
+    log_grid = spec.log_error_proxy_grid(t, width_factor=wf, points=pts, **k)
+    eq = "eq. III.12/III.13"
+    with np.errstate(over="ignore"):
+        write_dataset(g, "nodes", np.exp(log_nodes), "1", f"error proxy E(t) from the Ritz nodes and weights ({eq})")
+        write_dataset(g, "grid", np.exp(log_grid), "1", f"error proxy E(t) from the smoothed density grid ({eq})")
+    write_dataset(g, "log_nodes", log_nodes, "1", f"natural log of E(t) from the nodes ({eq})")
+    write_dataset(g, "log_grid", log_grid, "1", f"natural log of E(t) from the density grid ({eq})")
+    write_dataset(g, "log_nodes_stderr", log_se, "1",
+                  "jackknife standard error over probes of log E(t) from the nodes (NaN below 3 probes)")
+    est = g.create_group("estimates")
+    for tt in cfg["proxy_t"]:
+        _write_estimate(est, f"error_proxy_t{tt}", spec.error_proxy(tt, **k), "1", f"error proxy E({tt}) ({eq})")
+    frac = "Delta_+/Delta among modes with |lambda| >= cutoff (eq. II.28)"
+    _write_estimate(est, "dissipative_fraction_nodes", spec.dissipative_fraction(**k), "1", f"{frac}, Ritz nodes")
+    for tag, f in (("grid", 1.0), ("grid_half_width", 0.5), ("grid_double_width", 2.0)):
+        _write_estimate(est, f"dissipative_fraction_{tag}",
+                        spec.dissipative_fraction(source="grid", width_factor=f * wf, points=pts, **k), "1",
+                        f"{frac}, density grid with {f:g} x the kernel width")
+    _write_estimate(est, "fidelity_ii93", spec.fidelity_ii93(convention, eta), "1",
+                    "eq. II.93 fidelity estimate Delta_+/Delta over all modes (no cutoff), Ritz nodes")
+    x, w = spec.pooled()
+    dis = dissipation(x, w, cutoff=cfg["cutoff"], convention=convention, eta=eta)
+    g.attrs.update({"convention": convention, "eta": eta, "cutoff": cfg["cutoff"], "cutoff_applies_to": "|lambda|",
+                    "a_definition": "a = -lambda" if convention == "paper" else f"a = -eta*lambda, eta = {eta:g}",
+                    "r_plus": dis.r_plus, "r_minus": dis.r_minus, "a_plus": dis.a_plus,
+                    "time_limit": dis.time_limit})
+
+
+def result_writer(spec: Any, cfg: dict[str, Any], eta: float) -> Callable[[Any], None]:
+    """The writer of ``spectrum/LABEL/result`` (layout in docs/schema/spectrum.md)."""
+    from hpcqml.store import write_dataset
 
     def write(g: Any) -> None:
-        f8 = np.float64
-        g.create_dataset("nodes", data=s.nodes.astype(f8))
-        g.create_dataset("weights", data=s.weights.astype(f8))
-        g.create_dataset("residuals", data=s.residuals.astype(f8))
-        g.create_dataset("probe_steps", data=s.steps)
-        g.create_dataset("breakdown", data=s.breakdown.astype(np.int8))
-        g.create_dataset("quad_forms", data=s.quad_forms)
+        spec.to_hdf5(g, units="nat")
+        dens = spec.density(cfg["grid_points"], cfg["width_factor"])
         d = g.create_group("density")
-        d.create_dataset("grid", data=dens.grid)
-        d.create_dataset("rho", data=dens.rho)
+        write_dataset(d, "grid", dens.grid, "nat", "eigenvalue grid of the smoothed density")
+        write_dataset(d, "rho", dens.rho, "1/nat", "Gaussian-kernel spectral density, integrates to 1")
         d.attrs.update({"sigma": dens.sigma, "width_factor": dens.width_factor, "min_width": dens.min_width,
                         "width_rule": dens.rule, "kernel": "gaussian"})
+        est = g.create_group("estimates")
+        _write_estimate(est, "trace", spec.trace(), "nat", "Hutchinson trace of H (mean of z^T H z)")
+        _write_estimate(est, "negative_mass", spec.negative_mass(cfg["negative_delta"]), "1",
+                        "SLQ mass of nodes below -max(negative_delta, residual bound)")
         p = g.create_group("proxy")
-        p.create_dataset("t", data=t)
-        with np.errstate(over="ignore"):
-            p.create_dataset("grid", data=np.exp(proxy_grid_log))
-            p.create_dataset("nodes", data=np.exp(proxy_nodes_log))
-        p.create_dataset("log_grid", data=proxy_grid_log)
-        p.create_dataset("log_nodes", data=proxy_nodes_log)
-        a_def = "a = -lambda" if cfg["convention"] == "paper" else f"a = -eta*lambda, eta = {cfg['eta']}"
-        p.attrs.update({"cutoff": cfg["cutoff"], "convention": cfg["convention"], "eta": cfg["eta"],
-                        "a_definition": a_def, "cutoff_applies_to": "|lambda|"})
-        for tag, dis in (("grid", dis_grid), ("nodes", dis_nodes), ("all_nodes", dis_all)):
-            p.attrs.update({f"dissipative_fraction_{tag}": dis.fraction, f"r_plus_{tag}": dis.r_plus,
-                            f"r_minus_{tag}": dis.r_minus, f"a_plus_{tag}": dis.a_plus,
-                            f"time_limit_{tag}": dis.time_limit})
-        p.attrs["fidelity_ii93_grid"] = fidelity_ii93(dis_grid.fraction)
-        p.attrs["fidelity_ii93_nodes"] = fidelity_ii93(dis_nodes.fraction)
-        p.attrs["fidelity_ii93_all_nodes"] = fidelity_ii93(dis_all.fraction)  # all modes, as eq. II.93 counts
+        write_dataset(p, "t", np.arange(cfg["t_max"] + 1, dtype=np.float64), "count", "iteration t")
+        p.attrs["primary"] = cfg["convention"]
+        for convention in ("eta", "paper"):
+            write_convention(p.create_group(convention), spec, convention, eta, cfg)
+    return write
 
-    attrs = {"n": n, "model_name": ck.model_name, "model_step": ck.step, "checkpoint": str(path),
+
+def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: Any, route: str,
+                  stop: Any) -> str:
+    """Run (or resume) SLQ for one model state and commit its probes and result.
+
+    Returns:
+        The product route used (decided here when ``route`` is ``auto``).
+    """
+    from hpcqml.hessian.spectrum import Spectrum
+
+    cfg = ctx.cfg
+    st = prepare_state(ctx, path, layout, data, route)
+    pseed = _probe_seed(int(ctx.run_cfg["seed"]), st.ck.step)
+    with matmul_precision(cfg["precision"], ctx.device(), st.dtype) as precision:
+        if any(not ctx.store.is_complete(f"spectrum/{label}/probe_{p:03d}") for p in range(cfg["probes"])):
+            basis_device = "cpu" if cfg["basis_device"] == "cpu" else ctx.device()
+            check_sizes(ctx, label, st.n, layout, st.dtype, basis_device)
+            route = decide_route(ctx, st)
+            st.op.route = route
+            run_missing_probes(ctx, label, st, layout, stop, pseed, route)
+    results = [ctx.store.read(_read_probe(label, p)) for p in range(cfg["probes"])]
+    spec = Spectrum.from_results(results, st.n, bootstrap=cfg["bootstrap"], bootstrap_seed=pseed,
+                                 resolution_mass=cfg["resolution_mass"])
+    used = ctx.store.read(lambda fh: [str(fh[f"spectrum/{label}/probe_{p:03d}"].attrs.get("route", route))
+                                      for p in range(cfg["probes"])])
+    eta, eta_source = train_eta(ctx)
+    (lmin, rmin), (lmax, rmax) = spec.extremes()
+    trace = spec.trace()
+    attrs = {"n": st.n, "model_name": st.ck.model_name, "model_step": st.ck.step, "checkpoint": str(path),
              "wrt": cfg["wrt"], "batch_size": cfg["batch_size"], "micro_batch": cfg["micro_batch"],
-             "route": route, "lanczos_steps": cfg["lanczos_steps"], "probes": cfg["probes"],
-             "reorth": cfg["reorth"], "state_dtype": str(space.dtype).replace("torch.", ""),
-             "memory_format": str(fmt).replace("torch.", ""), "probe_seed": pseed,
-             "trace": s.trace, "trace_se": s.trace_se,
-             "mass_below_zero": s.mass_below_zero, "lambda_min": s.lambda_min,
-             "lambda_min_residual": s.lambda_min_residual, "lambda_max": s.lambda_max,
-             "lambda_max_residual": s.lambda_max_residual, "groups": layout.count,
-             "ranks": ctx.size}
-    ctx.store.commit(f"spectrum/{label}/result", write, attrs=attrs)
-    ctx.log(f"{label}: lambda in [{s.lambda_min:.4g}, {s.lambda_max:.4g}], trace {s.trace:.4g} "
-            f"+- {s.trace_se:.2g}, dissipative fraction {dis_nodes.fraction:.3f}")
+             "route": ",".join(sorted(set(used))), "route_setting": cfg["route"],
+             "precision": precision, "precision_setting": cfg["precision"],
+             "lanczos_steps": cfg["lanczos_steps"], "probes": cfg["probes"], "reorth": cfg["reorth"],
+             "state_dtype": str(st.dtype).replace("torch.", ""), "memory_format": str(st.fmt).replace("torch.", ""),
+             "probe_seed": pseed, "eta": eta, "eta_source": eta_source, "primary_convention": cfg["convention"],
+             "trace": trace.value, "trace_se": trace.stderr, "lambda_min": lmin, "lambda_min_residual": rmin,
+             "lambda_max": lmax, "lambda_max_residual": rmax, "groups": layout.count, "ranks": ctx.size}
+    ctx.store.commit(f"spectrum/{label}/result", result_writer(spec, cfg, eta), attrs=attrs)
+    frac = spec.dissipative_fraction(cfg["convention"], eta, cfg["cutoff"])
+    ctx.log(f"{label}: lambda in [{lmin:.4g}, {lmax:.4g}], trace {trace.text()}, "
+            f"Delta+/Delta ({cfg['convention']}) {frac.text('{:.3f}')}")
+    return route
 
 
 def run(ctx: StageContext) -> None:
+    """Measure every model state not yet complete (collective over ``ctx.comm``)."""
     from hpcqml.data.cifar import load_cifar100
     from hpcqml.hessian.slq import probe_groups
+    from hpcqml.training.signals import StopFlag, StoppedBySignal, stop_message
 
     states = _states(ctx)
+    _check_origins(ctx, states)
     layout = probe_groups(ctx.comm, ctx.cfg["groups"])
+    route = _stored_route(ctx) if ctx.cfg["route"] == "auto" else None
+    route = route or ctx.cfg["route"]
     data = None
-    for label, path in ctx.progress(states, total=len(states), desc="spectrum"):
-        if ctx.store.is_complete(f"spectrum/{label}/result"):
-            continue
-        if data is None:
-            data = load_cifar100(_data_root(ctx))
-        measure_state(ctx, label, path, layout, data)
+    with StopFlag() as stop:
+        for i, (label, path) in enumerate(states):
+            if not ctx.store.is_complete(f"spectrum/{label}/result"):
+                if data is None:
+                    data = load_cifar100(_data_root(ctx))
+                route = measure_state(ctx, label, path, layout, data, route, stop)
+            if i + 1 < len(states) and stop.requested(ctx.comm):
+                raise StoppedBySignal(stop_message(
+                    stop.signum, f"spectrum after {i + 1} of {len(states)} model states",
+                    f"results of {[lab for lab, _ in states[:i + 1]]} in {ctx.store.path}", None))
     ctx.log(f"{len(states)} model state(s) measured")
 
 

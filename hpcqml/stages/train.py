@@ -7,11 +7,16 @@ classical, the rest quantum-eligible (:mod:`hpcqml.training.loop`).
 
 Files: model snapshots ``<workdir>/snapshots/step_XXXXXX.pt`` (for the spectrum stage),
 the resume state ``<workdir>/train_state.pt`` (every ``checkpoint_every`` steps and on
-SIGTERM/SIGUSR1) and ``<workdir>/trained.pt``.  HDF5: group ``train`` (per-step log).
+SIGTERM/SIGUSR1) and ``<workdir>/trained.pt``, each recording the fingerprint of the
+stage inputs and the results file of its run (:mod:`hpcqml.training.origin`).  HDF5:
+group ``train`` (per-step log), ``train_log`` (the log so far, at each checkpoint).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,15 +25,27 @@ from hpcqml.errors import UserError
 from hpcqml.models import count_parameters
 from hpcqml.parallel import decide_on_root
 from hpcqml.stages import Stage, StageContext, register
-from hpcqml.stages.data import load_dataset
-from hpcqml.training.checkpoint import load_checkpoint, save_checkpoint
-from hpcqml.training.loop import HISTORY_KEYS, SparseSettings, broadcast_model_, empty_history, sparse_train
+from hpcqml.stages.data import check_batch_size, load_dataset
+from hpcqml.store import write_dataset
+from hpcqml.training.origin import (
+    begin,
+    check_input,
+    clear_stale,
+    load_resume_state,
+    model_source,
+    stamp,
+)
+from hpcqml.training.progress import StepMeter
 from hpcqml.training.pruning import SCOPES
 from hpcqml.training.signals import StopFlag, interrupted_error
 
+if TYPE_CHECKING:
+    from hpcqml.training.loop import SparseSettings
+
 SCHEMA = {
     "steps": Field(int, 200, min=0, doc="SGD steps T"),
-    "batch_size": Field(int, 2048, min=1, doc="samples per step B (paper: 2048), split over ranks"),
+    "batch_size": Field(int, 2048, min=1,
+                        doc="samples per step B (paper: 2048), split over ranks; at most the training set"),
     "lr": Field(float, 0.01, min=0.0, doc="learning rate (paper: 0.01), plain SGD"),
     "keep_fraction": Field(float, 0.0, min=0.0, max=1.0,
                            doc="fraction kept at each download; 0 = [prune] keep_fraction"),
@@ -36,21 +53,45 @@ SCHEMA = {
     "download_every": Field(int, 100, min=1, doc="re-prune ('download') after every this many steps"),
     "classical_steps": Field(int, 10, min=0, doc="steps after each download that are classical"),
     "test_interval": Field(int, 10, min=0, doc="test accuracy every this many steps (0 = never)"),
-    "checkpoint_every": Field(int, 50, min=1, doc="steps between resume checkpoints"),
+    "checkpoint_every": Field(int, 50, min=1, affects_results=False, doc="steps between resume checkpoints"),
     "snapshot_every": Field(int, 10, min=0, doc="model snapshot every this many steps (0 = none)"),
-    "snapshot_steps": Field(list, [], item=int, min=0, doc="extra steps to snapshot"),
+    "snapshot_steps": Field(list, [], item=int, min=0, doc="extra steps to snapshot (at most steps)"),
     "model_file": Field(str, "", doc="starting model; empty = <workdir>/pruned.pt"),
 }
 
 STATE = "train_state.pt"
 OUTPUT = "trained.pt"
+#: a progress line every this many steps (and at least once a minute)
+LOG_EVERY = 10
+
+#: (units, description) of each per-step history dataset
+HISTORY_DOCS = {
+    "step": ("count", "update number t (1-based)"),
+    "loss": ("nat", "mean cross-entropy over the batch of update t, before the update"),
+    "batch_accuracy": ("1", "fraction of the batch of update t classified correctly, before the update"),
+    "test_loss": ("nat", "mean cross-entropy over the test set after update t (NaN = not measured)"),
+    "test_accuracy": ("1", "fraction of the test set classified correctly after update t (NaN = not measured)"),
+    "sparsity": ("1", "fraction of prunable weights equal to zero after update t and its download"),
+    "sparsity_before_download": ("1", "fraction of prunable weights equal to zero after update t, before a download"),
+    "download": ("1", "True where the weights were re-pruned to keep_fraction after update t"),
+    "quantum_eligible": ("1", "True where update t is not among the classical steps after a download"),
+}
 
 
 def snapshot_path(workdir: Path, step: int) -> Path:
+    """Where the model state after step ``step`` is kept."""
     return workdir / "snapshots" / f"step_{step:06d}.pt"
 
 
+def existing_snapshots(workdir: Path) -> list[Path]:
+    """The snapshot files in ``workdir``, by step."""
+    return sorted((workdir / "snapshots").glob("step_*.pt"))
+
+
 def settings(ctx: StageContext) -> SparseSettings:
+    """The training settings of ``[train]`` (falling back to ``[prune]``) and the run seed."""
+    from hpcqml.training.loop import SparseSettings
+
     c, prune_cfg = ctx.cfg, ctx.section("prune")
     return SparseSettings(steps=c["steps"], batch_size=c["batch_size"], lr=c["lr"],
                           keep_fraction=c["keep_fraction"] or prune_cfg["keep_fraction"],
@@ -59,97 +100,171 @@ def settings(ctx: StageContext) -> SparseSettings:
                           seed=ctx.run_cfg["seed"])
 
 
-def history_writer(hist: dict, snap: set[int], done: int):
+def check_sizes(cfg: dict[str, Any], n_train: int, ranks: int) -> None:
+    """Refuse sizes the data set, the ranks or the step count cannot honour (one-line
+    UserError); ``hpcqml validate`` runs the same check.
+    """
+    check_batch_size("train", cfg["batch_size"], n_train, ranks)
+    steps = cfg["steps"]
+    beyond = sorted(t for t in cfg["snapshot_steps"] if t > steps)
+    if beyond:
+        raise UserError(f"[train] snapshot_steps has step {beyond[0]}, beyond steps = {steps}: "
+                        f"no such snapshot would be written")
+
+
+def history_writer(hist: dict, snap: set[int], done: int) -> Callable[[Any], None]:
     """A store writer for the per-step training log after ``done`` steps."""
     dtypes = {"step": np.int64, "download": bool, "quantum_eligible": bool}
 
-    def write(g) -> None:
-        for k in HISTORY_KEYS:
-            g.create_dataset(k, data=np.asarray(hist[k], dtype=dtypes.get(k, np.float64)))
-        g["loss"].attrs["units"] = "nats (mean cross-entropy over the batch, before the update)"
-        g["batch_accuracy"].attrs["units"] = "fraction of the batch (before the update)"
-        g["test_accuracy"].attrs["units"] = "fraction of the test set after the step (NaN = not measured)"
-        g["sparsity"].attrs["units"] = "fraction of prunable weights equal to zero after the step"
-        g.create_dataset("snapshot_steps", data=np.array(sorted(t for t in snap if t <= done), dtype=np.int64))
+    def write(g: Any) -> None:
+        for k in HISTORY_DOCS:
+            units, description = HISTORY_DOCS[k]
+            write_dataset(g, k, np.asarray(hist[k], dtype=dtypes.get(k, np.float64)), units, description)
+        write_dataset(g, "snapshot_steps", np.array(sorted(t for t in snap if t <= done), dtype=np.int64),
+                      "count", "steps t whose model state is in <workdir>/snapshots/step_t.pt")
     return write
 
 
-def run(ctx: StageContext) -> None:
-    cfg = ctx.cfg
-    # File-system checks are decided on rank 0 so that every rank takes the same branch.
-    if ctx.store.is_complete("train") and decide_on_root(ctx.comm, (ctx.workdir / OUTPUT).is_file):
-        ctx.log("already complete")
-        return
-    src = Path(cfg["model_file"]) if cfg["model_file"] else ctx.workdir / "pruned.pt"
-    if not decide_on_root(ctx.comm, src.is_file):
-        raise UserError(f"train: model file {src} not found (run the prune stage or set [train] model_file)")
-    data = load_dataset(ctx)
-    device = ctx.device()
-    s = settings(ctx)
+@dataclass
+class Training:
+    """The model being trained, its masks, the snapshot steps and where it stands."""
+
+    model: Any
+    name: str
+    classes: int
+    masks: Any
+    source: Path
+    snap: set[int] = field(default_factory=set)
+    start: int = 0
+    history: dict = field(default_factory=dict)
+
+
+def start_training(ctx: StageContext, src: Path, own: bool, s: SparseSettings, classes: int,
+                   device: Any) -> Training:
+    """The starting model (refused if another run made it), resumed from this run's state."""
+    from hpcqml.training.checkpoint import load_checkpoint
+    from hpcqml.training.loop import broadcast_model_, empty_history
+
     ck = load_checkpoint(src, device)
-    if ck.num_classes != data.num_classes:
-        raise UserError(f"train: model {src} has {ck.num_classes} classes, the data {data.num_classes}")
-    model, name, masks = ck.model, ck.model_name, ck.mask
+    if own:
+        check_input(ctx, src, "prune", ck.fingerprint, ck.results)
+    if ck.num_classes != classes:
+        raise UserError(f"train: model {src} has {ck.num_classes} classes, the data {classes}")
+    tr = Training(ck.model, ck.model_name, ck.num_classes, ck.mask, src, history=empty_history())
     state_path = ctx.workdir / STATE
-    start, hist = 0, empty_history()
-    if decide_on_root(ctx.comm, state_path.is_file):
-        st = load_checkpoint(state_path, device)
-        if st.model_name == name and st.meta.get("source") == str(src):
-            model.load_state_dict(st.model.state_dict())
-            masks, start, hist = st.mask, st.step, st.meta["history"]
-            ctx.log(f"resuming from {state_path} at step {start}")
-    broadcast_model_(model, ctx.comm)
-    snap = set(cfg["snapshot_steps"])
-    if cfg["snapshot_every"]:
-        snap |= set(range(0, s.steps + 1, cfg["snapshot_every"]))
-    ctx.log(f"{name}: {count_parameters(model):,} parameters, {s.steps} steps of B = {s.batch_size} "
-            f"on {ctx.size} rank(s), {device}")
+    st = load_resume_state(ctx, state_path, device)
+    if st is not None and (st.model_name != tr.name or st.meta.get("source") != str(src)):
+        ctx.log(f"{state_path} continues {st.meta.get('source')} ({st.model_name}), not {src}: "
+                f"not resumed, starting over")
+        st = None
+    if st is not None:
+        tr.model.load_state_dict(st.model.state_dict())
+        tr.masks, tr.start, tr.history = st.mask, st.step, st.meta["history"]
+        ctx.log(f"resuming from {state_path} at step {tr.start}")
+    broadcast_model_(tr.model, ctx.comm)
+    tr.snap = set(ctx.cfg["snapshot_steps"])
+    if ctx.cfg["snapshot_every"]:
+        tr.snap |= set(range(0, s.steps + 1, ctx.cfg["snapshot_every"]))
+    return tr
 
-    def save_state(t: int, h: dict) -> None:
+
+class Saver:
+    """The train stage's files: resume state (with the log so far) and model snapshots."""
+
+    def __init__(self, ctx: StageContext, tr: Training, s: SparseSettings) -> None:
+        self.ctx, self.tr, self.s = ctx, tr, s
+        self.state_path = ctx.workdir / STATE
+
+    def state(self, t: int, h: dict) -> None:
         """Checkpoint (collective): the resume state, and the per-step log so far in HDF5."""
+        from hpcqml.training.checkpoint import save_checkpoint
+
+        ctx, tr = self.ctx, self.tr
         if ctx.rank == 0:
-            save_checkpoint(state_path, name, ck.num_classes, model, mask=masks, step=t,
-                            meta={"history": h, "source": str(src)})
-        ctx.store.commit("train_log", history_writer(h, snap, t), attrs={"steps_done": t})
+            save_checkpoint(self.state_path, tr.name, tr.classes, tr.model, mask=tr.masks, step=t,
+                            meta={"history": h, "source": str(tr.source)}, **stamp(ctx))
+        ctx.store.commit("train_log", history_writer(h, tr.snap, t),
+                         attrs={"steps_done": t, "fingerprint": ctx.fingerprint})
 
-    def snapshot(t: int) -> None:
-        if t in snap and ctx.rank == 0:
-            save_checkpoint(snapshot_path(ctx.workdir, t), name, ck.num_classes, model, mask=masks, step=t,
-                            meta={"stage": "train", "download": bool(t and t % s.download_every == 0)})
+    def snapshot(self, t: int) -> None:
+        """The model after step ``t`` when ``t`` is a snapshot step (rank 0 writes)."""
+        from hpcqml.training.checkpoint import save_checkpoint
 
-    def after_step(t: int, h: dict, new_masks) -> None:
-        nonlocal masks
+        ctx, tr = self.ctx, self.tr
+        if t in tr.snap and ctx.rank == 0:
+            save_checkpoint(snapshot_path(ctx.workdir, t), tr.name, tr.classes, tr.model, mask=tr.masks,
+                            step=t, meta={"stage": "train",
+                                          "download": bool(t and t % self.s.download_every == 0)},
+                            **stamp(ctx))
+
+
+def train_steps(ctx: StageContext, tr: Training, data: Any, s: SparseSettings, device: Any) -> tuple[int, dict]:
+    """Run the remaining steps with snapshots and checkpoints; a stop signal saves and raises."""
+    from hpcqml.training.loop import sparse_train
+
+    save = Saver(ctx, tr, s)
+    ctx.log(f"{tr.name}: {count_parameters(tr.model):,} parameters, {s.steps} steps of B = {s.batch_size} "
+            f"on {ctx.size} rank(s), {device}")
+    meter = StepMeter(s.steps, tr.start, every=LOG_EVERY)
+
+    def after_step(t: int, h: dict, new_masks: Any) -> None:
         if new_masks is not None:
-            masks = new_masks
+            tr.masks = new_masks
         ctx.perf.count("train_steps", 1)
         ctx.perf.count("samples", s.batch_size)
-        snapshot(t)
-        if t % cfg["checkpoint_every"] == 0:
-            save_state(t, h)
-        if t % 10 == 0:
-            ctx.log(f"step {t}: loss {h['loss'][-1]:.4f}, batch accuracy {h['batch_accuracy'][-1]:.3f}, "
+        save.snapshot(t)
+        if t % ctx.cfg["checkpoint_every"] == 0:
+            save.state(t, h)
+        if meter.due(t):
+            ctx.log(f"{meter.line(t)}: loss {h['loss'][-1]:.4f}, batch accuracy {h['batch_accuracy'][-1]:.3f}, "
                     f"sparsity {h['sparsity'][-1]:.3f}")
 
-    if start == 0:
-        snapshot(0)
+    if tr.start == 0:
+        stale = decide_on_root(ctx.comm, lambda: clear_stale(ctx, existing_snapshots(ctx.workdir)))
+        if stale:
+            ctx.log(f"deleted {len(stale)} snapshot(s) this run made with other settings")
+        save.snapshot(0)
     with StopFlag() as flag:
-        done, hist = sparse_train(model, ctx.comm, data, s, device, start, hist, after_step,
+        done, hist = sparse_train(tr.model, ctx.comm, data, s, device, tr.start, tr.history, after_step,
                                   lambda: flag.requested(ctx.comm), ctx.perf)
         if done < s.steps:
-            save_state(done, hist)
+            save.state(done, hist)
             ctx.comm.Barrier()
-            raise interrupted_error(flag.signum, done, state_path)
+            raise interrupted_error(flag.signum, done, save.state_path, total=s.steps, stage="train")
+    return done, hist
+
+
+def finish(ctx: StageContext, tr: Training, s: SparseSettings, device: Any, done: int, hist: dict) -> None:
+    """Write ``trained.pt`` and commit the ``train`` group."""
+    from hpcqml.training.checkpoint import save_checkpoint
+
     if ctx.rank == 0:
-        save_checkpoint(ctx.workdir / OUTPUT, name, ck.num_classes, model, mask=masks, step=done,
-                        meta={"stage": "train"})
+        save_checkpoint(ctx.workdir / OUTPUT, tr.name, tr.classes, tr.model, mask=tr.masks, step=done,
+                        meta={"stage": "train"}, **stamp(ctx))
     ctx.comm.Barrier()
-    ctx.store.commit("train", history_writer(hist, snap, done), attrs={
-        "model": name, "num_parameters": count_parameters(model), "steps": done, "batch_size": s.batch_size,
-        "lr": s.lr, "keep_fraction": s.keep_fraction, "scope": s.scope, "download_every": s.download_every,
-        "classical_steps": s.classical_steps, "test_interval": s.test_interval, "ranks": ctx.size,
-        "snapshot_dir": str(ctx.workdir / "snapshots"), "source": str(src), "device": str(device)})
+    ctx.store.commit("train", history_writer(hist, tr.snap, done), attrs={
+        "model": tr.name, "num_parameters": count_parameters(tr.model), "steps": done,
+        "batch_size": s.batch_size, "lr": s.lr, "keep_fraction": s.keep_fraction, "scope": s.scope,
+        "download_every": s.download_every, "classical_steps": s.classical_steps,
+        "test_interval": s.test_interval, "ranks": ctx.size, "snapshot_dir": str(ctx.workdir / "snapshots"),
+        "source": str(tr.source), "device": str(device), "fingerprint": ctx.fingerprint})
     ctx.log(f"done: {done} steps, final batch accuracy "
             f"{hist['batch_accuracy'][-1] if hist['batch_accuracy'] else float('nan'):.4f}")
+
+
+def run(ctx: StageContext) -> None:
+    """Sparse training from the pruned model (or resume), then the model and the HDF5 group."""
+    src, own = model_source(ctx, "pruned.pt")
+    if not begin(ctx, ctx.workdir / OUTPUT, ctx.workdir / STATE, src,
+                 "run the prune stage or set [train] model_file"):
+        return
+    data = load_dataset(ctx)
+    s = settings(ctx)
+    check_sizes(ctx.cfg, len(data.train_y), ctx.size)
+    device = ctx.device()
+    tr = start_training(ctx, src, own, s, data.num_classes, device)
+    done, hist = train_steps(ctx, tr, data, s, device)
+    finish(ctx, tr, s, device, done, hist)
 
 
 register(Stage(name="train", schema=SCHEMA, run=run,

@@ -27,10 +27,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from hpcqml.data.batches import (augment, augment_params, batch_indices, epoch_batches,
-                                 shard_bounds, to_tensor)
+from hpcqml.data.batches import augment, augment_params, batch_indices, epoch_batches, to_tensor
 from hpcqml.errors import UserError
-from hpcqml.parallel import allreduce_sum
+from hpcqml.parallel import allreduce_sum, block_bounds
 from hpcqml.training.pruning import prune_, sparsity
 from hpcqml.training.syncbn import global_batchnorm
 
@@ -86,7 +85,7 @@ def evaluate(model: nn.Module, comm, images: np.ndarray, labels: np.ndarray, dev
              chunk: int = 500, perf=None) -> tuple[float, float]:
     """Mean loss and accuracy over (images, labels), eval-mode BN; ranks split the set."""
     model.eval()
-    a, b = shard_bounds(len(labels), comm.Get_rank(), comm.Get_size())
+    a, b = block_bounds(len(labels), comm.Get_rank(), comm.Get_size())
     acc = torch.zeros(2, dtype=torch.float64)
     for s in range(a, b, chunk):
         e = min(b, s + chunk)
@@ -100,7 +99,7 @@ def evaluate(model: nn.Module, comm, images: np.ndarray, labels: np.ndarray, dev
 
 
 def _shard_tensors(data: Dataset, idx: np.ndarray, comm, device, aug: tuple | None = None):
-    a, b = shard_bounds(len(idx), comm.Get_rank(), comm.Get_size())
+    a, b = block_bounds(len(idx), comm.Get_rank(), comm.Get_size())
     mine = idx[a:b]
     imgs = data.train_x[mine]
     if aug is not None:
@@ -113,6 +112,7 @@ def _shard_tensors(data: Dataset, idx: np.ndarray, comm, device, aug: tuple | No
 
 @dataclass
 class PretrainSettings:
+    """Dense pre-training settings (``[pretrain]`` and the run seed)."""
     epochs: int = 1
     batch_size: int = 128
     lr: float = 0.1
@@ -136,6 +136,7 @@ def lr_at(step: int, total: int, s: PretrainSettings) -> float:
 
 
 def make_pretrain_optimizer(model: nn.Module, s: PretrainSettings) -> torch.optim.SGD:
+    """SGD with momentum and weight decay over ``model``'s parameters, as ``s`` says."""
     return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
@@ -151,6 +152,8 @@ def pretrain(model: nn.Module, comm, data: Dataset, s: PretrainSettings, device:
     """
     _check_batch(comm, s.batch_size)
     n = len(data.train_y)
+    if s.batch_size > n:
+        raise UserError(f"batch size {s.batch_size} is larger than the {n} training samples: no full batch")
     spe = n // s.batch_size
     total = spe * s.epochs
     hist = history if history is not None else {"step": [], "loss": [], "accuracy": [], "lr": []}
@@ -181,6 +184,7 @@ def pretrain(model: nn.Module, comm, data: Dataset, s: PretrainSettings, device:
 
 @dataclass
 class SparseSettings:
+    """Sparse-training settings (``[train]``, falling back to ``[prune]``, and the run seed)."""
     steps: int = 200
     batch_size: int = 2048
     lr: float = 0.01
@@ -211,6 +215,7 @@ def is_download(t: int, download_every: int) -> bool:
 
 
 def empty_history() -> dict[str, list]:
+    """An empty per-step log: one list per key of :data:`HISTORY_KEYS`."""
     return {k: [] for k in HISTORY_KEYS}
 
 
@@ -247,7 +252,7 @@ def sparse_train(model: nn.Module, comm, data: Dataset, s: SparseSettings, devic
                   if s.test_interval > 0 and t % s.test_interval == 0 else (math.nan, math.nan))
         row = (t, loss, acc, tl, ta, sp, sp_before, masks is not None,
                not is_classical(t, s.download_every, s.classical_steps))
-        for k, v in zip(HISTORY_KEYS, row):
+        for k, v in zip(HISTORY_KEYS, row, strict=True):
             hist[k].append(v)
         if after_step is not None:
             after_step(t, hist, masks)

@@ -10,13 +10,18 @@ Prunable sets (``scope``):
     of every Conv2d and Linear module except the last Linear (the classifier);
   * ``conv-linear``: every Conv2d and Linear weight;
   * ``all``: every trainable parameter (including BatchNorm affine parameters and biases).
+
+torch is imported inside the functions: the stage schemas read :data:`SCOPES` without it.
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from hpcqml.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 SCOPES = ("conv-linear-except-classifier", "conv-linear", "all")
 
@@ -25,6 +30,8 @@ def prunable_parameters(model: nn.Module, scope: str = SCOPES[0]) -> list[tuple[
     """(name, parameter) pairs of the prunable set, in ``model.named_parameters()`` order."""
     if scope not in SCOPES:
         raise UserError(f"pruning scope {scope!r}: not one of {', '.join(SCOPES)}")
+    from torch import nn
+
     named = dict(model.named_parameters())
     if scope == "all":
         return [(n, p) for n, p in named.items() if p.requires_grad]
@@ -47,6 +54,8 @@ def global_magnitude_mask(tensors: list[tuple[str, torch.Tensor]], keep_fraction
         raise UserError(f"keep fraction {keep_fraction}: must be in (0, 1]")
     if not tensors:
         raise UserError("pruning: the prunable set is empty")
+    import torch
+
     flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float32).abs() for _, t in tensors])
     n = flat.numel()
     k = max(1, min(n, int(round(keep_fraction * n))))
@@ -66,16 +75,17 @@ def global_magnitude_mask(tensors: list[tuple[str, torch.Tensor]], keep_fraction
     return masks
 
 
-@torch.no_grad()
 def apply_mask_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Zero every entry of the masked parameters where the mask is False (in place)."""
+    import torch
+
     params = dict(model.named_parameters())
-    for name, m in masks.items():
-        p = params[name]
-        p.mul_(m.to(device=p.device, dtype=p.dtype))
+    with torch.no_grad():
+        for name, m in masks.items():
+            p = params[name]
+            p.mul_(m.to(device=p.device, dtype=p.dtype))
 
 
-@torch.no_grad()
 def prune_(model: nn.Module, keep_fraction: float, scope: str = SCOPES[0]) -> dict[str, torch.Tensor]:
     """Global magnitude pruning of ``model`` in place; returns the masks."""
     params = prunable_parameters(model, scope)
@@ -84,13 +94,13 @@ def prune_(model: nn.Module, keep_fraction: float, scope: str = SCOPES[0]) -> di
     return masks
 
 
-@torch.no_grad()
 def layer_sparsity(model: nn.Module, scope: str = SCOPES[0]) -> list[tuple[str, int, int]]:
     """(name, numel, nonzero count) of each prunable tensor."""
+    import torch
+
     return [(n, p.numel(), int(torch.count_nonzero(p))) for n, p in prunable_parameters(model, scope)]
 
 
-@torch.no_grad()
 def sparsity(model: nn.Module, scope: str = SCOPES[0]) -> float:
     """Fraction of exactly-zero entries in the prunable set."""
     rows = layer_sparsity(model, scope)

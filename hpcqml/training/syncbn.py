@@ -25,7 +25,6 @@ from typing import Iterator
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from hpcqml.parallel import allreduce_sum
 

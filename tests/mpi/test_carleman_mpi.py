@@ -16,8 +16,27 @@ from hpcqml.carleman import reference as ref
 from hpcqml.carleman import spectra
 from hpcqml.carleman import timestepping as ts
 from hpcqml.carleman.instance import PolynomialODE, lift
+from hpcqml.carleman.system import CarlemanCase
+from hpcqml.parallel import block_bounds
 
 COMM = MPI.COMM_WORLD
+
+
+def to_scipy_all(mat) -> sp.csr_matrix:
+    """Gather a distributed AIJ matrix to a scipy CSR on every rank (small matrices)."""
+    r0, r1 = mat.getOwnershipRange()
+    indptr, indices, data = mat.getValuesCSR()
+    comm = mat.getComm().tompi4py()
+    parts = comm.allgather((np.asarray(indptr, np.int64), np.asarray(indices, np.int64), np.asarray(data)))
+    m, n = mat.getSize()
+    blocks = [sp.csr_matrix((d, i, p), shape=(p.shape[0] - 1, n)) for p, i, d in parts]
+    return sp.csr_matrix(sp.vstack(blocks, format="csr"))
+
+
+def solve_block_system(ode, N, T, comm):
+    """M X = B solved by the case's owner (:class:`CarlemanCase`), as the qcm stage does."""
+    with CarlemanCase(ode, N, T, comm) as case:
+        return case.solve()
 
 
 def _cubic(n: int = 2, seed: int = 7) -> PolynomialODE:
@@ -41,13 +60,13 @@ def test_assembly_equals_reference(name, N):
     ode = INSTANCES[name]()
     A, stats = pa.assemble_carleman(ode, N, COMM)
     want = ref.carleman_matrix(ode, N)
-    got = pa.to_scipy_all(A)
+    got = to_scipy_all(A)
     assert got.shape == want.shape == (stats.rows, stats.rows)
     diff = abs(got - want)
     assert (diff.max() if diff.nnz else 0.0) <= 1e-14
     assert stats.nnz == got.nnz and stats.exact_preallocation
     r0, r1 = A.getOwnershipRange()
-    assert (r0, r1) == pa.ownership(stats.rows, COMM.rank, COMM.size)
+    assert (r0, r1) == block_bounds(stats.rows, COMM.rank, COMM.size)
     A.destroy()
 
 
@@ -61,10 +80,11 @@ def test_block_system_and_ksp_equal_forward_iteration(name):
     assert stM.exact_preallocation and stM.rows == (T + 1) * ref.carleman_matrix(ode, N).shape[0]
     A_ref = ref.carleman_matrix(ode, N)
     M_ref, rhs_ref = ref.block_system(A_ref, ode, N, T)
-    assert abs(pa.to_scipy_all(M) - M_ref).max() <= 1e-14
+    assert abs(to_scipy_all(M) - M_ref).max() <= 1e-14
     np.testing.assert_array_equal(pa.to_numpy_all(B), rhs_ref)
-    M.destroy(); B.destroy()
-    res = ts.solve_block_system(ode, N, T, COMM)
+    M.destroy()
+    B.destroy()
+    res = solve_block_system(ode, N, T, COMM)
     Y = ref.forward_iteration(A_ref, ref.carleman_rhs(ode, N), lift(ode.u_in, N), T)
     assert res.reason > 0
     assert res.iterations <= COMM.size + 2  # nilpotent preconditioned operator, see timestepping doc
@@ -79,38 +99,61 @@ def test_block_system_and_ksp_equal_forward_iteration(name):
 def test_eigenvalues_norms_and_kappa_match_dense():
     ode = gen.scale_step(gen.random_quadratic(3, 1.0, 2), 0.25)
     N, T = 2, 6
-    A, _ = pa.assemble_carleman(ode, N, COMM)
     Ad = ref.carleman_matrix(ode, N).toarray()
-    eigs, method = spectra.eigenvalues(A)
-    dense = np.linalg.eigvals(Ad)
-    assert eigs.shape == dense.shape and "lapack" in method
-    assert np.max(np.min(np.abs(eigs[:, None] - dense[None, :]), axis=1)) < 1e-10
-    dis, div = spectra.dissipative_counts(eigs)
-    assert (dis, div) == (int(np.sum(np.abs(1 + dense) < 1)), int(np.sum(np.abs(1 + dense) >= 1)))
-    IA = spectra.shifted_identity(A)
-    norm_IA, _ = spectra.singular_value(IA, "largest", tol=1e-12)
-    assert norm_IA == pytest.approx(np.linalg.norm(np.eye(len(Ad)) + Ad, 2), rel=1e-9)
-    assert norm_IA < 1.0
-    M, B, _ = pa.assemble_block_system(ode, N, T, COMM)
-    rep = spectra.condition_report(M, norm_IA, T, tol=1e-12)
     sv = np.linalg.svd(ref.block_system(ref.carleman_matrix(ode, N), ode, N, T)[0].toarray(), compute_uv=False)
-    assert rep.kappa == pytest.approx(sv[0] / sv[-1], rel=1e-8)
-    assert rep.kappa <= rep.bound_II83 == 2 * (T + 1)          # eq. II.83
-    assert rep.kappa <= rep.bound_general * (1 + 1e-12)        # eq. II.81
-    # the iterative (Lanczos) smallest singular value agrees with the dense one too
-    smin, m = spectra.singular_value(M, "smallest", tol=1e-12, dense_limit=0)
-    assert "trlanczos" in m and smin == pytest.approx(sv[-1], rel=1e-8)
-    smin2, m2 = spectra.smallest_singular_value_by_inverse(M, tol=1e-12)
-    assert "M^-1" in m2 and smin2 == pytest.approx(sv[-1], rel=1e-8)
-    for obj in (A, IA, M, B):
-        obj.destroy()
+    with CarlemanCase(ode, N, T, COMM) as case:
+        eigs, method = case.eigenvalues()
+        dense = np.linalg.eigvals(Ad)
+        assert eigs.shape == dense.shape and "lapack" in method
+        assert np.max(np.min(np.abs(eigs[:, None] - dense[None, :]), axis=1)) < 1e-10
+        dis, div = spectra.dissipative_counts(eigs)
+        assert (dis, div) == (int(np.sum(np.abs(1 + dense) < 1)), int(np.sum(np.abs(1 + dense) >= 1)))
+        norms = case.norms(tol=1e-12)
+        assert norms.norm_IA == pytest.approx(np.linalg.norm(np.eye(len(Ad)) + Ad, 2), rel=1e-9)
+        assert norms.norm_A == pytest.approx(np.linalg.norm(Ad, 2), rel=1e-9)
+        assert norms.norm_IA < 1.0
+        # Lanczos for the largest singular value beyond dense_limit agrees with the dense one
+        norm_IA_lanczos, m = spectra.singular_value(case.identity_plus_A(), case, "largest", tol=1e-12, dense_limit=0)
+        assert "trlanczos" in m and norm_IA_lanczos == pytest.approx(norms.norm_IA, rel=1e-9)
+        rep = case.condition(norms.norm_IA, tol=1e-12)
+        assert rep.kappa == pytest.approx(sv[0] / sv[-1], rel=1e-8)
+        assert rep.kappa <= rep.bound_II83 == 2 * (T + 1) and rep.holds_II83    # eq. II.83
+        assert rep.kappa <= rep.bound_general * (1 + 1e-12) and rep.holds_general  # eq. II.81
+        # the iterative (Lanczos) smallest singular value agrees with the dense one too
+        smin, m = spectra.singular_value(case.M, case, "smallest", tol=1e-12, dense_limit=0)
+        assert "trlanczos" in m and smin == pytest.approx(sv[-1], rel=1e-8)
+        smin2, m2 = spectra.smallest_singular_value_by_inverse(case.M, case, tol=1e-12)
+        assert "M^-1" in m2 and smin2 == pytest.approx(sv[-1], rel=1e-8)
+        objects = list(case._objects)
+    assert all(obj.handle == 0 for obj in objects)
+
+
+@pytest.mark.timeout(120)
+def test_zero_carleman_matrix_is_exact_on_every_rank_count():
+    """A = 0 (F1 = F2 = 0): eigenvalues and ‖A‖ are exactly 0, κ(M) that of the bidiagonal of I and -I."""
+    n, N, T = 2, 2, 5
+    ode = PolynomialODE(F=[sp.csr_matrix((n, 1)), sp.csr_matrix((n, n)), sp.csr_matrix((n, n * n))],
+                        u_in=np.array([0.1, 0.2]))
+    B = np.eye(T + 1) - np.eye(T + 1, k=-1)
+    s = np.linalg.svd(B, compute_uv=False)
+    with CarlemanCase(ode, N, T, COMM) as case:
+        eigs, method = case.eigenvalues(dense_limit=0)
+        assert method == "zero matrix (exact)" and np.all(eigs == 0)
+        norms = case.norms(dense_limit=0)
+        assert norms.norm_A == 0.0 and norms.norm_IA == pytest.approx(1.0, rel=1e-10)
+        for dense_limit in (0, 10_000):  # Lanczos + inverse iteration, and dense LAPACK
+            rep = case.condition(norms.norm_IA, tol=1e-12, dense_limit=dense_limit)
+            assert rep.kappa == pytest.approx(s[0] / s[-1], rel=1e-9)
+        X = case.solve().X
+    np.testing.assert_allclose(X, np.tile(lift(ode.u_in, N), (T + 1, 1)), rtol=1e-12)
 
 
 @pytest.mark.timeout(120)
 def test_extremal_eigenvalues_beyond_dense_limit():
     ode = gen.scale_step(gen.random_quadratic(4, 0.7, 3), 0.25)
     A, _ = pa.assemble_carleman(ode, 3, COMM)
-    eigs, method = spectra.eigenvalues(A, dense_limit=10, nev=4, tol=1e-12)
+    with spectra.PetscOwner() as owner:
+        eigs, method = spectra.eigenvalues(A, owner, dense_limit=10, nev=4, tol=1e-12)
     dense = np.linalg.eigvals(ref.carleman_matrix(ode, 3).toarray())
     assert "krylovschur" in method
     assert np.max(eigs.real) == pytest.approx(np.max(dense.real), abs=1e-9)
@@ -139,19 +182,32 @@ def test_f0_t_block_system_equals_reference_and_forward_iteration(name, N):
     ode = _noisy(name, T)
     for t in (0, T - 1):
         At, st = pa.assemble_carleman(ode, N, COMM, t=t)
-        diff = abs(pa.to_scipy_all(At) - ref.carleman_matrix(ode, N, t))
+        diff = abs(to_scipy_all(At) - ref.carleman_matrix(ode, N, t))
         assert (diff.max() if diff.nnz else 0.0) <= 1e-14 and st.exact_preallocation
         At.destroy()
     M, B, stM = pa.assemble_block_system(ode, N, T, COMM)
     M_ref, rhs_ref = ref.block_system(None, ode, N, T)
-    diff = abs(pa.to_scipy_all(M) - M_ref)
+    diff = abs(to_scipy_all(M) - M_ref)
     assert (diff.max() if diff.nnz else 0.0) <= 1e-14
     assert stM.exact_preallocation and stM.rows == M_ref.shape[0]
     np.testing.assert_array_equal(pa.to_numpy_all(B), rhs_ref)
-    M.destroy(); B.destroy()
-    res = ts.solve_block_system(ode, N, T, COMM)
+    M.destroy()
+    B.destroy()
+    res = solve_block_system(ode, N, T, COMM)
     Y = ref.forward_iteration_t(ode, N, T)
     assert res.reason > 0 and res.iterations <= COMM.size + 2
     assert np.linalg.norm(res.X - Y) <= 1e-10 * np.linalg.norm(Y)
     Yp = ts.petsc_forward_iteration_t(ode, N, T, COMM)
     np.testing.assert_allclose(Yp, Y, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.timeout(120)
+def test_case_objects_are_destroyed_on_every_rank_after_an_error():
+    ode = gen.scale_step(gen.random_quadratic(3, 0.7, 1), 0.25)
+    with pytest.raises(ZeroDivisionError):
+        with CarlemanCase(ode, 2, 4, COMM) as case:
+            case.solve()
+            case.norms()
+            objects = list(case._objects)
+            raise ZeroDivisionError("an error inside the case")
+    assert objects and all(obj.handle == 0 for obj in objects)

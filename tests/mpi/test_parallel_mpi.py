@@ -33,7 +33,7 @@ def test_bcast_and_blocks():
     for n in (0, 1, 7, 10):
         bounds = [block_bounds(n, r, size) for r in range(size)]
         assert bounds[0][0] == 0 and bounds[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))  # neighbouring pairs
         lengths = [hi - lo for lo, hi in bounds]
         assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
 
@@ -48,3 +48,20 @@ def test_decide_on_root_gives_every_rank_rank_0s_answer():
         raise UserError("nothing there")
     with pytest.raises(UserError, match="nothing there"):
         decide_on_root(comm, fail)
+
+
+def test_thread_choice_under_several_ranks():
+    """OMP_NUM_THREADS and SLURM_CPUS_PER_TASK are per rank already (never divided again);
+    PBS NCPUS and the affinity mask are shared by the ranks on a node."""
+    import os
+
+    from hpcqml.runner import choose_threads
+
+    comm = world()
+    on_node = comm.Split_type(__import__("mpi4py").MPI.COMM_TYPE_SHARED).Get_size()
+    assert choose_threads(comm, 0, {"OMP_NUM_THREADS": "2"}) == (2, "OMP_NUM_THREADS")
+    assert choose_threads(comm, 0, {"SLURM_CPUS_PER_TASK": "3"}) == (3, "SLURM_CPUS_PER_TASK")
+    assert choose_threads(comm, 0, {"PBS_JOBID": "1.pbs", "NCPUS": "12"}) == (
+        max(1, 12 // on_node), "PBS NCPUS / ranks on the node")
+    cores = len(os.sched_getaffinity(0))
+    assert choose_threads(comm, 0, {}) == (max(1, cores // on_node), "affinity mask / ranks on the node")

@@ -71,4 +71,28 @@ def test_run_matches_one_rank():
             assert fh.attrs["prov_mpi_size"] == comm.Get_size()
             assert fh["perf/qcm/wall_seconds"].shape == (comm.Get_size(),)
             assert fh.attrs["prov_status"] == "completed"
+            assert not (tmp / "p.h5.lock").exists()            # the writer lock was given back
+            with h5py.File(tmp / "one.h5", "r") as ref:    # the rank count is not a setting
+                for stage in ("qcm", "hhl"):
+                    assert fh[f"fingerprints/{stage}"].attrs["sha256"] == ref[f"fingerprints/{stage}"].attrs["sha256"]
+    comm.Barrier()
+
+
+def test_second_writer_refused_on_every_rank():
+    """A lock held by a live run refuses a parallel run on every rank with the same line."""
+    from hpcqml.errors import UserError
+    from hpcqml.store import ResultsLock
+
+    comm = world()
+    tmp = Path(comm.bcast(tempfile.mkdtemp(prefix="hpcqml-mpi-") if comm.Get_rank() == 0 else None))
+    lock = ResultsLock(tmp / "p.h5")
+    if comm.Get_rank() == 0:
+        lock.acquire()
+    comm.Barrier()
+    with pytest.raises(UserError, match="being written by another run"):
+        _run(comm, tmp / "p.h5")
+    comm.Barrier()
+    if comm.Get_rank() == 0:
+        lock.release()
+    _run(comm, tmp / "p.h5")
     comm.Barrier()

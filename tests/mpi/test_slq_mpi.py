@@ -11,8 +11,10 @@ import torch
 from mpi4py import MPI
 
 from hpcqml.hessian.hvp import HessianOperator
-from hpcqml.hessian.lanczos import lanczos, rademacher_slice, slice_bounds
-from hpcqml.hessian.slq import probe_groups, run_probes, summarize
+from hpcqml.hessian.lanczos import lanczos, rademacher_slice
+from hpcqml.parallel import block_bounds
+from hpcqml.hessian.slq import probe_groups, run_probes
+from hpcqml.hessian.spectrum import Spectrum, slq
 
 torch.set_num_threads(1)
 COMM = MPI.COMM_WORLD
@@ -32,7 +34,7 @@ def net_and_batch():
 def sharded_operator(comm, micro=4):
     net, x, y = net_and_batch()
     size, rank = comm.Get_size(), comm.Get_rank()
-    lo, hi = slice_bounds(len(y), rank, size)
+    lo, hi = block_bounds(len(y), rank, size)
     return HessianOperator(net, x[lo:hi], y[lo:hi], len(y), comm=comm, micro_batch=micro,
                            route="double-backward")
 
@@ -56,7 +58,7 @@ def test_sharded_product_equals_serial():
 def test_sharded_basis_lanczos_equals_serial():
     op, ref = sharded_operator(COMM), serial_operator()
     n = ref.n
-    lo, hi = slice_bounds(n, COMM.Get_rank(), COMM.Get_size())
+    lo, hi = block_bounds(n, COMM.Get_rank(), COMM.Get_size())
     got = lanczos(op.matvec, n, COMM, rademacher_slice(n, lo, hi, seed=3, probe=1), steps=25,
                   state_dtype=torch.float64, probe=1)
     exp = lanczos(ref.matvec, n, None, rademacher_slice(n, 0, n, seed=3, probe=1), steps=25,
@@ -81,14 +83,35 @@ def test_probe_groups_give_same_spectrum(groups):
     exp = run_probes(ref.matvec, n, probe_groups(None, 1), [0, 1, 2], seed=7, steps=15,
                      state_dtype=torch.float64)
     assert [r.probe for r in got] == [0, 1, 2]
-    for g, e in zip(got, exp):
+    for g, e in zip(got, exp, strict=True):
         assert np.allclose(g.nodes, e.nodes, rtol=1e-9, atol=1e-12)
         assert np.allclose(g.weights, e.weights, rtol=1e-7, atol=1e-12)
-    sg, se = summarize(got, n), summarize(exp, n)
-    assert sg.trace == pytest.approx(se.trace, rel=1e-10)
-    assert sg.lambda_max == pytest.approx(se.lambda_max, rel=1e-10)
+    sg, se = Spectrum.from_results(got, n), Spectrum.from_results(exp, n)
+    assert sg.trace().value == pytest.approx(se.trace().value, rel=1e-10)
+    assert sg.extremes()[1][0] == pytest.approx(se.extremes()[1][0], rel=1e-10)
+    for conv in ("eta", "paper"):
+        a, b = sg.error_proxy(20, conv, eta=0.1, cutoff=0.01), se.error_proxy(20, conv, eta=0.1, cutoff=0.01)
+        assert a.value == pytest.approx(b.value, rel=1e-8)
+        assert a.stderr == pytest.approx(b.stderr, rel=1e-6)
     if layout.comm is not COMM:
         layout.comm.Free()
+
+
+@pytest.mark.timeout(120)
+def test_public_slq_with_comm_equals_serial():
+    """``slq(operator, comm=...)`` on the sharded operator gives the serial spectrum, and
+    every derived estimate (with its standard error and bootstrap interval) is the same."""
+    op, ref = sharded_operator(COMM), serial_operator()
+    got = slq(op, probes=3, steps=12, seed=5, comm=COMM, dtype=torch.float64)
+    exp = slq(ref, probes=3, steps=12, seed=5, dtype=torch.float64)
+    np.testing.assert_allclose(got.nodes, exp.nodes, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got.quad_forms, exp.quad_forms, rtol=1e-10)
+    kw = dict(convention="eta", eta=0.5, cutoff=0.0)
+    for a, b in ((got.trace(), exp.trace()), (got.negative_mass(), exp.negative_mass()),
+                 (got.dissipative_fraction(**kw), exp.dissipative_fraction(**kw))):
+        np.testing.assert_allclose([a.value, a.stderr, a.ci_low, a.ci_high],
+                                   [b.value, b.stderr, b.ci_low, b.ci_high], rtol=1e-7, atol=1e-12)
+        assert a.resolved == b.resolved
 
 
 @pytest.mark.timeout(120)
@@ -107,10 +130,11 @@ def test_spectrum_stage_same_on_any_ranks_and_groups():
     from test_hessian_stage import config, make_workdir
 
     tmp = Path(COMM.bcast(tempfile.mkdtemp(prefix="hess4_") if COMM.Get_rank() == 0 else None))
-    if COMM.Get_rank() == 0:
-        make_workdir(tmp, steps=(10,))
-    COMM.Barrier()
     rank = COMM.Get_rank()
+    make_workdir(tmp, steps=(10,), name=f"serial{rank}")   # each run reads snapshots it made
+    if rank == 0:
+        make_workdir(tmp, steps=(10,), name="par")
+    COMM.Barrier()
     groups = min(2, COMM.Get_size())
     serial = run_pipeline(config(tmp, name=f"serial{rank}", probes=3), MPI.COMM_SELF, quiet=True)
     par = run_pipeline(config(tmp, name="par", probes=3, groups=groups), COMM, quiet=True)
@@ -120,6 +144,9 @@ def test_spectrum_stage_same_on_any_ranks_and_groups():
         np.testing.assert_allclose(gb["weights"][()], ga["weights"][()], rtol=1e-3, atol=1e-6)
         assert gb.attrs["trace"] == pytest.approx(ga.attrs["trace"], rel=1e-4)
         assert gb.attrs["groups"] == groups and gb.attrs["ranks"] == COMM.Get_size()
+        for conv in ("eta", "paper"):
+            np.testing.assert_allclose(gb[f"proxy/{conv}/log_nodes"][()], ga[f"proxy/{conv}/log_nodes"][()],
+                                       rtol=1e-4, atol=1e-6)
     COMM.Barrier()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Data-parallel training under mpirun -n 1/2/3: the weights after k steps equal the
-single-process ones (float32 round-off), and a signal-stopped, restarted run reaches the
-same weights as an uninterrupted one.
+single-process ones (float32 round-off), a signal-stopped, restarted run reaches the
+same weights as an uninterrupted one, and every rank agrees on which signal stopped it.
 
 Every rank also computes the single-process reference itself (on MPI.COMM_SELF), so the
 comparison needs no files from another run.  Tolerance (stated): every weight, BN buffer
@@ -8,7 +8,6 @@ and logged loss agrees to |a - b| <= 1e-5 + 1e-4 |b| after 4 steps of SGD.
 """
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import signal
@@ -30,6 +29,7 @@ from hpcqml.training.pruning import prune_
 from hpcqml.training.signals import StopFlag
 
 torch.set_num_threads(1)
+
 pytestmark = pytest.mark.timeout(120)
 WORLD = MPI.COMM_WORLD
 CPU = torch.device("cpu")
@@ -62,7 +62,7 @@ def _model(seed: int = 0) -> torch.nn.Module:
 
 
 def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module, exact: bool = False) -> None:
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         if exact:
             assert torch.equal(x, y), name
         else:
@@ -147,3 +147,18 @@ def test_pretrain_restart_restores_momentum(data, shared_dir):
     done2, _ = pretrain(ck.model, WORLD, data, s, CPU, opt2, start_step=ck.step, history=ck.meta["history"])
     assert done2 == 6
     _assert_same_state(ck.model, full, exact=True)
+
+
+def test_every_rank_agrees_on_the_signal_and_a_cancel_wins():
+    """Rank 0 gets the wall-time warning, the last rank a cancel: every rank stops and
+    reports SIGTERM (no requeue), whichever signal it received itself."""
+    last = WORLD.Get_size() - 1
+    with StopFlag() as flag:
+        assert not flag.requested(WORLD)
+        if WORLD.Get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if WORLD.Get_rank() == last:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.requested(WORLD)
+        assert flag.signum == signal.SIGTERM
+    WORLD.Barrier()

@@ -1,0 +1,120 @@
+"""One owner for the PETSc objects of a Carleman case (in the manner of dolfinx's ``LinearProblem``).
+
+:class:`CarlemanCase` assembles A (eq. II.3-II.6), M and B (eq. II.79) of one instance, order N
+and horizon T on a communicator, and runs every solver of the case through itself: the KSP of
+M X = B (options prefix ``qcm_``), the EPS of A (``qcm_``), the SVDs of A, I + A and M
+(``qcm_``) and the inverse iteration for σ_min(M) (``qcm_inv_``).  All of these objects are
+destroyed when the ``with`` block ends, whether it ends normally or by an exception::
+
+    with CarlemanCase(ode, N=3, T=20, comm=MPI.COMM_WORLD) as case:
+        X = case.solve().X
+        eigs, method = case.eigenvalues()
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hpcqml.carleman import spectra
+from hpcqml.carleman.instance import PolynomialODE, carleman_dim
+from hpcqml.carleman.petsc_assembly import AssemblyStats, assemble_block_system, assemble_carleman, to_numpy_all
+from hpcqml.carleman.timestepping import solve_ksp
+
+
+@dataclass
+class KspFacts:
+    """The gathered solution X ((T+1) x Delta, float64, every rank) and what the solver did."""
+
+    X: np.ndarray
+    iterations: int
+    reason: int
+    ksp_type: str
+    pc_type: str
+    residual_norm: float
+    seconds: float
+
+
+@dataclass
+class Norms:
+    """‖I+A‖₂, ‖A‖₂ and σ_min(A) (NaN when Delta > dense_limit) with the method of the largest ones."""
+
+    norm_IA: float  # noqa: N815 - the paper's symbol ||I+A||
+    norm_A: float  # noqa: N815 - the paper's symbol ||A||
+    sigma_min_A: float  # noqa: N815 - the paper's symbol sigma_min(A)
+    method: str
+
+
+class CarlemanCase(spectra.PetscOwner):
+    """A, I + A, M, B, the solution vector and every KSP/EPS/SVD of one (instance, N, T) case.
+
+    Args:
+        ode: the polynomial ODE (eq. II.1).
+        N: Carleman truncation order.
+        T: number of time steps.
+        comm: an mpi4py communicator (or a PETSc one).
+        rtol: relative residual tolerance of the time-stepping KSP.
+    """
+
+    def __init__(self, ode: PolynomialODE, N: int, T: int, comm: Any, rtol: float = 1e-12) -> None:
+        super().__init__()
+        self.ode, self.N, self.T, self.comm, self.rtol = ode, N, T, comm, rtol
+        self.A: Any = None  # PETSc Mat/Vec objects (no stubs), set by assemble()
+        self.M: Any = None
+        self.B: Any = None
+        self._IA: Any = None
+        self.stats_A: AssemblyStats | None = None
+        self.stats_M: AssemblyStats | None = None
+
+    def __enter__(self) -> "CarlemanCase":
+        try:
+            self.assemble()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def assemble(self) -> None:
+        """Assemble A, M and B (collective)."""
+        self.A, self.stats_A = assemble_carleman(self.ode, self.N, self.comm)
+        self.own(self.A)
+        self.M, self.B, self.stats_M = assemble_block_system(self.ode, self.N, self.T, self.comm)
+        self.own(self.M)
+        self.own(self.B)
+
+    @property
+    def delta(self) -> int:
+        """Delta = n + ... + n^N (eq. II.13)."""
+        return carleman_dim(self.ode.n, self.N)
+
+    def solve(self) -> KspFacts:
+        """Solve M X = B with the suite's KSP; :class:`NumericalError` when it does not converge."""
+        x, its, reason, kt, pt, resid, sec = solve_ksp(self.M, self.B, rtol=self.rtol, owner=self)
+        X = to_numpy_all(x).reshape(self.T + 1, self.delta)
+        return KspFacts(X=X, iterations=its, reason=reason, ksp_type=kt, pc_type=pt, residual_norm=resid,
+                        seconds=sec)
+
+    def eigenvalues(self, dense_limit: int = 3000, nev: int = 20, tol: float = 1e-10) -> tuple[np.ndarray, str]:
+        """Eigenvalues of A and the method (:func:`spectra.eigenvalues`)."""
+        return spectra.eigenvalues(self.A, self, dense_limit=dense_limit, nev=nev, tol=tol)
+
+    def identity_plus_A(self) -> Any:  # noqa: N802 - the paper's symbol A
+        """I + A (assembled once, owned by the case)."""
+        if self._IA is None:
+            self._IA = spectra.shifted_identity(self.A, self)
+        return self._IA
+
+    def norms(self, tol: float = 1e-10, dense_limit: int = 3000) -> Norms:
+        """‖I+A‖₂, ‖A‖₂ by SVD, σ_min(A) by dense SVD up to ``dense_limit`` rows (exact 0 for A = 0)."""
+        norm_IA, method = spectra.singular_value(self.identity_plus_A(), self, "largest", tol=tol,
+                                                 dense_limit=dense_limit)
+        norm_A, _ = spectra.singular_value(self.A, self, "largest", tol=tol, dense_limit=dense_limit)
+        smin = float("nan")
+        if self.delta <= dense_limit:
+            smin, _ = spectra.singular_value(self.A, self, "smallest", tol=tol, dense_limit=dense_limit)
+        return Norms(norm_IA=norm_IA, norm_A=norm_A, sigma_min_A=smin, method=method)
+
+    def condition(self, norm_IA: float, tol: float = 1e-10, dense_limit: int = 3000) -> spectra.ConditionReport:
+        """κ(M) with the bounds of eq. II.81-II.83 (:func:`spectra.condition_report`)."""
+        return spectra.condition_report(self.M, norm_IA, self.T, self, tol=tol, dense_limit=dense_limit)

@@ -1,0 +1,508 @@
+"""A Hessian spectrum from stochastic Lanczos quadrature, with its uncertainties.
+
+:func:`slq` runs SLQ on any symmetric operator (an object with ``n`` or ``shape = (n, n)``
+and ``matvec``) and returns a :class:`Spectrum`: the Ritz nodes, Gauss weights and residual
+bounds of every probe, and the Hutchinson quadratic forms.  Every derived quantity is
+defined here once and comes as an :class:`Estimate` (value, standard error, bootstrap
+interval, resolved flag):
+
+* ``trace()``: Hutchinson mean of ``z_l^T H z_l``.
+* ``negative_mass(delta)``: SLQ mass of the nodes below ``-max(delta, r_i)`` (``r_i`` the
+  node's residual bound, so only nodes whose eigenvalue interval lies below zero count).
+* ``dissipative_fraction(convention, eta, cutoff)``: Delta_+/Delta of eq. II.28 among the
+  modes with ``|lambda| >= cutoff``; with ``cutoff = 0`` it is the eq. II.93 estimate.
+* ``error_proxy(t, convention, eta, cutoff)``: eq. III.10-III.13.
+
+Modes (eq. I.3, II.65): ``a = -lambda`` (``convention = "paper"``) or ``a = -eta * lambda``
+(``convention = "eta"``: one gradient step of size eta, spec F_1 = -eta spec H).  The
+cutoff is stated in lambda for both.
+
+Uncertainty over probes.  Each quantity is a function of probe means (a mean, or a ratio of
+two means: the pooled SLQ measure is the mean of the per-probe measures).  Its standard
+error is the jackknife one over probes (for a mean it equals ``std(ddof=1)/sqrt(n_v)``);
+the interval is the percentile bootstrap over probes (``bootstrap`` resamples drawn from
+``bootstrap_seed``, level ``confidence``).  With fewer than 3 probes both are NaN and the
+estimate says ``unknown (fewer than 3 probes)``.
+
+Resolution.  A node's eigenvalue is only known to lie in ``[theta - r, theta + r]``.  A
+node is ambiguous for a quantity when that interval contains a point where the node's
+class changes: ``[-delta, 0]`` for the negative mass; for the modes kept by the cutoff,
+``0`` and ``2/k`` (``|1 + a| = 1`` with ``a = -k lambda``) for the dissipative split and the
+error proxy (the cutoff itself is applied to the Ritz values, as eq. III.12 applies it to
+the density).  The estimate is marked unresolved when a single ambiguous node decides it:
+when the heaviest ambiguous node of each probe, pooled over the probes
+(``ambiguous_mass``), carries more than ``resolution_mass`` (default 0.05) of the mass the
+quantity is normalised by (all mass, or the kept mass).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.special import logsumexp
+
+from hpcqml.carleman.spectra import is_dissipative
+from hpcqml.hessian.density import Density, density_on_grid, gaussian_density, kernel_width
+from hpcqml.hessian.lanczos import LanczosResult
+from hpcqml.hessian.proxy import CONVENTIONS, dissipation, log_error_proxy, modes
+from hpcqml.hessian.slq import pad, probe_groups, run_probes
+
+UNKNOWN = "unknown (fewer than 3 probes)"
+UNRESOLVED = "unresolved"
+MIN_PROBES = 3
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A number estimated from the probes, with its uncertainty and resolution.
+
+    ``stderr`` (jackknife over probes), ``ci_low``/``ci_high`` (percentile bootstrap
+    interval) are NaN when fewer than 3 probes exist (``note`` then says so).
+    ``resolved`` is False when a single node whose residual interval straddles a decision
+    point carries more than the stated fraction of the mass (``ambiguous_mass``).  ``per_probe``
+    holds the value computed from each probe alone.
+    """
+
+    value: float
+    stderr: float
+    ci_low: float
+    ci_high: float
+    resolved: bool = True
+    ambiguous_mass: float = 0.0
+    note: str = ""
+    per_probe: tuple[float, ...] = ()
+
+    def text(self, fmt: str = "{:.4g}") -> str:
+        """``value ± stderr``, ``value ± unknown`` or ``unresolved`` for a report table."""
+        if not self.resolved:
+            return UNRESOLVED
+        if not np.isfinite(self.stderr):
+            return f"{fmt.format(self.value)} ± unknown"
+        return f"{fmt.format(self.value)} ± {self.stderr:.2g}"
+
+
+@dataclass(frozen=True)
+class Modes:
+    """How eigenvalues map to modes ``a = -k lambda`` and which of them are kept."""
+
+    convention: str
+    eta: float | None
+    cutoff: float
+
+    @property
+    def k(self) -> float:
+        """The factor in ``a = -k lambda``: 1 (paper) or eta."""
+        if self.convention == "paper":
+            return 1.0
+        if self.eta is None:
+            raise ValueError(f"convention {self.convention!r} needs a learning rate eta (got None)")
+        return float(self.eta)
+
+    def boundaries(self) -> np.ndarray:
+        """Eigenvalues where a kept mode changes class: 0 and 2/k (``|1 + a| = 1``)."""
+        return np.array([0.0, 2.0 / self.k], dtype=np.float64)
+
+
+def _modes(convention: str, eta: float | None, cutoff: float) -> Modes:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"error proxy convention = {convention!r}: not one of {', '.join(CONVENTIONS)}")
+    if convention == "paper":
+        eta = None
+    elif eta is None or not eta > 0:
+        raise ValueError(f"convention 'eta' needs a learning rate eta > 0 (got {eta})")
+    if not cutoff >= 0:
+        raise ValueError(f"error proxy cutoff = {cutoff}: must be >= 0")
+    return Modes(convention, None if eta is None else float(eta), float(cutoff))
+
+
+@dataclass
+class Spectrum:
+    """SLQ results of one operator: per-probe Ritz nodes, Gauss weights, residual bounds.
+
+    Arrays are ``(n_v, m')``, NaN-padded where a probe took fewer steps (breakdown).
+    ``quad_forms[l] = z_l^T H z_l``.  The pooled SLQ measure gives node ``(l, i)`` the
+    mass ``weights[l, i] / n_v``.
+    """
+
+    n: int
+    nodes: np.ndarray
+    weights: np.ndarray
+    residuals: np.ndarray
+    quad_forms: np.ndarray
+    probes: np.ndarray
+    steps: np.ndarray
+    breakdown: np.ndarray
+    bootstrap: int = 1000
+    bootstrap_seed: int = 0
+    confidence: float = 0.95
+    resolution_mass: float = 0.05
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def from_results(cls, results: Sequence[LanczosResult], n: int, **settings: Any) -> "Spectrum":
+        """Pool per-probe Lanczos results (any order) into a spectrum."""
+        if not results:
+            raise ValueError("no SLQ probes to pool")
+        results = sorted(results, key=lambda r: r.probe)
+        width = max(r.steps for r in results)
+        return cls(n=int(n), nodes=pad((r.nodes for r in results), width),
+                   weights=pad((r.weights for r in results), width),
+                   residuals=pad((r.residuals for r in results), width),
+                   quad_forms=np.array([r.quad_form for r in results], dtype=np.float64),
+                   probes=np.array([r.probe for r in results], dtype=np.int64),
+                   steps=np.array([r.steps for r in results], dtype=np.int64),
+                   breakdown=np.array([r.breakdown for r in results], dtype=bool), **settings)
+
+    @property
+    def probe_count(self) -> int:
+        """n_v, the number of probes."""
+        return int(self.nodes.shape[0])
+
+    def pooled(self) -> tuple[np.ndarray, np.ndarray]:
+        """All (node, weight/n_v) pairs as flat arrays: the SLQ measure (total mass 1)."""
+        ok = ~np.isnan(self.nodes)
+        return self.nodes[ok], (self.weights / self.probe_count)[ok]
+
+    def moment(self, k: int) -> float:
+        """k-th moment of the SLQ measure, an estimate of tr(H^k)/n."""
+        x, w = self.pooled()
+        return float(np.sum(w * x ** k))
+
+    def resolved_nodes(self) -> np.ndarray:
+        """Per node: True where ``|theta| > r`` (the sign of its eigenvalue is known)."""
+        with np.errstate(invalid="ignore"):
+            return np.abs(self.nodes) > self.residuals
+
+    def extremes(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """``((lambda_min, residual), (lambda_max, residual))`` over all probes."""
+        imin, imax = np.nanargmin(self.nodes), np.nanargmax(self.nodes)
+        return ((float(self.nodes.flat[imin]), float(self.residuals.flat[imin])),
+                (float(self.nodes.flat[imax]), float(self.residuals.flat[imax])))
+
+    # -- uncertainty machinery ---------------------------------------------------------
+    def _estimate(self, stat: Callable[[np.ndarray], np.ndarray], ambiguous: float = 0.0) -> Estimate:
+        """Value, jackknife standard error and bootstrap interval of ``stat`` over probes.
+
+        ``stat(idx)`` takes an integer array (R, k) of probe rows and returns R values.
+        """
+        nv = self.probe_count
+        value = float(stat(np.arange(nv)[None, :])[0])
+        per_probe = tuple(float(v) for v in stat(np.arange(nv)[:, None]))
+        resolved = bool(ambiguous <= self.resolution_mass)
+        if nv < MIN_PROBES:
+            return Estimate(value, float("nan"), float("nan"), float("nan"), resolved, float(ambiguous), UNKNOWN,
+                            per_probe)
+        leave_one_out = np.array([np.delete(np.arange(nv), i) for i in range(nv)])
+        se = _jackknife_se(stat(leave_one_out))
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.bootstrap_seed), nv])))
+        boot = stat(rng.integers(0, nv, size=(int(self.bootstrap), nv)))
+        tail = 50.0 * (1.0 - self.confidence)
+        with np.errstate(invalid="ignore"):
+            lo, hi = np.percentile(boot, [tail, 100.0 - tail]) if np.all(np.isfinite(boot)) else (np.nan, np.nan)
+        return Estimate(value, se, float(lo), float(hi), resolved, float(ambiguous), "", per_probe)
+
+    def _mean_estimate(self, per_probe: np.ndarray, ambiguous: float = 0.0) -> Estimate:
+        return self._estimate(lambda idx: per_probe[idx].mean(axis=1), ambiguous)
+
+    def _fraction_estimate(self, num: np.ndarray, den: np.ndarray, ambiguous: float = 0.0) -> Estimate:
+        """Delta_+/Delta of the per-probe masses ``num``/``den``, by the formula of eq. II.93."""
+        from hpcqml.hhl.truncated import fidelity_ii93
+
+        def stat(idx: np.ndarray) -> np.ndarray:
+            return np.asarray(fidelity_ii93(num[idx].mean(axis=1), den[idx].mean(axis=1)))  # arrays in, array out
+        return self._estimate(stat, ambiguous)
+
+    def _ambiguous(self, points: np.ndarray, cutoff: float = 0.0) -> np.ndarray:
+        """Per node with ``|theta| >= cutoff``: True when ``[theta - r, theta + r]`` contains
+        one of ``points`` (the node's class is unknown).
+        """
+        a = self.nodes - self.residuals
+        b = self.nodes + self.residuals
+        hit = np.zeros(self.nodes.shape, dtype=bool)
+        with np.errstate(invalid="ignore"):
+            for p in np.atleast_1d(points):
+                hit |= (a <= p) & (p <= b)
+            return hit & (np.abs(self.nodes) >= cutoff)
+
+    def _single_node_mass(self, select: np.ndarray) -> float:
+        """Pooled mass of the heaviest selected node of each probe (the mass one node decides)."""
+        heaviest = np.max(np.where(select & ~np.isnan(self.weights), self.weights, 0.0), axis=1)
+        return float(np.mean(heaviest))
+
+    def _per_probe(self, fn: Callable[[np.ndarray, np.ndarray], float]) -> np.ndarray:
+        out = np.empty(self.probe_count, dtype=np.float64)
+        for row in range(self.probe_count):
+            ok = ~np.isnan(self.nodes[row])
+            out[row] = fn(self.nodes[row, ok], self.weights[row, ok])
+        return out
+
+    # -- quantities --------------------------------------------------------------------
+    def trace(self) -> Estimate:
+        """Hutchinson trace ``mean_l z_l^T H z_l`` (always resolved)."""
+        return self._mean_estimate(self.quad_forms)
+
+    def negative_mass(self, delta: float = 0.0) -> Estimate:
+        """SLQ mass of the nodes below ``-max(delta, r_i)``: eigenvalues known to be negative.
+
+        Args:
+            delta: a floor for the per-node threshold (>= 0, in eigenvalue units).
+        """
+        if not delta >= 0:
+            raise ValueError(f"negative-mass threshold delta = {delta}: must be >= 0")
+        with np.errstate(invalid="ignore"):
+            below = self.nodes < -np.maximum(delta, self.residuals)
+        per = np.nansum(np.where(below, self.weights, 0.0), axis=1)
+        # sign unknown: the eigenvalue interval meets [-delta, 0]
+        with np.errstate(invalid="ignore"):
+            amb = (self.nodes - self.residuals <= 0.0) & (self.nodes + self.residuals >= -delta) & ~below
+        return self._mean_estimate(per, self._single_node_mass(amb))
+
+    def _kept_and_dissipative(self, m: Modes) -> tuple[np.ndarray, np.ndarray]:
+        """Per probe: kept mass (|lambda| >= cutoff) and dissipative kept mass (eq. II.28)."""
+        def kept(x: np.ndarray, w: np.ndarray) -> float:
+            return float(w[np.abs(x) >= m.cutoff].sum())
+
+        def plus(x: np.ndarray, w: np.ndarray) -> float:
+            d = dissipation(x, w, cutoff=m.cutoff, convention=m.convention, eta=m.eta or 1.0)
+            return 0.0 if not np.isfinite(d.fraction) else d.fraction * kept(x, w)
+        return self._per_probe(kept), self._per_probe(plus)
+
+    def dissipative_fraction(self, convention: str = "eta", eta: float | None = None, cutoff: float = 0.4,
+                             source: str = "nodes", width_factor: float = 0.01, points: int = 256) -> Estimate:
+        """Delta_+/Delta (eq. II.28): mass with ``|1 + a| < 1`` among modes with ``|lambda| >= cutoff``.
+
+        Args:
+            convention: ``eta`` (a = -eta lambda, eq. II.65) or ``paper`` (a = -lambda).
+            eta: the learning rate (required for ``eta``).
+            cutoff: eigenvalue magnitude removed first (0 keeps every mode: eq. II.93).
+            source: ``nodes`` (the Gauss quadrature) or ``grid`` (the smoothed density).
+            width_factor: kernel width factor for ``grid``.
+            points: grid size for ``grid``.
+
+        Returns:
+            The estimate; unresolved when ambiguous nodes carry too much of the kept mass.
+        """
+        m = _modes(convention, eta, cutoff)
+        if source not in ("nodes", "grid"):
+            raise ValueError(f"source = {source!r}: not 'nodes' or 'grid'")
+        den, num = self._kept_and_dissipative(m)
+        # resolution is a property of the nodes, whichever way the mass is then summed
+        amb = self._single_node_mass(self._ambiguous(m.boundaries(), m.cutoff))
+        share = amb / max(float(den.mean()), amb, 1e-300)
+        if source == "grid":
+            grid, masses = self.grid_masses(width_factor, points)
+            keep = np.abs(grid) >= m.cutoff
+            plus = keep & is_dissipative(modes(grid, m.convention, m.eta or 1.0))
+            den, num = masses[:, keep].sum(axis=1), masses[:, plus].sum(axis=1)
+        return self._fraction_estimate(num, den, share)
+
+    def fidelity_ii93(self, convention: str = "eta", eta: float | None = None) -> Estimate:
+        """Eq. II.93 estimate of the truncated-HHL fidelity: Delta_+/Delta over all modes."""
+        return self.dissipative_fraction(convention, eta, cutoff=0.0)
+
+    def _log_proxy_parts(self, t: np.ndarray, m: Modes) -> tuple[np.ndarray, np.ndarray]:
+        """Per probe: ``log sum_kept w |1+a|^t`` (n_v, len(t)) and the kept mass (n_v,)."""
+        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+        lognum = np.full((self.probe_count, t.size), -np.inf)
+        den = np.zeros(self.probe_count)
+        for row in range(self.probe_count):
+            ok = ~np.isnan(self.nodes[row])
+            x, w = self.nodes[row, ok], self.weights[row, ok]
+            den[row] = w[np.abs(x) >= m.cutoff].sum()
+            if den[row] > 0:
+                lognum[row] = log_error_proxy(x, w, t, m.cutoff, m.convention, m.eta or 1.0) + np.log(den[row])
+        return lognum, den
+
+    def _log_proxy_stat(self, lognum: np.ndarray, den: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        def stat(idx: np.ndarray) -> np.ndarray:
+            k = idx.shape[1]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return (logsumexp(lognum[idx], axis=1) - np.log(k)) - np.log(den[idx].mean(axis=1))
+        return stat
+
+    def error_proxy(self, t: float, convention: str = "eta", eta: float | None = None,
+                    cutoff: float = 0.4) -> Estimate:
+        """Error proxy E(t) of eq. III.12/III.13 from the Ritz nodes, at one ``t``.
+
+        Args:
+            t: iteration count (>= 0).
+            convention: ``eta`` or ``paper`` (see :meth:`dissipative_fraction`).
+            eta: the learning rate (required for ``eta``).
+            cutoff: eigenvalue magnitude removed first (eq. III.12).
+
+        Returns:
+            The estimate of E(t) (may be inf where it overflows float64; see
+            :meth:`log_error_proxy` for the logarithm).
+        """
+        m = _modes(convention, eta, cutoff)
+        lognum, den = self._log_proxy_parts(np.array([float(t)]), m)
+        stat = self._log_proxy_stat(lognum[:, 0], den)
+        amb = self._single_node_mass(self._ambiguous(m.boundaries(), m.cutoff))
+        with np.errstate(over="ignore"):
+            return self._estimate(lambda idx: np.exp(stat(idx)), amb / max(float(den.mean()), amb, 1e-300))
+
+    def log_error_proxy(self, t: np.ndarray, convention: str = "eta", eta: float | None = None,
+                        cutoff: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
+        """``log E(t)`` from the nodes over an array of ``t`` and its jackknife standard error.
+
+        Returns:
+            ``(log_E, stderr_of_log_E)``, each of ``t``'s length; the standard error is NaN
+            with fewer than 3 probes.
+        """
+        m = _modes(convention, eta, cutoff)
+        lognum, den = self._log_proxy_parts(t, m)
+        stat = self._log_proxy_stat(lognum, den)
+        value = stat(np.arange(self.probe_count)[None, :])[0]
+        nv = self.probe_count
+        if nv < MIN_PROBES:
+            return value, np.full(value.shape, np.nan)
+        jack = np.stack([stat(np.delete(np.arange(nv), i)[None, :])[0] for i in range(nv)])
+        with np.errstate(invalid="ignore"):
+            se = np.sqrt((nv - 1) / nv * np.sum((jack - jack.mean(axis=0)) ** 2, axis=0))
+        return value, se
+
+    def log_error_proxy_grid(self, t: np.ndarray, convention: str = "eta", eta: float | None = None,
+                             cutoff: float = 0.4, width_factor: float = 0.01, points: int = 256) -> np.ndarray:
+        """``log E(t)`` from the smoothed density (Riemann sums over the grid, as the paper)."""
+        m = _modes(convention, eta, cutoff)
+        grid, masses = self.grid_masses(width_factor, points)
+        return log_error_proxy(grid, masses.mean(axis=0), np.asarray(t, dtype=np.float64),
+                               m.cutoff, m.convention, m.eta or 1.0)
+
+    # -- densities ---------------------------------------------------------------------
+    def density(self, points: int = 256, width_factor: float = 0.01, min_width: float = 1e-6) -> Density:
+        """Gaussian-kernel density of the pooled measure (width rule in :mod:`density`)."""
+        x, w = self.pooled()
+        return gaussian_density(x, w, points, width_factor, min_width)
+
+    def grid_masses(self, width_factor: float = 0.01, points: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """The density grid and each probe's Riemann masses on it, ``(points,)`` and ``(n_v, points)``.
+
+        The grid and kernel width are those of :meth:`density` with the same arguments;
+        the mean over probes of the masses is the pooled density's masses.
+        """
+        key = ("grid", float(width_factor), int(points))
+        if key not in self._cache:
+            dens = self.density(points, width_factor)
+            step = dens.grid[1] - dens.grid[0]
+            masses = np.stack([density_on_grid(self.nodes[row], self.weights[row], dens.grid, dens.sigma) * step
+                               for row in range(self.probe_count)])
+            self._cache[key] = (dens.grid, masses)
+        return self._cache[key]
+
+    def kernel_width(self, width_factor: float = 0.01, min_width: float = 1e-6) -> float:
+        """The kernel sigma that :meth:`density` uses."""
+        return kernel_width(float(np.nanmin(self.nodes)), float(np.nanmax(self.nodes)), width_factor, min_width)
+
+    # -- storage -----------------------------------------------------------------------
+    def to_hdf5(self, group: Any, units: str = "1") -> None:
+        """Write the per-probe data into an HDF5 group (every dataset with units and a description).
+
+        Args:
+            group: an open, writable HDF5 group.
+            units: the unit of the eigenvalues (e.g. ``nat`` for a Hessian of a loss in nats).
+        """
+        from hpcqml.store import write_dataset
+
+        f8 = np.float64
+        write_dataset(group, "nodes", self.nodes.astype(f8), units,
+                      "Ritz values theta per probe (rows), NaN-padded")
+        write_dataset(group, "weights", self.weights.astype(f8), "1",
+                      "Gauss weights S_1i^2 per probe, rows sum to 1; the SLQ measure is weights/n_v")
+        write_dataset(group, "residuals", self.residuals.astype(f8), units,
+                      "Ritz residual bounds |beta_k S_ki|: an eigenvalue lies in theta +- residual")
+        write_dataset(group, "resolved", self.resolved_nodes().astype(np.int8), "1",
+                      "1 where |theta| > residual (the node's sign is resolved), per node")
+        write_dataset(group, "quad_forms", self.quad_forms.astype(f8), units,
+                      "Hutchinson samples z^T H z per probe (trace estimates)")
+        write_dataset(group, "probes", self.probes.astype(np.int64), "count", "probe number of each row")
+        write_dataset(group, "probe_steps", self.steps.astype(np.int64), "count", "Lanczos steps k taken per probe")
+        write_dataset(group, "breakdown", self.breakdown.astype(np.int8), "1",
+                      "1 where the probe's Lanczos run found an invariant subspace (breakdown)")
+        group.attrs.update({"n": int(self.n), "bootstrap_resamples": int(self.bootstrap),
+                            "bootstrap_seed": int(self.bootstrap_seed), "confidence": float(self.confidence),
+                            "resolution_mass": float(self.resolution_mass)})
+
+    @classmethod
+    def from_hdf5(cls, group: Any) -> "Spectrum":
+        """Read a spectrum written by :meth:`to_hdf5`."""
+        a = group.attrs
+        return cls(n=int(a["n"]), nodes=group["nodes"][()], weights=group["weights"][()],
+                   residuals=group["residuals"][()], quad_forms=group["quad_forms"][()],
+                   probes=group["probes"][()].astype(np.int64), steps=group["probe_steps"][()].astype(np.int64),
+                   breakdown=group["breakdown"][()].astype(bool),
+                   bootstrap=int(a.get("bootstrap_resamples", 1000)), bootstrap_seed=int(a.get("bootstrap_seed", 0)),
+                   confidence=float(a.get("confidence", 0.95)), resolution_mass=float(a.get("resolution_mass", 0.05)))
+
+
+def _jackknife_se(jack: np.ndarray) -> float:
+    """Jackknife standard error from the leave-one-out values (scaled, so values near the
+    float64 limit do not overflow when squared; NaN when any value is not finite).
+    """
+    if not np.all(np.isfinite(jack)):
+        return float("nan")
+    scale = float(np.max(np.abs(jack)))
+    if scale == 0.0:
+        return 0.0
+    x = jack / scale
+    return float(scale * np.sqrt((x.size - 1) / x.size * np.sum((x - x.mean()) ** 2)))
+
+
+def operator_size(operator: Any) -> int:
+    """``n`` of an operator: its int attribute ``n``, else ``shape[0]`` of a square ``shape``."""
+    n = getattr(operator, "n", None)
+    if n is None:
+        shape = tuple(getattr(operator, "shape", ()))
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise ValueError("operator needs an int attribute n or a square shape (n, n)")
+        n = shape[0]
+    if int(n) < 1:
+        raise ValueError(f"operator size n = {n}: must be >= 1")
+    return int(n)
+
+
+def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0, comm: Any = None,
+        reorth: str = "full", dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+        basis_device: torch.device | str | None = None,
+        on_step: Callable[[int, int, int], None] | None = None, **settings: Any) -> Spectrum:
+    """Stochastic Lanczos quadrature of a symmetric operator.
+
+    Args:
+        operator: anything with an int ``n`` (or ``shape == (n, n)``) and
+            ``matvec(v: torch.Tensor) -> torch.Tensor`` on full length-n vectors;
+            collective over ``comm`` when one is given (e.g. :class:`HessianOperator`).
+        probes: number of Rademacher probes (numbered 0..probes-1), or the probe numbers.
+        steps: Lanczos steps per probe (at most n).
+        seed: probe seed; probe ``l`` is ``rademacher_slice(n, .., seed, l)``.
+        comm: MPI communicator the operator is collective over (None: one process); the
+            Krylov basis is sharded over it.
+        reorth: ``full`` or ``none``.
+        dtype: dtype of the basis and of the vectors passed to ``matvec`` (default: the
+            operator's ``dtype`` attribute, else float64).
+        device: where ``matvec`` takes its vectors (default: the operator's ``device``, else CPU).
+        basis_device: where the Krylov basis lives (default ``device``).
+        on_step: ``on_step(probe, done, total)`` after every Lanczos step.
+        **settings: :class:`Spectrum` settings (``bootstrap``, ``bootstrap_seed``,
+            ``confidence``, ``resolution_mass``).
+
+    Returns:
+        The :class:`Spectrum`.
+
+    Raises:
+        ValueError: ``steps`` larger than ``n`` or below 1, no probes.
+    """
+    n = operator_size(operator)
+    if not 1 <= int(steps) <= n:
+        raise ValueError(f"Lanczos steps = {steps}: must be between 1 and the operator size n = {n}")
+    numbers = list(range(int(probes))) if isinstance(probes, (int, np.integer)) else [int(p) for p in probes]
+    if not numbers:
+        raise ValueError("slq needs at least one probe")
+    state_dtype = dtype or getattr(operator, "dtype", None) or torch.float64
+    dev = device if device is not None else getattr(operator, "device", "cpu")
+    results = run_probes(operator.matvec, n, probe_groups(comm, 1), numbers, int(seed), steps=int(steps),
+                         reorth=reorth, state_dtype=state_dtype, device=dev, basis_device=basis_device,
+                         on_step=on_step)
+    return Spectrum.from_results(results, n, **settings)

@@ -1,0 +1,391 @@
+"""Read a results file as typed objects: ``hpcqml.results.open(path)``.
+
+The one reader of the layout :mod:`hpcqml.store` writes (``docs/results-schema.md``), used
+by ``hpcqml info``, the report and the notebook, so that no reader hard-codes HDF5 paths::
+
+    import hpcqml.results
+    with hpcqml.results.open("results/demo.h5") as res:
+        res.latest.status, res.latest.versions["petsc"]
+        res.perf["spectrum"].wall_seconds.max()
+        res.spectra["step_000010"].nodes          # Ritz nodes, one row per probe
+        res.spectra["step_000010"].spectrum.negative_mass()   # an estimate with its uncertainty
+        res.training.arrays["loss"]
+        res.qcm["f1.000_seed0"].orders[2].arrays["eta1"]
+
+Everything is read when first asked for; a file whose bytes are damaged gives one
+:class:`~hpcqml.errors.InputFileError` naming it. Only :mod:`h5py` and :mod:`numpy` are
+imported (``hpcqml info`` starts fast) until spectra are asked for.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import h5py
+import numpy as np
+
+from hpcqml.stages import PIPELINE  # the package only, not the stage modules (which load torch)
+from hpcqml.store import DAMAGE_ERRORS, damaged, is_complete, open_results
+
+T = TypeVar("T")
+
+
+def decode(value: Any) -> Any:
+    """An attribute or dataset value with bytes decoded to ``str`` (arrays of them too)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray) and value.dtype.kind in ("S", "O"):
+        return np.array([decode(v) for v in value.ravel()], dtype=object).reshape(value.shape)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def attrs_of(obj: h5py.HLObject) -> dict[str, Any]:
+    """All attributes of a group or dataset, decoded."""
+    return {k: decode(v) for k, v in obj.attrs.items()}
+
+
+def arrays_of(group: h5py.Group) -> dict[str, np.ndarray]:
+    """The datasets directly inside ``group`` as arrays (strings decoded)."""
+    return {k: decode(v[()]) for k, v in group.items() if isinstance(v, h5py.Dataset)}
+
+
+@dataclass
+class Invocation:
+    """One invocation of hpcqml on the file (``/provenance/run_NNN``)."""
+
+    name: str
+    status: str
+    start_time: str
+    end_time: str
+    command_line: str
+    mpi_size: int
+    hosts: list[str]
+    versions: dict[str, str]
+    seeds: dict[str, int]
+    attrs: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_group(cls, name: str, group: h5py.Group) -> "Invocation":
+        a = attrs_of(group)
+        hosts = a.get("hosts", [])
+        if isinstance(hosts, str):  # files before typed provenance kept JSON text
+            hosts = json.loads(hosts) if hosts.startswith("[") else [hosts]
+        versions = {k[8:]: str(v) for k, v in a.items() if k.startswith("version_")}
+        if "versions" in a:
+            versions.update(json.loads(a["versions"]))
+        seeds = {k[5:]: int(v) for k, v in a.items() if k.startswith("seed_")}
+        if "seeds" in a:
+            seeds.update(json.loads(a["seeds"]))
+        return cls(name=name, status=str(a.get("status", "unknown")), start_time=str(a.get("start_time", "")),
+                   end_time=str(a.get("end_time", "")), command_line=str(a.get("command_line", "")),
+                   mpi_size=int(a.get("mpi_size", 0)), hosts=[str(h) for h in np.ravel(hosts)],
+                   versions=versions, seeds=seeds, attrs=a)
+
+    def get(self, key: str, default: Any = "") -> Any:
+        """Any other recorded attribute (``job_id``, ``threads``, ``petsc_options``, ...)."""
+        return self.attrs.get(key, default)
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One line of a provenance summary: ``label: text``; ``code`` marks a command or digest."""
+
+    label: str
+    text: str
+    code: bool = False
+
+
+def provenance_facts(inv: Invocation | None, file_attrs: dict[str, Any]) -> list[Fact]:
+    """The latest invocation as labelled lines, the one summary ``hpcqml info`` prints as
+    text and ``hpcqml report`` as Markdown.
+
+    Args:
+        inv: the latest invocation (None: none recorded).
+        file_attrs: the file's root attributes (version, config digest).
+    """
+    if inv is None:
+        return [Fact("latest invocation", "none recorded")]
+    end = inv.end_time or "(running)"
+    facts = [Fact(f"latest invocation {inv.name}", f"{inv.status}, {inv.start_time} -> {end}"),
+             Fact("command_line", inv.command_line, code=True)]
+    if inv.get("petsc_options"):
+        facts.append(Fact("petsc_options", str(inv.get("petsc_options")), code=True))
+    facts += [Fact("mpi_size", f"{inv.mpi_size} on {', '.join(inv.hosts)}; job id {inv.get('job_id', 'none')}; "
+                               f"threads {inv.get('threads', '?')} ({inv.get('threads_source', '?')})"),
+              Fact("code", f"hpcqml {decode(file_attrs.get('hpcqml_version', '?'))}, "
+                           f"git {inv.get('git_commit', '?')}"),
+              Fact("config sha256", str(decode(file_attrs.get("config_sha256", "?")))[:16], code=True)]
+    if inv.get("error"):
+        facts.append(Fact("error", str(inv.get("error"))))
+    if inv.versions:
+        facts.append(Fact("versions", ", ".join(f"{k} {v}" for k, v in sorted(inv.versions.items()))))
+    return facts
+
+
+@dataclass
+class PerfRecord:
+    """Per-rank performance of one stage (``/perf/<stage>``); index = rank."""
+
+    stage: str
+    wall_seconds: np.ndarray
+    comm_seconds: np.ndarray
+    peak_host_bytes: np.ndarray
+    peak_gpu_bytes: np.ndarray
+    counters: dict[str, np.ndarray]
+    resumed: bool
+    invocation: str
+
+    @property
+    def ranks(self) -> int:
+        return int(self.wall_seconds.size)
+
+    @classmethod
+    def from_group(cls, stage: str, g: h5py.Group) -> "PerfRecord":
+        counters = {k: v[()] for k, v in g["counters"].items()} if "counters" in g else {}
+        return cls(stage=stage, wall_seconds=g["wall_seconds"][()], comm_seconds=g["comm_seconds"][()],
+                   peak_host_bytes=g["peak_host_bytes"][()], peak_gpu_bytes=g["peak_gpu_bytes"][()],
+                   counters=counters, resumed=bool(g.attrs.get("resumed", False)),
+                   invocation=str(decode(g.attrs.get("invocation", ""))))
+
+
+@dataclass
+class StageState:
+    """Whether a stage ran, and whether its results still match its inputs."""
+
+    name: str
+    state: str  # "complete", "partial" or "not run"
+    stale: bool = False
+    stale_because: str = ""
+    fingerprint: str = ""
+
+
+@dataclass
+class Section:
+    """A stage's group (or a case/state inside it): its attributes and its arrays."""
+
+    name: str
+    attrs: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    children: dict[str, "Section"] = field(default_factory=dict)
+
+    @classmethod
+    def from_group(cls, name: str, group: h5py.Group, depth: int = 3) -> "Section":
+        kids = {}
+        if depth > 0:
+            kids = {k: cls.from_group(k, v, depth - 1) for k, v in group.items() if isinstance(v, h5py.Group)}
+        return cls(name=name, attrs=attrs_of(group), arrays=arrays_of(group), children=kids)
+
+
+@dataclass
+class StateSpectrum:
+    """The SLQ result of one model state (``/spectrum/<label>/result``).
+
+    ``spectrum`` is the :class:`hpcqml.hessian.spectrum.Spectrum` the stage wrote (per-probe
+    nodes, weights, residual bounds; its methods give every estimate with its uncertainty);
+    ``grid``/``rho``/``sigma`` the stored smoothed density; ``attrs`` the result's attributes.
+    """
+
+    label: str
+    spectrum: Any   # hpcqml.hessian.spectrum.Spectrum
+    grid: np.ndarray | None
+    rho: np.ndarray | None
+    sigma: float | None
+    attrs: dict[str, Any]
+
+    @property
+    def nodes(self) -> np.ndarray:
+        """Ritz nodes, one row per probe (NaN-padded)."""
+        return self.spectrum.nodes
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Gauss weights, one row per probe (each row sums to 1)."""
+        return self.spectrum.weights
+
+
+def _state_spectrum(label: str, result: h5py.Group) -> StateSpectrum:
+    """Read one ``spectrum/<label>/result`` group (imports the Hessian package, hence torch)."""
+    from hpcqml.hessian.spectrum import Spectrum
+
+    dens = result.get("density")
+    return StateSpectrum(
+        label=label, spectrum=Spectrum.from_hdf5(result),
+        grid=dens["grid"][()] if dens is not None and "grid" in dens else None,
+        rho=dens["rho"][()] if dens is not None and "rho" in dens else None,
+        sigma=float(dens.attrs["sigma"]) if dens is not None and "sigma" in dens.attrs else None,
+        attrs=attrs_of(result))
+
+
+@dataclass
+class QcmCase:
+    """One Carleman instance: its attributes and one :class:`Section` per order ``N``."""
+
+    label: str
+    attrs: dict[str, Any]
+    orders: dict[int, Section]
+
+
+class Results:
+    """A results file opened for reading; use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file: h5py.File = open_results(self.path)
+
+    def __enter__(self) -> "Results":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def read(self, fn: Callable[[h5py.File], T]) -> T:
+        """``fn(h5py file)``, with damage reported as one InputFileError."""
+        try:
+            return fn(self.file)
+        except DAMAGE_ERRORS as exc:
+            raise damaged(self.path, exc) from None
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes (schema version, config, the latest invocation as ``prov_*``)."""
+        return self.read(attrs_of)
+
+    @cached_property
+    def provenance(self) -> list[Invocation]:
+        """Every invocation, oldest first."""
+        def body(fh: h5py.File) -> list[Invocation]:
+            runs = fh.get("provenance", {})
+            return [Invocation.from_group(k, runs[k]) for k in sorted(runs)]
+        return self.read(body)
+
+    @property
+    def latest(self) -> Invocation | None:
+        """The latest invocation (what the root ``prov_*`` attributes mirror)."""
+        return self.provenance[-1] if self.provenance else None
+
+    @cached_property
+    def perf(self) -> dict[str, PerfRecord]:
+        """Complete performance records by stage."""
+        def body(fh: h5py.File) -> dict[str, PerfRecord]:
+            perf = fh.get("perf", {})
+            return {k: PerfRecord.from_group(k, perf[k]) for k in perf if is_complete(fh, f"perf/{k}")}
+        return self.read(body)
+
+    @cached_property
+    def stages(self) -> dict[str, StageState]:
+        """Every pipeline stage (and any other found in the file) with its state."""
+        def body(fh: h5py.File) -> dict[str, StageState]:
+            prints = fh.get("fingerprints", {})
+            found = set(fh.get("perf", {})) | set(prints)
+            out = {}
+            for name in PIPELINE + tuple(sorted(found - set(PIPELINE))):
+                a = attrs_of(prints[name]) if name in prints else {}
+                if is_complete(fh, f"perf/{name}"):
+                    state = "complete"
+                elif name in fh or name in prints:
+                    state = "partial"
+                else:
+                    state = "not run"
+                out[name] = StageState(name, state, bool(a.get("stale", False)), str(a.get("stale_because", "")),
+                                       str(a.get("sha256", "")))
+            return out
+        return self.read(body)
+
+    def section(self, path: str, depth: int = 3) -> Section | None:
+        """Any group as a :class:`Section` (``None`` when absent)."""
+        def body(fh: h5py.File) -> Section | None:
+            group = fh.get(path)
+            return Section.from_group(path.rsplit("/", 1)[-1], group, depth) if isinstance(group, h5py.Group) else None
+        return self.read(body)
+
+    @cached_property
+    def spectra(self) -> dict[str, StateSpectrum]:
+        """SLQ results by state label, in file order (the first call imports torch)."""
+        def body(fh: h5py.File) -> dict[str, StateSpectrum]:
+            return {label: _state_spectrum(label, g["result"]) for label, g in fh.get("spectrum", {}).items()
+                    if isinstance(g, h5py.Group) and "result" in g}
+        return self.read(body)
+
+    @cached_property
+    def training(self) -> Section | None:
+        """The sparse-training log (``/train``): per-step arrays and run attributes."""
+        return self.section("train", depth=1)
+
+    @cached_property
+    def qcm(self) -> dict[str, QcmCase]:
+        """Carleman cases by label, each with its orders ``N``."""
+        def body(fh: h5py.File) -> dict[str, QcmCase]:
+            out = {}
+            for label, case in fh.get("qcm", {}).items():
+                if not isinstance(case, h5py.Group):
+                    continue
+                orders = {int(k[2:]): Section.from_group(k, case[k], 2) for k in case
+                          if k.startswith("N_") and k[2:].isdigit()}
+                out[label] = QcmCase(label, attrs_of(case), dict(sorted(orders.items())))
+            return out
+        return self.read(body)
+
+    @cached_property
+    def hhl(self) -> dict[str, Section]:
+        """Simulated-HHL cases by label."""
+        def body(fh: h5py.File) -> dict[str, Section]:
+            return {k: Section.from_group(k, v, 2) for k, v in fh.get("hhl", {}).items() if isinstance(v, h5py.Group)}
+        return self.read(body)
+
+    def datasets(self) -> Iterator[tuple[str, h5py.Dataset]]:
+        """Every dataset in the file with its path."""
+        found: list[tuple[str, h5py.Dataset]] = []
+        self.read(lambda fh: fh.visititems(
+            lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None))
+        yield from found
+
+
+def open(path: str | Path) -> Results:
+    """Open a results file for reading (one-line errors for missing, foreign or damaged files)."""
+    return Results(path)
+
+
+def missing_descriptions(path: str | Path) -> list[str]:
+    """Datasets of a results file that lack a non-empty ``units`` or ``description`` attribute."""
+    with Results(path) as res:
+        return [name for name, dset in res.datasets()
+                if not str(decode(dset.attrs.get("units", ""))).strip()
+                or not str(decode(dset.attrs.get("description", ""))).strip()]
+
+
+def assert_self_describing(path: str | Path) -> None:
+    """Raise AssertionError listing every dataset without ``units`` and ``description``.
+
+    Point it at any results file (``make demo`` writes ``results/demo.h5``).
+    """
+    missing = missing_descriptions(path)
+    if missing:
+        raise AssertionError(f"{len(missing)} dataset(s) in {path} lack units/description: "
+                             + ", ".join(missing))
+
+
+def find_results(name: str = "results/demo.h5", start: str | Path | None = None,
+                 env: str = "HPCQML_RESULTS") -> Path:
+    """Locate a results file: ``$HPCQML_RESULTS`` if set, else ``name`` relative to
+    ``start`` (default: the working directory) or any folder above it (so a notebook
+    started in ``notebooks/`` finds the repository's ``results/``).
+    """
+    import os
+
+    explicit = os.environ.get(env)
+    if explicit:
+        return Path(explicit)
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"{name} not found in {here} or above it; run 'make demo' or set {env}")
+
