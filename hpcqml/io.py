@@ -188,3 +188,29 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def open_hdf5_read(path: str | os.PathLike, what: str) -> Any:
+    """Open an HDF5 file read-only, with one-line errors for a missing or unreadable file.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message ("results file", "instance file", ...).
+
+    Returns:
+        The open ``h5py.File`` (the caller closes it).
+
+    Raises:
+        InputFileError: the file does not exist, is not a regular file, or HDF5 cannot open it.
+    """
+    import h5py
+
+    from hpcqml.errors import InputFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{what} {path}: not found" if not path.exists() else f"{what} {path}: not a regular file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise InputFileError(f"{what} {path}: not a readable HDF5 file ({type(exc).__name__})") from None

@@ -34,7 +34,7 @@ import numpy as np
 
 from hpcqml import __version__
 from hpcqml.errors import InputFileError, UserError
-from hpcqml.io import atomic_write, is_disk_full, remove_stale_temporaries
+from hpcqml.io import atomic_write, is_disk_full, open_hdf5_read, remove_stale_temporaries
 
 SCHEMA_VERSION = "1.1"
 #: bytes per read when copying a results file into the rewrite's temporary file
@@ -51,12 +51,7 @@ def utc_now() -> str:
 def open_results(path: str | os.PathLike) -> h5py.File:
     """Open a results file read-only, with a one-line error for anything unreadable."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"results file {path}: not found")
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as exc:
-        raise UserError(f"results file {path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
+    fh = open_hdf5_read(path, "results file")
     if "schema_version" not in fh.attrs:
         fh.close()
         raise UserError(f"results file {path}: no schema_version attribute; not an hpcqml results file")

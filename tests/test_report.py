@@ -156,3 +156,13 @@ def test_every_dataset_is_self_describing(small_results):
     from hpcqml.results import assert_self_describing
 
     assert_self_describing(os.environ.get("HPCQML_RESULTS") or small_results)
+
+
+def test_late_rate_verdict_flags_a_fit_far_from_its_prediction():
+    """The Fig. 4 rate table says whether each fitted rate agrees with its prediction."""
+    from hpcqml.report.build import _rate_verdict
+
+    assert _rate_verdict(-0.0101, 0.0002, -0.0103) == "agrees"          # within 25 % of the prediction
+    assert _rate_verdict(0.0558, 0.0028, -0.0103) == "disagrees"        # growing where decay is predicted
+    assert _rate_verdict(0.020, 0.004, 0.010) == "agrees"               # within 3 standard errors
+    assert _rate_verdict(float("nan"), 0.1, 0.01) == "–"

@@ -21,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from hpcqml.errors import InputFileError, UserError
+from hpcqml.io import open_hdf5_read
 
 
 @dataclass
@@ -240,13 +241,7 @@ def load_instance(path: str | Path, group: str = "/") -> PolynomialODE:
     """
     import h5py
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"instance file {path} does not exist")
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputFileError(f"instance file {path}: not a readable HDF5 file ({exc.__class__.__name__})") from None
+    fh = open_hdf5_read(path, "instance file")
     with fh:
         try:
             node = fh[group]

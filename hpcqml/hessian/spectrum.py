@@ -29,10 +29,20 @@ node is ambiguous for a quantity when that interval contains a point where the n
 class changes: ``[-delta, 0]`` for the negative mass; for the modes kept by the cutoff,
 ``0`` and ``2/k`` (``|1 + a| = 1`` with ``a = -k lambda``) for the dissipative split and the
 error proxy (the cutoff itself is applied to the Ritz values, as eq. III.12 applies it to
-the density).  The estimate is marked unresolved when a single ambiguous node decides it:
-when the heaviest ambiguous node of each probe, pooled over the probes
-(``ambiguous_mass``), carries more than ``resolution_mass`` (default 0.05) of the mass the
-quantity is normalised by (all mass, or the kept mass).
+the density, so the kept set and every denominator stay fixed).  Every node-based estimate
+carries a resolution bracket ``[res_low, res_high]``: the smallest and largest value the
+quantity takes when each ambiguous node's eigenvalue moves anywhere in its interval (all
+other nodes fixed; per-probe values recomputed and pooled as the value).  For mass
+fractions a node adds its weight to the numerator or not, so the bracket puts every
+ambiguous node on the uncounted side, then on the counted side where its interval allows
+it; for the proxy the node's term ``w |1 - k lambda|^t`` is extreme at the interval's ends
+or, when ``1/k`` lies inside, zero there.  The estimate is resolved when the bracket is
+narrow: ``res_high - res_low <= max(resolution_rel * |value|, absolute)`` with
+``resolution_rel`` (default 0.1) and ``absolute = resolution_mass`` (default 0.05) for
+the mass fractions, 0 for the proxy.  Otherwise the ambiguous nodes decide the quantity
+and it is marked unresolved.  ``ambiguous_mass`` (the heaviest ambiguous node of each
+probe, pooled, as a share of the normalising mass) is kept for information.  The trace is
+always resolved.
 """
 from __future__ import annotations
 
@@ -60,9 +70,11 @@ class Estimate:
 
     ``stderr`` (jackknife over probes), ``ci_low``/``ci_high`` (percentile bootstrap
     interval) are NaN when fewer than 3 probes exist (``note`` then says so).
-    ``resolved`` is False when a single node whose residual interval straddles a decision
-    point carries more than the stated fraction of the mass (``ambiguous_mass``).  ``per_probe``
-    holds the value computed from each probe alone.
+    ``res_low``/``res_high`` bracket the value over the residual intervals of the ambiguous
+    nodes (equal to ``value`` when none is ambiguous; module docstring); ``resolved`` is
+    False when that bracket is wider than the tolerance, i.e. the ambiguous nodes decide
+    the quantity.  ``ambiguous_mass`` is the pooled mass of the heaviest ambiguous node.
+    ``per_probe`` holds the value computed from each probe alone.
     """
 
     value: float
@@ -73,14 +85,53 @@ class Estimate:
     ambiguous_mass: float = 0.0
     note: str = ""
     per_probe: tuple[float, ...] = ()
+    res_low: float = float("nan")
+    res_high: float = float("nan")
+
+    def __post_init__(self) -> None:
+        """A missing bracket is the value itself (nothing ambiguous)."""
+        if np.isnan(self.res_low):
+            object.__setattr__(self, "res_low", float(self.value))
+        if np.isnan(self.res_high):
+            object.__setattr__(self, "res_high", float(self.value))
 
     def text(self, fmt: str = "{:.4g}") -> str:
-        """``value ± stderr``, ``value ± unknown`` or ``unresolved`` for a report table."""
+        """A report-table entry.
+
+        Returns:
+            ``value ± stderr`` (or ``value ± unknown``) followed by `` [res lo–hi]`` when the
+            bracket has a width; ``unresolved (lo–hi)`` when the ambiguous nodes decide it.
+        """
+        span = f"{fmt.format(self.res_low)}–{fmt.format(self.res_high)}"
         if not self.resolved:
-            return UNRESOLVED
-        if not np.isfinite(self.stderr):
-            return f"{fmt.format(self.value)} ± unknown"
-        return f"{fmt.format(self.value)} ± {self.stderr:.2g}"
+            return f"{UNRESOLVED} ({span})"
+        se = "unknown" if not np.isfinite(self.stderr) else f"{self.stderr:.2g}"
+        bracket = f" [res {span}]" if self.res_high > self.res_low else ""
+        return f"{fmt.format(self.value)} ± {se}{bracket}"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The resolution bracket of one estimate and the absolute part of its tolerance.
+
+    ``forced`` (when not None) is the resolved flag taken from another estimate (the grid
+    Delta_+/Delta takes that of the nodes).
+    """
+
+    low: float
+    high: float
+    ambiguous_mass: float = 0.0
+    absolute: float = 0.0
+    forced: bool | None = None
+
+    def resolved(self, value: float, relative: float) -> bool:
+        """``high - low <= max(relative * |value|, absolute)`` (always True for a point bracket)."""
+        if self.forced is not None:
+            return self.forced
+        if self.high == self.low or (np.isnan(self.high) and np.isnan(self.low)):
+            return True
+        with np.errstate(invalid="ignore", over="ignore"):
+            return bool(self.high - self.low <= max(relative * abs(value), self.absolute))
 
 
 @dataclass(frozen=True)
@@ -138,6 +189,7 @@ class Spectrum:
     bootstrap_seed: int = 0
     confidence: float = 0.95
     resolution_mass: float = 0.05
+    resolution_rel: float = 0.1
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- construction ----------------------------------------------------------------
@@ -183,18 +235,22 @@ class Spectrum:
                 (float(self.nodes.flat[imax]), float(self.residuals.flat[imax])))
 
     # -- uncertainty machinery ---------------------------------------------------------
-    def _estimate(self, stat: Callable[[np.ndarray], np.ndarray], ambiguous: float = 0.0) -> Estimate:
+    def _estimate(self, stat: Callable[[np.ndarray], np.ndarray], res: Resolution | None = None) -> Estimate:
         """Value, jackknife standard error and bootstrap interval of ``stat`` over probes.
 
-        ``stat(idx)`` takes an integer array (R, k) of probe rows and returns R values.
+        ``stat(idx)`` takes an integer array (R, k) of probe rows and returns R values;
+        ``res`` is the resolution bracket (None: nothing ambiguous).
         """
         nv = self.probe_count
         value = float(stat(np.arange(nv)[None, :])[0])
         per_probe = tuple(float(v) for v in stat(np.arange(nv)[:, None]))
-        resolved = bool(ambiguous <= self.resolution_mass)
+        res = res or Resolution(value, value)
+        # the value lies in its bracket; clamp away rounding between the two computations
+        low, high = (value, value) if res.low == res.high else (min(res.low, value), max(res.high, value))
+        flags = dict(resolved=res.resolved(value, self.resolution_rel), ambiguous_mass=float(res.ambiguous_mass),
+                     per_probe=per_probe, res_low=float(low), res_high=float(high))
         if nv < MIN_PROBES:
-            return Estimate(value, float("nan"), float("nan"), float("nan"), resolved, float(ambiguous), UNKNOWN,
-                            per_probe)
+            return Estimate(value, float("nan"), float("nan"), float("nan"), note=UNKNOWN, **flags)
         leave_one_out = np.array([np.delete(np.arange(nv), i) for i in range(nv)])
         se = _jackknife_se(stat(leave_one_out))
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.bootstrap_seed), nv])))
@@ -202,18 +258,23 @@ class Spectrum:
         tail = 50.0 * (1.0 - self.confidence)
         with np.errstate(invalid="ignore"):
             lo, hi = np.percentile(boot, [tail, 100.0 - tail]) if np.all(np.isfinite(boot)) else (np.nan, np.nan)
-        return Estimate(value, se, float(lo), float(hi), resolved, float(ambiguous), "", per_probe)
+        return Estimate(value, se, float(lo), float(hi), **flags)
 
-    def _mean_estimate(self, per_probe: np.ndarray, ambiguous: float = 0.0) -> Estimate:
-        return self._estimate(lambda idx: per_probe[idx].mean(axis=1), ambiguous)
+    def _mean_estimate(self, per_probe: np.ndarray, res: Resolution | None = None) -> Estimate:
+        return self._estimate(lambda idx: per_probe[idx].mean(axis=1), res)
 
-    def _fraction_estimate(self, num: np.ndarray, den: np.ndarray, ambiguous: float = 0.0) -> Estimate:
+    @staticmethod
+    def _fraction_stat(num: np.ndarray, den: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         """Delta_+/Delta of the per-probe masses ``num``/``den``, by the formula of eq. II.93."""
         from hpcqml.hhl.truncated import fidelity_ii93
 
         def stat(idx: np.ndarray) -> np.ndarray:
             return np.asarray(fidelity_ii93(num[idx].mean(axis=1), den[idx].mean(axis=1)))  # arrays in, array out
-        return self._estimate(stat, ambiguous)
+        return stat
+
+    def _pooled_value(self, stat: Callable[[np.ndarray], np.ndarray]) -> float:
+        """``stat`` over all probes together (how the value pools them)."""
+        return float(stat(np.arange(self.probe_count)[None, :])[0])
 
     def _ambiguous(self, points: np.ndarray, cutoff: float = 0.0) -> np.ndarray:
         """Per node with ``|theta| >= cutoff``: True when ``[theta - r, theta + r]`` contains

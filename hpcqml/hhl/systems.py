@@ -34,6 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from hpcqml.errors import InputFileError
+from hpcqml.io import open_hdf5_read
 
 #: Recognised format names (``auto`` picks one from the file extension).
 FORMATS = ("auto", "hdf5", "petsc", "mtx")
@@ -163,10 +164,7 @@ def _real_dtype(path: Path, name: str, dtype: np.dtype) -> None:
 def _hdf5_system(path: Path, max_rows: int) -> tuple[sp.csr_matrix, np.ndarray]:
     import h5py
 
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputFileError(f"system file {path}: not a readable HDF5 file ({type(exc).__name__})") from None
+    fh = open_hdf5_read(path, "system file")
     try:
         with fh:
             if "M" not in fh or "b" not in fh:
