@@ -108,18 +108,23 @@ def test_proxy_both_conventions_closed_form():
 
 
 def test_unresolved_node_is_marked():
-    """A node at 0.004 with residual 0.05 carrying 90 % of the mass: its sign is unknown."""
+    """A node at 0.004 with residual 0.05 carrying 90 % of the mass: its sign is unknown.
+    The negative mass and eq. II.93 can be anywhere between 0.05 and 0.95 whichever side of
+    zero its eigenvalue lies, so they are unresolved and print that range."""
     nodes = [[-0.8, 0.004, 1.5]] * 3
     weights = [[0.05, 0.9, 0.05]] * 3
     spec = from_measure(nodes, weights, residuals=[[1e-6, 0.05, 1e-6]] * 3)
     neg = spec.negative_mass()
     assert neg.value == pytest.approx(0.05)        # only the resolved negative node counts
     assert not neg.resolved and neg.ambiguous_mass == pytest.approx(0.9)
-    assert neg.text() == "unresolved"
+    assert (neg.res_low, neg.res_high) == pytest.approx((0.05, 0.95))
+    assert neg.text() == "unresolved (0.05–0.95)"
     assert spec.resolved_nodes()[0].tolist() == [True, False, True]
     # eq. II.93 (no cutoff) is decided by that node too; the proxy with a cutoff is not
-    assert not spec.fidelity_ii93("eta", eta=0.1).resolved
-    assert spec.error_proxy(10, convention="eta", eta=0.1, cutoff=0.4).resolved
+    fid = spec.fidelity_ii93("eta", eta=0.1)
+    assert not fid.resolved and (fid.res_low, fid.res_high) == pytest.approx((0.05, 0.95))
+    proxy = spec.error_proxy(10, convention="eta", eta=0.1, cutoff=0.4)
+    assert proxy.resolved and proxy.res_low == proxy.res_high == proxy.value
     # the same node resolved (tiny residual): the negative mass is a number
     ok = from_measure(nodes, weights, residuals=[[1e-6, 1e-4, 1e-6]] * 3)
     assert ok.negative_mass().resolved and ok.negative_mass().value == pytest.approx(0.05)
@@ -152,7 +157,8 @@ def test_fewer_than_three_probes_uncertainty_unknown():
     for est in (spec.trace(), spec.negative_mass(), spec.dissipative_fraction("paper"),
                 spec.error_proxy(10, "eta", eta=0.1)):
         assert np.isnan(est.stderr) and np.isnan(est.ci_low) and est.note == UNKNOWN
-        assert est.text().endswith("± unknown")
+        # "± unknown", then the resolution bracket where an ambiguous node gives it a width
+        assert est.resolved and " ± unknown" in est.text()
     assert np.all(np.isnan(spec.log_error_proxy(np.arange(3.0), "eta", eta=0.1)[1]))
 
 
@@ -214,4 +220,144 @@ def test_interrupt_between_steps_and_between_rounds():
 def test_estimate_text():
     assert Estimate(1.23456, 0.012, 1.2, 1.26).text() == "1.235 ± 0.012"
     assert Estimate(1.0, float("nan"), float("nan"), float("nan"), note=UNKNOWN).text() == "1 ± unknown"
-    assert Estimate(1.0, 0.1, 0.9, 1.1, resolved=False).text() == "unresolved"
+    assert Estimate(1.0, 0.1, 0.9, 1.1, resolved=False).text() == "unresolved (1–1)"
+    assert Estimate(0.5, 0.01, 0.48, 0.52, res_low=0.45, res_high=0.52).text() == "0.5 ± 0.01 [res 0.45–0.52]"
+    assert Estimate(0.5, 0.01, 0.48, 0.52, resolved=False, res_low=0.0, res_high=0.9).text() == "unresolved (0–0.9)"
+    assert Estimate(2.0, float("nan"), float("nan"), float("nan"), res_low=1.9, res_high=2.1).text() \
+        == "2 ± unknown [res 1.9–2.1]"
+
+
+# -- resolution brackets ------------------------------------------------------------------
+
+#: four probes, each with one heavy node near zero whose residual interval straddles 0
+HEAVY_NODES = [[0.003, 0.6, 1.2, 2.5, -0.7], [-0.002, 0.5, 1.4, 2.2, -0.9],
+               [0.001, 0.45, 1.1, 3.0, -0.5], [-0.004, 0.7, 1.3, 2.8, -0.6]]
+HEAVY_WEIGHTS = [[0.92, 0.03, 0.02, 0.02, 0.01], [0.95, 0.02, 0.01, 0.01, 0.01],
+                 [0.90, 0.04, 0.03, 0.02, 0.01], [0.94, 0.02, 0.02, 0.01, 0.01]]
+HEAVY_RESIDUALS = [[0.3, 0.01, 0.02, 0.01, 0.01], [0.25, 0.01, 0.01, 0.02, 0.01],
+                   [0.35, 0.02, 0.01, 0.01, 0.02], [0.28, 0.01, 0.02, 0.01, 0.01]]
+
+
+def heavy_spectrum(residuals=HEAVY_RESIDUALS, **kw) -> Spectrum:
+    return from_measure(HEAVY_NODES, HEAVY_WEIGHTS, residuals, **kw)
+
+
+def brute_force_proxy_bracket(t: float, k: float, cutoff: float, residuals=HEAVY_RESIDUALS,
+                              points: int = 200001) -> tuple[float, float]:
+    """E(t) bracket by brute force: every ambiguous node's term w |1 - k lambda|^t evaluated on a
+    dense grid over its interval (ends included), min/max per node, summed per probe, pooled as
+    mean over probes of the kept sums divided by the mean kept mass."""
+    x, w, r = (np.array(a, dtype=np.float64) for a in (HEAVY_NODES, HEAVY_WEIGHTS, residuals))
+    low, high, den = np.zeros(len(x)), np.zeros(len(x)), np.zeros(len(x))
+    for p in range(len(x)):
+        for i in range(x.shape[1]):
+            if abs(x[p, i]) < cutoff:
+                continue
+            den[p] += w[p, i]
+            a, b = x[p, i] - r[p, i], x[p, i] + r[p, i]
+            if (a <= 0 <= b) or (a <= 2 / k <= b):
+                terms = w[p, i] * np.abs(1 - k * np.linspace(a, b, points)) ** t
+                low[p] += terms.min()
+                high[p] += terms.max()
+            else:
+                low[p] += w[p, i] * abs(1 - k * x[p, i]) ** t
+                high[p] += w[p, i] * abs(1 - k * x[p, i]) ** t
+    return low.mean() / den.mean(), high.mean() / den.mean()
+
+
+def test_heavy_ambiguous_node_decides_the_negative_mass():
+    """(a) The heavy node near 0 (90-95 % of each probe, residual 10-100x its distance from 0)
+    may be on either side: the negative mass (0.01, the resolved node at -0.5..-0.9) could be
+    up to 0.01 + its mean weight."""
+    spec = heavy_spectrum()
+    neg = spec.negative_mass()
+    heavy = np.mean([w[0] for w in HEAVY_WEIGHTS])
+    assert neg.value == pytest.approx(0.01, abs=1e-12)
+    assert (neg.res_low, neg.res_high) == pytest.approx((0.01, 0.01 + heavy), abs=1e-12)
+    assert not neg.resolved and neg.ambiguous_mass == pytest.approx(heavy)
+    assert neg.text("{:.3f}") == f"unresolved (0.010–{0.01 + heavy:.3f})"
+
+
+def test_heavy_ambiguous_node_does_not_decide_the_eta_proxy():
+    """(b) With a = -eta lambda, eta = 0.01 and no cutoff, the heavy node's term
+    |1 - 0.01 lambda|^10 moves by about 6 % over lambda in theta +- r: E(10) is resolved, and
+    its bracket equals the brute-force extremes (1e-9)."""
+    spec = heavy_spectrum()
+    est = spec.error_proxy(10, convention="eta", eta=0.01, cutoff=0.0)
+    lo, hi = brute_force_proxy_bracket(10, 0.01, 0.0)
+    assert (est.res_low, est.res_high) == pytest.approx((lo, hi), rel=1e-9)
+    assert est.res_low < est.value < est.res_high and est.res_high - est.res_low < 0.1 * est.value
+    assert est.resolved and est.text().endswith(f"[res {lo:.4g}–{hi:.4g}]")
+    # a tighter relative tolerance makes the same bracket too wide
+    assert not heavy_spectrum(resolution_rel=0.01).error_proxy(10, convention="eta", eta=0.01, cutoff=0.0).resolved
+    # the negative mass of the same spectrum stays unresolved: the node decides it, not E(10)
+    assert not spec.negative_mass().resolved
+
+
+def test_proxy_bracket_where_a_term_can_vanish():
+    """Paper convention (k = 1): the node at 0.6 of probe 0 gets residual 0.7, so its interval
+    [-0.1, 1.3] holds 0 (it is ambiguous) and lambda = 1, where its term |1 - lambda|^t is 0
+    (not at an end of the interval).  The bracket equals the brute force at t = 3 and t = 10."""
+    residuals = [list(row) for row in HEAVY_RESIDUALS]
+    residuals[0][1] = 0.7
+    spec = heavy_spectrum(residuals)
+    for t in (3, 10):
+        est = spec.error_proxy(t, convention="paper", cutoff=0.0)
+        lo, hi = brute_force_proxy_bracket(t, 1.0, 0.0, residuals)
+        assert (est.res_low, est.res_high) == pytest.approx((lo, hi), rel=1e-9, abs=1e-15)
+
+
+def test_ambiguous_node_with_most_of_the_kept_mass_decides_the_dissipative_fraction():
+    """(c) Cutoff 0.4: kept are 0.5 (r = 0.6, straddles 0, 0.10 of the mass), 1.0 and -0.8
+    (0.02 each).  Delta+/Delta (a = -eta lambda) is 1/7 if the node's eigenvalue is negative and
+    6/7 if positive: unresolved; the grid estimates carry the nodes' flag."""
+    nodes = [[0.5, 1.0, -0.8, 0.0]] * 3
+    weights = [[0.10, 0.02, 0.02, 0.86]] * 3
+    spec = from_measure(nodes, weights, residuals=[[0.6, 0.01, 0.01, 0.001]] * 3)
+    frac = spec.dissipative_fraction("eta", eta=0.01, cutoff=0.4)
+    assert frac.value == pytest.approx(12 / 14)
+    assert (frac.res_low, frac.res_high) == pytest.approx((2 / 14, 12 / 14))
+    assert not frac.resolved and frac.ambiguous_mass == pytest.approx(10 / 14)
+    grid = spec.dissipative_fraction("eta", eta=0.01, cutoff=0.4, source="grid", width_factor=0.002)
+    assert not grid.resolved and grid.res_high - grid.res_low == pytest.approx(10 / 14, abs=1e-9)
+    # the same node with a residual below its distance from 0: nothing ambiguous, resolved
+    sharp = from_measure(nodes, weights, residuals=[[0.1, 0.01, 0.01, 0.001]] * 3)
+    est = sharp.dissipative_fraction("eta", eta=0.01, cutoff=0.4)
+    assert est.resolved and est.res_low == est.res_high == est.value
+    # a small ambiguous node within the absolute tolerance (resolution_mass) stays resolved
+    small = from_measure([[0.5, 1.0, -0.8, 0.0]] * 3, [[0.002, 0.09, 0.048, 0.86]] * 3,
+                         residuals=[[0.6, 0.01, 0.01, 0.001]] * 3)
+    est = small.dissipative_fraction("eta", eta=0.01, cutoff=0.4)
+    assert est.res_high - est.res_low == pytest.approx(0.002 / 0.14) and est.resolved
+
+
+def test_bracket_survives_hdf5_and_the_stage_writer(tmp_path):
+    """(d) Spectrum.to_hdf5/from_hdf5 keeps the settings, so the bracket is the same after a
+    round trip; the spectrum stage stores it as NAME_resolution, which the report prints."""
+    from hpcqml.report.build import _estimate_text
+    from hpcqml.stages.spectrum import _write_estimate
+
+    spec = heavy_spectrum(resolution_rel=0.2, resolution_mass=0.03, bootstrap=50)
+    with h5py.File(tmp_path / "s.h5", "w") as fh:
+        spec.to_hdf5(fh.create_group("s"), units="nat")
+        est = fh.create_group("estimates")
+        _write_estimate(est, "negative_mass", spec.negative_mass(), "1", "negative mass")
+        _write_estimate(est, "error_proxy_t10", spec.error_proxy(10, "eta", eta=0.01, cutoff=0.0), "1", "E(10)")
+    with h5py.File(tmp_path / "s.h5", "r") as fh:
+        back = Spectrum.from_hdf5(fh["s"])
+        e = fh["estimates"]
+        neg, proxy = e["negative_mass_resolution"], e["error_proxy_t10_resolution"]
+        assert neg.attrs["units"] == "1" and "ambiguous node" in neg.attrs["description"]
+        stored = (tuple(neg[()]), tuple(proxy[()]))
+        texts = (_estimate_text(e, "negative_mass", "{:.3f}"), _estimate_text(e, "error_proxy_t10"))
+    assert (back.resolution_rel, back.resolution_mass) == (0.2, 0.03)
+    proxy_kw = dict(convention="eta", eta=0.01, cutoff=0.0)
+    for a, b in ((back.negative_mass(), spec.negative_mass()),
+                 (back.error_proxy(10, **proxy_kw), spec.error_proxy(10, **proxy_kw))):
+        assert (a.res_low, a.res_high, a.resolved) == (b.res_low, b.res_high, b.resolved)
+    assert stored == ((spec.negative_mass().res_low, spec.negative_mass().res_high),
+                      (spec.error_proxy(10, "eta", eta=0.01, cutoff=0.0).res_low,
+                       spec.error_proxy(10, "eta", eta=0.01, cutoff=0.0).res_high))
+    assert texts[0].startswith("unresolved (0.010–0.9")
+    assert "[res " in texts[1] and " ± " in texts[1] and texts[1].count("(") == 1  # value ± se (ci) [res lo–hi]
+

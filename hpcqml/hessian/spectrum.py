@@ -46,7 +46,7 @@ always resolved.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -100,13 +100,14 @@ class Estimate:
 
         Returns:
             ``value ± stderr`` (or ``value ± unknown``) followed by `` [res lo–hi]`` when the
-            bracket has a width; ``unresolved (lo–hi)`` when the ambiguous nodes decide it.
+            bracket's ends differ at the printed precision; ``unresolved (lo–hi)`` when the
+            ambiguous nodes decide it.
         """
-        span = f"{fmt.format(self.res_low)}–{fmt.format(self.res_high)}"
+        low, high = fmt.format(self.res_low), fmt.format(self.res_high)
         if not self.resolved:
-            return f"{UNRESOLVED} ({span})"
+            return f"{UNRESOLVED} ({low}–{high})"
         se = "unknown" if not np.isfinite(self.stderr) else f"{self.stderr:.2g}"
-        bracket = f" [res {span}]" if self.res_high > self.res_low else ""
+        bracket = f" [res {low}–{high}]" if low != high else ""
         return f"{fmt.format(self.value)} ± {se}{bracket}"
 
 
@@ -247,10 +248,10 @@ class Spectrum:
         res = res or Resolution(value, value)
         # the value lies in its bracket; clamp away rounding between the two computations
         low, high = (value, value) if res.low == res.high else (min(res.low, value), max(res.high, value))
-        flags = dict(resolved=res.resolved(value, self.resolution_rel), ambiguous_mass=float(res.ambiguous_mass),
-                     per_probe=per_probe, res_low=float(low), res_high=float(high))
+        unknown = Estimate(value, float("nan"), float("nan"), float("nan"), res.resolved(value, self.resolution_rel),
+                           float(res.ambiguous_mass), UNKNOWN, per_probe, float(low), float(high))
         if nv < MIN_PROBES:
-            return Estimate(value, float("nan"), float("nan"), float("nan"), note=UNKNOWN, **flags)
+            return unknown
         leave_one_out = np.array([np.delete(np.arange(nv), i) for i in range(nv)])
         se = _jackknife_se(stat(leave_one_out))
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.bootstrap_seed), nv])))
@@ -258,7 +259,7 @@ class Spectrum:
         tail = 50.0 * (1.0 - self.confidence)
         with np.errstate(invalid="ignore"):
             lo, hi = np.percentile(boot, [tail, 100.0 - tail]) if np.all(np.isfinite(boot)) else (np.nan, np.nan)
-        return Estimate(value, se, float(lo), float(hi), **flags)
+        return replace(unknown, stderr=se, ci_low=float(lo), ci_high=float(hi), note="")
 
     def _mean_estimate(self, per_probe: np.ndarray, res: Resolution | None = None) -> Estimate:
         return self._estimate(lambda idx: per_probe[idx].mean(axis=1), res)
@@ -310,6 +311,10 @@ class Spectrum:
 
         Args:
             delta: a floor for the per-node threshold (>= 0, in eigenvalue units).
+
+        Returns:
+            The estimate; its bracket runs from the value (no ambiguous node counted) to the
+            value plus the mass of the nodes whose interval meets ``[-delta, 0]``.
         """
         if not delta >= 0:
             raise ValueError(f"negative-mass threshold delta = {delta}: must be >= 0")
@@ -319,7 +324,31 @@ class Spectrum:
         # sign unknown: the eigenvalue interval meets [-delta, 0]
         with np.errstate(invalid="ignore"):
             amb = (self.nodes - self.residuals <= 0.0) & (self.nodes + self.residuals >= -delta) & ~below
-        return self._mean_estimate(per, self._single_node_mass(amb))
+        return self._mean_estimate(per, self._count_bracket(per, per + self._mass_of(amb), amb, 1.0))
+
+    def _mass_of(self, select: np.ndarray) -> np.ndarray:
+        """Per probe: the weight of the selected nodes, ``(n_v,)``."""
+        return np.sum(np.where(select & ~np.isnan(self.weights), self.weights, 0.0), axis=1)
+
+    def _count_bracket(self, low: np.ndarray, high: np.ndarray, amb: np.ndarray, norm: float,
+                       stat: Callable[[np.ndarray], float] | None = None) -> Resolution | None:
+        """The bracket of a counted mass from its per-probe extremes ``low``/``high``.
+
+        Args:
+            low: per-probe numerators with every ambiguous node uncounted.
+            high: per-probe numerators with every ambiguous node counted.
+            amb: the ambiguous nodes (n_v, m').
+            norm: the mass the quantity is normalised by (for ``ambiguous_mass``).
+            stat: how per-probe numerators pool into the quantity (default: their mean).
+
+        Returns:
+            None when no node is ambiguous, else the bracket with ``absolute = resolution_mass``.
+        """
+        if not amb.any():
+            return None
+        pool = stat or (lambda num: float(num.mean()))
+        single = self._single_node_mass(amb)
+        return Resolution(pool(low), pool(high), single / max(norm, single, 1e-300), float(self.resolution_mass))
 
     def _kept_and_dissipative(self, m: Modes) -> tuple[np.ndarray, np.ndarray]:
         """Per probe: kept mass (|lambda| >= cutoff) and dissipative kept mass (eq. II.28)."""
@@ -344,21 +373,47 @@ class Spectrum:
             points: grid size for ``grid``.
 
         Returns:
-            The estimate; unresolved when ambiguous nodes carry too much of the kept mass.
+            The estimate with its resolution bracket (each ambiguous kept node counted as
+            dissipative or not); ``grid`` takes the nodes' flag and their bracket shifted to
+            the grid value.
         """
         m = _modes(convention, eta, cutoff)
         if source not in ("nodes", "grid"):
             raise ValueError(f"source = {source!r}: not 'nodes' or 'grid'")
         den, num = self._kept_and_dissipative(m)
-        # resolution is a property of the nodes, whichever way the mass is then summed
-        amb = self._single_node_mass(self._ambiguous(m.boundaries(), m.cutoff))
-        share = amb / max(float(den.mean()), amb, 1e-300)
-        if source == "grid":
-            grid, masses = self.grid_masses(width_factor, points)
-            keep = np.abs(grid) >= m.cutoff
-            plus = keep & is_dissipative(modes(grid, m.convention, m.eta or 1.0))
-            den, num = masses[:, keep].sum(axis=1), masses[:, plus].sum(axis=1)
-        return self._fraction_estimate(num, den, share)
+        res = self._dissipative_bracket(m, den)
+        if source == "nodes":
+            return self._estimate(self._fraction_stat(num, den), res)
+        nodes_value = self._pooled_value(self._fraction_stat(num, den))
+        grid, masses = self.grid_masses(width_factor, points)
+        keep = np.abs(grid) >= m.cutoff
+        plus = keep & is_dissipative(modes(grid, m.convention, m.eta or 1.0))
+        stat = self._fraction_stat(masses[:, plus].sum(axis=1), masses[:, keep].sum(axis=1))
+        if res is not None:
+            # the grid smooths the same nodes: it takes their flag and their bracket, shifted
+            # to the grid value (and kept within [0, 1], where a fraction lies)
+            value = self._pooled_value(stat)
+            res = Resolution(max(value - (nodes_value - res.low), 0.0), min(value + (res.high - nodes_value), 1.0),
+                             res.ambiguous_mass, res.absolute, res.resolved(nodes_value, self.resolution_rel))
+        return self._estimate(stat, res)
+
+    def _dissipative_bracket(self, m: Modes, den: np.ndarray) -> Resolution | None:
+        """Bracket of Delta_+/Delta (nodes): each ambiguous kept node counted as dissipative or not."""
+        amb = self._ambiguous(m.boundaries(), m.cutoff)
+        kept = self._kept_nodes(m)
+        with np.errstate(invalid="ignore"):
+            plus = kept & is_dissipative(modes(self.nodes, m.convention, m.eta or 1.0))
+        low = self._mass_of(plus & ~amb)
+        high = low + self._mass_of(amb)
+
+        def pool(num: np.ndarray) -> float:
+            return float(self._fraction_stat(num, den)(np.arange(self.probe_count)[None, :])[0])
+        return self._count_bracket(low, high, amb, float(den.mean()), pool)
+
+    def _kept_nodes(self, m: Modes) -> np.ndarray:
+        """Nodes kept by the cutoff, ``|theta| >= cutoff`` (NaN padding is not kept)."""
+        with np.errstate(invalid="ignore"):
+            return np.abs(self.nodes) >= m.cutoff
 
     def fidelity_ii93(self, convention: str = "eta", eta: float | None = None) -> Estimate:
         """Eq. II.93 estimate of the truncated-HHL fidelity: Delta_+/Delta over all modes."""
@@ -401,9 +456,38 @@ class Spectrum:
         m = _modes(convention, eta, cutoff)
         lognum, den = self._log_proxy_parts(np.array([float(t)]), m)
         stat = self._log_proxy_stat(lognum[:, 0], den)
-        amb = self._single_node_mass(self._ambiguous(m.boundaries(), m.cutoff))
+        res = self._proxy_bracket(float(t), m, den)
         with np.errstate(over="ignore"):
-            return self._estimate(lambda idx: np.exp(stat(idx)), amb / max(float(den.mean()), amb, 1e-300))
+            return self._estimate(lambda idx: np.exp(stat(idx)), res)
+
+    def _proxy_bracket(self, t: float, m: Modes, den: np.ndarray) -> Resolution | None:
+        """Bracket of E(t) over the ambiguous kept nodes' intervals (eq. III.12/III.13).
+
+        A node's term ``w |1 - k lambda|^t`` over ``lambda`` in ``[theta - r, theta + r]`` is
+        largest at an end of the interval and smallest at the other end, or 0 when
+        ``1/k`` lies inside; the kept set and ``den`` are fixed, so the extremes of E(t) are
+        the sums of the per-node extremes.
+        """
+        amb = self._ambiguous(m.boundaries(), m.cutoff)
+        if not amb.any() or t == 0.0:
+            return None
+        k = m.k
+        kept = self._kept_nodes(m) & (self.weights > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            def log_term(lam: np.ndarray) -> np.ndarray:
+                return np.where(kept, np.log(self.weights) + t * np.log(np.abs(1.0 - k * lam)), -np.inf)
+            at, ends_a, ends_b = (log_term(self.nodes), log_term(self.nodes - self.residuals),
+                                  log_term(self.nodes + self.residuals))
+            zero_inside = (self.nodes - self.residuals <= 1.0 / k) & (1.0 / k <= self.nodes + self.residuals)
+        low = np.where(amb, np.where(zero_inside, -np.inf, np.minimum(ends_a, ends_b)), at)
+        high = np.where(amb, np.maximum(ends_a, ends_b), at)
+
+        def pool(terms: np.ndarray) -> float:
+            with np.errstate(divide="ignore", over="ignore"):
+                stat = self._log_proxy_stat(logsumexp(terms, axis=1), den)
+                return float(np.exp(stat(np.arange(self.probe_count)[None, :])[0]))
+        single = self._single_node_mass(amb)
+        return Resolution(pool(low), pool(high), single / max(float(den.mean()), single, 1e-300), 0.0)
 
     def log_error_proxy(self, t: np.ndarray, convention: str = "eta", eta: float | None = None,
                         cutoff: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
@@ -485,7 +569,8 @@ class Spectrum:
                       "1 where the probe's Lanczos run found an invariant subspace (breakdown)")
         group.attrs.update({"n": int(self.n), "bootstrap_resamples": int(self.bootstrap),
                             "bootstrap_seed": int(self.bootstrap_seed), "confidence": float(self.confidence),
-                            "resolution_mass": float(self.resolution_mass)})
+                            "resolution_mass": float(self.resolution_mass),
+                            "resolution_rel": float(self.resolution_rel)})
 
     @classmethod
     def from_hdf5(cls, group: Any) -> "Spectrum":
@@ -496,7 +581,8 @@ class Spectrum:
                    probes=group["probes"][()].astype(np.int64), steps=group["probe_steps"][()].astype(np.int64),
                    breakdown=group["breakdown"][()].astype(bool),
                    bootstrap=int(a.get("bootstrap_resamples", 1000)), bootstrap_seed=int(a.get("bootstrap_seed", 0)),
-                   confidence=float(a.get("confidence", 0.95)), resolution_mass=float(a.get("resolution_mass", 0.05)))
+                   confidence=float(a.get("confidence", 0.95)), resolution_mass=float(a.get("resolution_mass", 0.05)),
+                   resolution_rel=float(a.get("resolution_rel", 0.1)))
 
 
 def _jackknife_se(jack: np.ndarray) -> float:
@@ -547,7 +633,7 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
         basis_device: where the Krylov basis lives (default ``device``).
         on_step: ``on_step(probe, done, total)`` after every Lanczos step.
         **settings: :class:`Spectrum` settings (``bootstrap``, ``bootstrap_seed``,
-            ``confidence``, ``resolution_mass``).
+            ``confidence``, ``resolution_mass``, ``resolution_rel``).
 
     Returns:
         The :class:`Spectrum`.

@@ -61,16 +61,23 @@ def _perf_md(res: Results) -> list[str]:
 
 
 def _estimate_text(group: h5py.Group, name: str, fmt: str = "{:.4g}") -> str:
-    """A stored estimate as ``value ± stderr (ci_low–ci_high)``, ``± unknown`` or ``unresolved``."""
+    """A stored estimate as :meth:`hpcqml.hessian.spectrum.Estimate.text` prints it, with the
+    bootstrap interval ``(ci_low–ci_high)`` after a known standard error.
+    """
+    from hpcqml.hessian.spectrum import Estimate
+
     if name not in group:
         return "–"
     d = group[name]
     value, se, lo, hi = (float(v) for v in d[()])
-    if not bool(d.attrs.get("resolved", True)):
-        return "unresolved"
-    if not np.isfinite(se):
-        return f"{fmt.format(value)} ± unknown"
-    return f"{fmt.format(value)} ± {se:.2g} ({fmt.format(lo)}–{fmt.format(hi)})"
+    res = group[f"{name}_resolution"][()] if f"{name}_resolution" in group else (value, value)
+    est = Estimate(value, se, lo, hi, resolved=bool(d.attrs.get("resolved", True)),
+                   res_low=float(res[0]), res_high=float(res[1]))
+    if not est.resolved or not np.isfinite(se):
+        return est.text(fmt)
+    low, high = fmt.format(est.res_low), fmt.format(est.res_high)
+    bracket = f" [res {low}–{high}]" if low != high else ""
+    return f"{fmt.format(value)} ± {se:.2g} ({fmt.format(lo)}–{fmt.format(hi)}){bracket}"
 
 
 def _spectrum_rows(fh: h5py.File) -> list[tuple[str, h5py.Group]]:
@@ -91,7 +98,7 @@ def _convention_rows(label: str, res: h5py.Group) -> list[str]:
         e = p[conv]["estimates"]
         a_def = p[conv].attrs.get("a_definition", conv)
         a_def = a_def.decode() if isinstance(a_def, bytes) else str(a_def)
-        proxies = sorted((k for k in e if k.startswith("error_proxy_t") and not k.endswith("_per_probe")),
+        proxies = sorted((k for k in e if k.startswith("error_proxy_t") and k[len("error_proxy_t"):].isdigit()),
                          key=lambda k: int(k[len("error_proxy_t"):]))
         grid = " / ".join(_estimate_text(e, f"dissipative_fraction_{w}", "{:.3f}")
                           for w in ("grid_half_width", "grid", "grid_double_width"))
@@ -110,9 +117,13 @@ def _spectrum_md(fh: h5py.File) -> list[str]:
         return []
     lines = ["### Hessian spectra (SLQ)", "",
              "Uncertainties: ± jackknife standard error over probes, (95 % bootstrap interval over probes); "
-             "'unknown' with fewer than 3 probes; 'unresolved' when a single Ritz node whose residual interval "
-             "straddles a decision point (λ = 0 or 2/k for a = −kλ) carries more than the stored share "
-             "(resolution_mass) of the mass: more Lanczos steps resolve it. Negative mass counts nodes below "
+             "'unknown' with fewer than 3 probes. Resolution: a Ritz node θ with residual bound r is ambiguous "
+             "when θ ± r contains a decision point (λ = 0 or 2/k for a = −kλ; [−δ, 0] for the negative mass); "
+             "[res lo–hi] is the range the quantity covers as every ambiguous node's eigenvalue moves within "
+             "θ ± r (shown where its ends differ at the printed precision). A quantity is 'unresolved (lo–hi)' "
+             "when that range is wider than max(resolution_rel × |value|, resolution_mass) for mass fractions "
+             "or resolution_rel × |value| for the error proxy (defaults 0.1 and 0.05): then the ambiguous nodes "
+             "decide it, and more Lanczos steps are needed. Negative mass counts nodes below "
              "−max(δ, residual bound).", "",
              "| state | n | λ_min ± res | λ_max ± res | trace | negative mass | precision | route |",
              "|---|---|---|---|---|---|---|---|"]

@@ -74,8 +74,13 @@ SCHEMA = {
                             doc="negative mass counts nodes below -max(negative_delta, residual bound)"),
     "bootstrap": Field(int, 1000, min=10, doc="bootstrap resamples over probes for the intervals"),
     "resolution_mass": Field(float, 0.05, min=0.0, max=1.0,
-                             doc="a quantity is unresolved when nodes straddling its decision points carry more "
-                                 "than this fraction of its mass"),
+                             doc="absolute tolerance (in mass fraction) of a mass fraction's resolution bracket: "
+                                 "unresolved when moving the nodes that straddle its decision points changes it "
+                                 "by more than max(resolution_rel * value, resolution_mass)"),
+    "resolution_rel": Field(float, 0.1, min=0.0,
+                            doc="relative tolerance of every resolution bracket: a quantity is unresolved when "
+                                "its bracket is wider than resolution_rel * |value| (and, for mass fractions, "
+                                "than resolution_mass)"),
     "precision": Field(str, "tf32", choices=("tf32", "fp32"),
                        doc="float32 matmul/convolution precision on CUDA (TF32 or strict fp32); CPU is always fp32"),
 }
@@ -402,7 +407,7 @@ def train_eta(ctx: StageContext) -> tuple[float, str]:
 
 
 def _write_estimate(group: Any, name: str, est: Any, units: str, description: str) -> None:
-    """``[value, stderr, ci_low, ci_high]`` plus per-probe values, resolution and a note."""
+    """``[value, stderr, ci_low, ci_high]`` plus per-probe values, the resolution bracket and a note."""
     from hpcqml.store import write_dataset
 
     d = write_dataset(group, name, np.array([est.value, est.stderr, est.ci_low, est.ci_high], dtype=np.float64),
@@ -412,6 +417,9 @@ def _write_estimate(group: Any, name: str, est: Any, units: str, description: st
                     "uncertainty": est.note or "jackknife standard error, percentile bootstrap interval over probes"})
     write_dataset(group, f"{name}_per_probe", np.asarray(est.per_probe, dtype=np.float64), units,
                   f"{description}: the value from each probe alone")
+    write_dataset(group, f"{name}_resolution", np.array([est.res_low, est.res_high], dtype=np.float64), units,
+                  f"{description}: [res_low, res_high], its extremes as each ambiguous node's eigenvalue "
+                  "moves within theta +- residual")
 
 
 def write_convention(g: Any, spec: Any, convention: str, eta: float, cfg: dict[str, Any]) -> None:
@@ -496,7 +504,7 @@ def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: 
             run_missing_probes(ctx, label, st, layout, stop, pseed, route)
     results = [ctx.store.read(_read_probe(label, p)) for p in range(cfg["probes"])]
     spec = Spectrum.from_results(results, st.n, bootstrap=cfg["bootstrap"], bootstrap_seed=pseed,
-                                 resolution_mass=cfg["resolution_mass"])
+                                 resolution_mass=cfg["resolution_mass"], resolution_rel=cfg["resolution_rel"])
     used = ctx.store.read(lambda fh: [str(fh[f"spectrum/{label}/probe_{p:03d}"].attrs.get("route", route))
                                       for p in range(cfg["probes"])])
     eta, eta_source = train_eta(ctx)
