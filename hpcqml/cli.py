@@ -33,6 +33,7 @@ EPILOG = """\
 PETSc options may appear anywhere on the command line, before or after the config
 (hpcqml run CONFIG -qcm_ksp_type gmres -log_view). Each solver has its own prefix:
   -qcm_ksp_*, -qcm_pc_*, -qcm_eps_*, -qcm_svd_*   Carleman systems of the qcm stage
+  -qcm_inv_ksp_*, -qcm_inv_pc_*                     inverse iteration for sigma_min(M) in kappa(M)
   -hhl_ksp_*, -hhl_pc_*                             solves of the hhl stage
 Options no solver used are reported in one warning line at the end of the run; a value
 PETSc rejects (e.g. -qcm_ksp_type gmrez) is a one-line error naming it.

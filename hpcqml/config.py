@@ -216,7 +216,11 @@ def upstream(stage: str, config: RunConfig) -> tuple[str, ...]:
     """The stages whose results ``stage`` reads directly, under ``config``."""
     sections = config.sections
     if stage == "spectrum":
-        return _SPECTRUM_SOURCE.get(sections.get("spectrum", {}).get("source", "snapshots"), ("data",))
+        spectrum = sections.get("spectrum", {})
+        reads = _SPECTRUM_SOURCE.get(spectrum.get("source", "snapshots"), ("data",))
+        if not spectrum.get("eta") and "train" in sections and "train" not in reads:
+            reads += ("train",)  # eta = 0: the error proxy's eta is [train] lr
+        return reads
     if stage == "qcm":
         return ("prune", "data") if sections.get("qcm", {}).get("generator") == "network" else ()
     if stage == "hhl":

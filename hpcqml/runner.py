@@ -179,6 +179,10 @@ def run_pipeline(config: RunConfig, comm, stages: Sequence[str] | None = None, *
 
     def log(line: str) -> None:
         if comm.Get_rank() == 0 and not quiet:
+            warn(line)
+
+    def warn(line: str) -> None:  # warnings are printed with --quiet too
+        if comm.Get_rank() == 0:
             print(f"hpcqml: {line}", file=sys.stderr, flush=True)
 
     store = ResultsStore(path, comm)
@@ -203,7 +207,7 @@ def run_pipeline(config: RunConfig, comm, stages: Sequence[str] | None = None, *
         if is_disk_full(exc) and not isinstance(exc, DiskFullError):
             raise disk_full_error(getattr(exc, "filename", None) or workdir) from exc
         raise
-    _warn_unused_petsc_options(comm, petsc_options, log)
+    _warn_unused_petsc_options(comm, petsc_options, warn)
     store.close_run("completed")
     return path
 
@@ -212,7 +216,7 @@ def _warn_unused_petsc_options(comm, given: Sequence[str], log: Callable[[str], 
     unused = unused_petsc_options() if comm.Get_rank() == 0 and given else []
     if unused:
         log("warning: PETSc option(s) given but used by no solver: " + " ".join(unused)
-            + " (misspelt, or for a stage that did not run; prefixes: -qcm_, -hhl_)")
+            + " (misspelt, or for a stage that did not run; prefixes: -qcm_, -qcm_inv_, -hhl_)")
 
 
 def _close_after_failure(store: ResultsStore, comm, exc: BaseException) -> None:

@@ -104,3 +104,20 @@ def test_explain_lists_every_key_with_type_default_and_doc():
     assert "  steps: list of integer; default [0]; >= 0" in text
     assert "  threads: integer; default 0; >= 0 (performance only)" in text
     assert "OMP_NUM_THREADS" in text   # the doc line under [run] threads
+
+
+def test_spectrum_reads_train_when_its_eta_comes_from_the_train_lr(tmp_path):
+    """With [spectrum] eta = 0 the proxy uses [train] lr, so a spectrum of the pruned model
+    depends on the train section too (its fingerprint must change with lr)."""
+    from hpcqml.config import upstream
+    from hpcqml.stages import schemas
+
+    def reads(spectrum: str) -> tuple[str, ...]:
+        path = tmp_path / "c.toml"
+        path.write_text(f'[run]\noutput = "{tmp_path / "o.h5"}"\nstages = ["spectrum"]\n'
+                        f"[train]\nlr = 0.02\n[spectrum]\n{spectrum}\n")
+        return upstream("spectrum", load_config(path, schemas()))
+
+    assert "train" in reads('source = "pruned"')
+    assert "train" not in reads('source = "pruned"\neta = 0.05')
+    assert "train" in reads('source = "snapshots"')
