@@ -224,7 +224,7 @@ def test_changed_upstream_not_asked_for_is_refused_naming_keys(tmp_path, two_sta
 
 def test_fingerprints_ignore_performance_keys_and_unset_defaults():
     sch = {"spectrum": {"probes": Field(int, 4), "micro_batch": Field(int, 512), "lanczos_steps": Field(int, 100),
-                        "source": Field(str, "snapshots")},
+                        "source": Field(str, "snapshots"), "eta": Field(float, 0.0)},
            "train": {"lr": Field(float, 0.01)}}
 
     def fp(text: str, stage: str = "spectrum") -> str:
@@ -236,7 +236,10 @@ def test_fingerprints_ignore_performance_keys_and_unset_defaults():
     assert fp("[spectrum]\nprobes = 4\n") == base
     assert fp("[spectrum]\nprobes = 8\n") != base
     assert fp("[train]\nlr = 0.5\n") != base                 # spectrum reads the trained snapshots
-    assert fp("[train]\nlr = 0.5\n[spectrum]\nsource = 'pruned'\n") == fp("[spectrum]\nsource = 'pruned'\n")
+    # the pruned model does not depend on [train]; the proxy's eta does unless [spectrum] eta is set
+    pruned = "[spectrum]\nsource = 'pruned'\n"
+    assert fp("[train]\nlr = 0.5\n" + pruned + "eta = 0.01\n") == fp(pruned + "eta = 0.01\n")
+    assert fp("[train]\nlr = 0.5\n" + pruned) != fp("[train]\nlr = 0.01\n" + pruned)
     assert fp("[spectrum]\nprobes = 8\n", "train") == fp("", "train")
     assert fp("[run]\nseed = 5\n") != base
 
