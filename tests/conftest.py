@@ -43,3 +43,35 @@ def run_cli(*args: str, ranks: int = 0, timeout: float = 300, cwd: Path | None =
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def undocumented_datasets(path: Path) -> list[str]:
+    """Datasets of results file ``path`` whose names the schema docs do not mention.
+
+    The docs (``docs/results-schema.md`` and ``docs/schema/*.md``) name datasets literally or
+    by pattern: ``NAME_per_probe``/``NAME_resolution`` beside every estimate, ``error_proxy_tT``
+    for each t, digits as placeholders (``probe_000``), and the masks by parameter name.
+    """
+    import re
+
+    import h5py
+
+    docs = "\n".join(p.read_text() for p in [REPO / "docs" / "results-schema.md",
+                                              *sorted((REPO / "docs" / "schema").glob("*.md"))])
+
+    def norm(text: str) -> str:
+        return re.sub(r"\d+", "#", text)
+
+    known = norm(docs)
+    missing = []
+
+    def visit(name: str, obj) -> None:
+        if not isinstance(obj, h5py.Dataset) or "/mask/" in f"/{name}":
+            return
+        leaf = re.sub(r"_(per_probe|resolution)$", "", name.rsplit("/", 1)[-1])
+        leaf = re.sub(r"^error_proxy_t\d+$", "error_proxy_tT", leaf)
+        if norm(leaf) not in known:
+            missing.append(name)
+    with h5py.File(path, "r") as fh:
+        fh.visititems(visit)
+    return missing

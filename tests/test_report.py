@@ -158,6 +158,14 @@ def test_every_dataset_is_self_describing(small_results):
     assert_self_describing(os.environ.get("HPCQML_RESULTS") or small_results)
 
 
+def test_every_dataset_is_documented(small_results):
+    """docs/results-schema.md and docs/schema/*.md name every dataset the qcm and hhl stages write
+    (the full pipeline's file is checked in test_workdir_binding)."""
+    from conftest import undocumented_datasets
+
+    assert undocumented_datasets(os.environ.get("HPCQML_RESULTS") or small_results) == []
+
+
 def test_late_rate_verdict_flags_a_fit_far_from_its_prediction():
     """The Fig. 4 rate table says whether each fitted rate agrees with its prediction."""
     from hpcqml.report.build import _rate_verdict

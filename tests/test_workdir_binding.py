@@ -148,6 +148,10 @@ def test_full_pipeline_stamps_every_artifact_and_describes_every_dataset(tmp_pat
                 if isinstance(obj, h5py.Dataset):
                     assert obj.attrs.get("units") and obj.attrs.get("description"), f"{stage}/{name}"
             fh[stage].visititems(check)
+    from conftest import undocumented_datasets
+
+    assert undocumented_datasets(path) == []  # every dataset is named in docs/results-schema.md or docs/schema
+    with h5py.File(path, "r") as fh:
         names = read_strings(fh["prune/layer_names"])
         assert names[0] == "conv1.weight" and all(isinstance(n, str) for n in names)
         assert sorted(fh["prune/mask"]) == sorted(names)
