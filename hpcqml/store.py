@@ -20,6 +20,7 @@ Only rank 0 touches the file; the other ranks get answers by broadcast.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib
 import os
@@ -205,10 +206,18 @@ def provenance(comm, argv: list[str], seeds: Mapping[str, int], *, petsc_options
 class ResultsLock:
     """One writer per results file: ``<results>.lock``, created exclusively by rank 0.
 
-    The file holds the holder's host, pid and start time and is also ``flock``-ed while
-    held. A lock left by a process that died on this host (its pid is gone, or nobody
-    holds the flock) is stale and removed; a lock from another host is never guessed
-    about: the refusal names the holder and the file to delete if no run is using it.
+    The file holds the holder's host, pid, batch job id and start time and is also
+    ``flock``-ed while held. A lock is stale, and is removed, when
+
+    * the flock is free and the holder ran on this host (its pid is gone or was reused), or
+    * the file system has no flock, the holder ran on this host and its pid is gone, or
+    * it was left by an earlier segment of this same batch job (a requeued job restarts on
+      any node).
+
+    A lock from another host is never guessed about otherwise: the refusal names the holder
+    and the file to delete if no run is using it. A stale lock is removed only while its
+    flock is held and the path still names the same file, so two runs that both found it
+    stale cannot both take the lock.
     """
 
     def __init__(self, results: str | os.PathLike):
@@ -224,17 +233,15 @@ class ResultsLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _read_holder(self.path)
-                if not _is_stale(self.path, holder):
+                reason = _remove_if_stale(self.path, holder)
+                if reason is None:
                     raise UserError(self._refusal(holder)) from None
-                log(f"removing stale lock {self.path} (host {holder.get('host', '?')}, "
-                    f"pid {holder.get('pid', '?')} is no longer running)")
-                try:
-                    self.path.unlink()
-                except FileNotFoundError:
-                    pass
+                log(f"removed stale lock {self.path} (host {holder.get('host', '?')}, "
+                    f"pid {holder.get('pid', '?')}: {reason})")
                 continue
-            _try_flock(fd)
-            os.write(fd, f"host={socket.gethostname()}\npid={os.getpid()}\nstarted={utc_now()}\n".encode())
+            _flock(fd)
+            os.write(fd, (f"host={socket.gethostname()}\npid={os.getpid()}\njob={scheduler_job_id()}\n"
+                          f"started={utc_now()}\n").encode())
             os.fsync(fd)
             self._fd = fd
             return
@@ -251,13 +258,12 @@ class ResultsLock:
         return self._fd is not None
 
     def release(self) -> None:
-        """Give the lock up (idempotent)."""
+        """Give the lock up (idempotent); never deletes a lock file that is not this one."""
         if self._fd is None:
             return
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        if _same_file(self._fd, self.path):
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
         os.close(self._fd)
         self._fd = None
 
@@ -270,17 +276,29 @@ def _read_holder(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
-def _try_flock(fd: int) -> bool:
-    """Exclusive non-blocking flock on ``fd``; False when another holder has it."""
+def _flock(fd: int) -> str:
+    """Exclusive non-blocking flock on ``fd``: ``"taken"``, ``"busy"`` (another holder has it)
+    or ``"unsupported"`` (a file system without flock, e.g. Lustre without ``-o flock``).
+    """
     import fcntl
 
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return False
+        return "busy"
     except OSError:
-        return True  # a file system without flock: the exclusive create alone is the lock
-    return True
+        return "unsupported"
+    return "taken"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """True when ``path`` still names the file open as ``fd``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -293,20 +311,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _is_stale(path: Path, holder: Mapping[str, str]) -> bool:
-    """True when the lock's holder ran on this host and is gone."""
-    if not holder.get("pid", "").isdigit():
-        return False  # being written right now, or not ours to judge
+def _stale_reason(holder: Mapping[str, str], flock: str) -> str | None:
+    """Why a lock whose flock state is ``flock`` is stale, or None when it may be live."""
+    if flock == "busy" or not holder.get("pid", "").isdigit():
+        return None  # held right now, or being written right now
+    job = scheduler_job_id()
+    if job != "none" and holder.get("job") == job:
+        return f"left by an earlier segment of batch job {job}"
     if holder.get("host") != socket.gethostname():
-        return False
+        return None
     if not _pid_alive(int(holder["pid"])):
-        return True
+        return "the process is no longer running"
+    if flock == "taken":
+        return "its pid now belongs to a process that does not hold the lock"
+    return None  # no flock here and the pid is alive: assume the holder is live
+
+
+def _remove_if_stale(path: Path, holder: Mapping[str, str]) -> str | None:
+    """Remove the lock at ``path`` if it is stale (see :class:`ResultsLock`); return why, or None."""
     try:
         fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return "already gone"
     except OSError:
-        return False
+        return None
     try:
-        return _try_flock(fd)  # the pid was reused by an unrelated process: nobody holds it
+        reason = _stale_reason(holder, _flock(fd))
+        if reason is not None and _same_file(fd, path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        elif reason is not None:
+            reason = "replaced meanwhile"  # another run removed it first; try the exclusive create again
+        return reason
     finally:
         os.close(fd)
 
@@ -370,7 +406,10 @@ class ResultsStore:
                 with h5py.File(self.path, "r") as fh:
                     return fn(fh)
             except DAMAGE_ERRORS as exc:
-                raise damaged(self.path, exc) from None
+                error = None if isinstance(exc, UserError) else damage_error(self.path, exc)
+                if error is None:
+                    raise  # a reader's own error or a bug, not damaged bytes
+                raise error from None
         return self._on_root(body)
 
     def is_complete(self, key: str) -> bool:

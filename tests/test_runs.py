@@ -123,6 +123,72 @@ def test_second_writer_is_refused_and_a_killed_writer_is_recorded(tmp_path):
     assert not (tmp_path / "shared.h5.lock").exists()
 
 
+def _lock_of_live_process(tmp_path, job: str = "none"):
+    """A lock file naming a live process of this host (a sleeping child) that holds no flock."""
+    from hpcqml.store import ResultsLock
+
+    child = subprocess.Popen(["sleep", "60"])
+    lock = ResultsLock(tmp_path / "r.h5")
+    lock.path.write_text(f"host={socket.gethostname()}\npid={child.pid}\njob={job}\nstarted=x\n")
+    return lock, child
+
+
+def test_without_flock_a_live_holder_is_never_taken_over(tmp_path, monkeypatch):
+    """On a file system without flock (Lustre without -o flock) a lock whose pid is alive on this
+    host is live: it is refused, never removed as stale."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "flock not supported")
+    lock, child = _lock_of_live_process(tmp_path)
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    try:
+        with pytest.raises(UserError, match=f"pid {child.pid}"):
+            lock.acquire()
+        assert lock.path.exists()
+    finally:
+        child.kill()
+        child.wait()
+    lock.acquire()  # pid gone: stale even without flock
+    assert lock.held
+    lock.release()
+
+
+def test_lock_of_an_earlier_segment_of_the_same_job_is_stale(tmp_path, monkeypatch):
+    """A requeued batch job may restart on another node: its own old lock does not block it."""
+    lock, child = _lock_of_live_process(tmp_path, job="4242")
+    text = lock.path.read_text().replace(socket.gethostname(), "another-node")
+    lock.path.write_text(text)
+    try:
+        monkeypatch.setenv("SLURM_JOB_ID", "4241")
+        with pytest.raises(UserError):
+            lock.acquire()                       # another job's lock on another host: refused
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        lines: list[str] = []
+        lock.acquire(log=lines.append)
+        assert lock.held and "earlier segment of batch job 4242" in lines[0]
+        assert "job=4242" in lock.path.read_text()
+    finally:
+        child.kill()
+        child.wait()
+        lock.release()
+
+
+def test_release_never_deletes_another_runs_lock(tmp_path):
+    from hpcqml.store import ResultsLock
+
+    mine = ResultsLock(tmp_path / "r.h5")
+    mine.acquire()
+    mine.path.unlink()                           # e.g. a user deleted it, and another run took it
+    theirs = ResultsLock(tmp_path / "r.h5")
+    theirs.acquire()
+    mine.release()
+    assert theirs.path.exists() and theirs.held
+    theirs.release()
+    assert not theirs.path.exists()
+
+
 def test_two_cli_runs_at_once_one_is_refused(tmp_path, repo):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[run]\noutput = "{tmp_path}/c.h5"\nstages = ["data"]\n'

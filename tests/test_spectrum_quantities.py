@@ -124,7 +124,9 @@ def test_unresolved_node_is_marked():
     fid = spec.fidelity_ii93("eta", eta=0.1)
     assert not fid.resolved and (fid.res_low, fid.res_high) == pytest.approx((0.05, 0.95))
     proxy = spec.error_proxy(10, convention="eta", eta=0.1, cutoff=0.4)
-    assert proxy.resolved and proxy.res_low == proxy.res_high == proxy.value
+    # its bracket comes only from the kept nodes' residuals (1e-6): a few parts in 1e6
+    assert proxy.resolved and proxy.res_low <= proxy.value <= proxy.res_high
+    assert proxy.res_high - proxy.res_low < 1e-5 * proxy.value
     # the same node resolved (tiny residual): the negative mass is a number
     ok = from_measure(nodes, weights, residuals=[[1e-6, 1e-4, 1e-6]] * 3)
     assert ok.negative_mass().resolved and ok.negative_mass().value == pytest.approx(0.05)
@@ -244,7 +246,7 @@ def heavy_spectrum(residuals=HEAVY_RESIDUALS, **kw) -> Spectrum:
 
 def brute_force_proxy_bracket(t: float, k: float, cutoff: float, residuals=HEAVY_RESIDUALS,
                               points: int = 200001) -> tuple[float, float]:
-    """E(t) bracket by brute force: every ambiguous node's term w |1 - k lambda|^t evaluated on a
+    """E(t) bracket by brute force: every kept node's term w |1 - k lambda|^t evaluated on a
     dense grid over its interval (ends included), min/max per node, summed per probe, pooled as
     mean over probes of the kept sums divided by the mean kept mass."""
     x, w, r = (np.array(a, dtype=np.float64) for a in (HEAVY_NODES, HEAVY_WEIGHTS, residuals))
@@ -255,13 +257,9 @@ def brute_force_proxy_bracket(t: float, k: float, cutoff: float, residuals=HEAVY
                 continue
             den[p] += w[p, i]
             a, b = x[p, i] - r[p, i], x[p, i] + r[p, i]
-            if (a <= 0 <= b) or (a <= 2 / k <= b):
-                terms = w[p, i] * np.abs(1 - k * np.linspace(a, b, points)) ** t
-                low[p] += terms.min()
-                high[p] += terms.max()
-            else:
-                low[p] += w[p, i] * abs(1 - k * x[p, i]) ** t
-                high[p] += w[p, i] * abs(1 - k * x[p, i]) ** t
+            terms = w[p, i] * np.abs(1 - k * np.linspace(a, b, points)) ** t
+            low[p] += terms.min()
+            high[p] += terms.max()
     return low.mean() / den.mean(), high.mean() / den.mean()
 
 
@@ -361,3 +359,17 @@ def test_bracket_survives_hdf5_and_the_stage_writer(tmp_path):
     assert texts[0].startswith("unresolved (0.010–0.9")
     assert "[res " in texts[1] and " ± " in texts[1] and texts[1].count("(") == 1  # value ± se (ci) [res lo–hi]
 
+
+
+def test_proxy_bracket_counts_every_kept_nodes_residual():
+    """A node far from every decision point still moves E(t) at large t: lambda = -1.0 +- 0.3
+    with eta = 0.01 gives |1 + 0.01 (1.0 +- 0.3)|^1000, a factor of about 20 either way."""
+    spec = from_measure([[-1.0, 0.5]] * 4, [[0.5, 0.5]] * 4, residuals=[[0.3, 0.01]] * 4)
+    t100 = spec.error_proxy(100, convention="eta", eta=0.01, cutoff=0.4)
+    t1000 = spec.error_proxy(1000, convention="eta", eta=0.01, cutoff=0.4)
+    for est, t in ((t100, 100), (t1000, 1000)):
+        lo = 0.5 * (1.007 ** t + min(abs(1 - 0.01 * lam) ** t for lam in (0.49, 0.51)))
+        hi = 0.5 * (1.013 ** t + max(abs(1 - 0.01 * lam) ** t for lam in (0.49, 0.51)))
+        assert (est.res_low, est.res_high) == pytest.approx((lo, hi), rel=1e-9)
+    assert not t100.resolved and not t1000.resolved
+    assert t1000.res_high / t1000.res_low > 100

@@ -186,3 +186,22 @@ def test_overwrite_never_deletes_a_folder_hpcqml_did_not_make(tmp_path, counting
     (work / "old.pt").write_bytes(b"old")
     run_pipeline(_config(tmp_path), world(), quiet=True, overwrite=True)
     assert work.exists() and not (work / "old.pt").exists()
+
+
+def test_read_errors_that_are_not_damage_are_not_reported_as_damage(tmp_path):
+    """Only unreadable bytes are 'damaged'; a reader's own error or a bug keeps its message."""
+    from hpcqml.parallel import world
+    from hpcqml.store import ResultsStore
+
+    store = ResultsStore(tmp_path / "r.h5", world())
+    store.open_run("x = 1", "sha", {"command_line": "t"})
+    store.commit("a")
+
+    def user_error(fh):
+        raise UserError("[spectrum] no snapshot for step 7")
+
+    with pytest.raises(UserError, match=r"^\[spectrum\] no snapshot for step 7$"):
+        store.read(user_error)
+    with pytest.raises(KeyError, match="missing"):
+        store.read(lambda fh: {}["missing"])
+    store.close_run("completed")

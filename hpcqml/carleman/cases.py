@@ -61,9 +61,13 @@ def network_checkpoint(ctx: Any, stage: str, required: bool = True) -> tuple[Any
     from hpcqml.training.checkpoint import load_checkpoint
     from hpcqml.training.origin import check_input
 
+    from hpcqml.parallel import decide_on_root
+
     named = bool(ctx.cfg["model_file"])
     path = Path(ctx.cfg["model_file"]) if named else ctx.workdir / "pruned.pt"
-    if not path.is_file():
+    # decided on rank 0: a rank whose node sees a stale directory must not skip the
+    # collective origin check below while the others enter it
+    if not decide_on_root(ctx.comm, path.is_file):
         if named or required:
             raise UserError(f"[{stage}] network instance: checkpoint {path} not found "
                             f"(run the prune stage or set [{stage}] model_file)")

@@ -35,8 +35,9 @@ quantity takes when each ambiguous node's eigenvalue moves anywhere in its inter
 other nodes fixed; per-probe values recomputed and pooled as the value).  For mass
 fractions a node adds its weight to the numerator or not, so the bracket puts every
 ambiguous node on the uncounted side, then on the counted side where its interval allows
-it; for the proxy the node's term ``w |1 - k lambda|^t`` is extreme at the interval's ends
-or, when ``1/k`` lies inside, zero there.  The estimate is resolved when the bracket is
+it; for the proxy every kept node moves (its residual is amplified by the power t on
+either side of a decision point) and its term ``w |1 - k lambda|^t`` is extreme at the
+interval's ends or, when ``1/k`` lies inside, zero there.  The estimate is resolved when the bracket is
 narrow: ``res_high - res_low <= max(resolution_rel * |value|, absolute)`` with
 ``resolution_rel`` (default 0.1) and ``absolute = resolution_mass`` (default 0.05) for
 the mass fractions, 0 for the proxy.  Otherwise the ambiguous nodes decide the quantity
@@ -461,26 +462,29 @@ class Spectrum:
             return self._estimate(lambda idx: np.exp(stat(idx)), res)
 
     def _proxy_bracket(self, t: float, m: Modes, den: np.ndarray) -> Resolution | None:
-        """Bracket of E(t) over the ambiguous kept nodes' intervals (eq. III.12/III.13).
+        """Bracket of E(t) over every kept node's interval (eq. III.12/III.13).
 
         A node's term ``w |1 - k lambda|^t`` over ``lambda`` in ``[theta - r, theta + r]`` is
         largest at an end of the interval and smallest at the other end, or 0 when
         ``1/k`` lies inside; the kept set and ``den`` are fixed, so the extremes of E(t) are
-        the sums of the per-node extremes.
+        the sums of the per-node extremes. Every kept node counts, not only those whose
+        interval meets a decision point: at large t a node's residual alone can move E(t)
+        by orders of magnitude (``|1 - k lambda|^t`` amplifies it), whichever side it is on.
         """
         amb = self._ambiguous(m.boundaries(), m.cutoff)
-        if not amb.any() or t == 0.0:
+        kept = self._kept_nodes(m) & (self.weights > 0)
+        spread = kept & (self.residuals > 0)
+        if not spread.any() or t == 0.0:
             return None
         k = m.k
-        kept = self._kept_nodes(m) & (self.weights > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             def log_term(lam: np.ndarray) -> np.ndarray:
                 return np.where(kept, np.log(self.weights) + t * np.log(np.abs(1.0 - k * lam)), -np.inf)
             at, ends_a, ends_b = (log_term(self.nodes), log_term(self.nodes - self.residuals),
                                   log_term(self.nodes + self.residuals))
             zero_inside = (self.nodes - self.residuals <= 1.0 / k) & (1.0 / k <= self.nodes + self.residuals)
-        low = np.where(amb, np.where(zero_inside, -np.inf, np.minimum(ends_a, ends_b)), at)
-        high = np.where(amb, np.maximum(ends_a, ends_b), at)
+        low = np.where(spread, np.where(zero_inside, -np.inf, np.minimum(ends_a, ends_b)), at)
+        high = np.where(spread, np.maximum(ends_a, ends_b), at)
 
         def pool(terms: np.ndarray) -> float:
             with np.errstate(divide="ignore", over="ignore"):
