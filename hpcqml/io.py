@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
 import stat
@@ -47,7 +48,7 @@ def executable_mode() -> int:
 def remove_stale_temporaries(directory: str | os.PathLike, name: str) -> list[Path]:
     """Delete ``.NAME.*.tmp`` files an atomic write killed mid-way left in ``directory``."""
     removed = []
-    for tmp in Path(directory).glob(f".{name}.*.tmp"):
+    for tmp in Path(directory).glob(f".{glob.escape(name)}.*.tmp"):  # a name with [...] matches only itself
         try:
             tmp.unlink()
             removed.append(tmp)

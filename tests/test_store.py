@@ -205,3 +205,14 @@ def test_read_errors_that_are_not_damage_are_not_reported_as_damage(tmp_path):
     with pytest.raises(KeyError, match="missing"):
         store.read(lambda fh: {}["missing"])
     store.close_run("completed")
+
+
+def test_sweep_of_temporaries_treats_the_name_literally(tmp_path):
+    """A results name with glob characters sweeps only its own temporaries."""
+    from hpcqml.io import remove_stale_temporaries
+
+    own, other = tmp_path / ".run[1].h5.abc.tmp", tmp_path / ".run1.h5.abc.tmp"
+    own.write_bytes(b"")
+    other.write_bytes(b"")
+    assert remove_stale_temporaries(tmp_path, "run[1].h5") == [own]
+    assert other.exists()
