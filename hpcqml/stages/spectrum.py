@@ -35,6 +35,7 @@ import numpy as np
 
 from hpcqml.config import Field
 from hpcqml.errors import UserError
+from hpcqml.preflight import MEMORY_WARN_FRACTION, machine_memory_bytes
 from hpcqml.stages import Stage, StageContext, register
 
 if TYPE_CHECKING:
@@ -86,8 +87,9 @@ SCHEMA = {
 }
 
 #: a warning is logged when one rank's Krylov basis needs more than this fraction of the
-#: memory available to that rank (device memory, or host memory divided by the node's ranks)
-BASIS_MEMORY_FRACTION = 0.5
+#: memory available to that rank (device memory, or host memory divided by the node's ranks);
+#: the same fraction ``hpcqml validate`` warns at
+BASIS_MEMORY_FRACTION = MEMORY_WARN_FRACTION
 
 _SNAP = re.compile(r"^step_(\d{6,})\.pt$")
 
@@ -264,21 +266,11 @@ def decide_route(ctx: StageContext, st: "Prepared") -> str:
     return route
 
 
-def _local_ranks(comm: Any) -> int:
-    from mpi4py import MPI
-
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    try:
-        return node.Get_size()
-    finally:
-        node.Free()
-
-
 def check_sizes(ctx: StageContext, label: str, n: int, layout: Any, dtype: torch.dtype, basis_device: Any) -> None:
     """Refuse more Lanczos steps than dimensions; warn when the basis may not fit in memory."""
     import torch
 
-    import os
+    from hpcqml.parallel import node_rank_and_size
 
     steps = ctx.cfg["lanczos_steps"]
     if steps > n:
@@ -293,7 +285,7 @@ def check_sizes(ctx: StageContext, label: str, n: int, layout: Any, dtype: torch
         available = torch.cuda.mem_get_info(dev)[1]
         where = f"{torch.cuda.get_device_name(dev)} memory"
     else:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // _local_ranks(ctx.comm)
+        available = machine_memory_bytes() // node_rank_and_size(ctx.comm)[1]
         where = "host memory per rank on this node"
     if per_rank > BASIS_MEMORY_FRACTION * available:
         ctx.log(f"warning: {label}: the Krylov basis needs {per_rank / 2**30:.2f} GiB per rank "
