@@ -35,7 +35,8 @@ import numpy as np
 
 from hpcqml import __version__
 from hpcqml.errors import InputFileError, UserError
-from hpcqml.io import atomic_write, is_disk_full, open_hdf5_read, remove_stale_temporaries
+from hpcqml.io import (FileTooLargeError, atomic_write, is_disk_full, open_hdf5_read, read_limited,
+                       remove_stale_temporaries)
 
 SCHEMA_VERSION = "1.1"
 #: bytes per read when copying a results file into the rewrite's temporary file
@@ -268,10 +269,15 @@ class ResultsLock:
         self._fd = None
 
 
+#: a lock file holds four short lines; anything larger is not one of ours
+LOCK_FILE_LIMIT = 4096
+
+
 def _read_holder(path: Path) -> dict[str, str]:
+    """The ``key=value`` lines of a lock file ({} when unreadable, not a small regular file)."""
     try:
-        text = path.read_text()
-    except OSError:
+        text = read_limited(path, LOCK_FILE_LIMIT).decode("utf-8", errors="replace")
+    except (OSError, FileTooLargeError):
         return {}
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
