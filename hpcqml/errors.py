@@ -20,3 +20,11 @@ class InputFileError(UserError):
 
 class NumericalError(ArithmeticError):
     """A computation produced NaN/Inf or failed to converge (exit 1, not bad input)."""
+
+
+class StoppedBySignal(UserError):
+    """A run stopped on a scheduler or user signal after its resume state reached disk.
+
+    Raised on every rank together; the message says what was saved and whether the job
+    script requeues.
+    """

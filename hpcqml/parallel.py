@@ -199,7 +199,7 @@ def report_error_and_abort(comm: Any, exc: BaseException, debug: bool = False, c
     """
     from hpcqml.errors import UserError
     from hpcqml.io import DiskFullError
-    from hpcqml.training.signals import StoppedBySignal
+    from hpcqml.errors import StoppedBySignal
 
     size = comm.Get_size() if comm is not None else 1
     rank = comm.Get_rank() if comm is not None else 0

@@ -77,7 +77,7 @@ def test_spectral_ii93_is_the_count_ratio_of_eq_ii93():
     """Equal-weight nodes: the spectral eq. II.93 estimate equals Delta_+/Delta of the
     Carleman-side definition (counts), and eq. II.92 tends to it as a_+ -> 0^-."""
     from hpcqml.hessian.spectrum import Spectrum
-    from hpcqml.hhl.truncated import fidelity_ii92, fidelity_ii93
+    from hpcqml.modes import fidelity_ii92, fidelity_ii93
 
     lam = np.array([[0.5, 1.0, 1.5, -0.2, 0.3, 1.9, 2.5, 0.1, -1.0, 0.7]] * 3)  # 7 of 10 in (0, 2)
     spec = Spectrum(n=10, nodes=lam, weights=np.full(lam.shape, 0.1), residuals=np.zeros(lam.shape),

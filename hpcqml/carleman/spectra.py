@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from hpcqml.errors import NumericalError
+from hpcqml.modes import dissipative_counts, dissipative_mean, is_dissipative  # noqa: F401  (re-exported)
 
 PREFIX = "qcm_"
 INVERSE_PREFIX = "qcm_inv_"
@@ -151,40 +152,6 @@ def eigenvalues(A: Any, owner: PetscOwner, dense_limit: int = 3000, nev: int = 2
         out += _eps(A, owner, SLEPc.EPS.Type.KRYLOVSCHUR, which, nev=min(nev, D - 2), tol=tol)
     vals = np.unique(np.round(np.array(out, dtype=np.complex128), 14))
     return vals, f"EPS krylovschur ({nev} largest + {nev} smallest real part, tol {tol:g})"
-
-
-def is_dissipative(a: np.ndarray) -> np.ndarray:
-    """Boolean mask of the dissipative modes, |1 + a| < 1 (eq. II.28), for eigenvalues ``a``.
-
-    The one definition; callers holding Hessian eigenvalues λ pass a = -η λ (eq. II.65), and
-    weighted fractions (SLQ masses) sum their weights over this mask.
-    """
-    return np.abs(1.0 + np.asarray(a)) < 1.0
-
-
-def dissipative_counts(eigs: np.ndarray) -> tuple[int, int]:
-    """(Delta_+, Delta_-): modes with |1 + a| < 1 (dissipative) vs |1 + a| >= 1 (eq. II.28).
-
-    The one count of dissipative modes for eigenvalues a of a Carleman (or F1) matrix.
-    """
-    eigs = np.asarray(eigs)
-    dis = int(np.count_nonzero(is_dissipative(eigs)))
-    return dis, int(eigs.shape[0] - dis)
-
-
-def dissipative_mean(a: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """The representative dissipative eigenvalue a_+ of eq. II.92: the weighted mean of Re(a)
-    over the dissipative modes (:func:`is_dissipative`); nan when there are none.
-
-    The one convention of a_+: equal weights for the eigenvalues of a Carleman (or F1)
-    matrix, the SLQ masses for a Hessian spectrum (a = -lambda or a = -eta*lambda).
-    """
-    a = np.asarray(a)
-    w = np.ones(a.shape, dtype=np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
-    plus = is_dissipative(a)
-    if not plus.any() or not w[plus].sum() > 0:
-        return float("nan")
-    return float(np.sum(w[plus] * np.real(a[plus])) / np.sum(w[plus]))
 
 
 def singular_value(mat: Any, owner: PetscOwner, which: str = "largest", tol: float = 1e-10, max_it: int = 5000,

@@ -137,8 +137,7 @@ def dissipation(lam: np.ndarray, mass: np.ndarray, cutoff: float = 0.4, conventi
     lam_k, m_k = _kept(lam, mass, cutoff)
     if m_k.size == 0:
         return Dissipation(float("nan"), float("nan"), float("nan"), float("nan"), float("nan"))
-    from hpcqml.carleman.spectra import dissipative_mean, is_dissipative
-    from hpcqml.hhl.truncated import fidelity_ii93
+    from hpcqml.modes import dissipative_mean, fidelity_ii93, is_dissipative
 
     a = modes(lam_k, convention, eta)
     g = np.abs(1.0 + a)

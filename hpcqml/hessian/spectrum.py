@@ -54,11 +54,11 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-from hpcqml.carleman.spectra import is_dissipative
 from hpcqml.hessian.density import Density, density_on_grid, gaussian_density, kernel_width
 from hpcqml.hessian.lanczos import LanczosResult
 from hpcqml.hessian.proxy import CONVENTIONS, dissipation, log_error_proxy, modes
 from hpcqml.hessian.slq import pad, probe_groups, run_probes
+from hpcqml.modes import fidelity_ii93, is_dissipative
 
 UNKNOWN = "unknown (fewer than 3 probes)"
 UNRESOLVED = "unresolved"
@@ -268,8 +268,6 @@ class Spectrum:
     @staticmethod
     def _fraction_stat(num: np.ndarray, den: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         """Delta_+/Delta of the per-probe masses ``num``/``den``, by the formula of eq. II.93."""
-        from hpcqml.hhl.truncated import fidelity_ii93
-
         def stat(idx: np.ndarray) -> np.ndarray:
             return np.asarray(fidelity_ii93(num[idx].mean(axis=1), den[idx].mean(axis=1)))  # arrays in, array out
         return stat

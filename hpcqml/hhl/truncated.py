@@ -24,6 +24,7 @@ import numpy as np
 
 from hpcqml.errors import UserError
 from hpcqml.hhl.statevector import HermitianSystem, HHLResult
+from hpcqml.modes import dissipative_counts, dissipative_mean, fidelity_ii92, fidelity_ii93  # noqa: F401  (re-exported)
 
 
 def _check_kappa(kappa_a: float) -> float:
@@ -94,58 +95,12 @@ def haar_average_fidelity(eigenvalues: np.ndarray, kappa_a: float) -> float:
 def dissipative_split(qcm_eigenvalues: np.ndarray) -> tuple[int, int, float]:
     """``(Delta_+, Delta, a_+)`` from the eigenvalues ``a_mu`` of the Carleman matrix A.
 
-    The count is :func:`hpcqml.carleman.spectra.dissipative_counts` (``|1 + a_mu| < 1``,
-    eq. II.28) and ``a_+`` is :func:`hpcqml.carleman.spectra.dissipative_mean` (the mean
+    The count is :func:`hpcqml.modes.dissipative_counts` (``|1 + a_mu| < 1``,
+    eq. II.28) and ``a_+`` is :func:`hpcqml.modes.dissipative_mean` (the mean
     real part of the dissipative eigenvalues; ``nan`` when there are none).
     """
-    from hpcqml.carleman.spectra import dissipative_counts, dissipative_mean
-
     a = np.asarray(qcm_eigenvalues)
     if a.size == 0:
         raise UserError("truncated HHL: empty Carleman spectrum")
     d_plus, _ = dissipative_counts(a)
     return d_plus, int(a.size), dissipative_mean(a)
-
-
-def fidelity_ii92(delta_plus: int, delta: int, a_plus: float, T: int) -> float:
-    """Eq. II.92 with ``kappa_a = 2(T+1)``: ``Delta_+ G / ( ((T+1) Delta)^{1/2} (Delta_+ G + (T+1) Delta_-)^{1/2} )``.
-
-    ``G = sum_{t=0}^{T} (1 + a_+)^t = ((1 + a_+)^{T+1} - 1) / a_+`` (``T + 1`` at ``a_+ = 0``).
-    The one formula of eq. II.92.  ``a_+`` is the representative dissipative eigenvalue of
-    :func:`hpcqml.carleman.spectra.dissipative_mean` (weighted mean of Re a over the modes with
-    ``|1 + a| < 1``).
-    """
-    if not (0 <= delta_plus <= delta and delta >= 1 and T >= 0):
-        raise UserError(f"eq. II.92: need 0 <= Delta_+ <= Delta, Delta >= 1, T >= 0 "
-                        f"(got {delta_plus}, {delta}, {T})")
-    if delta_plus == 0:
-        return 0.0
-    if a_plus == 0.0:
-        g = float(T + 1)
-    elif a_plus > -1.0:
-        g = float(np.expm1((T + 1) * np.log1p(a_plus)) / a_plus)
-    else:
-        g = float(((1.0 + a_plus) ** (T + 1) - 1.0) / a_plus)
-    d_minus = delta - delta_plus
-    return delta_plus * g / (np.sqrt((T + 1) * delta) * np.sqrt(delta_plus * g + (T + 1) * d_minus))
-
-
-def fidelity_ii93(delta_plus: float | np.ndarray, delta: float | np.ndarray) -> float | np.ndarray:
-    """Eq. II.93, the ``a_+ -> 0^-`` limit of eq. II.92: ``Delta_+ / Delta``.
-
-    The one formula of eq. II.93 (and of the ratio Delta_+/Delta of eq. II.28).  ``delta_plus``
-    and ``delta`` are mode counts or masses (SLQ weights), scalars or arrays of equal shape.
-
-    Returns:
-        A float for scalars, else a float64 array (NaN where ``delta`` is 0).
-
-    Raises:
-        UserError: a negative count/mass, ``Delta_+ > Delta``, or a scalar ``Delta`` <= 0.
-    """
-    dp = np.asarray(delta_plus, dtype=np.float64)
-    d = np.asarray(delta, dtype=np.float64)
-    if np.any(dp < 0) or np.any(dp > d * (1.0 + 1e-12)) or (d.ndim == 0 and not d > 0):
-        raise UserError(f"eq. II.93: need 0 <= Delta_+ <= Delta and Delta > 0 (got {delta_plus}, {delta})")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = dp / d
-    return float(ratio) if ratio.ndim == 0 else ratio

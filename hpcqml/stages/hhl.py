@@ -291,7 +291,8 @@ def _carleman_facts(problem: _Problem, eps: float) -> dict[str, Any]:
     """Quantities only a Carleman case has: spectrum of A, its dissipative split, eq. I.1/I.2 inputs."""
     from hpcqml.carleman.reference import exact_recurrence
     from hpcqml.hhl import resources as res
-    from hpcqml.hhl.truncated import dissipative_split, fidelity_ii92, fidelity_ii93
+    from hpcqml.hhl.truncated import dissipative_split
+    from hpcqml.modes import fidelity_ii92, fidelity_ii93
 
     ode, T = problem.ode, problem.sizes["T"]
     A_dense = problem.A.toarray()

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from hpcqml.errors import UserError
+from hpcqml.errors import StoppedBySignal
 from hpcqml.io import read_limited
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -85,10 +85,6 @@ class StopFlag:
         if buf[0]:
             self.signum = _SIGNUM.get(int(buf[0]), signal.SIGTERM)
         return bool(buf[0])
-
-
-class StoppedBySignal(UserError):
-    """Raised on every rank after a stop signal, once the checkpoint is on disk."""
 
 
 def effective_signal(signum: int | None, env: Mapping[str, str] | None = None) -> int | None:
