@@ -4,7 +4,7 @@ Covers pruned networks' Hessian spectra and Carleman training, usable as a pipel
 (``hpcqml run``) or as a library.
 
 Library entry points (imported on first use: ``import hpcqml`` stays light):
-``hpcqml.slq`` and ``hpcqml.Spectrum`` (from :mod:`hpcqml.hessian.spectrum`),
+``hpcqml.slq`` (from :mod:`hpcqml.hessian.slq`), ``hpcqml.Spectrum`` (from :mod:`hpcqml.hessian.spectrum`),
 ``hpcqml.HessianLinearOperator`` (from :mod:`hpcqml.hessian.hvp`).  See docs/library.md.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {"slq": "hpcqml.hessian.spectrum", "Spectrum": "hpcqml.hessian.spectrum",
+_LAZY = {"slq": "hpcqml.hessian.slq", "Spectrum": "hpcqml.hessian.spectrum",
          "HessianLinearOperator": "hpcqml.hessian.hvp"}
 
 

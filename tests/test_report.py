@@ -94,7 +94,7 @@ def _add_spectrum(path: Path) -> None:
     import numpy as np
     import torch
 
-    from hpcqml.hessian.spectrum import slq
+    from hpcqml.hessian.slq import slq
     from hpcqml.stages.spectrum import SCHEMA, result_writer
 
     diag = torch.tensor([-1.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0], dtype=torch.float64)

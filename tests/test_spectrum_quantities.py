@@ -8,7 +8,8 @@ import torch
 
 from hpcqml.hessian.lanczos import Interrupted, lanczos, rademacher_slice
 from hpcqml.hessian.slq import ProbesInterrupted, probe_groups, run_probes
-from hpcqml.hessian.spectrum import UNKNOWN, Estimate, Spectrum, slq
+from hpcqml.hessian.slq import slq
+from hpcqml.hessian.spectrum import UNKNOWN, Estimate, Spectrum
 
 torch.set_num_threads(1)
 

@@ -17,18 +17,15 @@ Modules
              data-sharded over an MPI communicator.
 ``lanczos``  Lanczos with float64 recurrence coefficients and full reorthogonalisation
              against a Krylov basis sharded by parameter slices across ranks.
-``slq``      Rademacher probes, probe groups, Gauss nodes/weights, Hutchinson trace.
-``spectrum`` the ``Spectrum`` object and ``slq`` on any symmetric operator.
+``slq``      ``slq`` on any symmetric operator: Rademacher probes, probe groups, Hutchinson trace.
+``spectrum`` the ``Spectrum`` and ``Estimate`` types (numpy only, no torch).
 ``density``  Gaussian-kernel spectral density on a grid (width rule stored).
 ``proxy``    error proxy of eq. III.10-III.13, dissipative fraction (eq. II.28) and
              time limit (eq. II.34).
 
-Shared definitions live with the Carleman and HHL code: the dissipative-mode test
-``|1 + a| < 1`` and the representative a_+ (weighted mean of Re a over the dissipative modes)
-are :func:`hpcqml.carleman.spectra.is_dissipative` and
-:func:`hpcqml.carleman.spectra.dissipative_mean`; the formulas of eq. II.92 and eq. II.93 are
-:func:`hpcqml.hhl.truncated.fidelity_ii92` and :func:`hpcqml.hhl.truncated.fidelity_ii93`
-(``Spectrum.dissipative_fraction`` and ``Spectrum.fidelity_ii93`` evaluate the latter on SLQ
+Shared definitions live in the low layer :mod:`hpcqml.modes`: the dissipative-mode test
+``|1 + a| < 1``, the representative a_+ and the formulas of eq. II.92 and eq. II.93
+(``Spectrum.dissipative_fraction`` and ``Spectrum.fidelity_ii93`` evaluate them on SLQ
 masses with a = -lambda or a = -eta*lambda).
 
 Every kernel takes its MPI communicator as an argument; none reads files or configs.
@@ -41,7 +38,7 @@ from typing import Any
 _LAZY = {
     "CurvatureOperator": "hvp", "HessianLinearOperator": "hvp", "HessianOperator": "hvp",
     "DoubleBackwardHessian": "hvp", "FuncHessian": "hvp", "ParamSpace": "hvp", "param_space": "hvp",
-    "slq": "spectrum", "Spectrum": "spectrum", "Estimate": "spectrum",
+    "slq": "slq", "Spectrum": "spectrum", "Estimate": "spectrum",
 }
 
 __all__ = ["CurvatureOperator", "DoubleBackwardHessian", "Estimate", "FuncHessian", "HessianLinearOperator",

@@ -19,13 +19,14 @@ and the Krylov basis sharded over its own ranks.  Probe ``l`` is always drawn fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from hpcqml.errors import UserError
 from hpcqml.hessian.lanczos import Interrupted, LanczosResult, lanczos, rademacher_slice
+from hpcqml.hessian.spectrum import Spectrum, pad  # noqa: F401  (pad re-exported)
 from hpcqml.parallel import block_bounds
 
 
@@ -133,10 +134,58 @@ def run_probes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, layout: G
     return sorted(out, key=lambda r: r.probe)
 
 
-def pad(rows: Iterable[np.ndarray], width: int) -> np.ndarray:
-    """Stack 1-D arrays into (len, width) float64 padded with NaN."""
-    rows = list(rows)
-    out = np.full((len(rows), width), np.nan, dtype=np.float64)
-    for i, r in enumerate(rows):
-        out[i, :r.size] = r
-    return out
+def operator_size(operator: Any) -> int:
+    """``n`` of an operator: its int attribute ``n``, else ``shape[0]`` of a square ``shape``."""
+    n = getattr(operator, "n", None)
+    if n is None:
+        shape = tuple(getattr(operator, "shape", ()))
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise ValueError("operator needs an int attribute n or a square shape (n, n)")
+        n = shape[0]
+    if int(n) < 1:
+        raise ValueError(f"operator size n = {n}: must be >= 1")
+    return int(n)
+
+
+def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0, comm: Any = None,
+        reorth: str = "full", dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+        basis_device: torch.device | str | None = None,
+        on_step: Callable[[int, int, int], None] | None = None, **settings: Any) -> Spectrum:
+    """Stochastic Lanczos quadrature of a symmetric operator.
+
+    Args:
+        operator: anything with an int ``n`` (or ``shape == (n, n)``) and
+            ``matvec(v: torch.Tensor) -> torch.Tensor`` on full length-n vectors;
+            collective over ``comm`` when one is given (e.g. :class:`HessianOperator`).
+        probes: number of Rademacher probes (numbered 0..probes-1), or the probe numbers.
+        steps: Lanczos steps per probe (at most n).
+        seed: probe seed; probe ``l`` is ``rademacher_slice(n, .., seed, l)``.
+        comm: MPI communicator the operator is collective over (None: one process); the
+            Krylov basis is sharded over it.
+        reorth: ``full`` or ``none``.
+        dtype: dtype of the basis and of the vectors passed to ``matvec`` (default: the
+            operator's ``dtype`` attribute, else float64).
+        device: where ``matvec`` takes its vectors (default: the operator's ``device``, else CPU).
+        basis_device: where the Krylov basis lives (default ``device``).
+        on_step: ``on_step(probe, done, total)`` after every Lanczos step.
+        **settings: :class:`Spectrum` settings (``bootstrap``, ``bootstrap_seed``,
+            ``confidence``, ``resolution_mass``, ``resolution_rel``).
+
+    Returns:
+        The :class:`Spectrum`.
+
+    Raises:
+        ValueError: ``steps`` larger than ``n`` or below 1, no probes.
+    """
+    n = operator_size(operator)
+    if not 1 <= int(steps) <= n:
+        raise ValueError(f"Lanczos steps = {steps}: must be between 1 and the operator size n = {n}")
+    numbers = list(range(int(probes))) if isinstance(probes, (int, np.integer)) else [int(p) for p in probes]
+    if not numbers:
+        raise ValueError("slq needs at least one probe")
+    state_dtype = dtype or getattr(operator, "dtype", None) or torch.float64
+    dev = device if device is not None else getattr(operator, "device", "cpu")
+    results = run_probes(operator.matvec, n, probe_groups(comm, 1), numbers, int(seed), steps=int(steps),
+                         reorth=reorth, state_dtype=state_dtype, device=dev, basis_device=basis_device,
+                         on_step=on_step)
+    return Spectrum.from_results(results, n, **settings)

@@ -14,7 +14,8 @@ from hpcqml.hessian.hvp import HessianOperator
 from hpcqml.hessian.lanczos import lanczos, rademacher_slice
 from hpcqml.parallel import block_bounds
 from hpcqml.hessian.slq import probe_groups, run_probes
-from hpcqml.hessian.spectrum import Spectrum, slq
+from hpcqml.hessian.slq import slq
+from hpcqml.hessian.spectrum import Spectrum
 
 torch.set_num_threads(1)
 COMM = MPI.COMM_WORLD
