@@ -51,7 +51,7 @@ write_config() {
   fi
   chmod 400 "$dir/munge/munge.key"
   local cpus mem_mb
-  cpus="$(nproc)"
+  cpus="$(nproc --all)"  # --all: OMP_NUM_THREADS must not shrink the node
   # Advertise 90% of the physical memory so that '#SBATCH --mem' requests are checked
   # against what the machine really has.
   mem_mb="$(awk '/^MemTotal:/ {printf "%d", $2 * 0.9 / 1024}' /proc/meminfo)"

@@ -190,7 +190,10 @@ def _slurm_directives(spec: JobSpec) -> list[str]:
          f"#SBATCH --ntasks-per-node={rpn}",
          f"#SBATCH --cpus-per-task={spec.cpus_per_rank}"]
     if spec.gpus_per_node:
+        # one GPU per task where there are enough (ranks sharing a GPU only when there are more
+        # ranks than GPUs on the node): srun binds each rank to its own device
         d.append(f"#SBATCH --gpus-per-node={spec.gpus_per_node}")
+        d.append(f"#SBATCH --gpu-bind=single:{math.ceil(rpn / spec.gpus_per_node)}")
     if spec.mem:
         d.append(f"#SBATCH --mem={_slurm_mem(spec.mem)}")
     d += [f"#SBATCH --time={spec.time}",
@@ -373,11 +376,39 @@ if [ -z "${LAUNCH:-}" ]; then
   else
     LAUNCH="mpirun"
     [ "$(id -u)" = 0 ] && LAUNCH="$LAUNCH --allow-run-as-root"
+    LAUNCH="$LAUNCH $(map_and_bind "${SLURM_CPUS_PER_TASK:-__CPUS__}" __RPN__)"
   fi
-fi'''
+fi'''.replace("__CPUS__", str(spec.cpus_per_rank)).replace("__RPN__", str(min(spec.ranks_per_node, spec.total_ranks)))
     tail = _LAUNCH_BODY.replace("__TIMER__", "").replace("__OUTPUT__", spec.output)
     tail = tail.replace("__SCHEDULER__", "slurm")
-    return "\n".join(lines) + "\n" + pre + _body(spec) + launcher + "\n" + tail
+    return "\n".join(lines) + "\n" + pre + _body(spec) + _MAP_AND_BIND + launcher + "\n" + tail
+
+
+#: Shell function of the mpirun fallback: Open MPI maps each rank onto its own block of cores
+#: (``PE`` = threads per rank) and binds it there; other MPIs get no flags (their launchers
+#: spell binding differently), and neither does a machine with fewer cores than that asks.
+_MAP_AND_BIND = r'''
+map_and_bind() {  # threads per rank, ranks per node
+  local pe="$1" rpn="$2"
+  if mpirun --version 2>&1 | grep -q "Open MPI" && [ "$(nproc --all)" -ge $((pe * rpn)) ]; then
+    echo "--map-by slot:PE=$pe --bind-to core"
+  fi
+}'''
+
+
+def _portable_script_path(path: str) -> str:
+    """The script's path for resubmission: relative to the repository (the working directory
+    at render time) when it lies inside, so a copied or moved checkout still finds it.
+    """
+    if not path:
+        return ""
+    p = Path(path)
+    if p.is_absolute():
+        try:
+            return str(p.resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(p)
+    return str(p)
 
 
 def render_pbs(spec: JobSpec) -> str:
@@ -385,7 +416,7 @@ def render_pbs(spec: JobSpec) -> str:
     check_spec(replace(spec, scheduler="pbs"))
     wall = parse_time(spec.time)
     lines = _header(spec, _pbs_directives(spec))
-    resubmit = spec.script_path or ""
+    resubmit = _portable_script_path(spec.script_path)
     pre = r'''
 HPCQML_ROOT="${HPCQML_ROOT:-${PBS_O_WORKDIR:-$PWD}}"
 JOBID="${PBS_JOBID:-}"
@@ -409,12 +440,13 @@ if [ -z "${LAUNCH:-}" ]; then
   LAUNCH="mpirun"
   [ "$(id -u)" = 0 ] && LAUNCH="$LAUNCH --allow-run-as-root"
   [ -n "${PBS_NODEFILE:-}" ] && LAUNCH="$LAUNCH --hostfile $PBS_NODEFILE"
-fi'''
+  LAUNCH="$LAUNCH $(map_and_bind "${OMP_NUM_THREADS:-__CPUS__}" __RPN__)"
+fi'''.replace("__CPUS__", str(spec.cpus_per_rank)).replace("__RPN__", str(min(spec.ranks_per_node, spec.total_ranks)))
     timer = _PBS_TIMER.replace("__LEAD__", str(spec.signal_lead)).replace("__WALL__", str(wall))
     timer = timer.replace("__TIME__", spec.time)
     tail = _LAUNCH_BODY.replace("__TIMER__", timer).replace("__OUTPUT__", spec.output)
     tail = tail.replace("__SCHEDULER__", "pbs")
-    return "\n".join(lines) + "\n" + pre + _body(spec) + launcher + "\n" + tail
+    return "\n".join(lines) + "\n" + pre + _body(spec) + _MAP_AND_BIND + launcher + "\n" + tail
 
 
 _PBS_TIMER = r'''# the warning signal, __LEAD__ s before the __TIME__ wall time; the timer's sleep is stopped
