@@ -11,7 +11,7 @@ NP ?= 2
 STAMP := $(VENV)/.hpcqml-installed
 TEST_TIMEOUT ?= 1500
 
-.PHONY: install demo test test-serial test-mpi bench clean-results
+.PHONY: install demo test test-serial test-mpi bench clean-results notebook lab
 install: $(STAMP)
 
 $(STAMP): setup.py env/install.sh
@@ -39,6 +39,21 @@ test-mpi: $(STAMP)
 
 bench: $(STAMP)
 	bash benchmarks/run_all.sh
+
+# The analysis notebook.  `make notebook` runs it headless (no browser, no server) on
+# $(NOTEBOOK_RESULTS), making the demo's results first when they are missing, and writes
+# notebooks/analysis-executed.ipynb; `make lab` installs JupyterLab from PyPI into the venv
+# the first time and opens the notebook in it.
+NOTEBOOK_RESULTS ?= results/demo.h5
+notebook: $(STAMP)
+	@test -f "$(NOTEBOOK_RESULTS)" || $(MAKE) --no-print-directory demo
+	HPCQML_RESULTS="$(abspath $(NOTEBOOK_RESULTS))" MPLBACKEND=Agg $(VENV)/bin/jupyter execute \
+	  --output=analysis-executed notebooks/analysis.ipynb
+	@echo "executed: notebooks/analysis-executed.ipynb (open it, or 'make lab' for a live session)"
+
+lab: $(STAMP)
+	$(VENV)/bin/python -c "import jupyterlab" 2>/dev/null || $(VENV)/bin/pip install -q "jupyterlab>=4,<5"
+	HPCQML_RESULTS="$(abspath $(NOTEBOOK_RESULTS))" $(VENV)/bin/jupyter lab notebooks/analysis.ipynb
 
 clean-results:
 	find results -mindepth 1 ! -name README.md ! -name .gitignore -exec rm -rf {} +
