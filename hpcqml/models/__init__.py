@@ -115,8 +115,10 @@ def cli_list(args: argparse.Namespace) -> int:
     names = list(getattr(args, "names", None) or LISTED_MODELS)
     classes = int(getattr(args, "classes", 100))
     depths = [parse_name(name)[0] for name in names]        # refuse bad names before printing
-    print(f"{'model':<16}{'block':<12}{'parameters':>16}")
+    print(f"{'model':<16}{'block':<12}{f'parameters ({classes} classes)':>26}")
     for name, depth in zip(names, depths, strict=True):
         block = "bottleneck" if depth >= BOTTLENECK_MIN_DEPTH else "basic"
-        print(f"{name:<16}{block:<12}{analytic_parameter_count(name, classes):>16,}")
+        print(f"{name:<16}{block:<12}{analytic_parameter_count(name, classes):>26,}")
+    print(f"# the classifier has {classes} outputs; a config's count depends on its data set's classes "
+          f"(--classes N; the synthetic demo set has fewer classes than CIFAR-100)")
     return 0
