@@ -35,8 +35,8 @@ PTH
 # Keep Debian's numpy 1.x: petsc4py is compiled against it.
 numpy_version="$("$venv/bin/python" -c 'import numpy; print(numpy.__version__)')"
 echo "numpy==$numpy_version" > "$venv/constraints.txt"
-echo "[install] pip install -e .[test] (torch CPU build, numpy pinned to $numpy_version)"
-"$venv/bin/pip" install -q -c "$venv/constraints.txt" "torch==2.13.0" -e "$here[test]"
+echo "[install] pip install -e .[test,analysis] (torch CPU build, numpy pinned to $numpy_version)"
+"$venv/bin/pip" install -q -c "$venv/constraints.txt" "torch==2.13.0" -e "$here[test,analysis]"
 # curvlinops-for-pytorch is the reference Hessian operator of the library tests. Its dependency
 # backpack declares torchvision, whose only wheel for this torch is a CUDA build that does not load
 # beside the CPU torch; neither curvlinops' Hessian nor hpcqml imports it, so install without deps.

@@ -54,6 +54,54 @@ def arrays_of(group: h5py.Group) -> dict[str, np.ndarray]:
     return {k: decode(v[()]) for k, v in group.items() if isinstance(v, h5py.Dataset)}
 
 
+def labels_of(group: h5py.Group) -> tuple[dict[str, str], dict[str, str]]:
+    """``(units, descriptions)`` of the datasets directly inside ``group``, by name."""
+    units, descriptions = {}, {}
+    for k, v in group.items():
+        if isinstance(v, h5py.Dataset):
+            units[k] = str(decode(v.attrs.get("units", "")))
+            descriptions[k] = str(decode(v.attrs.get("description", "")))
+    return units, descriptions
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A stored array with what it means: ``value`` in ``units``, described by ``description``."""
+
+    name: str
+    value: Any
+    units: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.name} [{self.units}]: {self.description}"
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError:
+        from hpcqml.errors import UserError
+
+        raise UserError("to_dataframe() needs pandas: pip install pandas (make install brings it)") from None
+    return pandas
+
+
+def _xarray() -> Any:
+    try:
+        import xarray
+    except ImportError:
+        from hpcqml.errors import UserError
+
+        raise UserError("to_xarray() needs xarray: pip install xarray (make install brings it)") from None
+    return xarray
+
+
+def _scalar_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attributes that fit in one table cell (numbers, strings, booleans)."""
+    return {k: v for k, v in attrs.items() if isinstance(v, (int, float, str, bool, np.number, np.bool_))}
+
+
 @dataclass
 class Invocation:
     """One invocation of hpcqml on the file (``/provenance/run_NNN``)."""
@@ -166,19 +214,66 @@ class StageState:
 
 @dataclass
 class Section:
-    """A stage's group (or a case/state inside it): its attributes and its arrays."""
+    """A stage's group (or a case/state inside it): its attributes and its arrays.
+
+    ``units`` and ``descriptions`` give, by array name, what the store wrote beside each
+    dataset; :meth:`quantity` bundles one array with both, :meth:`to_dataframe` and
+    :meth:`to_xarray` export the arrays with them.
+    """
 
     name: str
     attrs: dict[str, Any]
     arrays: dict[str, np.ndarray]
     children: dict[str, "Section"] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)
+    descriptions: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_group(cls, name: str, group: h5py.Group, depth: int = 3) -> "Section":
         kids = {}
         if depth > 0:
             kids = {k: cls.from_group(k, v, depth - 1) for k, v in group.items() if isinstance(v, h5py.Group)}
-        return cls(name=name, attrs=attrs_of(group), arrays=arrays_of(group), children=kids)
+        units, descriptions = labels_of(group)
+        return cls(name=name, attrs=attrs_of(group), arrays=arrays_of(group), children=kids,
+                   units=units, descriptions=descriptions)
+
+    def quantity(self, name: str) -> Quantity:
+        """The array ``name`` with its units and description."""
+        if name not in self.arrays:
+            raise KeyError(f"{self.name}: no dataset {name!r} (have {', '.join(sorted(self.arrays)) or 'none'})")
+        return Quantity(name, self.arrays[name], self.units.get(name, ""), self.descriptions.get(name, ""))
+
+    def to_dataframe(self) -> Any:
+        """The one-dimensional arrays of the longest common length as a pandas DataFrame.
+
+        Each column's units and description are in ``df.attrs["units"]`` and
+        ``df.attrs["descriptions"]``; the section's attributes in ``df.attrs["attrs"]``.
+        Arrays of other lengths or more dimensions are left out (use :meth:`to_xarray`).
+        """
+        pandas = _pandas()
+        columns = {k: v for k, v in self.arrays.items() if np.ndim(v) == 1}
+        lengths = [len(v) for v in columns.values()]
+        length = max(set(lengths), key=lambda n: (lengths.count(n), n)) if lengths else 0
+        columns = {k: v for k, v in columns.items() if len(v) == length}
+        df = pandas.DataFrame(columns)
+        df.attrs.update(units={k: self.units.get(k, "") for k in columns},
+                        descriptions={k: self.descriptions.get(k, "") for k in columns},
+                        attrs=_scalar_attrs(self.attrs), name=self.name)
+        return df
+
+    def to_xarray(self) -> Any:
+        """Every array as an xarray Dataset variable, with ``units`` and ``description``
+        attributes; dimensions are named ``<array>_dim<i>`` except that arrays of one shared
+        length share the dimension ``row``.
+        """
+        xarray = _xarray()
+        common = self.to_dataframe().columns if self.arrays else []
+        variables = {}
+        for k, v in self.arrays.items():
+            dims = ("row",) if k in common else tuple(f"{k}_dim{i}" for i in range(np.ndim(v)))
+            variables[k] = xarray.Variable(dims, np.asarray(v), attrs={"units": self.units.get(k, ""),
+                                                                       "description": self.descriptions.get(k, "")})
+        return xarray.Dataset(variables, attrs={"name": self.name, **_scalar_attrs(self.attrs)})
 
 
 @dataclass
@@ -196,6 +291,8 @@ class StateSpectrum:
     rho: np.ndarray | None
     sigma: float | None
     attrs: dict[str, Any]
+    #: the eigenvalue units the stage wrote on the nodes (those of the loss per parameter squared)
+    units: str = ""
 
     @property
     def nodes(self) -> np.ndarray:
@@ -206,6 +303,43 @@ class StateSpectrum:
     def weights(self) -> np.ndarray:
         """Gauss weights, one row per probe (each row sums to 1)."""
         return self.spectrum.weights
+
+    def to_dataframe(self) -> Any:
+        """The SLQ nodes in long form: one row per (probe, node) with ``theta`` (eigenvalue
+        units), ``weight`` (Gauss weight within its probe, dimensionless) and ``residual``
+        (the node's residual bound, eigenvalue units); padding rows are dropped.
+        """
+        pandas = _pandas()
+        sp = self.spectrum
+        probe = np.repeat(np.asarray(sp.probes, dtype=np.int64), sp.nodes.shape[1])
+        index = np.tile(np.arange(sp.nodes.shape[1], dtype=np.int64), sp.nodes.shape[0])
+        df = pandas.DataFrame({"probe": probe, "node": index, "theta": sp.nodes.ravel(),
+                               "weight": sp.weights.ravel(), "residual": sp.residuals.ravel()})
+        df = df[np.isfinite(df["theta"].to_numpy())].reset_index(drop=True)
+        df.attrs.update(units={"probe": "count", "node": "count", "theta": self.units, "weight": "1",
+                               "residual": self.units},
+                        descriptions={"theta": "Ritz value (Gauss node) of the probe's Lanczos run",
+                                      "weight": "Gauss weight; the SLQ measure gives it weight/n_probes",
+                                      "residual": "residual bound |beta_k s_ki| of the Ritz pair"},
+                        state=self.label)
+        return df
+
+    def to_xarray(self) -> Any:
+        """Nodes, weights and residual bounds as an xarray Dataset over (probe, node), and the
+        smoothed density over ``eigenvalue`` when one is stored.
+        """
+        xarray = _xarray()
+        sp = self.spectrum
+        coords = {"probe": np.asarray(sp.probes, dtype=np.int64), "node": np.arange(sp.nodes.shape[1])}
+        data = {"theta": (("probe", "node"), sp.nodes, {"units": self.units, "description": "Ritz values"}),
+                "weight": (("probe", "node"), sp.weights, {"units": "1", "description": "Gauss weights"}),
+                "residual": (("probe", "node"), sp.residuals,
+                             {"units": self.units, "description": "residual bounds of the Ritz pairs"})}
+        if self.grid is not None and self.rho is not None:
+            coords["eigenvalue"] = self.grid
+            data["density"] = (("eigenvalue",), self.rho, {
+                "units": f"1/({self.units})", "description": f"Gaussian-smoothed SLQ density, sigma {self.sigma}"})
+        return xarray.Dataset(data, coords=coords, attrs={"state": self.label, **_scalar_attrs(self.attrs)})
 
 
 def _state_spectrum(label: str, result: h5py.Group) -> StateSpectrum:
@@ -218,7 +352,7 @@ def _state_spectrum(label: str, result: h5py.Group) -> StateSpectrum:
         grid=dens["grid"][()] if dens is not None and "grid" in dens else None,
         rho=dens["rho"][()] if dens is not None and "rho" in dens else None,
         sigma=float(dens.attrs["sigma"]) if dens is not None and "sigma" in dens.attrs else None,
-        attrs=attrs_of(result))
+        attrs=attrs_of(result), units=str(decode(result["nodes"].attrs.get("units", ""))) if "nodes" in result else "")
 
 
 @dataclass
@@ -228,6 +362,23 @@ class QcmCase:
     label: str
     attrs: dict[str, Any]
     orders: dict[int, Section]
+
+    def to_dataframe(self) -> Any:
+        """One row per Carleman order ``N``: that order's scalar attributes (errors, bounds,
+        condition numbers, flags), with the case's own attributes in ``df.attrs``.
+        """
+        pandas = _pandas()
+        rows = [{"N": n, **_scalar_attrs(sec.attrs)} for n, sec in self.orders.items()]
+        df = pandas.DataFrame(rows)
+        df.attrs.update(case=self.label, attrs=_scalar_attrs(self.attrs))
+        return df
+
+
+def cases_table(cases: dict[str, Any]) -> Any:
+    """One row per case (a Section or QcmCase): its scalar attributes, indexed by label."""
+    pandas = _pandas()
+    rows = {label: _scalar_attrs(case.attrs) for label, case in cases.items()}
+    return pandas.DataFrame.from_dict(rows, orient="index")
 
 
 class Results:
