@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("report", "info"),
     ("preflight",),
     ("stages",),
-    ("jobs", "runner"),
+    ("jobs", "runner", "calibrate"),
     ("cli",),
     ("__main__",),
 )
