@@ -220,7 +220,7 @@ def test_a_new_route_is_one_subclass(conv_case):
         op = HessianLinearOperator(net, (x, y), micro_batch=7, route="autograd-hvp")
         v = rand_vec(op.n, 10)
         assert torch.allclose(op @ v, H @ v, rtol=RTOL, atol=ATOL)
-        auto = HessianLinearOperator(net, (x, y), micro_batch=7)
+        auto = HessianLinearOperator(net, (x, y), micro_batch=7, route="auto")
         auto @ v
         assert set(auto.route_timings) == {"double-backward", "func", "autograd-hvp"}
     finally:

@@ -21,13 +21,23 @@ by the global mean's denominator, so a ragged last chunk is weighted correctly).
 iterates its shard of the data, splits every batch into micro-batches, accumulates the
 chunk products, and the partial products are summed over ranks by MPI allreduce.
 
-BatchNorm layers are used in eval mode (running statistics fixed; they are neither used
-from the batch nor updated by a product).
+BatchNorm layers: ``batchnorm = "eval"`` (the default) normalises with the running
+statistics, so ``L`` is a sum over samples as above.  ``batchnorm = "train"`` normalises
+each chunk with its own batch statistics (the running statistics are neither used nor
+updated); the samples of a chunk are then coupled, and the operator is the sum over chunks
+of ``Hess(L_c)`` with ``L_c`` evaluated on chunk c alone.  It therefore depends on how the
+data is cut into chunks: the chunks are the micro-batches of each batch as this rank's data
+yields it, so two layouts give the same operator exactly when they give the same chunks
+(for instance whole batches as chunks, ``micro_batch=None``, with each batch held by one
+rank).  Dropout and every other layer stay in eval mode.
 
 Structure: :class:`CurvatureOperator` owns the parameters, the data iteration, the
-micro-batching, the scaling, the reductions and the product API (``@``, ``matvec``,
-``matmat``, ``to_scipy``); a product route is a subclass that implements the one per-chunk
-hook ``_chunk_products``.  Two routes are implemented:
+micro-batching, the scaling, the BatchNorm mode and the reductions; the product API (``@``,
+``matvec``, ``matmat``, ``to_scipy``, ``A + B``, ``c * A``, ``A.T``, lists of
+parameter-shaped tensors) comes from :class:`hpcqml.hessian.algebra.OperatorAlgebra`.  A
+product route or another curvature matrix (:mod:`hpcqml.hessian.curvature`) is a subclass
+that implements the one per-chunk hook ``_chunk_products``.  Two Hessian routes are
+implemented:
 
 * ``double-backward`` (:class:`DoubleBackwardHessian`): g = dL_c/dtheta with
   ``create_graph=True``, then d(g . v)/dtheta;
@@ -35,7 +45,9 @@ hook ``_chunk_products``.  Two routes are implemented:
   ``torch.func.jvp(torch.func.grad(L_c), (theta,), (v,))``.
 
 :class:`HessianLinearOperator` runs one of them by name, or with ``auto`` times every route
-on the first product and keeps the fastest (decided on rank 0 and broadcast).
+on the first product and keeps the fastest (decided on rank 0 and broadcast); without a
+route it takes the fixed default of the device type (:func:`default_route`), so the same
+configuration on the same kind of machine always runs the same arithmetic.
 :class:`HessianOperator` keeps the suite's original call signature (one tensor batch, mean
 cross-entropy, the global batch size given).
 """
@@ -43,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import inspect
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -54,20 +67,48 @@ import torch
 import torch.nn.functional as F
 
 from hpcqml.errors import NumericalError, UserError
+from hpcqml.hessian.algebra import OperatorAlgebra
 from hpcqml.parallel import allreduce_sum
 
 SPACES = ("all", "support")
 REDUCTIONS = ("mean", "sum")
+BATCHNORM_MODES = ("eval", "train")
+DEFAULT_ROUTES = {"cpu": "double-backward", "cuda": "double-backward"}
+"""The route taken when none is named, per device type: double backward needs no forward-mode
+derivative of any layer, so it runs every model; ``auto`` or a name chooses otherwise."""
 
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode for the duration, restoring each flag afterwards."""
+    with product_mode(model, "eval"):
+        yield
+
+
+@contextlib.contextmanager
+def product_mode(model: torch.nn.Module, batchnorm: str = "eval") -> Iterator[None]:
+    """Eval mode for the duration, BatchNorm layers in ``batchnorm`` mode; flags restored after.
+
+    ``train``: every BatchNorm layer normalises with the statistics of the batch it is given
+    and neither reads nor updates its running statistics (``track_running_stats`` is off for
+    the duration).
+    """
+    if batchnorm not in BATCHNORM_MODES:
+        raise UserError(f"batchnorm = {batchnorm!r}: not one of {', '.join(BATCHNORM_MODES)}")
     flags = [(m, m.training) for m in model.modules()]
+    tracked = []
     model.eval()
     try:
+        if batchnorm == "train":
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    tracked.append((m, m.track_running_stats))
+                    m.track_running_stats = False
+                    m.train(True)
         yield
     finally:
+        for m, keep in tracked:
+            m.track_running_stats = keep
         for m, flag in flags:
             m.train(flag)
 
@@ -122,26 +163,77 @@ class ParamSpace:
             parts.append(t.reshape(-1) if self.masks[k] is None else t[self.masks[k]])
         return torch.cat(parts)
 
+    def restrict(self, names: Sequence[str]) -> ParamSpace:
+        """The subspace of the listed parameters (model order kept, their masks kept)."""
+        keep = set(names)
+        unknown = sorted(keep - set(self.names))
+        if unknown:
+            raise UserError(f"parameter {unknown[0]!r} is not in the operator's coordinate space")
+        idx = [k for k, name in enumerate(self.names) if name in keep]
+        return ParamSpace([self.names[k] for k in idx], [self.params[k] for k in idx],
+                          [self.masks[k] for k in idx], [self.sizes[k] for k in idx])
 
-def param_space(model: torch.nn.Module, wrt: str = "all",
-                mask: Mapping[str, torch.Tensor] | None = None) -> ParamSpace:
-    """Build the coordinate subspace: ``all`` trainable parameters or the mask ``support``.
+    def index_of(self, names: Sequence[str]) -> torch.Tensor:
+        """Flat positions in S (int64) of the coordinates of the listed parameters."""
+        keep = set(names)
+        parts = [torch.arange(self.offsets[k], self.offsets[k + 1], dtype=torch.int64)
+                 for k, name in enumerate(self.names) if name in keep]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
-    For ``support`` every parameter named in ``mask`` contributes its True coordinates and
-    every trainable parameter absent from ``mask`` (never pruned: BatchNorm, biases, ...)
-    contributes all of its coordinates.
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether a parameter name is selected by a pattern.
+
+    A pattern is a parameter name or a module name (``layer1.0.conv1`` selects
+    ``layer1.0.conv1.weight``), with shell wildcards (``layer*``, ``*.bias``, ``fc.*``).
     """
-    if wrt not in SPACES:
-        raise UserError(f"hessian wrt = {wrt!r}: not one of {', '.join(SPACES)}")
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def select_names(names: Sequence[str], patterns: Sequence[str], what: str = "wrt") -> list[str]:
+    """The names selected by any of the patterns, in the given order; a pattern that
+    selects nothing is an error naming it.
+    """
+    if isinstance(patterns, str) or not patterns:
+        raise UserError(f"{what} patterns must be a non-empty list of names or wildcards")
+    for pat in patterns:
+        if not isinstance(pat, str) or not any(matches(n, pat) for n in names):
+            raise UserError(f"{what} pattern {pat!r} matches no trainable parameter "
+                            f"(names look like {names[0]!r})")
+    return [n for n in names if any(matches(n, pat) for pat in patterns)]
+
+
+def param_space(model: torch.nn.Module, wrt: str | Sequence[str] = "all",
+                mask: Mapping[str, torch.Tensor] | None = None) -> ParamSpace:
+    """Build the coordinate subspace S of the Hessian (F_1 = -eta H, eq. II.65).
+
+    Args:
+        model: the network.
+        wrt: ``all`` trainable parameters, the mask's ``support``, or a list of parameter or
+            module name patterns (:func:`matches`).
+        mask: pruning masks by parameter name (needed for ``support``; with a pattern list
+            the selected parameters are restricted to the mask's support when one is given).
+
+    Returns:
+        The subspace: every chosen parameter named in ``mask`` contributes its True
+        coordinates, every other chosen one (never pruned: BatchNorm, biases, ...) all of them.
+    """
+    patterns = None if isinstance(wrt, str) else list(wrt)
+    if patterns is None and wrt not in SPACES:
+        raise UserError(f"hessian wrt = {wrt!r}: not one of {', '.join(SPACES)}, nor a list of name patterns")
     if wrt == "support" and mask is None:
         raise UserError("hessian wrt = 'support' needs a pruning mask, but the model has none")
-    chosen: Mapping[str, torch.Tensor] = mask if wrt == "support" and mask is not None else {}
+    use_mask = (wrt == "support" or patterns is not None) and mask is not None
+    chosen: Mapping[str, torch.Tensor] = mask if use_mask and mask is not None else {}
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise UserError("model has no trainable parameters")
+    wanted = set(trainable if patterns is None else select_names(trainable, patterns))
     names, params, masks, sizes = [], [], [], []
-    known = set()
+    known = set(trainable)
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if name not in wanted or not p.requires_grad:
             continue
-        known.add(name)
         m = None
         if name in chosen:
             m = chosen[name].to(device=p.device, dtype=torch.bool)
@@ -153,7 +245,7 @@ def param_space(model: torch.nn.Module, wrt: str = "all",
         sizes.append(int(p.numel()) if m is None else int(m.sum()))
     if not params:
         raise UserError("model has no trainable parameters")
-    if wrt == "support":
+    if use_mask:
         missing = sorted(set(chosen) - known)
         if missing:
             raise UserError(f"mask names {missing[0]!r}, which is not a trainable parameter of the model")
@@ -223,6 +315,16 @@ class ChunkLoss:
         if per_sample is None or self._sum is None:
             return self.fn(out, target) * (b / num_data)
         return self._sum(out, target) / (num_data * per_sample)
+
+    def normaliser(self, out: torch.Tensor, target: torch.Tensor, num_data: int) -> float:
+        """``R`` with ``L = (1/R) sum_n l_n``, ``l_n`` a sample's summed loss elements.
+
+        ``1`` for reduction ``sum``; ``num_data`` times the loss elements per sample for
+        ``mean`` (``num_data`` when that count cannot be found).
+        """
+        if self.reduction == "sum":
+            return 1.0
+        return float(num_data * (self._elements_per_sample(out, target) or 1))
 
     def _elements_per_sample(self, out: torch.Tensor, target: torch.Tensor) -> int | None:
         if self._per_sample is None and self._sum is not None and self._none is not None:
@@ -300,13 +402,14 @@ class DataSource:
 ROUTE_CLASSES: dict[str, type[CurvatureOperator]] = {}  # route name -> subclass, filled on definition
 
 
-class CurvatureOperator:
-    """Base of the Hessian operators: ``v -> H_S v`` of a loss over a data set.
+class CurvatureOperator(OperatorAlgebra):
+    """Base of the curvature operators: ``v -> C_S v`` of a loss over a data set.
 
     The base owns the parameter subspace, the data iteration and micro-batching, the
-    scaling (:class:`ChunkLoss`), eval mode, the reduction over ``comm``, the finite check
-    and the product API.  A route subclass sets ``route_name`` and implements
-    :meth:`_chunk_products`; it is then registered in :data:`ROUTE_CLASSES`.
+    scaling (:class:`ChunkLoss`), the BatchNorm mode, the reduction over ``comm`` and the
+    finite check; the product API comes from :class:`OperatorAlgebra`.  A subclass
+    implements :meth:`_chunk_products` (one chunk's products); a Hessian route also sets
+    ``route_name`` and is then registered in :data:`ROUTE_CLASSES`.
 
     Args:
         model: the network (put in eval mode during every product; its flags are restored).
@@ -315,11 +418,14 @@ class CurvatureOperator:
             give the same samples on every pass: no shuffling or augmentation).
         loss_fn: ``loss_fn(output, target)`` with a ``reduction`` attribute or argument
             (``mean`` or ``sum``); default: cross-entropy, reduction ``mean``.
-        wrt: ``all`` trainable parameters, or the ``support`` of ``mask``.
-        mask: pruning masks by parameter name (for ``wrt='support'``).
+        wrt: ``all`` trainable parameters, the ``support`` of ``mask``, or a list of
+            parameter/module name patterns (:func:`param_space`).
+        mask: pruning masks by parameter name (for ``wrt='support'`` or patterns).
         space: a ready coordinate subspace (overrides ``wrt``/``mask``).
         micro_batch: samples per chunk (the last chunk of a batch may be smaller); None
             takes each batch whole.
+        batchnorm: ``eval`` (running statistics) or ``train`` (each chunk's own batch
+            statistics; the running statistics are neither used nor updated).
         num_data: samples over all ranks; None counts them (one pass over the data and an
             allreduce).
         comm: the mpi4py communicator whose ranks hold the shards (None = one process).
@@ -338,7 +444,10 @@ class CurvatureOperator:
     def __init__(self, model: torch.nn.Module, data: Any, loss_fn: Callable | ChunkLoss | None = None, *,
                  wrt: str = "all", mask: Mapping[str, torch.Tensor] | None = None,
                  space: ParamSpace | None = None, micro_batch: int | None = None, num_data: int | None = None,
-                 comm: Any = None, check_finite: bool = True, perf: Any = None) -> None:
+                 comm: Any = None, check_finite: bool = True, perf: Any = None, batchnorm: str = "eval") -> None:
+        if batchnorm not in BATCHNORM_MODES:
+            raise UserError(f"batchnorm = {batchnorm!r}: not one of {', '.join(BATCHNORM_MODES)}")
+        self.batchnorm = batchnorm
         self.model = model
         self.space = space if space is not None else param_space(model, wrt, mask)
         self.source = data if isinstance(data, DataSource) else DataSource(data, micro_batch)
@@ -373,13 +482,13 @@ class CurvatureOperator:
 
     # -- local (unreduced) products ---------------------------------------------------------
     def _local(self, vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-        """Return the sum of the chunk products over this rank's data, in eval mode."""
+        """Return the sum of the chunk products over this rank's data, in product mode."""
         acc = [[torch.zeros_like(p) for p in self.space.params] for _ in vps]
-        with eval_mode(self.model):
+        with product_mode(self.model, self.batchnorm):
             for x, y in self.source.chunks(self.space.device, self.space.dtype):
                 for a_col, h_col in zip(acc, self._chunk_products(x, y, vps), strict=True):
                     for a, h in zip(a_col, h_col, strict=True):
-                        a.add_(h)
+                        a.add_(h.detach())
         return acc
 
     def _product(self, cols: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -399,16 +508,14 @@ class CurvatureOperator:
             check_finite(out, f"product {self.products} of {type(self).__name__}")
         return [out] if len(cols) == 1 else list(out.unbind(1))
 
+    def _apply(self, cols: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self._product(cols)
+
     # -- public -----------------------------------------------------------------------------
     @property
     def n(self) -> int:
         """Dimension of the coordinate subspace S."""
         return self.space.n
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(n, n)``."""
-        return (self.n, self.n)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -420,64 +527,11 @@ class CurvatureOperator:
         """Device of the products (that of the parameters)."""
         return self.space.device
 
-    def _as_tensor(self, v: Any, ndim: int) -> tuple[torch.Tensor, Any]:
-        """``v`` as a tensor of the operator's dtype/device, and the numpy dtype to return (or None)."""
-        np_dtype = None
-        if isinstance(v, np.ndarray):
-            np_dtype = v.dtype
-            v = torch.from_numpy(np.ascontiguousarray(v))
-        if not isinstance(v, torch.Tensor):
-            raise UserError(f"cannot multiply the Hessian with a {type(v).__name__}; "
-                            "pass a torch tensor or numpy array")
-        if v.ndim != ndim or v.shape[0] != self.n:
-            want = f"({self.n},)" if ndim == 1 else f"({self.n}, k)"
-            raise UserError(f"vector has shape {tuple(v.shape)}, expected {want}")
-        return v.to(device=self.device, dtype=self.dtype), np_dtype
-
-    @staticmethod
-    def _as_output(out: torch.Tensor, np_dtype: Any) -> Any:
-        return out if np_dtype is None else out.detach().cpu().numpy().astype(np_dtype, copy=False)
-
-    def matvec(self, v: Any) -> Any:
-        """Return ``H_S v`` for a flat ``v`` of length n.
-
-        A torch ``v`` gives a tensor of the operator's dtype and device; a numpy ``v`` is
-        cast in and gives numpy of its own dtype.
-
-        Collective over ``comm``: every rank passes the same ``v`` and gets the same result.
-        """
-        t, np_dtype = self._as_tensor(v, 1)
-        return self._as_output(self._product([t])[0], np_dtype)
-
-    def matmat(self, V: Any) -> Any:
-        """Return ``H_S V`` for an (n, k) matrix: one pass over the data for all k columns."""
-        t, np_dtype = self._as_tensor(V, 2)
-        if t.shape[1] == 0:
-            return self._as_output(t.clone(), np_dtype)
-        cols = self._product(list(t.unbind(1)))
-        return self._as_output(torch.stack(cols, dim=1), np_dtype)
-
-    def __matmul__(self, v: Any) -> Any:
-        """``H_S @ v``: :meth:`matmat` for a matrix, :meth:`matvec` for a vector."""
-        return self.matmat(v) if getattr(v, "ndim", 1) == 2 else self.matvec(v)
-
-    def to_scipy(self) -> Any:
-        """Return ``H_S`` as a ``scipy.sparse.linalg.LinearOperator`` (float64 in and out)."""
-        from scipy.sparse.linalg import LinearOperator
-
-        def mv(v: np.ndarray) -> np.ndarray:
-            return self.matvec(np.asarray(v, dtype=np.float64).reshape(-1))
-
-        def mm(V: np.ndarray) -> np.ndarray:
-            return self.matmat(np.asarray(V, dtype=np.float64))
-
-        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np.float64)
-
     def gradient(self) -> torch.Tensor:
         """Flat gradient ``P dL/dtheta`` of the data-set loss (allreduced)."""
         params = self.space.params
         acc = [torch.zeros_like(p) for p in params]
-        with eval_mode(self.model):
+        with product_mode(self.model, self.batchnorm):
             for x, y in self.source.chunks(self.space.device, self.space.dtype):
                 for a, h in zip(acc, torch.autograd.grad(self._chunk_loss(x, y), params), strict=True):
                     a.add_(h)
@@ -488,7 +542,7 @@ class CurvatureOperator:
     def loss(self) -> float:
         """Return the data-set loss L(theta) (allreduced), evaluated without gradients."""
         total = torch.zeros(1, dtype=torch.float64)
-        with eval_mode(self.model), torch.no_grad():
+        with product_mode(self.model, self.batchnorm), torch.no_grad():
             for x, y in self.source.chunks(self.space.device, self.space.dtype):
                 total += float(self._chunk_loss(x, y))
         allreduce_sum(self.comm, total)
@@ -534,20 +588,23 @@ class HessianLinearOperator(CurvatureOperator):
     With ``auto`` every registered route is timed on the first product and the fastest is
     kept (rank 0's choice is broadcast, so every rank uses the same route).
 
-    Takes the arguments of :class:`CurvatureOperator` and ``route``.  ``route`` holds the
-    requested name until ``auto`` has chosen; then it and ``route_used`` hold the choice
-    (store it and pass it back as ``route`` to skip the timing on a resumed run).
-    ``route_timings`` holds the seconds each route took on the first product.
+    Takes the arguments of :class:`CurvatureOperator` and ``route``: a route name, ``auto``,
+    or None for the device type's fixed default (:func:`default_route`).  ``route`` holds
+    the requested name until ``auto`` has chosen; then it and ``route_used`` hold the choice
+    (store it and pass it back, e.g. through :func:`resolve_route`, so that a resumed run
+    uses the same arithmetic).  ``route_timings`` holds the seconds each route took on the
+    first product.
     """
 
     def __init__(self, model: torch.nn.Module, data: Any, loss_fn: Callable | ChunkLoss | None = None, *,
-                 route: str = "auto", **kwargs: Any) -> None:
-        if route != "auto" and route not in ROUTE_CLASSES:
+                 route: str | None = None, **kwargs: Any) -> None:
+        if route is not None and route != "auto" and route not in ROUTE_CLASSES:
             raise UserError(f"hessian route = {route!r}: not one of {', '.join(routes())}")
         super().__init__(model, data, loss_fn, **kwargs)
-        self.route = route
+        self.route = default_route(self.device) if route is None else route
         self.route_timings: dict[str, float] = {}
-        self._routes = {name: cls(model, self.source, self.loss_fn, space=self.space, num_data=self.num_data)
+        self._routes = {name: cls(model, self.source, self.loss_fn, space=self.space, num_data=self.num_data,
+                                  batchnorm=self.batchnorm)
                         for name, cls in ROUTE_CLASSES.items()}
 
     @property
@@ -618,6 +675,40 @@ class HessianOperator(HessianLinearOperator):
 def routes() -> tuple[str, ...]:
     """Return the accepted ``route`` names: ``auto`` and every registered route."""
     return ("auto", *ROUTE_CLASSES)
+
+
+def default_route(device: torch.device | str) -> str:
+    """The fixed route of a device type (:data:`DEFAULT_ROUTES`; double backward for others)."""
+    kind = torch.device(device).type
+    return DEFAULT_ROUTES.get(kind, "double-backward")
+
+
+def resolve_route(requested: str | None, device: torch.device | str, decided: str | None = None) -> str:
+    """The route to build an operator with, the same on every call for the same inputs.
+
+    Args:
+        requested: a route name, ``auto``, or None / ``default`` (the device type's fixed
+            route, :func:`default_route`).
+        device: where the products run.
+        decided: the route an earlier ``auto`` run chose and stored (its
+            ``op.route_used``); it is reused, so ``auto`` is timed at most once per run.
+
+    Returns:
+        A route name, or ``auto`` when ``auto`` is requested and nothing was decided yet
+        (the operator then times the routes on its first product; store ``route_used``
+        before the first result is committed).
+    """
+    if requested is None or requested == "default":
+        return default_route(device)
+    if requested not in routes():
+        raise UserError(f"hessian route = {requested!r}: not one of default, {', '.join(routes())}")
+    if requested != "auto":
+        return requested
+    if decided is None:
+        return "auto"
+    if decided not in ROUTE_CLASSES:
+        raise UserError(f"stored route {decided!r} is not a product route ({', '.join(ROUTE_CLASSES)})")
+    return decided
 
 
 def check_finite(w: torch.Tensor, what: str) -> None:
