@@ -52,9 +52,11 @@ def fidelity_ii92(delta_plus: int, delta: int, a_plus: float, T: int) -> float:
     """Eq. II.92 with ``kappa_a = 2(T+1)``: ``Delta_+ G / ( ((T+1) Delta)^{1/2} (Delta_+ G + (T+1) Delta_-)^{1/2} )``.
 
     ``G = sum_{t=0}^{T} (1 + a_+)^t = ((1 + a_+)^{T+1} - 1) / a_+`` (``T + 1`` at ``a_+ = 0``).
-    The one formula of eq. II.92.  ``a_+`` is the representative dissipative eigenvalue of
+    The one formula of eq. II.92, as printed.  ``a_+`` is the representative dissipative eigenvalue of
     :func:`dissipative_mean` (weighted mean of Re a over the modes with
-    ``|1 + a| < 1``).
+    ``|1 + a| < 1``).  It is the paper's estimate, not the overlap of eq. II.87: with ``Delta_- = 0``
+    it is ``sqrt(G/(T+1)) < 1`` although nothing is truncated when kappa(M) <= 2(T+1), where eq. II.87
+    is 1 (:func:`hpcqml.hhl.truncated.ii92_against_ii87` evaluates both on one M).
     """
     if not (0 <= delta_plus <= delta and delta >= 1 and T >= 0):
         raise UserError(f"eq. II.92: need 0 <= Delta_+ <= Delta, Delta >= 1, T >= 0 "

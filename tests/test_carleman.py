@@ -237,6 +237,61 @@ def test_network_instance_matches_autograd_derivatives():
     np.testing.assert_allclose(ode.F[2].toarray(), -0.5 * eta * D3.reshape(k, k * k), atol=1e-8)
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_network_instance_batchnorm_mode_matches_hand_written_normalisation(mode):
+    """F0, F1, F2 of a Linear-BatchNorm-Tanh-Linear network in either BatchNorm mode against autograd of a
+    hand-written forward pass: running statistics (eval) or the batch's own biased mean and variance
+    (train); the running statistics are not changed by either."""
+    import torch
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 2)).double()
+    model.train()
+    for _ in range(3):   # running statistics that differ from the test batch's
+        model(2.0 + torch.randn(16, 3, dtype=torch.float64))
+    model.eval()
+    bn = model[1]
+    run_mean, run_var = bn.running_mean.clone(), bn.running_var.clone()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    k, eta = 3, 0.1
+    ode = gen.network_instance(model, torch.nn.functional.cross_entropy, x, y, k, eta, batchnorm=mode)
+    assert torch.equal(bn.running_mean, run_mean) and torch.equal(bn.running_var, run_var)
+    assert not model.training
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    idx = torch.topk(flat.abs(), k).indices
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss_at(z):
+        w = flat.clone().index_put((idx,), flat[idx] + z)
+        ps, off = [], 0
+        for shape in shapes:
+            m = int(np.prod(shape))
+            ps.append(w[off:off + m].reshape(shape))
+            off += m
+        h = x @ ps[0].T + ps[1]
+        mean, var = (h.mean(0), h.var(0, unbiased=False)) if mode == "train" else (run_mean, run_var)
+        h = torch.tanh((h - mean) / torch.sqrt(var + bn.eps) * ps[2] + ps[3])
+        return torch.nn.functional.cross_entropy(h @ ps[4].T + ps[5], y)
+
+    z0 = torch.zeros(k, dtype=torch.float64)
+    g = torch.autograd.functional.jacobian(loss_at, z0).numpy()
+    H = torch.autograd.functional.hessian(loss_at, z0).numpy()
+    # float64 autograd of the same function in a different order of operations: rounding only
+    np.testing.assert_allclose(ode.F[0].toarray().ravel(), -eta * g, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(ode.F[1].toarray(), -eta * H, rtol=1e-9, atol=1e-13)
+    d = 1e-4   # central differences of the Hessian: O(d^2 |D5|) ~ 1e-8
+    D3 = np.stack([(torch.autograd.functional.hessian(loss_at, z0 + d * e).numpy()
+                    - torch.autograd.functional.hessian(loss_at, z0 - d * e).numpy()) / (2 * d)
+                   for e in torch.eye(k, dtype=torch.float64)], axis=-1)
+    np.testing.assert_allclose(ode.F[2].toarray(), -0.5 * eta * D3.reshape(k, k * k), atol=1e-8)
+    if mode == "train":   # the two modes are different operators here (measured: 76 % of the largest entry)
+        other = gen.network_instance(model, torch.nn.functional.cross_entropy, x, y, k, eta, batchnorm="eval")
+        diff = np.abs(other.F[1].toarray() - ode.F[1].toarray()).max()
+        assert diff > 0.1 * np.abs(ode.F[1].toarray()).max()
+
+
 # ---- time-varying constant term F0(t) = F0 + F0_t[t] ("SGD noise") ----------------------
 
 def _noisy_instance(n: int = 3, T: int = 6, seed: int = 4) -> PolynomialODE:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
 
 from conftest import run_cli
 from hpcqml.carleman import generators as gen
@@ -26,7 +27,7 @@ def test_qcm_stage_random_instance(tmp_path):
         case = fh["qcm/f1.000_seed3"]
         assert case.attrs["complete"] and case.attrs["N_ref"] == 4
         ode = from_dict(case["instance"])
-        want = gen.scale_step(gen.random_quadratic(2, 1.0, 3, u_scale=0.1), 0.25)
+        want = gen.scale_step(gen.random_quadratic(2, 1.0, 3, u_scale=0.1, stream=gen.fraction_stream(1.0)), 0.25)
         np.testing.assert_array_equal(ode.F[1].toarray(), want.F[1].toarray())
         u = ref.exact_recurrence(ode, 6)
         np.testing.assert_allclose(case["u_exact"][()], u, rtol=1e-14)
@@ -111,6 +112,21 @@ def test_qcm_stage_network_instance(tmp_path):
         got = sorted(float(flat[p.split("[")[0]][int(p.split("[")[1][:-1])]) for p in picks)
         np.testing.assert_allclose(got, sorted(top.tolist()), rtol=1e-6)
         assert case["N_2/eta1"].shape == (6, 3)
+        # the Hessian-to-QCM link: N = 1 fraction from the Hessian (eigvalsh of -eta H), N = 2 fraction of the
+        # real A with F0 = -eta grad L != 0 (numpy eigvals of the serial reference), and the F0 = 0 sums of eq. II.64
+        from hpcqml.carleman.instance import PolynomialODE
+
+        assert np.any(ode.F[0].toarray() != 0.0)
+        hess = np.linalg.eigvalsh(F1)
+        assert case.attrs["dissipative_fraction_N1"] == pytest.approx(np.mean(np.abs(1 + hess) < 1), abs=1e-15)
+        for N in (1, 2):
+            a = np.linalg.eigvals(ref.carleman_matrix(ode, N).toarray())
+            g = case[f"N_{N}"].attrs
+            assert g["dissipative_fraction"] == pytest.approx(np.mean(np.abs(1 + a) < 1), abs=1e-15)
+            no_f0 = PolynomialODE(F=[0 * ode.F[0], ode.F[1], ode.F[2]], u_in=ode.u_in)
+            a0 = np.linalg.eigvals(ref.carleman_matrix(no_f0, N).toarray())
+            assert g["dissipative_fraction_F0_zero"] == pytest.approx(np.mean(np.abs(1 + a0) < 1), abs=1e-15)
+        assert case["N_1"].attrs["dissipative_fraction"] == case.attrs["dissipative_fraction_N1"]
 
 
 def test_qcm_stage_with_f0_noise_writes_F0_t(tmp_path):  # noqa: N802 - paper notation

@@ -12,4 +12,7 @@ Modules
 - ``spectra``: the one KSP set-up (also used by :mod:`hpcqml.hhl.reference`), SLEPc eigenvalues /
   singular values, the one count of dissipative modes (eq. II.28), kappa bounds (eq. II.81-II.83), :class:`PetscOwner`.
 - ``system``: :class:`CarlemanCase`, the owner of every PETSc object of one case.
+- ``discrete``: the exact Carleman lift of the discrete map u -> u + F(u) (Kronecker powers of u + F(u),
+  truncated at N), assembled per rank like A, with its serial reference and residuals.
+- ``mode_link``: dissipative fractions from the Hessian (N = 1) to the sums of eq. II.64 (N >= 2).
 """

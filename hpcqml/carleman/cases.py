@@ -12,7 +12,7 @@ from hpcqml.errors import UserError
 
 
 def random_instance(kind: str, n: int, f: float, seed: int, *, eta: float, u_scale: float,
-                    div_range: float = 0.01, f2_per_row: int = 4) -> PolynomialODE:
+                    div_range: float = 0.01, f2_per_row: int = 4, draws: str = "shared") -> PolynomialODE:
     """A member of the random quadratic family with every F_l scaled by the step size ``eta``.
 
     Args:
@@ -25,16 +25,22 @@ def random_instance(kind: str, n: int, f: float, seed: int, *, eta: float, u_sca
         u_scale: u_in ~ U(-u_scale, u_scale).
         div_range: divergent Hessian eigenvalues ~ U(-div_range, 0).
         f2_per_row: nonzeros per row of F2 (sparse only).
+        draws: ``shared`` (one random stream per seed, common to every f) or ``independent``
+            (one stream per (f, seed), :func:`~hpcqml.carleman.generators.fraction_stream`).
 
     Returns:
         The scaled instance.
     """
     from hpcqml.carleman import generators as gen
 
+    if draws not in ("shared", "independent"):
+        raise ValueError(f"random_instance: draws = {draws!r} is not 'shared' or 'independent'")
+    stream = gen.fraction_stream(f) if draws == "independent" else None
     if kind == "random":
-        ode = gen.random_quadratic(n, f, seed, u_scale=u_scale, div_range=div_range)
+        ode = gen.random_quadratic(n, f, seed, u_scale=u_scale, div_range=div_range, stream=stream)
     elif kind == "sparse":
-        ode = gen.sparse_quadratic(n, f, seed, f2_per_row=f2_per_row, u_scale=u_scale, div_range=div_range)
+        ode = gen.sparse_quadratic(n, f, seed, f2_per_row=f2_per_row, u_scale=u_scale, div_range=div_range,
+                                   stream=stream)
     else:
         raise ValueError(f"random_instance: kind = {kind!r} is not 'random' or 'sparse'")
     return gen.scale_step(ode, eta)
@@ -78,13 +84,16 @@ def network_checkpoint(ctx: Any, stage: str, required: bool = True) -> tuple[Any
     return ck, path
 
 
-def network_case(model: Any, mask: dict | None, x: Any, y: Any, k: int, eta: float) -> PolynomialODE:
+def network_case(model: Any, mask: dict | None, x: Any, y: Any, k: int, eta: float,
+                 batchnorm: str = "eval") -> PolynomialODE:
     """Reduced instance (eq. II.65) of ``model`` in float64 and eval mode on the batch ``(x, y)``
-    with the mean cross-entropy: the k largest surviving weights, learning rate ``eta``.
+    with the mean cross-entropy: the k largest surviving weights, learning rate ``eta``, BatchNorm
+    layers in ``batchnorm`` mode (``eval`` running statistics, ``train`` the batch's own).
     """
     import torch
 
     from hpcqml.carleman.generators import network_instance
 
     model = model.double().eval()
-    return network_instance(model, torch.nn.functional.cross_entropy, x.double(), y, k, eta, mask=mask)
+    return network_instance(model, torch.nn.functional.cross_entropy, x.double(), y, k, eta, mask=mask,
+                            batchnorm=batchnorm)

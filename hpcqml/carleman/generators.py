@@ -46,19 +46,32 @@ def with_f0_noise(ode: PolynomialODE, sigma: float, T: int, seed: int) -> Polyno
                          meta={**ode.meta, "f0_noise": sigma})
 
 
+def _rng(seed: int, stream: int | None) -> np.random.Generator:
+    """``default_rng(seed)``, or ``default_rng((seed, stream))``: an independent stream per (seed, stream)."""
+    return np.random.default_rng(seed if stream is None else (seed, stream))
+
+
+def fraction_stream(f: float) -> int:
+    """The stream of fraction f for independent draws per (f, seed): round(f * 10^6)."""
+    return int(round(f * 1_000_000))
+
+
 def random_quadratic(n: int, f: float, seed: int, u_scale: float = 0.1,
                      f2_scale: float = 0.015, noise: float = 0.0, T: int = 0,
-                     div_range: float = 0.01) -> PolynomialODE:
+                     div_range: float = 0.01, stream: int | None = None) -> PolynomialODE:
     """Sec. III C: F1 = -Q diag(h) Q^T (Q Haar-orthogonal), F2 ~ U(-0.015, 0.015)^{n x n^2}, F0 = 0.
 
     The eigenvalues of F1 are -h; a mode is dissipative when |1 - h| < 1.  ``u_in`` is drawn
     from U(-u_scale, u_scale) (the paper does not state it).  ``noise`` > 0 adds the SGD noise
     F0_t[t] ~ noise * N(0, I), t < T (:func:`f0_noise`, same seed), so F0(t) = F0_t[t].
     ``div_range`` widens the divergent eigenvalues to U(-div_range, 0) (paper: 0.01).
+    ``stream`` (e.g. :func:`fraction_stream` of f) draws from ``default_rng((seed, stream))``, so that
+    instances of different f with one seed are independent; None draws from ``default_rng(seed)``,
+    where all f of one seed share their uniforms (and the divergent draws are nested).
     """
     if n < 1:
         raise UserError(f"random_quadratic: n={n} must be >= 1")
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed, stream)
     h = _spectrum(n, f, rng, div_range)
     g = rng.standard_normal((n, n))
     Q, R = np.linalg.qr(g)
@@ -72,14 +85,14 @@ def random_quadratic(n: int, f: float, seed: int, u_scale: float = 0.1,
 
 
 def sparse_quadratic(n: int, f: float, seed: int, f2_per_row: int = 4, u_scale: float = 0.1,
-                     f2_scale: float = 0.015, div_range: float = 0.01) -> PolynomialODE:
+                     f2_scale: float = 0.015, div_range: float = 0.01, stream: int | None = None) -> PolynomialODE:
     """Sparse analogue of :func:`random_quadratic` for scale runs (n up to 10^2-10^3, Delta >= 10^6).
 
     F1 = -Q diag(h) Q^T with Q a random permutation times random Givens rotations on disjoint
     pairs (so F1 has <= 2 nonzeros per row and the same spectrum -h); F2 has ``f2_per_row``
-    U(-0.015, 0.015) entries per row at random columns; F0 = 0.
+    U(-0.015, 0.015) entries per row at random columns; F0 = 0.  ``stream``: as :func:`random_quadratic`.
     """
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed, stream)
     h = _spectrum(n, f, rng, div_range)
     perm = rng.permutation(n)
     rows, cols, vals = [], [], []
@@ -140,9 +153,10 @@ def _top_k(model: Any, k: int, mask: dict | None, names: list[str] | None) -> li
 
 
 def _gradient_and_hessian(model: Any, loss_fn: Callable, inputs: Any, targets: Any,
-                          picks: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
+                          picks: list[tuple[str, int]], batchnorm: str = "eval") -> tuple[np.ndarray, np.ndarray]:
     """``(g, H)`` of the loss in the coordinates ``picks`` (that order), float64 numpy, from the
-    Hessian operator restricted to them (:class:`hpcqml.hessian.hvp.HessianLinearOperator`).
+    Hessian operator restricted to them (:class:`hpcqml.hessian.hvp.HessianLinearOperator`, the whole
+    batch as one chunk, BatchNorm in ``batchnorm`` mode).
     """
     import torch
 
@@ -151,7 +165,8 @@ def _gradient_and_hessian(model: Any, loss_fn: Callable, inputs: Any, targets: A
     keep = {nm: torch.zeros_like(p, dtype=torch.bool) for nm, p in model.named_parameters() if p.requires_grad}
     for nm, i in picks:
         keep[nm].view(-1)[i] = True
-    op = HessianLinearOperator(model, (inputs, targets), loss_fn, wrt="support", mask=keep, route="double-backward")
+    op = HessianLinearOperator(model, (inputs, targets), loss_fn, wrt="support", mask=keep, route="double-backward",
+                               batchnorm=batchnorm)
     model_order = [(nm, i) for nm in op.space.names for i in torch.nonzero(keep[nm].view(-1)).view(-1).tolist()]
     order = [model_order.index(pick) for pick in picks]     # model order -> top-k order
     k = len(picks)
@@ -161,22 +176,26 @@ def _gradient_and_hessian(model: Any, loss_fn: Callable, inputs: Any, targets: A
 
 
 def network_instance(model: Any, loss_fn: Callable, inputs: Any, targets: Any, k: int, eta: float,
-                     mask: dict | None = None, names: list[str] | None = None) -> PolynomialODE:
+                     mask: dict | None = None, names: list[str] | None = None,
+                     batchnorm: str = "eval") -> PolynomialODE:
     """Reduced instance of gradient descent theta <- theta - eta grad L(theta) in a k-parameter subspace.
 
     The k coordinates are the k largest-magnitude surviving (``mask``) weights.  With theta* the
     current weights and u = theta - theta* restricted to them, the Taylor expansion of the update is
     F0 = -eta grad L, F1 = -eta grad^2 L, F2 = -(eta/2) grad^3 L flattened to k x k^2 (eq. II.65,
-    V.6) on the fixed batch: F0 and F1 from the Hessian operator of :mod:`hpcqml.hessian.hvp`
-    (which evaluates the model in eval mode), the third derivative exactly by torch.func
-    (forward over forward over reverse, with the model in the mode the caller set: eval mode
-    for the pipeline stages).  ``u_in`` = 0 (the expansion point).
+    V.6) on the fixed batch: F0 and F1 from the Hessian operator of :mod:`hpcqml.hessian.hvp`,
+    the third derivative exactly by torch.func (forward over forward over reverse).  All three are
+    taken in one mode (:func:`hpcqml.hessian.hvp.product_mode`): the model in eval mode with its
+    BatchNorm layers in ``batchnorm`` mode (``eval``: running statistics; ``train``: the statistics of
+    the batch itself, running statistics neither read nor updated).  ``u_in`` = 0 (the expansion point).
     """
     import torch
     from torch.func import functional_call, grad, jacfwd
 
+    from hpcqml.hessian.hvp import product_mode
+
     picks = _top_k(model, k, mask, names)
-    g, H = _gradient_and_hessian(model, loss_fn, inputs, targets, picks)
+    g, H = _gradient_and_hessian(model, loss_fn, inputs, targets, picks, batchnorm)
     base = {nm: p.detach().clone() for nm, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
@@ -189,7 +208,9 @@ def network_instance(model: Any, loss_fn: Callable, inputs: Any, targets: Any, k
         return loss_fn(functional_call(model, (ps, buffers), (inputs,)), targets)
 
     z0 = torch.zeros(k, dtype=torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32)
-    D3 = jacfwd(jacfwd(grad(loss_of)))(z0).detach().double().numpy().reshape(k, k * k)
+    with product_mode(model, batchnorm):
+        D3 = jacfwd(jacfwd(grad(loss_of)))(z0).detach().double().numpy().reshape(k, k * k)
     F = [sp.csr_matrix(-eta * g.reshape(k, 1)), sp.csr_matrix(-eta * H), sp.csr_matrix(-0.5 * eta * D3)]
     return PolynomialODE(F=F, u_in=np.zeros(k), meta={"generator": "network", "k": k, "eta": eta,
+                                                      "batchnorm": batchnorm,
                                                       "params": [f"{nm}[{i}]" for nm, i in picks]})

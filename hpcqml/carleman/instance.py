@@ -253,6 +253,8 @@ def load_instance(path: str | Path, group: str = "/") -> PolynomialODE:
             return from_dict(node)
         except OSError as exc:
             raise InputFileError(f"instance file {path}: damaged HDF5 data ({exc})") from None
+        except InputFileError as exc:  # the field is named; the file too
+            raise InputFileError(f"instance file {path}: {exc}") from None
 
 
 def kron_power(u: np.ndarray, j: int) -> np.ndarray:

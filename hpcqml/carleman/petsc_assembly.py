@@ -26,8 +26,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from hpcqml.carleman import discrete
 from hpcqml.carleman.instance import PolynomialODE, carleman_dim, lift
 from hpcqml.parallel import block_bounds
+from hpcqml.petsc import PetscOwner, aij_from_csr, to_numpy_all, vec_for
+
+__all__ = ["assemble_block_system", "assemble_carleman", "to_numpy_all"]  # to_numpy_all: old home
 
 
 def block_offsets(n: int, N: int) -> np.ndarray:
@@ -158,11 +162,16 @@ def _to_csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, nrows: int, nc
     return m
 
 
-def carleman_local_csr(ode: PolynomialODE, N: int, r0: int, r1: int, t: int | None = None) -> sp.csr_matrix:
+def carleman_local_csr(ode: PolynomialODE, N: int, r0: int, r1: int, t: int | None = None,
+                       lift_kind: str = "paper") -> sp.csr_matrix:
     """Rows [r0, r1) of A as a CSR matrix of shape (r1-r0, Delta), duplicates summed.
 
     With ``t`` given and a time-varying constant term: rows of A(t), on the pattern shared by all t.
+    ``lift_kind = "discrete"``: rows of A_d = L - I of the exact lift of the map
+    (:mod:`hpcqml.carleman.discrete`) instead of the paper's A.
     """
+    if lift_kind == "discrete":
+        return discrete.lift_local_csr(ode, N, r0, r1, t)
     if t is not None and ode.F0_t is not None:
         return LocalPattern(ode, N, r0, r1, ode.f0_support()).csr(ode.f0(t))
     r, c, v = carleman_coo(ode, N, r0, r1)
@@ -191,14 +200,16 @@ def _append_diagonal(block: sp.csr_matrix, col_shift: int, diag_cols: np.ndarray
     return sp.csr_matrix((data, indices, indptr), shape=(nrows, block.shape[1]))
 
 
-def block_system_local_csr(ode: PolynomialODE, N: int, T: int, R0: int, R1: int) -> sp.csr_matrix:
+def block_system_local_csr(ode: PolynomialODE, N: int, T: int, R0: int, R1: int,
+                           lift_kind: str = "paper") -> sp.csr_matrix:
     """Rows [R0, R1) of M (eq. II.79): 1 on the diagonal, -(I+A) in block (t, t-1).
 
     The rows of -(I+A) are generated once per distinct row range (all full time blocks of a rank
     share one) and reused with shifted column indices; no global or dense intermediates.
+    ``lift_kind = "discrete"`` puts -(I + A_d) = -L of the exact lift of the map there.
     """
     if ode.F0_t is not None:
-        return _block_system_local_csr_t(ode, N, T, R0, R1)
+        return _block_system_local_csr_t(ode, N, T, R0, R1, lift_kind)
     D = carleman_dim(ode.n, N)
     ncols = (T + 1) * D
     cache: dict[tuple[int, int], sp.csr_matrix] = {}
@@ -208,7 +219,7 @@ def block_system_local_csr(ode: PolynomialODE, N: int, T: int, R0: int, R1: int)
             pieces.append(_append_diagonal(sp.csr_matrix((r1 - r0, ncols)), 0, diag))
             continue
         if (r0, r1) not in cache:
-            A_loc = carleman_local_csr(ode, N, r0, r1)
+            A_loc = carleman_local_csr(ode, N, r0, r1, lift_kind=lift_kind)
             shift = sp.csr_matrix((np.ones(r1 - r0), (np.arange(r1 - r0), np.arange(r0, r1))), shape=A_loc.shape)
             IA = A_loc + shift
             IA.sum_duplicates()
@@ -240,15 +251,30 @@ def _stack_rows(pieces: list, nrows: int, ncols: int) -> sp.csr_matrix:
                           np.concatenate(indptr)), shape=(nrows, ncols))
 
 
-def _block_system_local_csr_t(ode: PolynomialODE, N: int, T: int, R0: int, R1: int) -> sp.csr_matrix:
+def _block_system_local_csr_t(ode: PolynomialODE, N: int, T: int, R0: int, R1: int,
+                              lift_kind: str = "paper") -> sp.csr_matrix:
     """Rows [R0, R1) of M with a time-varying constant term: -(I + A(t-1)) in block row t >= 1.
 
     One :class:`LocalPattern` per distinct row range (on the union support of F0 and F0_t[:T]),
-    whose values are re-evaluated with F0(t-1) for every time block.
+    whose values are re-evaluated with F0(t-1) for every time block.  The discrete lift's rows
+    are generated afresh for every time block (F0(t) enters them through products).
     """
     ode.check_horizon(T)
     D = carleman_dim(ode.n, N)
     ncols = (T + 1) * D
+    if lift_kind == "discrete":
+        pieces = []
+        for t, r0, r1, diag in _time_blocks(R0, R1, D):
+            if t == 0:
+                pieces.append(_append_diagonal(sp.csr_matrix((r1 - r0, ncols)), 0, diag))
+                continue
+            L = discrete.lift_local_csr(ode, N, r0, r1, t - 1)
+            L = L + sp.csr_matrix((np.ones(r1 - r0), (np.arange(r1 - r0), np.arange(r0, r1))), shape=L.shape)
+            L.sum_duplicates()
+            L.sort_indices()
+            blk = sp.csr_matrix((-L.data, L.indices, L.indptr), shape=(r1 - r0, ncols))
+            pieces.append(_append_diagonal(blk, (t - 1) * D, diag))
+        return _stack_rows(pieces, R1 - R0, ncols)
     support = ode.f0_support(T)
     cache: dict[tuple[int, int], LocalPattern] = {}
     pieces = []
@@ -286,18 +312,6 @@ def _petsc() -> Any:
     return PETSc
 
 
-def _mat_from_local(local: sp.csr_matrix, nglobal: int, comm: Any) -> Any:
-    PETSc = _petsc()
-    IT = PETSc.IntType
-    nloc = local.shape[0]
-    mat = PETSc.Mat().createAIJ(size=((nloc, nglobal), (nloc, nglobal)),
-                                csr=(local.indptr.astype(IT), local.indices.astype(IT), local.data),
-                                comm=comm)
-    mat.setOption(PETSc.Mat.Option.NEW_NONZERO_ALLOCATION_ERR, True)
-    mat.assemble()
-    return mat
-
-
 def _stats(mat: Any, seconds: float, comm: Any) -> AssemblyStats:
     info = mat.getInfo(_petsc().Mat.InfoType.LOCAL)
     nnz_local = int(info["nz_used"])
@@ -322,40 +336,80 @@ def _min_op() -> Any:
     return MPI.MIN
 
 
-def assemble_carleman(ode: PolynomialODE, N: int, comm: Any, t: int | None = None) -> tuple[Any, AssemblyStats]:
+def assemble_carleman(ode: PolynomialODE, N: int, comm: Any, t: int | None = None,
+                      lift_kind: str = "paper", owner: PetscOwner | None = None,
+                      prefix: str = "qcm_") -> tuple[Any, AssemblyStats]:
     """Distributed AIJ matrix A of order N on ``comm`` (rows split by :func:`hpcqml.parallel.block_bounds`,
     which is PETSc's default split).
 
     With ``t`` given and a time-varying constant term this is A(t) (F0 replaced by F0(t)).
-    Returns ``(mat, AssemblyStats)``; the caller destroys ``mat``.
+    ``lift_kind = "discrete"``: A_d = L - I of the exact lift of the map (:mod:`hpcqml.carleman.discrete`).
+
+    Args:
+        ode: the instance (eq. II.1).
+        N: Carleman order.
+        comm: the communicator.
+        t: time step of a time-varying F0 (None: the mean F0).
+        lift_kind: ``paper`` or ``discrete``.
+        owner: owns the matrix from its creation on (None: the caller destroys it; it is destroyed
+            here when the assembly fails).
+        prefix: options prefix of the matrix (``-{prefix}mat_type``).
+
+    Returns:
+        ``(mat, AssemblyStats)``.
     """
     t0 = time.perf_counter()
     D = carleman_dim(ode.n, N)
     r0, r1 = block_bounds(D, comm.Get_rank(), comm.Get_size())
-    mat = _mat_from_local(carleman_local_csr(ode, N, r0, r1, t), D, comm)
-    return mat, _stats(mat, time.perf_counter() - t0, comm)
+    local = PetscOwner()
+    try:
+        mat = aij_from_csr(carleman_local_csr(ode, N, r0, r1, t, lift_kind), D, comm,
+                           owner if owner is not None else local, prefix)
+        return mat, _stats(mat, time.perf_counter() - t0, comm)
+    except BaseException:
+        local.close()
+        raise
 
 
-def assemble_block_system(ode: PolynomialODE, N: int, T: int, comm: Any) -> tuple[Any, Any, AssemblyStats]:
+def assemble_block_system(ode: PolynomialODE, N: int, T: int, comm: Any, lift_kind: str = "paper",
+                          owner: PetscOwner | None = None, prefix: str = "qcm_") -> tuple[Any, Any, AssemblyStats]:
     """Distributed M (eq. II.79) and right-hand side B = (y_in, b, ..., b).
 
+    ``lift_kind = "discrete"``: -(I + A_d) and b_d of the exact lift of the map.
     With a time-varying constant term: -(I + A(t)) in block row t+1 and B = (y_in, b(0), ..., b(T-1)).
 
-    Returns ``(M, B, AssemblyStats)`` with PETSc Mat and Vec on ``comm``; the caller destroys M and B.
+    Args:
+        ode: the instance (eq. II.1).
+        N: Carleman order.
+        T: number of time steps.
+        comm: the communicator.
+        lift_kind: ``paper`` or ``discrete``.
+        owner: owns M and B from their creation on (None: the caller destroys them; they are
+            destroyed here when the assembly fails).
+        prefix: options prefix of M and B (``-{prefix}mat_type``, ``-{prefix}vec_type``).
+
+    Returns:
+        ``(M, B, AssemblyStats)`` with PETSc Mat and Vec on ``comm``.
     """
     t0 = time.perf_counter()
     D = carleman_dim(ode.n, N)
     R0, R1 = block_bounds((T + 1) * D, comm.Get_rank(), comm.Get_size())
-    M = _mat_from_local(block_system_local_csr(ode, N, T, R0, R1), (T + 1) * D, comm)
-    B = M.createVecLeft()
-    B.setArray(block_rhs_local(ode, N, T, R0, R1))
-    return M, B, _stats(M, time.perf_counter() - t0, comm)
+    local = PetscOwner()
+    target = owner if owner is not None else local
+    try:
+        M = aij_from_csr(block_system_local_csr(ode, N, T, R0, R1, lift_kind), (T + 1) * D, comm, target, prefix)
+        B = vec_for(M, target, prefix, "left", block_rhs_local(ode, N, T, R0, R1, lift_kind))
+        return M, B, _stats(M, time.perf_counter() - t0, comm)
+    except BaseException:
+        local.close()
+        raise
 
 
-def block_rhs_local(ode: PolynomialODE, N: int, T: int, R0: int, R1: int) -> np.ndarray:
+def block_rhs_local(ode: PolynomialODE, N: int, T: int, R0: int, R1: int, lift_kind: str = "paper") -> np.ndarray:
     """Entries [R0, R1) of B = (y_in, b, ..., b) with b = (F0, 0, ..., 0) (eq. II.79).
 
     With a time-varying constant term block t >= 1 holds b(t-1) = (F0(t-1), 0, ..., 0).
+    ``lift_kind = "discrete"``: b = b_d = (F0, F0^{(x)2}, ..., F0^{(x)N}) of the exact lift of the map.
     """
     D = carleman_dim(ode.n, N)
     out = np.zeros(R1 - R0, dtype=np.float64)
@@ -363,6 +417,20 @@ def block_rhs_local(ode: PolynomialODE, N: int, T: int, R0: int, R1: int) -> np.
         out[: min(R1, D) - R0] = lift(ode.u_in, N)[R0: min(R1, D)]
     if ode.F0_t is not None:
         ode.check_horizon(T)
+    if lift_kind == "discrete":
+        cache: dict[tuple[int, int], np.ndarray] = {}   # constant F0: one b_d per row range
+        for t in range(1, T + 1):
+            lo, hi = max(R0, t * D), min(R1, (t + 1) * D)
+            if lo >= hi:
+                continue
+            rng = (lo - t * D, hi - t * D)
+            if ode.F0_t is not None:
+                out[lo - R0: hi - R0] = discrete.lift_rhs_local(ode, N, *rng, t - 1)
+                continue
+            if rng not in cache:
+                cache[rng] = discrete.lift_rhs_local(ode, N, *rng)
+            out[lo - R0: hi - R0] = cache[rng]
+        return out
     f0 = ode.f0()
     if np.any(f0) or ode.F0_t is not None:
         for t in range(1, T + 1):
@@ -370,15 +438,4 @@ def block_rhs_local(ode: PolynomialODE, N: int, T: int, R0: int, R1: int) -> np.
             if lo < hi:
                 f0t = ode.f0(t - 1) if ode.F0_t is not None else f0
                 out[lo - R0: hi - R0] = f0t[lo - t * D: hi - t * D]
-    return out
-
-
-def to_numpy_all(vec: Any) -> np.ndarray:
-    """Gather a distributed PETSc Vec into a float64 numpy array on every rank."""
-    PETSc = _petsc()
-    scatter, full = PETSc.Scatter.toAll(vec)
-    scatter.scatter(vec, full, addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
-    out = full.getArray().copy()
-    scatter.destroy()
-    full.destroy()
     return out

@@ -15,45 +15,24 @@ Methods (all open to ``setFromOptions``; options prefixes: ``-qcm_eps_*`` for th
 - the zero matrix (A = 0 when F1 = 0 and F2 = 0) is answered exactly without SLEPc: its
   eigenvalues and singular values are 0.
 
-Every PETSc/SLEPc object created here is registered with a :class:`PetscOwner`, which
-destroys it when the owner is closed, also when an exception leaves the ``with`` block.
+Every PETSc/SLEPc object created here is registered with a :class:`hpcqml.petsc.PetscOwner`, which
+destroys it when the owner is closed, also when an exception leaves the ``with`` block; the KSP
+set-up and the checked solve are those of :mod:`hpcqml.petsc`.  Each function takes the options
+prefix (default ``qcm_``) from its caller.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from hpcqml.errors import NumericalError
 from hpcqml.modes import dissipative_counts, dissipative_mean, is_dissipative  # noqa: F401  (re-exported)
+from hpcqml.petsc import PetscOwner, checked_solve, configure, make_ksp  # noqa: F401  (PetscOwner, make_ksp: old home)
 
 PREFIX = "qcm_"
 INVERSE_PREFIX = "qcm_inv_"
-OwnedT = TypeVar("OwnedT")
-
-
-class PetscOwner:
-    """Holds PETSc/SLEPc objects and destroys them, newest first, on :meth:`close` / ``__exit__``."""
-
-    def __init__(self) -> None:
-        self._objects: list[Any] = []
-
-    def own(self, obj: OwnedT) -> OwnedT:
-        """Register ``obj`` (anything with ``destroy()``) and return it."""
-        self._objects.append(obj)
-        return obj
-
-    def close(self) -> None:
-        """Destroy every registered object (idempotent)."""
-        while self._objects:
-            self._objects.pop().destroy()
-
-    def __enter__(self) -> PetscOwner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _slepc() -> Any:
@@ -69,53 +48,8 @@ def is_zero_matrix(mat: Any) -> bool:
     return float(mat.norm(PETSc.NormType.FROBENIUS)) == 0.0
 
 
-def make_ksp(M: Any, owner: PetscOwner, rtol: float = 1e-12, prefix: str = PREFIX, max_it: int = 1000,
-             restart: int | None = None) -> Any:
-    """The KSP for M x = b: GMRES with ILU(0) (1 rank) or block Jacobi/ILU(0) (p ranks).
-
-    The one KSP set-up of the suite: the qcm time stepping (prefix ``qcm_``) and the hhl
-    reference solve (prefix ``hhl_``, :mod:`hpcqml.hhl.reference`) both use it.  For the
-    Carleman block system M is unit lower triangular, so this preconditioner is exact on one
-    rank and nilpotent of index <= p on p ranks (see :mod:`hpcqml.carleman.timestepping`).
-    ``-{prefix}ksp_*`` and ``-{prefix}pc_*`` options override every choice.
-
-    Args:
-        M: the assembled PETSc matrix.
-        owner: registers the KSP for destruction.
-        rtol: relative residual tolerance.
-        prefix: options prefix.
-        max_it: iteration limit.
-        restart: GMRES restart length (None: PETSc's default).
-
-    Returns:
-        The set-up KSP.
-    """
-    from petsc4py import PETSc
-
-    ksp = owner.own(PETSc.KSP().create(comm=M.getComm()))
-    ksp.setOperators(M)
-    ksp.setType("gmres")
-    ksp.getPC().setType("bjacobi" if M.getComm().getSize() > 1 else "ilu")
-    if restart is not None:
-        ksp.setGMRESRestart(restart)
-    ksp.setTolerances(rtol=rtol, atol=0.0, max_it=max_it)
-    ksp.setOptionsPrefix(prefix)
-    ksp.setFromOptions()
-    ksp.setUp()
-    return ksp
-
-
-def checked_solve(ksp: Any, b: Any, x: Any, transpose: bool = False) -> None:
-    """``ksp.solve(b, x)`` (or the transposed solve); :class:`NumericalError` unless it converged."""
-    (ksp.solveTranspose if transpose else ksp.solve)(b, x)
-    reason = int(ksp.getConvergedReason())
-    if reason < 0:
-        raise NumericalError(f"KSP ({ksp.getOptionsPrefix() or ''}) did not converge: reason {reason} "
-                             f"after {ksp.getIterationNumber()} iterations")
-
-
 def _eps(A: Any, owner: PetscOwner, kind: str, which: Any = None, nev: int = 1,
-         tol: float = 1e-10) -> list[complex]:
+         tol: float = 1e-10, prefix: str = PREFIX) -> list[complex]:
     SLEPc = _slepc()
     eps = owner.own(SLEPc.EPS().create(comm=A.getComm()))
     eps.setOperators(A)
@@ -125,14 +59,13 @@ def _eps(A: Any, owner: PetscOwner, kind: str, which: Any = None, nev: int = 1,
         eps.setWhichEigenpairs(which)
     eps.setDimensions(nev=nev)
     eps.setTolerances(tol=tol, max_it=2000)
-    eps.setOptionsPrefix(PREFIX)
-    eps.setFromOptions()
+    configure(eps, prefix)
     eps.solve()
     return [eps.getEigenvalue(i) for i in range(eps.getConverged())]
 
 
 def eigenvalues(A: Any, owner: PetscOwner, dense_limit: int = 3000, nev: int = 20,
-                tol: float = 1e-10) -> tuple[np.ndarray, str]:
+                tol: float = 1e-10, prefix: str = PREFIX) -> tuple[np.ndarray, str]:
     """Eigenvalues a of the Carleman matrix A (complex128, on every rank) and the method used.
 
     All Delta of them when Delta <= dense_limit, otherwise ``nev`` of largest and ``nev`` of smallest
@@ -143,19 +76,20 @@ def eigenvalues(A: Any, owner: PetscOwner, dense_limit: int = 3000, nev: int = 2
     if is_zero_matrix(A):
         return np.zeros(D, dtype=np.complex128), "zero matrix (exact)"
     if D <= dense_limit:
-        vals = np.array(_eps(A, owner, SLEPc.EPS.Type.LAPACK, nev=D), dtype=np.complex128)
+        vals = np.array(_eps(A, owner, SLEPc.EPS.Type.LAPACK, nev=D, prefix=prefix), dtype=np.complex128)
         if vals.shape[0] != D:
             raise NumericalError(f"SLEPc LAPACK returned {vals.shape[0]} of {D} eigenvalues")
         return vals, "EPS lapack (all)"
     out: list[complex] = []
     for which in (SLEPc.EPS.Which.LARGEST_REAL, SLEPc.EPS.Which.SMALLEST_REAL):
-        out += _eps(A, owner, SLEPc.EPS.Type.KRYLOVSCHUR, which, nev=min(nev, D - 2), tol=tol)
+        out += _eps(A, owner, SLEPc.EPS.Type.KRYLOVSCHUR, which, nev=min(nev, D - 2), tol=tol,
+                    prefix=prefix)
     vals = np.unique(np.round(np.array(out, dtype=np.complex128), 14))
     return vals, f"EPS krylovschur ({nev} largest + {nev} smallest real part, tol {tol:g})"
 
 
 def singular_value(mat: Any, owner: PetscOwner, which: str = "largest", tol: float = 1e-10, max_it: int = 5000,
-                   dense_limit: int = 3000) -> tuple[float, str]:
+                   dense_limit: int = 3000, prefix: str = PREFIX) -> tuple[float, str]:
     """σ_max or σ_min of a distributed matrix by SLEPc SVD; returns (value, method).
 
     The zero matrix returns 0 exactly (Lanczos cannot start on it).
@@ -177,8 +111,7 @@ def singular_value(mat: Any, owner: PetscOwner, which: str = "largest", tol: flo
         method = f"SVD trlanczos tol {tol:g}"
     svd.setWhichSingularTriplets(SLEPc.SVD.Which.LARGEST if which == "largest" else SLEPc.SVD.Which.SMALLEST)
     svd.setTolerances(tol=tol, max_it=max_it)
-    svd.setOptionsPrefix(PREFIX)
-    svd.setFromOptions()
+    configure(svd, prefix)
     svd.solve()
     nconv = svd.getConverged()
     if nconv < 1:
@@ -201,7 +134,7 @@ class _InverseShell:
 
 
 def smallest_singular_value_by_inverse(M: Any, owner: PetscOwner, tol: float = 1e-10, max_it: int = 5000,
-                                       ksp_rtol: float = 1e-13) -> tuple[float, str]:
+                                       ksp_rtol: float = 1e-13, prefix: str = INVERSE_PREFIX) -> tuple[float, str]:
     """σ_min(M) = 1 / σ_max(M⁻¹): thick-restart Lanczos on a shell M⁻¹ (solves with :func:`make_ksp`).
 
     The largest singular value of M⁻¹ is well separated in practice, unlike the smallest of M,
@@ -210,7 +143,7 @@ def smallest_singular_value_by_inverse(M: Any, owner: PetscOwner, tol: float = 1
     from petsc4py import PETSc
 
     SLEPc = _slepc()
-    ksp = make_ksp(M, owner, rtol=ksp_rtol, prefix=INVERSE_PREFIX)
+    ksp = make_ksp(M, owner, rtol=ksp_rtol, prefix=prefix)
     shell = owner.own(PETSc.Mat().createPython(M.getSizes(), context=_InverseShell(ksp), comm=M.getComm()))
     shell.setUp()
     svd = owner.own(SLEPc.SVD().create(comm=M.getComm()))
@@ -219,8 +152,7 @@ def smallest_singular_value_by_inverse(M: Any, owner: PetscOwner, tol: float = 1
     svd.setWhichSingularTriplets(SLEPc.SVD.Which.LARGEST)
     svd.setDimensions(nsv=1, ncv=min(M.getSize()[0], 16))
     svd.setTolerances(tol=tol, max_it=max_it)
-    svd.setOptionsPrefix(INVERSE_PREFIX)
-    svd.setFromOptions()
+    configure(svd, prefix)
     svd.solve()
     if svd.getConverged() < 1:
         raise NumericalError(f"SLEPc SVD of M^-1 did not converge in {max_it} iterations")
@@ -266,13 +198,17 @@ class ConditionReport:
 
 
 def condition_report(M: Any, IA_norm: float, T: int, owner: PetscOwner, tol: float = 1e-10,
-                     dense_limit: int = 3000) -> ConditionReport:
-    """κ(M) from SLEPc SVD next to 2(T+1) (eq. II.83) and the general bound (eq. II.81)."""
-    smax, m1 = singular_value(M, owner, "largest", tol=tol, dense_limit=dense_limit)
+                     dense_limit: int = 3000, prefix: str = PREFIX,
+                     inverse_prefix: str = INVERSE_PREFIX) -> ConditionReport:
+    """κ(M) from SLEPc SVD next to 2(T+1) (eq. II.83) and the general bound (eq. II.81).
+
+    ``prefix`` is the options prefix of the SVDs of M, ``inverse_prefix`` that of the inverse iteration.
+    """
+    smax, m1 = singular_value(M, owner, "largest", tol=tol, dense_limit=dense_limit, prefix=prefix)
     if M.getSize()[0] <= dense_limit:
-        smin, m2 = singular_value(M, owner, "smallest", tol=tol, dense_limit=dense_limit)
+        smin, m2 = singular_value(M, owner, "smallest", tol=tol, dense_limit=dense_limit, prefix=prefix)
     else:
-        smin, m2 = smallest_singular_value_by_inverse(M, owner, tol=tol)
+        smin, m2 = smallest_singular_value_by_inverse(M, owner, tol=tol, prefix=inverse_prefix)
     general = (1.0 + IA_norm) * float(sum(IA_norm**t for t in range(T + 1)))
     return ConditionReport(sigma_max=smax, sigma_min=smin, kappa=smax / smin, norm_IA=IA_norm,
                            bound_II83=2.0 * (T + 1), bound_general=general, method=f"max: {m1}; min: {m2}")

@@ -19,57 +19,61 @@ from typing import Any
 import numpy as np
 
 from hpcqml.carleman import reference as ref
-from hpcqml.carleman import spectra
 from hpcqml.carleman.instance import PolynomialODE, carleman_dim, lift
-from hpcqml.carleman.petsc_assembly import to_numpy_all
-from hpcqml.errors import NumericalError
+from hpcqml.petsc import PetscOwner, checked_solve, make_ksp, to_numpy_all, vec_for
 
 
 def solve_ksp(M: Any, B: Any, rtol: float = 1e-12, prefix: str = "qcm_",
-              owner: spectra.PetscOwner | None = None) -> tuple[Any, int, int, str, str, float, float]:
-    """Solve the distributed system M x = B with the suite's one KSP set-up (:func:`spectra.make_ksp`).
+              owner: PetscOwner | None = None) -> tuple[Any, int, int, str, str, float, float]:
+    """Solve the distributed system M x = B with the suite's one KSP set-up (:func:`hpcqml.petsc.make_ksp`).
 
-    Returns ``(x Vec, iterations, reason, ksp_type, pc_type, residual_norm, seconds)``; ``x`` belongs
-    to ``owner`` when one is given, else to the caller.  The KSP belongs to ``owner`` (or is destroyed
-    here).  Raises :class:`NumericalError` when KSP reports divergence (reason < 0).
+    Args:
+        M: the assembled matrix (eq. II.79).
+        B: the right-hand side.
+        rtol: relative residual tolerance.
+        prefix: options prefix of the KSP, its PC and x (``-{prefix}ksp_*``, ``-{prefix}pc_*``, ``-{prefix}vec_*``).
+        owner: owns the KSP and x from their creation on; None: the KSP is destroyed here and x
+            belongs to the caller.
+
+    Returns:
+        ``(x Vec, iterations, reason, ksp_type, pc_type, residual_norm, seconds)``.
+
+    Raises:
+        NumericalError: the KSP diverged (one line naming the prefix and the reason).
     """
-    local = spectra.PetscOwner()  # holds the KSP when no owner is given; closing it empty does nothing
+    solver = PetscOwner()   # the KSP when no owner is given
+    result = PetscOwner()   # x when no owner is given: destroyed only on failure
     try:
-        ksp = spectra.make_ksp(M, owner if owner is not None else local, rtol=rtol, prefix=prefix)
-        x = M.createVecRight()
-        if owner is not None:
-            owner.own(x)
+        ksp = make_ksp(M, owner if owner is not None else solver, rtol=rtol, prefix=prefix)
+        x = vec_for(M, owner if owner is not None else result, prefix, "right")
         t0 = time.perf_counter()
-        try:
-            spectra.checked_solve(ksp, B, x)
-        except NumericalError:
-            if owner is None:
-                x.destroy()
-            raise
+        checked_solve(ksp, B, x)
         seconds = time.perf_counter() - t0
         return (x, int(ksp.getIterationNumber()), int(ksp.getConvergedReason()), ksp.getType(),
                 ksp.getPC().getType(), float(ksp.getResidualNorm()), seconds)
+    except BaseException:
+        result.close()
+        raise
     finally:
-        local.close()
+        solver.close()
 
 
 def petsc_forward_iteration(A: Any, b: np.ndarray, y0: np.ndarray, T: int) -> np.ndarray:
     """Forward iteration y(t+1) = (I+A) y(t) + b with distributed MatMult; (T+1) x Delta on every rank."""
-    y = A.createVecRight()
-    r0, r1 = y.getOwnershipRange()
-    bl = A.createVecRight()
-    bl.setArray(b[r0:r1])
-    y.setArray(y0[r0:r1])
-    out = np.empty((T + 1, y0.shape[0]))
-    out[0] = y0
-    tmp = y.duplicate()
-    for t in range(T):
-        A.mult(y, tmp)
-        y.axpy(1.0, tmp)
-        y.axpy(1.0, bl)
-        out[t + 1] = to_numpy_all(y)
-    for v in (y, tmp, bl):
-        v.destroy()
+    with PetscOwner() as owner:
+        y = owner.own(A.createVecRight())
+        r0, r1 = y.getOwnershipRange()
+        bl = owner.own(A.createVecRight())
+        bl.setArray(b[r0:r1])
+        y.setArray(y0[r0:r1])
+        out = np.empty((T + 1, y0.shape[0]))
+        out[0] = y0
+        tmp = owner.own(y.duplicate())
+        for t in range(T):
+            A.mult(y, tmp)
+            y.axpy(1.0, tmp)
+            y.axpy(1.0, bl)
+            out[t + 1] = to_numpy_all(y)
     return out
 
 
@@ -84,16 +88,15 @@ def petsc_forward_iteration_t(ode: PolynomialODE, N: int, T: int, comm: Any) -> 
     ode.check_horizon(T)
     y0 = lift(ode.u_in, N)
     if ode.F0_t is None:
-        A, _ = assemble_carleman(ode, N, comm)
-        out = petsc_forward_iteration(A, ref.carleman_rhs(ode, N), y0, T)
-        A.destroy()
-        return out
+        with PetscOwner() as owner:
+            A, _ = assemble_carleman(ode, N, comm, owner=owner)
+            return petsc_forward_iteration(A, ref.carleman_rhs(ode, N), y0, T)
     out = np.empty((T + 1, y0.shape[0]), dtype=np.float64)
     out[0] = y0
     for t in range(T):
-        A, _ = assemble_carleman(ode, N, comm, t=t)
-        out[t + 1] = petsc_forward_iteration(A, ref.carleman_rhs(ode, N, t), out[t], 1)[1]
-        A.destroy()
+        with PetscOwner() as owner:
+            A, _ = assemble_carleman(ode, N, comm, t=t, owner=owner)
+            out[t + 1] = petsc_forward_iteration(A, ref.carleman_rhs(ode, N, t), out[t], 1)[1]
     return out
 
 
@@ -264,3 +267,158 @@ def discreteness_scaling(ode: PolynomialODE, N_ref: int, horizon: float, steps: 
     good = e_a > 0
     slope = float(np.polyfit(np.log(hs_a[good]), np.log(e_a[good]), 1)[0]) if good.sum() >= 2 else float("nan")
     return {"h": hs_a, "error": e_a, "slope": np.array(slope)}
+
+
+#: the three values of every ``holds_*`` flag of the qcm stage
+NOT_EVALUATED = "not evaluated"
+
+
+def verdict(measured: float | np.ndarray, bound: float | np.ndarray, atol: float = 0.0, rtol: float = 1e-9) -> str:
+    """"true" when measured <= bound (1 + rtol) + atol everywhere, "false" when not, "not evaluated" when
+    either side is NaN or the bound is not finite (a bound of +inf holds vacuously and is not reported as held).
+
+    Args:
+        measured: the measured quantity (scalar or array).
+        bound: the bound (same shape or scalar).
+        atol: absolute tolerance (resolution of the measurement).
+        rtol: relative tolerance on the bound.
+
+    Returns:
+        One of "true", "false", :data:`NOT_EVALUATED`.
+    """
+    m = np.asarray(measured, dtype=np.float64)
+    b = np.asarray(bound, dtype=np.float64)
+    if m.size == 0 or b.size == 0 or np.any(np.isnan(m)) or not np.all(np.isfinite(b)):
+        return NOT_EVALUATED
+    return "true" if bool(np.all(m <= b * (1.0 + rtol) + atol)) else "false"
+
+
+def r_number_pnas(ode: PolynomialODE, T: int | None = None) -> tuple[float, str]:
+    """The convergence parameter R of Liu et al., PNAS 118 (35), e2026805118 (2021), for quadratic maps.
+
+    For du/dt = F_2 u^{(x)2} + F_1 u + F_0(t), u(0) = u_in, with F_1 diagonalisable and its
+    eigenvalue lambda_1 of largest real part satisfying Re(lambda_1) < 0,
+
+        R = ( ||u_in|| ||F_2|| + ||F_0|| / ||u_in|| ) / |Re(lambda_1)|,
+
+    spectral norms, ||F_0|| = max_t ||F_0(t)||; their Carleman truncation converges for R < 1.  Here the
+    F_l are the per-step coefficients of eq. II.1 (R is unchanged by F_l -> eta F_l).
+
+    Args:
+        ode: the instance.
+        T: steps over which a time-varying F_0(t) is maximised (None: all of F0_t).
+
+    Returns:
+        ``(R, note)``: NaN with the reason when R is not defined (degree q != 2, Re(lambda_1) >= 0, F_1
+        too large for dense eigenvalues, u_in = 0 with F_0 = 0); +inf when u_in = 0 and F_0 != 0.
+    """
+    if ode.q != 2:
+        return float("nan"), f"not defined: degree q = {ode.q} (R is stated for quadratic equations)"
+    if ode.n > 2000:
+        return float("nan"), "not evaluated: n > 2000 (dense eigenvalues of F1)"
+    lam1 = float(np.max(np.real(np.linalg.eigvals(ode.F[1].toarray()))))
+    if not lam1 < 0.0:
+        return float("nan"), f"not defined: Re(lambda_1) = {lam1:.3g} >= 0 (F1 not dissipative)"
+    norms = ode.norms()
+    f0 = norms[0]
+    if ode.F0_t is not None:
+        steps = ode.F0_t.shape[0] if T is None else min(T, ode.F0_t.shape[0])
+        f0 = max(float(np.linalg.norm(ode.f0(t))) for t in range(steps))
+    u = float(np.linalg.norm(ode.u_in))
+    if u == 0.0:
+        if f0 == 0.0:
+            return float("nan"), "not defined: u_in = 0 and F0 = 0"
+        return float("inf"), "u_in = 0 with F0 != 0: ||F0||/||u_in|| is infinite"
+    return float((u * norms[2] + f0 / u) / abs(lam1)), "R = (||u_in|| ||F2|| + ||F0||/||u_in||) / |Re(lambda_1)|"
+
+
+def power_norms(IA: np.ndarray, T: int) -> np.ndarray:
+    """||(I+A)^t||_2 for t = 0..T by repeated dense products (the terms of eq. II.81 as printed).
+
+    Args:
+        IA: the dense matrix I + A (Delta x Delta, float64).
+        T: largest power.
+
+    Returns:
+        float64 array of length T + 1 (the t = 0 entry is ||I|| = 1).
+    """
+    P = np.eye(IA.shape[0], dtype=np.float64)
+    out = np.empty(T + 1, dtype=np.float64)
+    for t in range(T + 1):
+        out[t] = float(np.linalg.norm(P, 2))
+        P = IA @ P
+    return out
+
+
+#: a fitted late-time rate agrees with its prediction when the interval of the median ratio lies within 15 %
+RATE_RTOL = 0.15
+
+
+def median_interval(values: np.ndarray, coverage: float = 0.9) -> tuple[float, float, float, float]:
+    """Median of ``values`` with a distribution-free interval from order statistics.
+
+    The interval [x_(k), x_(m+1-k)] of the sorted sample covers the population median with probability
+    1 - 2 P(Bin(m, 1/2) <= k - 1); k is the largest index whose coverage is still >= ``coverage``
+    (k = 1, the sample range, when even that falls short).  It is the spread over independent draws,
+    not a residual-based error of one fit.
+
+    Args:
+        values: finite sample (e.g. fitted/predicted rate ratios, one per seed).
+        coverage: wanted two-sided coverage.
+
+    Returns:
+        ``(median, low, high, achieved coverage)``; NaNs for an empty sample.
+    """
+    from math import comb
+
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    m = x.size
+    if m == 0:
+        return (float("nan"),) * 4
+    cdf = np.cumsum([comb(m, i) for i in range(m + 1)]) / 2.0**m   # P(Bin(m, 1/2) <= i)
+    k, achieved = 1, 1.0 - 2.0 * cdf[0]
+    for kk in range(2, (m + 1) // 2 + 1):
+        cov = 1.0 - 2.0 * cdf[kk - 1]
+        if cov < coverage:
+            break
+        k, achieved = kk, cov
+    return float(np.median(x)), float(x[k - 1]), float(x[m - k]), float(achieved)
+
+
+def rate_agreement(fitted: np.ndarray, predicted: np.ndarray, window_steps: int,
+                   rtol: float = RATE_RTOL) -> dict[str, float | str]:
+    """Verdict on fitted late-time rates against their predictions over seeds (Fig. 4).
+
+    Per seed the ratio fitted / predicted; its median with the order-statistic interval of
+    :func:`median_interval`.  "agrees" when the whole interval lies in [1 - rtol, 1 + rtol]
+    (a factor of 1.3 cannot pass), "disagrees" when it lies entirely outside, "unresolved" when it
+    straddles a band edge, "horizon too short to tell" when the fit window spans less than one e-fold
+    of the median predicted rate (window_steps * |rate| < 1), "not evaluated" with fewer than 3 seeds.
+
+    Args:
+        fitted: fitted rates per seed (NaN where not fitted).
+        predicted: predicted rates per seed.
+        window_steps: length of the fit window in steps.
+        rtol: relative tolerance of the agreement band.
+
+    Returns:
+        ``verdict``, ``median``, ``low``, ``high`` (of the ratio), ``coverage``, ``efolds``, ``seeds``.
+    """
+    f = np.asarray(fitted, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    ok = np.isfinite(f) & np.isfinite(p) & (p != 0)
+    ratio = f[ok] / p[ok]
+    med, lo, hi, cov = median_interval(ratio)
+    efolds = float(window_steps * np.median(np.abs(p[ok]))) if ok.any() else float("nan")
+    if ratio.size < 3:
+        verdict = NOT_EVALUATED + f" ({ratio.size} seed(s) with a fitted rate, need 3)"
+    elif efolds < 1.0:
+        verdict = "horizon too short to tell"
+    elif lo >= 1.0 - rtol and hi <= 1.0 + rtol:
+        verdict = "agrees"
+    elif hi < 1.0 - rtol or lo > 1.0 + rtol:
+        verdict = "disagrees"
+    else:
+        verdict = "unresolved"
+    return {"verdict": verdict, "median": med, "low": lo, "high": hi, "coverage": cov, "efolds": efolds,
+            "seeds": float(ratio.size)}

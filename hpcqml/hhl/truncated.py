@@ -14,9 +14,14 @@ taken as ``<x| <well| |x~>``, is eq. II.87::
     P_ill = sum_{ill} |beta_j|^2.
 
 For Haar-random ``|b>`` each ``|beta_j|^2`` averages to ``1/D`` (eq. II.89-II.91), which
-gives the annealed estimate :func:`haar_average_fidelity`; for a spectrum with ``Delta_+``
-dissipative modes of one eigenvalue ``a_+`` it reduces to eq. II.92 and, as
-``a_+ -> 0^-``, to ``Delta_+ / Delta`` (eq. II.93).
+gives the annealed estimate :func:`haar_average_fidelity` over the actual spectrum of the
+embedded system.  The paper's eq. II.92 (and its limit ``a_+ -> 0^-``, eq. II.93: ``Delta_+ / Delta``)
+is a different quantity: it is built from the Carleman mode counts, not from the spectrum of M,
+and it does not follow from eq. II.89-II.91.  With ``Delta_- = 0`` it reduces to ``sqrt(G/(T+1)) < 1``
+although nothing is truncated whenever kappa(M) <= kappa_a = 2(T+1), where eq. II.87 is exactly 1;
+the two agree only as ``a_+ -> 0`` with ``Delta_- = 0``.  :func:`ii92_against_ii87` evaluates both on
+the same M (docs/science.md, "Eq. II.92 against eq. II.87").  All overlaps here are unsquared,
+<x|x~> as in the paper.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import numpy as np
 
 from hpcqml.errors import UserError
 from hpcqml.hhl.statevector import HermitianSystem, HHLResult
-from hpcqml.modes import dissipative_counts, dissipative_mean, fidelity_ii92, fidelity_ii93  # noqa: F401  (re-exported)
+from hpcqml.modes import dissipative_counts, dissipative_mean, fidelity_ii92, fidelity_ii93
 
 
 def _check_kappa(kappa_a: float) -> float:
@@ -104,3 +109,44 @@ def dissipative_split(qcm_eigenvalues: np.ndarray) -> tuple[int, int, float]:
         raise UserError("truncated HHL: empty Carleman spectrum")
     d_plus, _ = dissipative_counts(a)
     return d_plus, int(a.size), dissipative_mean(a)
+
+
+def ii92_against_ii87(M: np.ndarray, B: np.ndarray, carleman_eigenvalues: np.ndarray, T: int,
+                      kappa_a: float | None = None) -> dict[str, float]:
+    """Eq. II.92 (and II.93) beside the exact eq. II.87 overlap and its Haar estimate on the same M.
+
+    Eq. II.92 is the paper's estimate of the truncated-HHL overlap from the Carleman mode counts
+    (Delta_+, Delta, a_+) with kappa_a = 2(T+1); eq. II.87 is the overlap itself for the actual
+    Hermitian embedding of M x = B (:func:`hpcqml.hhl.statevector.embed`, unit norm), and
+    :func:`haar_average_fidelity` its annealed average over |b> (eq. II.89-II.91).  The two do not
+    describe the same thing: with Delta_- = 0 eq. II.92 reduces to sqrt(G / (T+1)) < 1,
+    G = sum_t (1 + a_+)^t, although nothing is truncated whenever kappa(M) <= kappa_a (then eq. II.87
+    is exactly 1).  They agree in the limit a_+ -> 0 with Delta_- = 0.
+
+    Args:
+        M: the block matrix of eq. II.79 (dense or scipy.sparse), (T+1) Delta square.
+        B: its right-hand side.
+        carleman_eigenvalues: eigenvalues a of the Carleman matrix A of the same case.
+        T: number of time steps.
+        kappa_a: truncation parameter (default 2(T+1), the paper's choice).
+
+    Returns:
+        ``overlap_ii87``, ``overlap_haar``, ``overlap_ii92``, ``overlap_ii93`` (all unsquared overlaps
+        <x|x~>), ``Delta_plus``, ``Delta``, ``a_plus``, ``kappa_a``, ``ill_fraction`` (fraction of the
+        embedded spectrum with |lambda| < 1/kappa_a).
+    """
+    from hpcqml.hhl.statevector import embed
+
+    kappa = float(2 * (T + 1)) if kappa_a is None else _check_kappa(kappa_a)
+    system = embed(M, B)
+    lam, beta = eigen_coefficients(system)
+    d_plus, d_all, a_plus = dissipative_split(carleman_eigenvalues)
+    spec = np.asarray(system.spectrum)
+    return {
+        "overlap_ii87": closed_form_fidelity(lam, beta, kappa),
+        "overlap_haar": haar_average_fidelity(spec, kappa),
+        "overlap_ii92": fidelity_ii92(d_plus, d_all, a_plus, T) if d_plus else 0.0,
+        "overlap_ii93": float(fidelity_ii93(d_plus, d_all)),
+        "Delta_plus": float(d_plus), "Delta": float(d_all), "a_plus": a_plus, "kappa_a": kappa,
+        "ill_fraction": float(np.mean(np.abs(spec) < 1.0 / kappa)),
+    }
