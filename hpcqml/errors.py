@@ -4,6 +4,7 @@ Kernels raise these (or plain ``ValueError``/``ArithmeticError``); only the CLI 
 exit codes: :class:`UserError` (bad input, exit 2) and everything else (exit 1, a failure of
 the computation or the machine). A diverged solver or a non-finite product is not bad input.
 """
+from collections.abc import Callable
 
 
 class UserError(ValueError):
@@ -26,5 +27,15 @@ class StoppedBySignal(UserError):
     """A run stopped on a scheduler or user signal after its resume state reached disk.
 
     Raised on every rank together; the message says what was saved and whether the job
-    script requeues.
+    script requeues. ``recompose``, when given, words the message again from what is
+    known later (a cancel noted after the wall-time warning means no requeue):
+    :meth:`final` is what the CLI prints and the results file records.
     """
+
+    def __init__(self, message: str, recompose: "Callable[[], str] | None" = None) -> None:
+        super().__init__(message)
+        self._recompose = recompose
+
+    def final(self) -> str:
+        """The message as of now (re-worded by ``recompose`` when there is one)."""
+        return self._recompose() if self._recompose is not None else str(self)

@@ -27,6 +27,7 @@ import os
 import shutil
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
@@ -364,6 +365,26 @@ def damage_error(path: Path, exc: BaseException) -> InputFileError | None:
     return None
 
 
+def _read_or_name_damage(path: Path, fh: h5py.File, fn: Callable[[h5py.File], Any]) -> Any:
+    """``fn(fh)``; when it fails other than with a UserError and the file turns out damaged
+    (a link to nothing reads as None, a member list as garbage), the damage is named instead.
+    """
+    try:
+        return fn(fh)
+    except UserError:
+        raise
+    except Exception:
+        from hpcqml.verify import check_file, damage_summary
+
+        try:
+            problems, _ = check_file(fh)
+        except Exception:  # noqa: BLE001 - the checker failing too: the first error stands
+            problems = []
+        if problems:
+            raise InputFileError(damage_summary(path, problems)) from None
+        raise
+
+
 def damaged(path: Path, exc: BaseException) -> InputFileError:
     """The one-line error for a results file HDF5 cannot read."""
     detail = (str(exc).splitlines() or [type(exc).__name__])[0].strip() or type(exc).__name__
@@ -384,6 +405,17 @@ class ResultsStore:
         self._perf = perf
         self.invocation: str | None = None
         self.lock = ResultsLock(self.path)
+        #: stages recomputed whose old groups are set aside by their first new commit
+        self._replacing: dict[str, _Swap] = {}
+
+    def target(self) -> Path:
+        """The file rewrites replace: the results path, or the file it links to. A results
+        path that is a symbolic link stays one (the user's layout: results kept on another
+        file system); the rename happens next to the target, atomic there.
+        """
+        if self.path.is_symlink():
+            return Path(os.path.realpath(self.path))
+        return self.path
 
     # ---- collective helpers -------------------------------------------------------
     def _on_root(self, fn: Callable[[], Any]) -> Any:
@@ -410,7 +442,7 @@ class ResultsStore:
                 return default
             try:
                 with h5py.File(self.path, "r") as fh:
-                    return fn(fh)
+                    return _read_or_name_damage(self.path, fh, fn)
             except DAMAGE_ERRORS as exc:
                 error = None if isinstance(exc, UserError) else damage_error(self.path, exc)
                 if error is None:
@@ -419,6 +451,11 @@ class ResultsStore:
         return self._on_root(body)
 
     def is_complete(self, key: str) -> bool:
+        """Collective: group ``key`` exists and is complete. The groups of a stage being
+        replaced (:meth:`replace_stage`) count as absent until its first new commit.
+        """
+        if self._replacing_stage(key) is not None:
+            return False
         return bool(self.read(lambda fh: is_complete(fh, key), default=False))
 
     def _rewrite(self, edit: Callable[[h5py.File], None]) -> None:
@@ -440,14 +477,18 @@ class ResultsStore:
                     if _damage_message(exc):
                         raise damaged(self.path, exc) from None
                     raise
-        atomic_write(self.path, update, size_hint=_size(self.path))
+        atomic_write(self.target(), update, size_hint=_size(self.path))
 
     def commit(self, key: str, write: Callable[[h5py.Group], None] | None = None,
                attrs: Mapping[str, Any] | None = None) -> None:
         """Write group ``key`` (replacing any previous one) and mark it complete, durably."""
         invocation = self.invocation
+        replacing = self._replacing_stage(key)
+        swap = self._replacing.get(replacing) if replacing is not None else None
 
         def edit(fh: h5py.File) -> None:
+            if swap is not None:  # the first new unit of a recomputed stage: old groups set aside
+                _set_aside(fh, swap)
             if key in fh:
                 del fh[key]
             group = fh.require_group(key)
@@ -459,7 +500,77 @@ class ResultsStore:
             group.attrs["completed_at"] = utc_now()
             if invocation is not None and invocation in fh:
                 fh[invocation].attrs["last_write"] = group.attrs["completed_at"]
+            if key.startswith("perf/") and f"{PREVIOUS}/{key[5:]}" in fh:
+                del fh[f"{PREVIOUS}/{key[5:]}"]  # the stage is complete: its replaced results go
         self._on_root(lambda: self._rewrite(edit))
+        if replacing is not None:
+            del self._replacing[replacing]
+
+    def _replacing_stage(self, key: str) -> str | None:
+        """The stage being replaced that group ``key`` belongs to, if any."""
+        return next((name for name in self._replacing if _belongs_to(key, name)), None)
+
+    def replace_stage(self, stage: str, sha256: str, inputs_toml: str, stale: Sequence[str] = (),
+                      because: str = "") -> None:
+        """Recompute ``stage`` without deleting its results first.
+
+        Nothing is written now. The stage's old groups stay as they are, hidden from
+        :meth:`is_complete`, until its first new commit; that commit, in the same atomic
+        rewrite, moves them (with their performance record and fingerprint) to
+        ``/previous/<stage>``, records the new fingerprint and marks the ``stale`` stages.
+        A stage that is refused or fails before that commit leaves the file untouched;
+        one that fails after it keeps the old results under ``/previous`` (restored by
+        :meth:`restore_previous` when the old settings come back); the stage's own
+        ``/perf`` commit, which marks it complete, deletes them.
+        """
+        self._replacing[stage] = _Swap(stage, sha256, inputs_toml, tuple(stale), because, self.invocation or "")
+
+    def is_replacing(self, stage: str) -> bool:
+        """Whether ``stage`` is recomputed and its first new commit has not happened yet."""
+        return stage in self._replacing
+
+    def restore_previous(self, stage: str, sha256: str) -> bool:
+        """Swap ``/previous/<stage>`` back in when it was made with settings ``sha256``
+        (the current groups of the stage take its place). Returns whether it did.
+        """
+        def found(fh: h5py.File) -> bool:
+            rec = fh.get(f"{PREVIOUS}/{stage}/fingerprint")
+            return rec is not None and _text(rec.attrs.get("sha256", "")) == sha256
+        if not self.read(found, default=False):
+            return False
+        self._on_root(lambda: self._rewrite(lambda fh: _exchange(fh, stage)))
+        return True
+
+    def decide_once(self, key: str, decide: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+        """A choice made once per results file and reused ever after (collective).
+
+        When group ``key`` is complete its attributes are the choice made earlier (a resume
+        never re-decides, so a timing-based choice cannot flip between invocations);
+        otherwise ``decide()`` runs on every rank, rank 0's answer is committed as the
+        attributes of ``key`` before any result that depends on it, and returned.
+
+        Args:
+            key: the group recording the choice, inside the stage's groups
+                (e.g. ``spectrum/decisions``), so it is replaced with them on a recomputation.
+            decide: returns plain attribute values (str, int, float, bool).
+
+        Returns:
+            The choice, as stored.
+        """
+        def stored(fh: h5py.File) -> dict[str, Any] | None:
+            if not is_complete(fh, key):
+                return None
+            return {k: _text(v) if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)
+                    for k, v in fh[key].attrs.items() if k not in ("complete", "completed_at", "description")}
+        earlier = None if self._replacing_stage(key) is not None else self.read(stored)
+        if earlier is not None:
+            return earlier
+        choice = dict(decide())
+        if self.comm.Get_size() > 1:
+            choice = self.comm.bcast(choice, root=0)
+        self.commit(key, attrs={**choice, "description": "choices made once for this file and reused on "
+                                                           "every resume (never re-decided)"})
+        return choice
 
     def set_root_attrs(self, attrs: Mapping[str, Any], group: str = "/") -> None:
         """Set attributes on a group (durably, like :meth:`commit`)."""
@@ -544,7 +655,8 @@ class ResultsStore:
                      overwrite: bool, log: Callable[[str], None]) -> tuple[str, str]:
         """Rank 0, lock held: the body of :meth:`open_run`."""
         # only now is it certain that no live run owns the temporaries
-        for tmp in remove_stale_temporaries(self.path.parent, self.path.name):
+        target = self.target()
+        for tmp in remove_stale_temporaries(target.parent, target.name):
             log(f"removed {tmp.name}, left by an interrupted write")
         state = "created"
         if self.path.exists() and not overwrite:
@@ -565,7 +677,7 @@ class ResultsStore:
                 with h5py.File(out, "w") as fh:
                     fh.attrs["schema_version"] = SCHEMA_VERSION
                     fh.attrs["created"] = utc_now()
-            atomic_write(self.path, create)
+            atomic_write(target, create)
         invocation = f"provenance/run_{runs:03d}"
 
         def record(fh: h5py.File) -> None:
@@ -600,6 +712,80 @@ class ResultsStore:
         finally:
             if self.rank == 0:
                 self.lock.release()
+
+
+#: top-level group holding the results a recomputed stage replaced, until it completes
+PREVIOUS = "previous"
+
+
+@dataclass(frozen=True)
+class _Swap:
+    """A recomputed stage's pending swap (see :meth:`ResultsStore.replace_stage`)."""
+
+    stage: str
+    sha256: str
+    inputs: str
+    stale: tuple[str, ...]
+    because: str
+    invocation: str
+
+
+def _belongs_to(key: str, stage: str) -> bool:
+    """Whether group ``key`` is one of ``stage``'s groups or its perf/fingerprint record."""
+    top = key.strip("/").split("/", 1)[0]
+    return top == stage or top.startswith(stage + "_") or key.strip("/") in (f"perf/{stage}",
+                                                                               f"fingerprints/{stage}")
+
+
+def stage_groups(fh: h5py.File, stage: str) -> list[str]:
+    """The top-level groups holding ``stage``'s results (``stage`` and ``stage_*``)."""
+    return [k for k in fh if k == stage or k.startswith(stage + "_")]
+
+
+def _exchange(fh: h5py.File, stage: str) -> None:
+    """Swap ``stage``'s groups, perf record and fingerprint with ``/previous/<stage>``."""
+    prev = f"{PREVIOUS}/{stage}"
+    incoming = f"{PREVIOUS}/.{stage}.incoming"
+    if prev in fh:
+        fh.move(prev, incoming)
+    out = fh.require_group(prev)
+    out.attrs["description"] = f"results of stage {stage} replaced by a recomputation still in progress"
+    for name in stage_groups(fh, stage):
+        out.require_group("groups")
+        fh.move(name, f"{prev}/groups/{name}")
+    for key, to in ((f"perf/{stage}", "perf"), (f"fingerprints/{stage}", "fingerprint")):
+        if key in fh:
+            fh.move(key, f"{prev}/{to}")
+    if incoming not in fh:
+        return
+    for name in list(fh[f"{incoming}/groups"]) if f"{incoming}/groups" in fh else []:
+        fh.move(f"{incoming}/groups/{name}", name)
+    for key, src in ((f"perf/{stage}", "perf"), (f"fingerprints/{stage}", "fingerprint")):
+        if f"{incoming}/{src}" in fh:
+            fh.require_group(key.split("/")[0])
+            fh.move(f"{incoming}/{src}", key)
+    del fh[incoming]
+
+
+def _set_aside(fh: h5py.File, swap: _Swap) -> None:
+    """The first commit of a recomputed stage: old results to ``/previous``, new fingerprint,
+    dependants marked stale (all inside the commit's atomic rewrite).
+    """
+    if f"{PREVIOUS}/{swap.stage}" in fh:
+        del fh[f"{PREVIOUS}/{swap.stage}"]  # an older generation: neither the old nor the new settings
+    _exchange(fh, swap.stage)
+    fp = fh.require_group(f"fingerprints/{swap.stage}")
+    for name, value in {"sha256": swap.sha256, "inputs": swap.inputs, "stale": False, "stale_because": "",
+                        "invocation": swap.invocation,
+                        "description": f"sha256 of the settings that change the results of stage {swap.stage}, "
+                                       "and those settings (TOML)", "complete": True,
+                        "completed_at": utc_now()}.items():
+        fp.attrs[name] = value
+    for other in swap.stale:
+        for key in (f"fingerprints/{other}", other):
+            if key in fh:
+                fh[key].attrs["stale"] = True
+                fh[key].attrs["stale_because"] = swap.because
 
 
 def _set_invocation(fh: h5py.File, group: h5py.Group, values: Mapping[str, Any]) -> None:

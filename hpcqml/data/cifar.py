@@ -244,10 +244,13 @@ def _read_bounded(path: Path) -> bytes:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise InputFileError(f"CIFAR-100 file {_show(path)}: cannot open ({exc.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # checked on the descriptor, before Python wraps it
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise InputFileError(f"CIFAR-100 file {_show(path)}: {kind}, expected the python-pickle "
+                             f"file '{path.name}'")
     with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fh.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise InputFileError(f"CIFAR-100 file {_show(path)}: not a regular file")
         if info.st_size > MAX_FILE_BYTES:
             raise InputFileError(f"CIFAR-100 file {_show(path)}: {info.st_size} bytes, more than the "
                                  f"{MAX_FILE_BYTES} a CIFAR-100 part can hold; refused unread")

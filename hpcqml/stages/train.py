@@ -242,6 +242,9 @@ def finish(ctx: StageContext, tr: Training, s: SparseSettings, device: Any, done
         save_checkpoint(ctx.workdir / OUTPUT, tr.name, tr.classes, tr.model, mask=tr.masks, step=done,
                         meta={"stage": "train"}, **stamp(ctx))
     ctx.comm.Barrier()
+    if ctx.store.read(lambda fh: "train_log" in fh, default=False):  # an interrupted run's log: brought up to date
+        ctx.store.commit("train_log", history_writer(hist, tr.snap, done),
+                         attrs={"steps_done": done, "fingerprint": ctx.fingerprint})
     ctx.store.commit("train", history_writer(hist, tr.snap, done), attrs={
         "model": tr.name, "num_parameters": count_parameters(tr.model), "steps": done,
         "batch_size": s.batch_size, "lr": s.lr, "keep_fraction": s.keep_fraction, "scope": s.scope,

@@ -147,4 +147,15 @@ def interrupted_error(signum: int | None, step: int, path, total: int | None = N
     where = f"{stage} after step {step}" if stage else f"after step {step}"
     if total is not None:
         where += f" of {total}"
-    return StoppedBySignal(stop_message(signum, where, f"checkpoint {path} (step {step})", env))
+    return stopped_error(signum, where, f"checkpoint {path} (step {step})", env)
+
+
+def stopped_error(signum: int | None, stopped: str, saved: str,
+                  env: Mapping[str, str] | None = None) -> StoppedBySignal:
+    """The error for a stop (see :func:`stop_message`), worded again when it is printed
+    and recorded: a SIGTERM the job script noted after the SIGUSR1 that stopped the
+    ranks then reads as a cancel with no requeue.
+    """
+    def compose() -> str:
+        return stop_message(signum, stopped, saved, env)
+    return StoppedBySignal(compose(), recompose=compose)
