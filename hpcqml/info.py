@@ -81,18 +81,124 @@ def _stage_lines(res: Results) -> list[str]:
     return lines
 
 
-def summarize(path: str, max_depth: int = 3) -> str:
-    """Provenance, stage status, performance records and the group tree, as text."""
+def estimate_text(d: h5py.Dataset, fmt: str = "{:.4g}") -> str:
+    """A stored estimate ``[value, standard error, low, high]`` as ``value ± s.e.``, with
+    "± unknown" where no standard error exists (fewer than 3 probes) and "(unresolved)" where
+    the Ritz values do not decide it.
+    """
+    value, se = (float(v) for v in d[()][:2])
+    text = f"{fmt.format(value)} ± " + (f"{se:.2g}" if np.isfinite(se) else "unknown")
+    return text + ("" if bool(d.attrs.get("resolved", True)) else " (unresolved)")
+
+
+def _primary(res: h5py.Group) -> str:
+    """The mode convention a spectrum result names as primary."""
+    a = res["proxy"].attrs if "proxy" in res else {}
+    return str(decode(a.get("primary", a.get("convention", "paper"))))
+
+
+def _train_result(fh: h5py.File) -> list[str]:
+    g = fh["train"]
+    test = g["test_accuracy"][()] if "test_accuracy" in g else np.zeros(0)
+    ok = np.isfinite(test)
+    acc = f"final test accuracy {test[ok][-1]:.4f}" if ok.any() else "no test accuracy measured"
+    sparsity = f", final sparsity {g['sparsity'][()][-1]:.3f}" if "sparsity" in g else ""
+    return [f"  train: {fmt_value(g.attrs.get('model', '?'))}, {int(g['step'].shape[0])} steps; {acc}{sparsity}"]
+
+
+def _spectrum_result(fh: h5py.File) -> list[str]:
+    lines = []
+    for label, g in fh["spectrum"].items():
+        if "result/estimates" not in g:
+            continue
+        res = g["result"]
+        e = res["estimates"]
+        parts = [f"n {int(res.attrs.get('n', 0)):,}"]
+        if "trace" in e:
+            parts.append(f"trace {estimate_text(e['trace'])}")
+        if "lambda_max" in res.attrs:
+            parts.append(f"λ_max {float(res.attrs['lambda_max']):.4g}")
+        conv = _primary(res)
+        pe = res.get(f"proxy/{conv}/estimates")
+        if pe is not None:
+            ts = sorted(int(k[len("error_proxy_t"):]) for k in pe
+                        if k.startswith("error_proxy_t") and k[len("error_proxy_t"):].isdigit())
+            parts += [f"E({t}) {estimate_text(pe[f'error_proxy_t{t}'])}" for t in ts[:2]]
+        lines.append(f"    {label}: " + ", ".join(parts))
+    return ([f"  spectrum ({len(lines)} state(s); E(t) in the primary convention):"] + lines) if lines else []
+
+
+def _qcm_result(fh: h5py.File) -> list[str]:
+    kappas, violated, orders = [], 0, set()
+    cases = [g for g in fh["qcm"].values() if isinstance(g, h5py.Group)]
+    for case in cases:
+        for key in case:
+            if key.startswith("N_"):
+                a = case[key].attrs
+                orders.add(int(key[2:]))
+                if "kappa_M" in a and np.isfinite(a["kappa_M"]):
+                    kappas.append(float(a["kappa_M"]))
+                violated += bool(str(decode(a.get("violated_bounds", ""))).strip(","))
+    span = f"κ(M) {min(kappas):.4g}–{max(kappas):.4g}" if kappas else "κ(M) not computed"
+    return [f"  qcm: {len(cases)} case(s), N = {', '.join(map(str, sorted(orders))) or '–'}; {span}; "
+            f"{violated} order(s) with a violated bound"]
+
+
+def _hhl_result(fh: h5py.File) -> list[str]:
+    lines = []
+    for label, g in fh["hhl"].items():
+        if "hhl/clock_qubits" not in g:
+            continue
+        h = g["hhl"]
+        i = int(np.argmax(h["clock_qubits"][()]))
+        lines.append(f"  hhl {label} case: fidelity {float(h['fidelity'][i]):.6f} at {int(h['clock_qubits'][i])} "
+                     f"clock qubits, leakage {float(h['leakage'][i]):.3g}")
+    return lines
+
+
+def _key_results(fh: h5py.File) -> list[str]:
+    """One or a few lines of key results per stage that left them (the values a reader looks for first)."""
+    lines = []
+    for group, lines_of in (("train", _train_result), ("spectrum", _spectrum_result), ("qcm", _qcm_result),
+                            ("hhl", _hhl_result)):
+        if group in fh and fh[group].attrs.get("complete", True):
+            lines += lines_of(fh)
+    return lines
+
+
+def _short_stage_lines(res: Results) -> list[str]:
+    """Per stage: its state, and wall time and ranks where it completed."""
+    lines = []
+    for name, st in res.stages.items():
+        stale = f" [stale: {st.stale_because}]" if st.stale else ""
+        perf = res.perf.get(name)
+        timing = f", {perf.wall_seconds.max():.1f} s on {perf.ranks} rank(s)" if perf is not None else ""
+        state = {"partial": "partial (interrupted; rerun to resume)"}.get(st.state, st.state)
+        lines.append(f"  {name:9s} {state}{timing if st.state == 'complete' else ''}{stale}")
+    return lines
+
+
+def summarize(path: str, max_depth: int = 3, full: bool = False) -> str:
+    """What ran and its key results (final accuracy, trace ± s.e., E(t), κ(M), HHL fidelity);
+    with ``full``, also every performance record and the group tree, as text.
+    """
     with Results(path) as res:
         a = res.attrs
         lines = [f"results file: {path}",
                  f"  schema_version {fmt_value(a.get('schema_version', '?'))}, "
                  f"hpcqml {fmt_value(a.get('hpcqml_version', '?'))}, created {fmt_value(a.get('created', '?'))}"]
-        lines += [f"  {fact.label}: {fact.text}" for fact in provenance_facts(res.latest, a)]
+        facts = provenance_facts(res.latest, a)
+        lines += [f"  {fact.label}: {fact.text}" for fact in (facts if full else facts[:2])]
         runs = res.provenance
         lines.append(f"  invocations: {len(runs)} (" + ", ".join(f"{r.name[4:]} {r.status}" for r in runs) + ")")
         lines.append("stages:")
-        lines += _stage_lines(res)
+        lines += _stage_lines(res) if full else _short_stage_lines(res)
+        results = res.read(_key_results)
+        if results:
+            lines += ["results:", *results]
+        if not full:
+            lines.append("(hpcqml info --all: provenance details, performance records and the group tree)")
+            return "\n".join(lines)
         lines.append("groups:")
         lines += res.read(lambda fh: ["  " + line for line in _walk(fh, 0, max_depth)])
     return "\n".join(lines)

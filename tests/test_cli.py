@@ -128,9 +128,10 @@ def test_validate_explain_prints_key_docs(repo):
     res = run_cli("validate", "--explain", str(repo / "jobs/configs/demo.toml"))
     assert res.returncode == 0, res.stderr
     assert "[spectrum]" in res.stdout
-    assert "  lanczos_steps: integer; default 100; >= 1" in res.stdout
+    # the config sets lanczos_steps = 20 and micro_batch = 64: shown beside the defaults
+    assert "  lanczos_steps: value 20; integer; default 100; >= 1" in res.stdout
     assert "Lanczos steps m per probe" in res.stdout
-    assert "  micro_batch: integer; default 512; >= 1 (performance only)" in res.stdout
+    assert "  micro_batch: value 64; integer; default 512; >= 1 (not in the fingerprint)" in res.stdout
 
 
 def test_validate_finds_what_would_fail_later(tmp_path):
@@ -146,10 +147,18 @@ def test_validate_finds_what_would_fail_later(tmp_path):
                    '[spectrum]\nlanczos_steps = 1000000\n')
     res = run_cli("validate", str(cfg), "--ranks", "2", "--memory-per-rank", "4")
     assert res.returncode == 0, res.stderr
-    assert ("# estimate: spectrum: Lanczos basis 1000000 x 83,892 parameters (resnet8-w1) x 8 bytes / 2 rank(s) "
-            "= 312.52 GiB per rank") in res.stdout
+    # float32 state: 1e6 steps x ceil(83,892 / 2) values x 4 bytes = 1.678e11 bytes
+    assert ("# estimate: spectrum: Lanczos basis 1000000 x 83,892 parameters (resnet8-w1) x 4 bytes / 2 rank(s) "
+            "= 156.26 GiB per rank") in res.stdout
     warning = [line for line in res.stderr.splitlines() if "warning" in line]
     assert len(warning) == 1 and "Lanczos basis needs" in warning[0] and "50%" in warning[0]
+    # hhl: n = 6, N = 3 -> Delta = 258, (T + 1) Delta = 1,032 rows, dilated and padded: D = 4,096
+    cfg.write_text('[run]\nstages = ["hhl"]\n[hhl]\nn = 6\nN = 3\nmax_dim = 8192\nclock_qubits = [16]\n')
+    res = run_cli("validate", str(cfg), "--memory-per-rank", "1")
+    assert res.returncode == 0, res.stderr
+    assert "hhl: case random: 1,032 rows, embedded D = 4,096" in res.stdout
+    warning = [line for line in res.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "hhl: case random needs" in warning[0] and "50%" in warning[0]
     cfg.write_text('[run]\nstages = ["qcm"]\ndevice = "cuda"\n')
     res = run_cli("validate", str(cfg), env={"CUDA_VISIBLE_DEVICES": ""})     # no GPU visible
     assert res.returncode == 2 and "run.device = 'cuda' but torch sees no CUDA device" in res.stderr

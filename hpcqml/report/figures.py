@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.axis import Axis
 
 
 class Skip(Exception):
@@ -59,11 +60,66 @@ def _step_labels(fh: h5py.File) -> dict[int, str]:
     return steps
 
 
+def human_label(label: str) -> str:
+    """A results-file group name as a legend says it: ``step_000012`` -> ``step 12``."""
+    m = re.fullmatch(r"step_(\d+)", label)
+    return f"step {int(m.group(1))}" if m else label
+
+
+def _plain(value: float, _pos: object = None) -> str:
+    """A tick label without exponent notation: 4, 0.5, -20, 1e+04 only beyond 5 digits."""
+    return f"{value:.6g}" if abs(value) < 1e5 else f"{value:.0e}"
+
+
+def integer_ticks(axis: Axis) -> None:
+    """Ticks of an axis of whole numbers (training steps, clock qubits) at integers only."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def value_ticks(axis: Axis, values: np.ndarray, most: int = 6) -> None:
+    """On a log axis with few distinct values (κ_a = 4 and 8), ticks at exactly those values,
+    labelled plainly ("4", "8", not "4×10⁰"), no minor ticks.  More values: left as they are.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    distinct = np.unique(np.asarray(values, dtype=np.float64))
+    distinct = distinct[np.isfinite(distinct) & (distinct > 0)]
+    if 0 < distinct.size <= most:
+        axis.set_major_locator(FixedLocator(distinct))
+        axis.set_major_formatter(FuncFormatter(_plain))
+        axis.set_minor_locator(NullLocator())
+
+
+def symlog_ticks(low: float, high: float, linthresh: float) -> list[float]:
+    """Ticks of a symlog axis over [low, high]: 0, then 1, 2 and 5 times each decade outside
+    the linear zone |x| < linthresh, and both ends (rounded to two significant digits) so the
+    extreme eigenvalues can be read off; a decade tick closer than a fifth of a decade to an
+    end (in the axis' log coordinate) gives way to the end.
+    """
+    def where(x: float) -> float:   # the symlog coordinate, in decades past the linear zone
+        return float(np.sign(x) * (np.log10(abs(x) / linthresh) + 1) if abs(x) > linthresh else x / linthresh)
+
+    ends = [float(f"{v:.2g}") for v in (low, high) if abs(v) > linthresh]
+    ticks = {0.0, *ends}
+    top = max(abs(low), abs(high))
+    for k in range(int(np.floor(np.log10(linthresh))), int(np.ceil(np.log10(top))) + 1):
+        for m in (1.0, 2.0, 5.0):
+            for x in (m * 10.0 ** k, -m * 10.0 ** k):
+                if abs(x) >= 2 * linthresh and low <= x <= high and \
+                        all(abs(where(x) - where(e)) >= 0.2 for e in ends):
+                    ticks.add(x)
+    return sorted(ticks)
+
+
 def _density_axes(ax, curves, title: str, cmap: str = "viridis", log: bool = True) -> None:
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
     colors = plt.get_cmap(cmap)(np.linspace(0.05, 0.95, max(len(curves), 1)))
     span = max(np.max(np.abs(g)) for _, g, _ in curves)
     for (label, grid, rho), color in zip(curves, colors, strict=True):
-        ax.plot(grid, np.maximum(rho, 1e-12) if log else rho, color=color, lw=1.2, label=label)
+        ax.plot(grid, np.maximum(rho, 1e-12) if log else rho, color=color, lw=1.2, label=human_label(label))
     ax.set_xlabel("Hessian eigenvalue λ")
     ax.set_ylabel("spectral density ρ(λ)")
     if log:
@@ -72,22 +128,28 @@ def _density_axes(ax, curves, title: str, cmap: str = "viridis", log: bool = Tru
     if span > 50:
         linthresh = max(span * 1e-2, 1e-3)
         ax.set_xscale("symlog", linthresh=linthresh)
-        # decades only, from just outside the linear zone: no crowded labels around 0
-        decades = range(int(np.ceil(np.log10(2 * linthresh))), int(np.floor(np.log10(span))) + 1)
-        ax.set_xticks(sorted([0.0] + [sign * 10.0 ** k for k in decades for sign in (-1, 1)]))
+        low = min(float(np.min(g)) for _, g, _ in curves)
+        high = max(float(np.max(g)) for _, g, _ in curves)
+        ax.set_xticks(symlog_ticks(low, high, linthresh))
+        ax.xaxis.set_major_formatter(FuncFormatter(_plain))
+        ax.xaxis.set_minor_locator(NullLocator())
     ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1)
 
 
 def fig2a_spectra_early(fh: h5py.File, out: Path, first_steps: int = 200) -> Path:
-    """Fig. 2(a): densities of the snapshots in the first ``first_steps`` training steps."""
+    """Fig. 2(a): densities of the snapshots in the first ``first_steps`` training steps; the title
+    names the first and last step drawn.
+    """
     steps = _step_labels(fh)
     early = [steps[s] for s in sorted(steps) if s <= first_steps]
     if not early:
         raise Skip("no spectrum/step_* groups in the first training steps")
+    drawn = sorted(s for s in steps if s <= first_steps)
+    span = f"step {drawn[0]}" if len(drawn) == 1 else f"steps {drawn[0]}–{drawn[-1]}"
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    _density_axes(ax, _densities(fh, early), f"Hessian spectra, steps 0–{first_steps} (Fig. 2a)")
+    _density_axes(ax, _densities(fh, early), f"Hessian spectra, {span} (Fig. 2a)")
     return _save(fig, out, "fig2a_spectra_early.png")
 
 
@@ -225,6 +287,7 @@ def _proxy_axes(ax, fh: h5py.File, convention: str, primary: bool) -> None:
     name = CONVENTION_LABEL[convention] + (f", η = {nodes.eta:g}" if convention == "eta" else "")
     ax.set_title(f"{'' if primary else 'other convention: '}{name}", fontsize=9)
     ax.set_xlabel("training step")
+    integer_ticks(ax.xaxis)
     ax.set_ylabel("error proxy E (eq. III.12)")
     ax.legend(fontsize=7)
 
@@ -261,6 +324,7 @@ def fig2d_accuracy(fh: h5py.File, out: Path) -> Path:
     for s in step[train["download"][()].astype(bool)]:
         ax.axvline(s, color="C3", lw=0.6, ls="--")
     ax.set_xlabel("training step")
+    integer_ticks(ax.xaxis)
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy during sparse training; dashed: downloads (Fig. 2d)")
     ax.legend(fontsize=8)
@@ -301,13 +365,20 @@ def _positive(values: np.ndarray) -> np.ndarray:
 
 
 def _median_band(curves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Median, minimum and maximum over seeds at every t (curves of equal length; NaN ignored)."""
+    """Median, first and third quartile over seeds at every t (curves of equal length; NaN ignored)."""
     import warnings
 
     stack = np.vstack(curves)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (under the floor) stay NaN
-        return np.nanmedian(stack, axis=0), np.nanmin(stack, axis=0), np.nanmax(stack, axis=0)
+        return (np.nanmedian(stack, axis=0), np.nanpercentile(stack, 25, axis=0),
+                np.nanpercentile(stack, 75, axis=0))
+
+
+def _median_floor(cases: list[h5py.Group]) -> np.ndarray | None:
+    """Median over cases of the stored rounding floor per t (None when no case stores one)."""
+    floors = [case["floor"][()] for case in cases if "floor" in case]
+    return np.median(np.vstack(floors), axis=0) if floors else None
 
 
 def _norm_curve(case: h5py.Group, key: str) -> np.ndarray:
@@ -324,8 +395,13 @@ def _floor_line(ax, cases: list[h5py.Group], t: np.ndarray) -> None:
 
 
 def _rate_text(cases: list[h5py.Group], N: int) -> str:
-    """'fitted r (median over seeds) ± spread vs predicted p' for order N."""
-    fitted, predicted = [], []
+    """'rate r [quartiles] vs p/step (seeds): verdict' for order N, by the rule of
+    :func:`hpcqml.carleman.timestepping.rate_agreement` (median ratio and its order-statistic interval
+    over seeds within 15 %).
+    """
+    from hpcqml.carleman.timestepping import rate_agreement
+
+    fitted, predicted, window = [], [], 0
     for case in cases:
         if "rates" not in case:
             continue
@@ -334,16 +410,22 @@ def _rate_text(cases: list[h5py.Group], N: int) -> str:
             i = orders.index(N)
             fitted.append(case["rates/fitted"][()][i])
             predicted.append(case["rates/predicted"][()][i])
+            lw = case["rates"].attrs.get("late_window", (0, 0))
+            window = int(lw[1]) - int(lw[0])
     f, p = np.asarray(fitted, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
     if not np.any(np.isfinite(f)):
         return "rate not fitted (under the rounding floor)"
     seeds = f"{int(np.isfinite(f).sum())}/{f.size} seeds"
-    return (f"rate {np.nanmedian(f):+.4f} [{np.nanmin(f):+.4f}, {np.nanmax(f):+.4f}] vs {np.nanmedian(p):+.4f}/step"
-            f" ({seeds})")
+    verdict = str(rate_agreement(f, p, window)["verdict"]).split(" (")[0]   # the reason is in the report
+    return (f"rate {np.nanmedian(f):+.4f} [{np.nanpercentile(f, 25):+.4f}, {np.nanpercentile(f, 75):+.4f}] "
+            f"vs {np.nanmedian(p):+.4f}/step ({seeds}): {verdict}")
 
 
-def _band(ax, t, curves, color, label, ls="-"):
+def _band(ax, t, curves, color, label, ls="-", floor=None):
+    """Median over seeds (not drawn where it lies below ``floor``) and the quartile band."""
     med, lo, hi = _median_band(curves)
+    if floor is not None:
+        med = np.where(med > floor, med, np.nan)
     ax.semilogy(t, med, color=color, ls=ls, label=label)
     if len(curves) > 1:
         ax.fill_between(t, lo, hi, color=color, alpha=0.18, lw=0)
@@ -376,17 +458,23 @@ def fig4a_error_vs_order(fh: h5py.File, out: Path) -> Path:
     orders = sorted(set.intersection(*[set(_orders(c)) for c in cases]))
     T = cases[0]["u_exact"].shape[0]
     t = np.arange(T)
+    floor = _median_floor(cases)
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
     for i, N in enumerate(orders):
         _band(ax, t, [_norm_curve(c, f"split/N_{N}/truncation") for c in cases], f"C{i}",
-              f"N = {N}: {_rate_text(cases, N)}")
+              f"N = {N}: {_rate_text(cases, N)}", floor=floor)
     _band(ax, t, [_norm_curve(c, f"split/N_{orders[0]}/discreteness") for c in cases], "0.5",
-          "discreteness error u − ŷ₁^(N_ref) (eq. V.21), all N", ls="--")
+          "discreteness error u − ŷ₁^(N_ref) (eq. V.21), all N", ls="--", floor=floor)
+    for i, N in enumerate(orders):   # the exact lift of the map, where it was run: no discreteness error
+        if all(f"discrete_N_{N}" in c and "eta1" in c[f"discrete_N_{N}"] for c in cases):
+            _band(ax, t, [_norm_curve(c, f"discrete_N_{N}/eta1") for c in cases], f"C{i}",
+                  f"N = {N} discrete lift: ‖u − ŷ₁‖ of the exact lift of the map", ls="-.", floor=floor)
     _floor_line(ax, cases, t)
     ax.set_xlabel("time step t")
+    integer_ticks(ax.xaxis)
     ax.set_ylabel("‖error(t)‖₂ over coordinates")
     ax.set_title(f"Fig. 4a: truncation error, f = {float(cases[0].attrs.get('f', 1.0)):g}, "
-                 f"{len(cases)} seed(s), median and min–max band", fontsize=9)
+                 f"{len(cases)} seed(s), median (above the floor) and quartile band", fontsize=9)
     ax.legend(fontsize=6.5)
     return _save(fig, out, "fig4a_error_vs_order.png")
 
@@ -407,15 +495,19 @@ def fig4b_error_vs_fraction(fh: h5py.File, out: Path, order: int = 4) -> Path:
             continue
         N = order if order in orders else orders[-1]
         t = np.arange(cases[0]["u_exact"].shape[0])
+        floor = _median_floor(cases)
         _band(ax, t, [_norm_curve(c, f"split/N_{N}/truncation") for c in cases], f"C{i}",
-              f"f = {f:g}, N = {N}: {_rate_text(cases, N)}")
+              f"f = {f:g}, N = {N}: {_rate_text(cases, N)}", floor=floor)
         med, _, _ = _median_band([_norm_curve(c, f"split/N_{N}/discreteness") for c in cases])
+        if floor is not None:
+            med = np.where(med > floor, med, np.nan)
         ax.semilogy(t, med, color=f"C{i}", ls=(0, (1, 3)), lw=0.9)
     _floor_line(ax, [c for cs in groups.values() for c in cs], t)
     ax.set_xlabel("time step t")
+    integer_ticks(ax.xaxis)
     ax.set_ylabel("‖truncation error(t)‖₂ (dotted: discreteness error)")
-    ax.set_title("Fig. 4b: truncation error vs fraction f of dissipative modes (median, min–max band)",
-                 fontsize=9)
+    ax.set_title("Fig. 4b: truncation error vs fraction f of dissipative modes (median above the floor, "
+                 "quartile band)", fontsize=9)
     ax.legend(fontsize=6.5)
     return _save(fig, out, "fig4b_error_vs_fraction.png")
 
@@ -455,33 +547,71 @@ def fig_hhl(fh: h5py.File, out: Path) -> Path:
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
     for i, (label, g) in enumerate(cases):
         c = g["hhl/clock_qubits"][()]
-        ax1.semilogy(c, _positive(1 - g["hhl/fidelity"][()]), "o-", color=f"C{i}", label=label)
-        ax2.plot(c, g["hhl/leakage"][()], "o-", color=f"C{i}", label=f"{label} leakage")
-        ax2.plot(c, 1 - g["hhl/density_fidelity"][()], "s:", color=f"C{i}", label=f"{label} 1 − clock-traced F")
+        name = f"{label} case"
+        ax1.semilogy(c, _positive(1 - g["hhl/fidelity"][()]), "o-", color=f"C{i}", label=name)
+        ax2.plot(c, g["hhl/leakage"][()], "o-", color=f"C{i}", label=f"{name}: leakage")
+        ax2.plot(c, 1 - g["hhl/density_fidelity"][()], "s:", color=f"C{i}",
+                 label=f"{name}: infidelity with the clock traced out")
         tr = g.get("truncated")
         if tr is not None and tr["kappa_a"].size:
             clocks, kas = tr["clock_qubits"][()], tr["kappa_a"][()]
             largest = kas == kas.max()
             ax2.plot(clocks[largest], tr["leakage"][()][largest], "^--", color=f"C{i}",
-                     label=f"{label} truncated leakage (κ_a = {kas.max():g})")
+                     label=f"{name}: truncated HHL leakage (κ_a = {kas.max():g})")
             best = clocks == clocks.max()
             order = np.argsort(kas[best])
             ax3.semilogx(kas[best][order], tr["overlap"][()][best][order], "o-", color=f"C{i}",
-                         label=f"{label} simulated")
-            ax3.semilogx(kas[best][order], tr["overlap_ii87"][()][best][order], "k--", lw=0.8)
+                         label=f"{name}: simulated")
+            if "overlap_ii87" in tr:  # needs the eigen-decomposition: state-vector cases only
+                ax3.semilogx(kas[best][order], tr["overlap_ii87"][()][best][order], "k--", lw=0.8)
     ax1.set_xlabel("clock qubits c")
+    integer_ticks(ax1.xaxis)
     ax1.set_ylabel("1 − fidelity |⟨x_ref|x⟩|²")
     ax1.set_title("HHL infidelity vs clock qubits")
     ax1.legend(fontsize=7)
     ax2.set_xlabel("clock qubits c")
+    integer_ticks(ax2.xaxis)
     ax2.set_ylabel("probability")
     ax2.set_title("Leakage: no limit for plain HHL (docs/science.md)")
     ax2.legend(fontsize=6)
     ax3.set_xlabel("κ_a")
+    value_ticks(ax3.xaxis, np.concatenate([ln.get_xdata() for ln in ax3.get_lines()] or [np.zeros(0)]))
     ax3.set_ylabel("overlap with the full solution")
     ax3.set_title("Truncated HHL (dashed: eq. II.87)")
     ax3.legend(fontsize=7)
     return _save(fig, out, "hhl_fidelity.png")
+
+
+def fig_hhl_scale(fh: h5py.File, out: Path) -> Path:
+    """HHL fidelity |<x_ref|x>|^2 and success probability against the number of unknowns S of
+    the system, one line per clock size, over every complete hhl case (the ``sizes_T`` sweep).
+    """
+    if "hhl" not in fh:
+        raise Skip("no hhl group")
+    points: dict[int, list[tuple[int, float, float]]] = {}
+    for g in fh["hhl"].values():
+        if "hhl" not in g or "instance" not in g or not g.attrs.get("complete", False):
+            continue
+        size = int(g["instance"].attrs["system_size"])
+        for c, fid, p in zip(g["hhl/clock_qubits"][()], g["hhl/fidelity"][()], g["hhl/p_success"][()], strict=True):
+            points.setdefault(int(c), []).append((size, float(fid), float(p)))
+    if not points or max(len({s for s, _, _ in v}) for v in points.values()) < 2:
+        raise Skip("fewer than two system sizes")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (c, rows) in enumerate(sorted(points.items())):
+        rows.sort()
+        size = [r[0] for r in rows]
+        ax1.semilogx(size, [r[1] for r in rows], "o-", color=f"C{i}", label=f"c = {c}")
+        ax2.loglog(size, [r[2] for r in rows], "o-", color=f"C{i}", label=f"c = {c}")
+    ax1.set_xlabel("unknowns S of M x = B")
+    ax1.set_ylabel("fidelity |⟨x_ref|x⟩|²")
+    ax1.set_title("HHL fidelity against system size")
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("unknowns S of M x = B")
+    ax2.set_ylabel("success probability")
+    ax2.set_title("HHL success probability against system size")
+    ax2.legend(fontsize=8)
+    return _save(fig, out, "hhl_scale.png")
 
 
 FIGURES: dict[str, Callable[[h5py.File, Path], Path]] = {
@@ -494,6 +624,7 @@ FIGURES: dict[str, Callable[[h5py.File, Path], Path]] = {
     "fig4b": fig4b_error_vs_fraction,
     "kappa": fig_kappa,
     "hhl": fig_hhl,
+    "hhl_scale": fig_hhl_scale,
 }
 
 

@@ -19,7 +19,7 @@ def run(ctx: StageContext) -> None:
     out = Path(ctx.cfg["out"]) if ctx.cfg["out"] else output.with_name(output.stem + "-report")
     summary = None
     if ctx.rank == 0:
-        summary = make_report([output], out, quiet=ctx.quiet)
+        summary = make_report([output], out, quiet=ctx.quiet, writer=ctx.store.invocation)
     figures = [p.name for p in summary.figures] if summary else []
     skipped = [f"{k}: {v}" for k, v in summary.skipped.items()] if summary else []
     ctx.store.commit("report", attrs={"directory": str(out), "figures": ", ".join(figures),
