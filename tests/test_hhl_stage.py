@@ -79,7 +79,7 @@ def test_stage_writes_documented_layout_and_rank_independent_numbers(tmp_path):
 
 
 def test_stage_refuses_oversized_instance(tmp_path):
-    res, _ = _run(tmp_path, "big", '["random"]', extra="max_dim = 32\n")
+    res, _ = _run(tmp_path, "big", '["random"]', extra='max_dim = 32\nmethod = "statevector"\n')
     assert res.returncode != 0
     assert "exceeds max_dim = 32" in res.stderr and res.stderr.strip().count("\n") == 0
 
@@ -110,6 +110,25 @@ def test_sweep_config_is_valid(repo):
     assert res.returncode == 0, res.stderr
     assert 'cases = ["random", "network"]' in res.stdout
     assert "clock_qubits = [3, 4, 5, 6, 7, 8, 9, 10]" in res.stdout
+
+
+def test_scale_config_is_valid_and_estimates_both_methods(repo):
+    """validate prints, per case of the size sweep, memory and time of both methods and the one used."""
+    res = run_cli("validate", str(repo / "jobs/configs/hhl_scale.toml"))
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("# estimate: hhl: case random")]
+    assert len(lines) == 5  # T = 166666 and the four sizes_T
+    big = next(ln for ln in lines if "1,000,002 rows" in ln)
+    assert "statevector" in big and "krylov" in big and big.endswith("method used: krylov")
+    assert all(" GiB, ~" in ln for ln in lines)
+
+
+def test_statevector_above_max_dim_is_refused_by_validate(tmp_path):
+    cfg = tmp_path / "big.toml"
+    cfg.write_text(CONFIG.format(out=tmp_path / "big.h5", cases='["random"]').replace("T = 3", "T = 400")
+                   + 'method = "statevector"\n')
+    res = run_cli("validate", str(cfg))
+    assert res.returncode != 0 and "exceeds max_dim" in res.stderr
 
 
 def test_exact_clock_mapping_and_t0_from_the_config(tmp_path):
@@ -176,3 +195,59 @@ def test_hhl_petsc_options_reach_the_reference_ksp(tmp_path):
     res = run_cli("--quiet", "run", str(cfg), "-hhl_ksp_max_it", "1", "-hhl_pc_type", "none", timeout=600)
     assert res.returncode == 1, res.stderr
     assert "KSP (prefix hhl_) diverged" in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.timeout(600)
+def test_krylov_method_stores_the_statevector_numbers(tmp_path):
+    """method = "krylov" against "statevector" on the same case (tolerance 1e-10: Chebyshev bound
+    1e-13 plus recurrence rounding, see tests/test_hhl_krylov.py); the size sweep makes one group per T."""
+    outs = {}
+    for method in ("statevector", "krylov"):
+        res, outs[method] = _run(tmp_path, method, '["random"]',
+                                 extra=f'method = "{method}"\nsizes_T = [3, 5]\n')
+        assert res.returncode == 0, res.stderr
+    with h5py.File(outs["statevector"], "r") as sv, h5py.File(outs["krylov"], "r") as kr:
+        for name in ("random", "random_T5"):
+            a, b = sv[f"hhl/{name}"], kr[f"hhl/{name}"]
+            assert a.attrs["method"] == "statevector" and b.attrs["method"] == "krylov"
+            for key in ("fidelity", "density_fidelity", "p_success", "p_ancilla", "leakage", "x_norm_estimate"):
+                assert np.allclose(a[f"hhl/{key}"][()], b[f"hhl/{key}"][()], rtol=0, atol=1e-10), key
+            assert np.allclose(a["hhl/states"][()], b["hhl/states"][()], rtol=0, atol=1e-10)
+            for key in ("overlap", "fidelity", "p_success", "leakage"):
+                assert np.allclose(a[f"truncated/{key}"][()], b[f"truncated/{key}"][()], rtol=0, atol=1e-10), key
+            assert np.allclose(b["truncated/fidelity"][()], b["truncated/overlap"][()] ** 2, rtol=1e-12)
+            assert b["truncated"].attrs["fidelity_ii93"] == pytest.approx(b["truncated"].attrs["overlap_ii93"] ** 2)
+            assert "spectrum_H" not in b["instance"] and "overlap_ii87" not in b["truncated"]
+            assert np.all(b["hhl/chebyshev_error_bound"][()] <= 1e-13)
+            assert np.all(b["hhl/chebyshev_degree"][()] > 0)
+        assert b["instance"].attrs["system_size"] == (5 + 1) * 6
+        _check_scale_figure(kr, tmp_path)
+
+
+def _check_scale_figure(fh, tmp_path):
+    """The size-sweep figure draws, per clock size, the stored fidelity and p_success at each S."""
+    from hpcqml.report import figures
+
+    kept = {}
+    original = figures._save
+
+    def keep(fig, where, name):
+        kept[name] = fig
+        return original(fig, where, name)
+
+    figures._save = keep
+    try:
+        figures.fig_hhl_scale(fh, tmp_path)
+    finally:
+        figures._save = original
+    ax1, ax2 = kept["hhl_scale.png"].axes
+    assert "fidelity" in ax1.get_ylabel() and "success" in ax2.get_ylabel() and ax2.get_yscale() == "log"
+    sizes = [fh[f"hhl/{g}/instance"].attrs["system_size"] for g in ("random", "random_T5")]
+    for ax, key in ((ax1, "fidelity"), (ax2, "p_success")):
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        assert set(lines) == {"c = 3", "c = 6"}
+        for i, c in enumerate((3, 6)):
+            x, y = lines[f"c = {c}"].get_data()
+            assert list(x) == sorted(sizes)
+            want = [fh[f"hhl/{g}/hhl/{key}"][i] for g in ("random", "random_T5")]
+            assert np.allclose(y, want, rtol=0, atol=0)

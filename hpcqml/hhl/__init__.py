@@ -4,6 +4,9 @@ Modules
 - ``statevector``: state-vector simulation of HHL (quantum phase estimation with a finite
   clock register, eigenvalue-inversion rotation, uncomputation, post-selection) on the
   Hermitian embedding of a block system M x = B (Theorem II.3, eq. II.77, II.84-II.85).
+- ``krylov``: the same noise-free circuit (plain and truncated) as Chebyshev matrix functions
+  g(H) b of the sparse, distributed PETSc operator, with an a priori error bound; no clock
+  register and no eigen-decomposition, so it reaches systems of millions of unknowns.
 - ``truncated``: truncated HHL with a well/ill flag qubit (eq. II.86, Theorem II.4), the
   closed-form fidelity eq. II.87, the Haar average eq. II.89-II.92 and its limit eq. II.93.
 - ``resources``: qubit counts, sparsity, condition numbers and the gate-complexity
@@ -15,7 +18,7 @@ Modules
 - ``reference``: the PETSc KSP (options prefix ``hhl_``) that gives the reference solution,
   owning and destroying its PETSc objects.
 
-The simulation kernels are serial numpy/scipy code on explicit arrays; they know nothing of
-configs or MPI (the ``hhl`` stage distributes sweep points over ranks; ``reference`` is
-the one collective piece).
+The state-vector kernels are serial numpy/scipy code on explicit arrays; they know nothing of
+configs or MPI (the ``hhl`` stage distributes sweep points over ranks). ``reference`` and
+``krylov`` are collective over the communicator they are given.
 """

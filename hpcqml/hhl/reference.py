@@ -3,11 +3,12 @@
 :class:`ReferenceSolver` owns the distributed ``Mat``, the two ``Vec`` and the ``KSP`` of
 one system and destroys them on exit from its ``with`` block, also when the solve fails.
 Each rank holds the rows ``hpcqml.parallel.block_bounds`` gives it (PETSc's default
-split). The KSP is :func:`hpcqml.carleman.spectra.make_ksp` (the suite's one KSP set-up):
+split). The KSP is :func:`hpcqml.petsc.make_ksp` (the suite's one KSP set-up):
 GMRES (restart ``min(n, 500)``) with ILU(0) on one rank and block
 Jacobi/ILU(0) on several, relative tolerance 1e-12; every setting can be changed on the
 command line with the ``hhl_`` prefix (``-hhl_ksp_type preonly -hhl_pc_type lu``,
-``-hhl_ksp_monitor``, ...). A KSP that reports divergence, a PETSc failure inside the solve
+``-hhl_ksp_monitor``, ``-hhl_mat_type``, ...); the solve is :func:`hpcqml.petsc.checked_solve`.
+A KSP that reports divergence, a PETSc failure inside the solve
 (a zero pivot of ILU, say: a matrix with zeros on its diagonal needs
 ``-hhl_pc_type none`` or another preconditioner) or a non-finite solution raises
 :class:`NumericalError`.
@@ -24,7 +25,7 @@ from hpcqml.errors import NumericalError
 from hpcqml.parallel import block_bounds
 
 if TYPE_CHECKING:
-    from hpcqml.carleman.spectra import PetscOwner
+    from hpcqml.petsc import PetscOwner
 
 #: Options prefix of every PETSc object the hhl stage creates.
 OPTIONS_PREFIX = "hhl_"
@@ -81,28 +82,16 @@ class ReferenceSolver:
         self.destroy()
 
     def _create(self) -> None:
-        from petsc4py import PETSc
-
-        from hpcqml.carleman.spectra import PetscOwner, make_ksp
+        from hpcqml.petsc import PetscOwner, aij_from_csr, make_ksp, vec_for
 
         self._owner = owner = PetscOwner()
         n = self._M.shape[0]
         r0, r1 = block_bounds(n, self._comm.Get_rank(), self._comm.Get_size())
-        local = self._M[r0:r1]
-        pcomm = PETSc.Comm(self._comm)
-        self.mat = owner.own(PETSc.Mat().createAIJ(size=((r1 - r0, n), (r1 - r0, n)), comm=pcomm,
-                                                   csr=(local.indptr.astype(PETSc.IntType),
-                                                        local.indices.astype(PETSc.IntType), local.data)))
-        self.mat.setOptionsPrefix(OPTIONS_PREFIX)
-        self.mat.assemble()
-        self.rhs = owner.own(self.mat.createVecLeft())
-        self.rhs.setArray(self._b[r0:r1])
-        self.sol = owner.own(self.mat.createVecRight())
-        try:
-            self.ksp = make_ksp(self.mat, owner, rtol=self._rtol, prefix=OPTIONS_PREFIX,
-                                max_it=max(10 * n, 1000), restart=max(min(n, 500), 1))
-        except PETSc.Error as exc:
-            raise _failed(exc) from None
+        self.mat = aij_from_csr(self._M[r0:r1], n, self._comm, owner, OPTIONS_PREFIX)
+        self.rhs = vec_for(self.mat, owner, OPTIONS_PREFIX, "left", self._b[r0:r1])
+        self.sol = vec_for(self.mat, owner, OPTIONS_PREFIX, "right")
+        self.ksp = make_ksp(self.mat, owner, rtol=self._rtol, prefix=OPTIONS_PREFIX,
+                            max_it=max(10 * n, 1000), restart=max(min(n, 500), 1))
 
     def solve(self) -> ReferenceSolution:
         """Solve (collective) and gather ``x`` to every rank.
@@ -110,16 +99,10 @@ class ReferenceSolver:
         Raises:
             NumericalError: divergence, a PETSc failure in the solve, or a non-finite result.
         """
-        from petsc4py import PETSc
+        from hpcqml.petsc import checked_solve
 
-        try:
-            self.ksp.solve(self.rhs, self.sol)
-        except PETSc.Error as exc:
-            raise _failed(exc) from None
+        its = checked_solve(self.ksp, self.rhs, self.sol)
         reason = int(self.ksp.getConvergedReason())
-        its = int(self.ksp.getIterationNumber())
-        if reason < 0:
-            raise NumericalError(f"KSP (prefix {OPTIONS_PREFIX}) diverged (reason {reason}) after {its} iterations")
         x = np.concatenate(self._comm.allgather(np.array(self.sol.getArray(), dtype=np.float64)))
         if not np.all(np.isfinite(x)):
             raise NumericalError(f"KSP (prefix {OPTIONS_PREFIX}) returned a non-finite solution")
@@ -132,12 +115,6 @@ class ReferenceSolver:
         if self._owner is not None:
             self._owner.close()
         self.mat = self.rhs = self.sol = self.ksp = None
-
-
-def _failed(exc: Exception) -> NumericalError:
-    """The error for a PETSc failure in the set-up or solve (a zero ILU pivot, say)."""
-    return NumericalError(f"KSP (prefix {OPTIONS_PREFIX}) failed with PETSc error {getattr(exc, 'ierr', '?')}; "
-                          f"choose another solver with -{OPTIONS_PREFIX}ksp_type/-{OPTIONS_PREFIX}pc_type")
 
 
 def reference_solution(M: Any, b: np.ndarray, comm: Any, rtol: float = 1e-12) -> ReferenceSolution:

@@ -349,7 +349,7 @@ def _circuit_parameters(clock_qubits: int, C: float | None, t0: float | None,
     return t0, C
 
 
-def _rotation_branches(clock_qubits: int, t0: float, C: float, kappa_a: float | None) -> list[np.ndarray]:
+def rotation_branches(clock_qubits: int, t0: float, C: float, kappa_a: float | None) -> list[np.ndarray]:
     """Step 4, the ancilla-|1> amplitude per clock value: ``[well]`` (plain HHL) or
     ``[well, ill]`` (truncated: clock values with ``|lambda~| < 1/kappa_a`` flag ill, not inverted).
     """
@@ -384,7 +384,7 @@ def simulate_hhl(system: HermitianSystem, clock_qubits: int, C: float | None = N
     # 3: inverse QFT  |k> -> N_c^{-1/2} sum_y exp(-2 pi i k y / N_c) |y>.
     psi = np.fft.fft(psi, axis=0) / np.sqrt(Nc)
     outs, blocks = [], []
-    for amp in _rotation_branches(clock_qubits, t0, C, kappa_a):
+    for amp in rotation_branches(clock_qubits, t0, C, kappa_a):
         phi = psi * amp[:, None]  # ancilla-|1> branch only: it is all that post-selection keeps
         # 5: uncompute: QFT, controlled U^{-2^p}; the final Hadamards are applied implicitly.
         phi = np.fft.ifft(phi, axis=0) * np.sqrt(Nc)

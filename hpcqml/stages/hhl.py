@@ -16,8 +16,13 @@ stage takes the PETSc KSP solution (options prefix ``hhl_``) as the reference, a
   I.2 for Carleman cases);
 * runs the sampling read-out of the final HHL state (eq. II.99).
 
-The sweep points of a case are spread round-robin over the ranks and gathered on rank 0;
-the numbers do not depend on the number of ranks. Layout: docs/schema/hhl.md.
+Two simulation methods (``[hhl] method``): ``statevector`` builds the clock register densely
+(``hpcqml.hhl.statevector``; the sweep points of a case are spread round-robin over the
+ranks and gathered on rank 0); ``krylov`` evaluates the same circuit as Chebyshev matrix
+functions of the distributed operator (``hpcqml.hhl.krylov``; all ranks share each clock
+size). ``auto`` picks by the embedded dimension. ``sizes_T`` repeats the Carleman cases at
+other T (the system-size sweep). The numbers do not depend on the number of ranks.
+Layout: docs/schema/hhl.md.
 """
 from __future__ import annotations
 
@@ -34,6 +39,18 @@ from hpcqml.stages import Stage, StageContext, register
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
+
+#: Simulation methods of the stage; ``auto`` picks by the embedded dimension.
+METHODS = ("auto", "statevector", "krylov")
+
+#: ``auto`` uses the dense state-vector simulation up to this embedded dimension (BENCHMARKS.md crossover).
+AUTO_STATEVECTOR_DIM = 256
+
+#: Largest system whose condition number is taken from a dense SVD (beyond: not evaluated).
+DENSE_KAPPA_ROWS = 6000
+
+#: Largest system whose final state is sampled by the read-out (eq. II.99) in the krylov method.
+READOUT_MAX_ROWS = 1 << 16
 
 SCHEMA = {
     "cases": Field(list, ["random"], min_items=1, item=str, choices=("random", "network", "file"),
@@ -58,8 +75,16 @@ SCHEMA = {
     "clock_mapping": Field(str, "default", choices=CLOCK_MAPPINGS,
                            doc="default: eigenvalues +-1 on clock values +-(2^c/2 - 1); exact: t0 = 2 pi m / 2^c "
                                "with the least m that puts every eigenvalue on a clock value (default if none)"),
-    "max_dim": Field(int, 4096, min=2, doc="refuse embedded (dilated, padded) systems larger than this; "
-                                           "also the row limit for system_file"),
+    "max_dim": Field(int, 4096, min=2, doc="statevector method: refuse embedded (dilated, padded) systems larger "
+                                           "than this; also the row limit for system_file"),
+    "method": Field(str, "auto", choices=METHODS,
+                    doc="statevector: dense clock-register simulation (D <= max_dim); krylov: Chebyshev matrix "
+                        "functions of the sparse distributed operator; auto: statevector up to "
+                        f"D = {AUTO_STATEVECTOR_DIM}"),
+    "sizes_T": Field(list, [], item=int, min=1,
+                     doc="random/network: run each case also at these T (groups <case>_T<T>): the system-size sweep"),
+    "krylov_tol": Field(float, 1e-13, min=1e-15, max=1e-3,
+                        doc="krylov: sup-norm error bound of every Chebyshev series (docs/science.md)"),
     "readout_delta": Field(float, 0.05, min=0.0, max=1.0, doc="read-out threshold delta on amplitudes"),
     "readout_trials": Field(int, 200, min=2, doc="independent read-out repetitions"),
     "eps": Field(float, 1e-2, min=1e-12, doc="target error in the resource expressions"),
@@ -129,7 +154,7 @@ def _network_instance(ctx: StageContext, seed: int, found):
     """Reduced instance (k parameters, Taylor-expanded GD map) of a pruned network: the
     checkpoint ``found`` (``(checkpoint, path)``), else a fresh pruned model.
     """
-    from hpcqml.carleman.cases import network_case
+    from hpcqml.stages._network import network_case
 
     cfg = ctx.cfg
     if found is not None:
@@ -144,7 +169,7 @@ def _network_instance(ctx: StageContext, seed: int, found):
 
 def _instance(ctx: StageContext, case: str, seed: int):
     """(ode, attrs), built on rank 0 and broadcast so every rank has the same instance."""
-    from hpcqml.carleman.cases import network_checkpoint
+    from hpcqml.stages._network import network_checkpoint
     from hpcqml.parallel import bcast
 
     found = network_checkpoint(ctx, "hhl", required=False) if case == "network" else None  # collective check
@@ -166,14 +191,14 @@ class _Problem:
     sizes: dict[str, int] = field(default_factory=dict)
 
 
-def _carleman_problem(ctx: StageContext, case: str, seed: int) -> _Problem:
-    """The block system of eq. II.79 of a random or network instance (same on every rank)."""
+def _carleman_problem(ctx: StageContext, case: str, seed: int, T: int) -> _Problem:
+    """The block system of eq. II.79 with ``T`` steps of a random or network instance (same on every rank)."""
     from hpcqml.carleman.instance import carleman_dim
     from hpcqml.carleman.reference import block_system, carleman_matrix
 
     import scipy.sparse as sp
 
-    N, T = ctx.cfg["N"], ctx.cfg["T"]
+    N = ctx.cfg["N"]
     ode, attrs = _instance(ctx, case, seed)
     A = carleman_matrix(ode, N)
     M, B = block_system(A, ode, N, T)
@@ -194,8 +219,32 @@ def _file_problem(ctx: StageContext) -> _Problem:
     return _Problem(M=loaded.M, B=loaded.b, attrs=attrs)
 
 
-def _problem(ctx: StageContext, case: str, seed: int) -> _Problem:
-    return _file_problem(ctx) if case == "file" else _carleman_problem(ctx, case, seed)
+def _problem(ctx: StageContext, case: str, seed: int, T: int) -> _Problem:
+    return _file_problem(ctx) if case == "file" else _carleman_problem(ctx, case, seed, T)
+
+
+def _case_list(cfg: dict) -> list[tuple[str, str, int]]:
+    """``(group name, case, T)`` of every case: each configured case at ``T``, Carleman cases also at ``sizes_T``."""
+    out = [(case, case, cfg["T"]) for case in dict.fromkeys(cfg["cases"])]
+    out += [(f"{case}_T{T}", case, T) for case in dict.fromkeys(cfg["cases"]) if case != "file"
+            for T in dict.fromkeys(cfg["sizes_T"]) if T != cfg["T"]]
+    return out
+
+
+def _method(cfg: dict, case: str, M: sp.csr_matrix) -> str:
+    """The simulation method of a case: the configured one, or by size for ``auto``."""
+    from hpcqml.hhl.statevector import embedded_dim
+
+    dim = embedded_dim(M)
+    method = cfg["method"]
+    if method == "auto":
+        method = "statevector" if dim <= min(AUTO_STATEVECTOR_DIM, cfg["max_dim"]) else "krylov"
+    if method == "statevector":
+        _check_size(cfg, case, M)
+    elif cfg["clock_mapping"] == "exact":
+        raise ConfigError(f'[hhl] case {case}: clock_mapping = "exact" needs every eigenvalue of H, which the '
+                          f'krylov method (embedded D = {dim}) does not compute; use the default mapping or t0')
+    return method
 
 
 def _check_config(cfg: dict) -> None:
@@ -219,7 +268,7 @@ def _check_size(cfg: dict, case: str, M: sp.csr_matrix) -> None:
     if dim > cfg["max_dim"]:
         raise UserError(f"[hhl] case {case}: embedded dimension {dim} (M is {M.shape[0]} x {M.shape[1]}; "
                         f"dilated if not symmetric, padded to a power of two) exceeds max_dim = {cfg['max_dim']}; "
-                        "lower n, N or T")
+                        'lower n, N or T, or use method = "krylov"')
 
 
 def _reference(ctx: StageContext, problem: _Problem):
@@ -308,14 +357,20 @@ def _carleman_facts(problem: _Problem, eps: float) -> dict[str, Any]:
     m = max(res.qubits_for(ode.n), 1)
     return {
         "qcm_eigenvalues": qcm_eigs,
-        "split": {"Delta_plus": d_plus, "Delta": d_all, "a_plus": a_plus,
-                  "fidelity_ii92": fidelity_ii92(d_plus, d_all, a_plus, T) if d_plus else 0.0,
-                  "fidelity_ii93": fidelity_ii93(d_plus, d_all)},
+        "split": _split_attrs(d_plus, d_all, a_plus, fidelity_ii92(d_plus, d_all, a_plus, T) if d_plus else 0.0,
+                              float(fidelity_ii93(d_plus, d_all))),
         "resources": {"model_qubits_m": m, "sparsity_F": s_F, "kappa_bound_ii83": res.kappa_bound_dissipative(T),
                       "norm_A": A_norm, "u_bar": u_bar, "log_term_L": L,
                       "prefactor_I1": res.gate_complexity("I.1", s_F, max(ode.q, 1), T, m, eps, L)["prefactor"],
                       "prefactor_I2": res.gate_complexity("I.2", s_F, max(ode.q, 1), T, m, eps, L)["prefactor"]},
     }
+
+
+def _split_attrs(d_plus: int, d_all: int, a_plus: float, overlap_ii92: float, overlap_ii93: float) -> dict[str, Any]:
+    """Eq. II.92/II.93 as stored: the unsquared overlaps <x|x~> and the fidelities (their squares)."""
+    return {"Delta_plus": d_plus, "Delta": d_all, "a_plus": a_plus,
+            "overlap_ii92": overlap_ii92, "overlap_ii93": overlap_ii93,
+            "fidelity_ii92": overlap_ii92**2, "fidelity_ii93": overlap_ii93**2}
 
 
 def _readout(ctx: StageContext, case: str, best: dict[str, Any], seed: int):
@@ -328,56 +383,128 @@ def _readout(ctx: StageContext, case: str, best: dict[str, Any], seed: int):
         raise UserError(f"[hhl] case {case}: read-out: {exc}") from None
 
 
-def _case(ctx: StageContext, case: str, seed: int) -> None:
-    """Build, solve, simulate and store one case (``hhl/<case>``, one commit)."""
-    from hpcqml.hhl.statevector import embed
-
-    problem = _problem(ctx, case, seed)
-    _check_size(ctx.cfg, case, problem.M)
+def _case(ctx: StageContext, name: str, case: str, seed: int, T: int) -> None:
+    """Build, solve, simulate and store one case (``hhl/<name>``, one commit)."""
+    problem = _problem(ctx, case, seed, T)
+    method = _method(ctx.cfg, name, problem.M)
     ref = _reference(ctx, problem)
+    if method == "krylov":
+        _case_krylov(ctx, name, problem, ref, seed)
+        return
+    from hpcqml.hhl.statevector import embed, memory_estimate_bytes
+
     system = embed(problem.M, problem.B)
     x_emb = system.embed_solution(ref.x)
     units = _units(ctx.cfg, problem.sizes.get("T"))
-    results = _sweep(ctx, case, system, x_emb, units)
+    results = _sweep(ctx, name, system, x_emb, units)
     if results is None:
-        ctx.store.commit(f"hhl/{case}")
+        ctx.store.commit(f"hhl/{name}")
         return
     plain = [u for u in results if u["kappa_a"] is None]
     trunc = [u for u in results if u["kappa_a"] is not None]
     best = max(plain, key=lambda u: u["c"])
-    ro = _readout(ctx, case, best, seed)
+    ro = _readout(ctx, name, best, seed)
     facts = _carleman_facts(problem, ctx.cfg["eps"]) if problem.ode is not None else None
+    embedding = {"embedded_dim": system.dim, "dilated": system.dilated, "scale": system.scale,
+                 "scale_method": "numpy eigvalsh (dense, exact)", "method": "statevector"}
 
     def write(g) -> None:
-        _write_instance(g.create_group("instance"), problem, ref, system, facts)
+        _write_instance(g.create_group("instance"), problem, ref, embedding, system.spectrum, facts)
         _write_hhl(g.create_group("hhl"), plain)
         _write_truncated(g.create_group("truncated"), trunc, system, facts)
-        _write_resources(g.create_group("resources"), ctx.cfg, problem, system, trunc, ro, facts)
+        _write_resources(g.create_group("resources"), ctx.cfg, problem, system.system_qubits, trunc, ro, facts,
+                         memory_estimate_bytes(system.dim, max(ctx.cfg["clock_qubits"]), truncated=True))
         _write_readout(g.create_group("readout"), ro, best["c"])
 
-    ctx.store.commit(f"hhl/{case}", write, attrs={"case": case, "units": "probabilities and fidelities "
-                                                  "dimensionless; shots are counts"})
+    ctx.store.commit(f"hhl/{name}", write, attrs={"case": name, "method": "statevector",
+                                                  "units": "probabilities and fidelities dimensionless; "
+                                                  "shots are counts"})
     fid = ", ".join(f"c={u['c']}: {u['fidelity']:.6f}" for u in plain)
-    ctx.log(f"{case}: dim {system.dim}, fidelity {fid}; read-out {ro.mean:.1f} shots (eq. II.99 {ro.expected:.1f})")
+    ctx.log(f"{name}: dim {system.dim}, fidelity {fid}; read-out {ro.mean:.1f} shots (eq. II.99 {ro.expected:.1f})")
+
+
+def _krylov_sweep(ctx: StageContext, name: str, op: Any, x: np.ndarray, units: list[tuple[int, float | None]]
+                  ) -> list[dict[str, Any]]:
+    """Every sweep point by Chebyshev matrix functions: one collective recurrence per clock size."""
+    from hpcqml.hhl.krylov import simulate_hhl_krylov
+
+    cfg = ctx.cfg
+    clocks = list(dict.fromkeys(c for c, _ in units))
+    done: list[dict[str, Any]] = []
+    for c in ctx.progress(clocks, total=len(clocks), desc=f"hhl {name} krylov"):
+        kappas = [ka for cc, ka in units if cc == c]
+        t0 = cfg["t0"] if cfg["t0"] > 0 else None
+        runs = simulate_hhl_krylov(op, c, kappas, x_ref=x, C=cfg["C"] or None, t0=t0, tol=cfg["krylov_tol"])
+        ctx.perf.count("krylov_matvecs", runs[0].matvecs)
+        for r in runs:
+            out = {"c": c, "kappa_a": r.kappa_a, "fidelity": r.fidelity, "density_fidelity": r.density_fidelity,
+                   "p_success": r.p_success, "p_ancilla": r.p_ancilla, "leakage": r.leakage, "C": r.C,
+                   "t0": r.t0, "total_qubits": r.qubits["total"], "resolution": 2.0 * np.pi / (r.t0 * 2**c),
+                   "overlap": r.overlap, "chebyshev_degree": r.degree, "chebyshev_error_bound": r.error_bound}
+            if r.kappa_a is None:
+                out["solution"] = op.solution_part(op.gather(r.state_local[0]))
+                out["x_norm_estimate"] = r.x_norm_estimate
+            done.append(out)
+    return done
+
+
+def _case_krylov(ctx: StageContext, name: str, problem: _Problem, ref: Any, seed: int) -> None:
+    """One case by the matrix-function method (collective); rank 0 writes ``hhl/<name>``."""
+    from hpcqml.hhl.krylov import EmbeddedOperator, memory_estimate_bytes
+
+    units = _units(ctx.cfg, problem.sizes.get("T"))
+    with EmbeddedOperator(problem.M, problem.B, ctx.comm) as op:
+        results = _krylov_sweep(ctx, name, op, ref.x, units)
+        embedding = {"embedded_dim": op.dim, "dilated": op.dilated, "scale": op.scale,
+                     "scale_method": op.norm_method, "method": "krylov"}
+        system_qubits = int(op.dim).bit_length() - 1
+        nbytes = memory_estimate_bytes(op.size, 2 * problem.M.nnz if op.dilated else problem.M.nnz,
+                                       max(ctx.cfg["clock_qubits"]), variants=len(ctx.cfg["kappa_a"]) + 1,
+                                       ranks=ctx.size)
+    if ctx.rank != 0:
+        ctx.store.commit(f"hhl/{name}")
+        return
+    plain = [u for u in results if u["kappa_a"] is None]
+    trunc = [u for u in results if u["kappa_a"] is not None]
+    best = max(plain, key=lambda u: u["c"])
+    ro = _readout(ctx, name, best, seed) if problem.M.shape[0] <= READOUT_MAX_ROWS else None
+    facts = _carleman_facts(problem, ctx.cfg["eps"]) if problem.ode is not None else None
+
+    def write(g: Any) -> None:
+        _write_instance(g.create_group("instance"), problem, ref, embedding, None, facts)
+        _write_hhl(g.create_group("hhl"), plain)
+        _write_truncated(g.create_group("truncated"), trunc, None, facts)
+        _write_resources(g.create_group("resources"), ctx.cfg, problem, system_qubits, trunc, ro, facts, nbytes)
+        if ro is not None:
+            _write_readout(g.create_group("readout"), ro, best["c"])
+
+    attrs = {"case": name, "method": "krylov", "units": "probabilities and fidelities dimensionless; shots are counts"}
+    if ro is None:
+        attrs["readout"] = f"not evaluated: {problem.M.shape[0]} unknowns, above {READOUT_MAX_ROWS}"
+    ctx.store.commit(f"hhl/{name}", write, attrs=attrs)
+    fid = ", ".join(f"c={u['c']}: {u['fidelity']:.6f}" for u in plain)
+    ctx.log(f"{name}: {problem.M.shape[0]} unknowns, dim {embedding['embedded_dim']} (krylov), fidelity {fid}")
 
 
 # ---------------------------------------------------------------------------------------
 # writers (rank 0, inside the commit)
-def _write_instance(g, problem: _Problem, ref, system, facts: dict[str, Any] | None) -> None:
+def _write_instance(g, problem: _Problem, ref, embedding: dict[str, Any], spectrum: np.ndarray | None,
+                    facts: dict[str, Any] | None) -> None:
     from hpcqml.store import write_dataset
 
     x_norm = float(np.linalg.norm(ref.x))
     write_dataset(g, "x_ref", ref.x, "1", "reference solution x of M x = B (PETSc KSP, prefix hhl_; "
                   "Carleman cases ordered t-major, eq. II.79)")
     write_dataset(g, "rhs", problem.B, "1", "right-hand side B (Carleman cases: (y_in, b, ..., b), eq. II.79)")
-    write_dataset(g, "spectrum_H", system.spectrum, "1",
-                  "eigenvalues of the Hermitian embedding of M (dilation if M is not symmetric) over ||M||_2, unpadded")
+    if spectrum is not None:  # the krylov method never computes it
+        write_dataset(g, "spectrum_H", spectrum, "1", "eigenvalues of the Hermitian embedding of M (dilation if "
+                      "M is not symmetric) over ||M||_2, unpadded")
     if facts is not None:
         write_dataset(g, "qcm_eigenvalues", facts["qcm_eigenvalues"], "1",
                       "eigenvalues a_mu of the Carleman matrix A (eq. II.3-II.6)")
     size = problem.M.shape[0]
-    g.attrs.update({**problem.sizes, "system_size": size, "embedded_dim": system.dim, "dilated": system.dilated,
-                    "scale": system.scale, "reference": ref.method, "reference_rel_residual": ref.rel_residual,
+    g.attrs.update({**problem.sizes, "system_size": size, **embedding, "reference": ref.method,
+                    "reference_rel_residual": ref.rel_residual,
                     "x_norm": x_norm,
                     **{k: (str(v) if not isinstance(v, (int, float)) else v) for k, v in problem.attrs.items()}})
 
@@ -402,6 +529,10 @@ _HHL_COLUMNS = {
     "total_qubits": ("total_qubits", np.int64, "count", "log2 D + c + 1"),
     "x_norm_estimate": ("x_norm_estimate", np.float64, "1",
                         "||x|| from the success probability, sqrt(p_success) ||B|| / (C ||M||_2) (eq. II.85)"),
+    "chebyshev_degree": ("chebyshev_degree", np.int64, "count",
+                         "krylov method: degree K of the Chebyshev series (products with H per clock size)"),
+    "chebyshev_error_bound": ("chebyshev_error_bound", np.float64, "1",
+                              "krylov method: sup-norm bound on the error of every Chebyshev series on [-1, 1]"),
 }
 
 
@@ -409,12 +540,17 @@ def _write_hhl(g, plain: list[dict[str, Any]]) -> None:
     from hpcqml.store import write_dataset
 
     for key, (name, dtype, units, description) in _HHL_COLUMNS.items():
-        write_dataset(g, name, _column(plain, key, dtype), units, description)
+        if key in plain[0]:  # clock_exact: statevector only; chebyshev_*: krylov only
+            write_dataset(g, name, _column(plain, key, dtype), units, description)
     write_dataset(g, "states", np.stack([u["solution"] for u in plain]), "1",
-                  "x block of the post-selected state (normalised in the full embedded space), one row per c")
+                  "x block of the post-selected state (normalised in the full embedded space), one row per c; "
+                  "complex128 (statevector) or float64 (krylov: the output g(H) b is real)")
 
 
 def _write_truncated(g, trunc: list[dict[str, Any]], system, facts: dict[str, Any] | None) -> None:
+    """Truncated-HHL columns; eq. II.87, the Haar estimate and the threshold margin need the
+    eigen-decomposition, so they are written only when ``system`` (the dense embedding) is given.
+    """
     from hpcqml.hhl.truncated import (
         closed_form_fidelity,
         eigen_coefficients,
@@ -422,49 +558,54 @@ def _write_truncated(g, trunc: list[dict[str, Any]], system, facts: dict[str, An
     )
     from hpcqml.store import write_dataset
 
-    lam, beta = eigen_coefficients(system)
     kappas = [u["kappa_a"] for u in trunc]
     write_dataset(g, "clock_qubits", _column(trunc, "c", np.int64), "count", "clock register size c")
     write_dataset(g, "kappa_a", np.array(kappas, dtype=np.float64), "1", "truncation parameter kappa_a (eq. II.86)")
     write_dataset(g, "overlap", _column(trunc, "overlap", np.float64), "1",
-                  "measured |<x|<well|x~>| of the simulated state with the full solution")
-    write_dataset(g, "overlap_ii87", np.array([closed_form_fidelity(lam, beta, k) for k in kappas], dtype=np.float64),
-                  "1", "eq. II.87 from the exact eigen-decomposition")
-    write_dataset(g, "overlap_haar", np.array([haar_average_fidelity(system.spectrum, k) for k in kappas],
-                                              dtype=np.float64), "1", "annealed Haar estimate eq. II.89-II.91")
-    write_dataset(g, "fidelity", _column(trunc, "fidelity", np.float64), "1", "overlap squared")
+                  "measured |<x|<well|x~>| of the simulated state with the full solution (not squared)")
+    write_dataset(g, "fidelity", _column(trunc, "fidelity", np.float64), "1", "fidelity = overlap squared")
     write_dataset(g, "p_success", _column(trunc, "p_success", np.float64), "1",
                   "probability of ancilla 1 and clock 0, both flag branches")
     write_dataset(g, "leakage", _column(trunc, "leakage", np.float64), "1", "1 - p_success/p_ancilla")
     write_dataset(g, "resolution", _column(trunc, "resolution", np.float64), "1",
                   "one clock bin 2 pi/(t0 2^c) in units of ||M||_2")
+    if facts is not None:
+        g.attrs.update(facts["split"])
+    if system is None:
+        return
+    lam, beta = eigen_coefficients(system)
+    write_dataset(g, "overlap_ii87", np.array([closed_form_fidelity(lam, beta, k) for k in kappas], dtype=np.float64),
+                  "1", "eq. II.87 from the exact eigen-decomposition")
+    write_dataset(g, "overlap_haar", np.array([haar_average_fidelity(system.spectrum, k) for k in kappas],
+                                              dtype=np.float64), "1", "annealed Haar estimate eq. II.89-II.91")
     occupied = np.abs(lam[np.abs(beta) > 1e-12])
     write_dataset(g, "threshold_margin", np.array([float(np.min(np.abs(occupied - 1.0 / k))) for k in kappas],
                                                   dtype=np.float64), "1",
                   "min over occupied eigenvalues of | |lambda| - 1/kappa_a |")
-    if facts is not None:
-        g.attrs.update(facts["split"])
 
 
-def _write_resources(g, cfg: dict, problem: _Problem, system, trunc: list[dict[str, Any]], ro,
-                     facts: dict[str, Any] | None) -> None:
+def _write_resources(g, cfg: dict, problem: _Problem, system_qubits: int, trunc: list[dict[str, Any]], ro,
+                     facts: dict[str, Any] | None, memory_bytes: int) -> None:
     from hpcqml.hhl import resources as res
-    from hpcqml.hhl.statevector import memory_estimate_bytes
 
     size, eps = problem.M.shape[0], cfg["eps"]
-    s_M, kappa = res.sparsity(problem.M), res.condition_number(problem.M)
+    s_M = res.sparsity(problem.M)
+    dense_ok = size <= DENSE_KAPPA_ROWS
+    kappa = res.condition_number(problem.M) if dense_ok else float("nan")
     kappa_a = max((u["kappa_a"] for u in trunc), default=kappa)
-    q77 = res.qlsa_complexity(s_M, kappa, 2 * size, eps)
     q94 = res.qlsa_complexity(s_M, kappa_a, 2 * size, eps, truncated=True)
+    q77 = res.qlsa_complexity(s_M, kappa, 2 * size, eps) if dense_ok else {
+        "prefactor": float("nan"), "log2_Nh_over_eps": q94["log2_Nh_over_eps"]}
     state_m = res.qubits_for(size)
     g.attrs.update({
-        "system_qubits": system.system_qubits, "state_qubits": state_m, "sparsity_M": s_M, "kappa": kappa,
+        "system_qubits": system_qubits, "state_qubits": state_m, "sparsity_M": s_M, "kappa": kappa,
+        "kappa_method": "dense SVD" if dense_ok else f"not evaluated: {size} rows, above the dense SVD limit",
         "eps": eps, "prefactor_II77": q77["prefactor"], "prefactor_II94": q94["prefactor"],
         "log2_Nh_over_eps": q77["log2_Nh_over_eps"],
-        "tomography_m2r3_over_eps2": res.tomography_cost(max(state_m, 1), ro.r, eps),
+        "tomography_m2r3_over_eps2": res.tomography_cost(max(state_m, 1), ro.r, eps) if ro is not None else np.nan,
         "state_prep_r_log_n": res.sparse_state_prep_cost(max(int(np.count_nonzero(problem.B)), 1), size),
         "constants": res.UNKNOWN,
-        "memory_model_bytes": memory_estimate_bytes(system.dim, max(cfg["clock_qubits"]), truncated=True),
+        "memory_model_bytes": memory_bytes,
         **(facts["resources"] if facts is not None else {}),
     })
 
@@ -526,15 +667,89 @@ def run(ctx: StageContext) -> None:
     """
     _check_config(ctx.cfg)
     seed = ctx.run_cfg["seed"] + ctx.cfg["instance_seed"]
-    cases = list(dict.fromkeys(ctx.cfg["cases"]))
-    for case in ctx.progress(cases, total=len(cases), desc="hhl cases"):
-        if ctx.store.is_complete(f"hhl/{case}"):
+    cases = _case_list(ctx.cfg)
+    for name, case, T in ctx.progress(cases, total=len(cases), desc="hhl cases"):
+        if ctx.store.is_complete(f"hhl/{name}"):
             continue
-        _case(ctx, case, seed)
+        _case(ctx, name, case, seed, T)
     if not ctx.store.is_complete("hhl/model_table"):
         _table(ctx)
     ctx.log("done")
 
 
+def check_before_run(ctx: StageContext) -> None:
+    """Pre-run check: the cross-key rules, and the system file read and size-checked, so
+    that a hostile or oversized file is refused before the results file is touched.
+    """
+    _check_config(ctx.cfg)
+    if "file" in ctx.cfg["cases"] and not ctx.store.is_complete("hhl/file"):
+        _check_size(ctx.cfg, "file", _file_problem(ctx).M)
+
+
+#: Time model of the state-vector method: dense eigen-decomposition seconds per D^3 and
+#: clock-register seconds per amplitude and variant (2-core VM, BENCHMARKS.md "HHL at scale").
+SV_SECONDS_PER_D3 = 1.5e-8
+SV_SECONDS_PER_AMPLITUDE = 1.0e-7
+
+#: Time model of the krylov method: seconds per stored non-zero of H and product with H
+#: (Chebyshev and Lanczos steps, accumulators included), per rank.
+KR_SECONDS_PER_NNZ_STEP = 3.0e-8
+
+
+def _method_estimates(h: dict, rows: int, nnz: int, ranks: int) -> dict[str, tuple[int, float]]:
+    """``{method: (peak bytes per rank, seconds)}`` of both simulators for one case (models)."""
+    from hpcqml.hhl import krylov
+    from hpcqml.hhl.statevector import memory_estimate_bytes, padded_dim
+
+    clocks = list(dict.fromkeys(h["clock_qubits"]))
+    variants = 1 + len(h["kappa_a"])
+    dim = padded_dim(2 * rows)
+    sv_bytes = memory_estimate_bytes(dim, max(clocks), truncated=True)
+    sv_time = SV_SECONDS_PER_D3 * dim**3 + SV_SECONDS_PER_AMPLITUDE * variants * sum(2**c * dim for c in clocks)
+    steps = sum(krylov.matvec_count(c) for c in clocks) + 300  # Chebyshev per clock size + Lanczos norm
+    kr_bytes = krylov.memory_estimate_bytes(2 * rows, 2 * nnz, max(clocks), variants=variants, ranks=ranks)
+    kr_time = KR_SECONDS_PER_NNZ_STEP * steps * (2 * nnz + 2 * rows * variants) / max(ranks, 1)
+    return {"statevector": (sv_bytes, sv_time), "krylov": (kr_bytes, kr_time)}
+
+
+def estimate_memory(cfg: Any, ranks: int, memory_per_rank: float, found: Any) -> None:
+    """``validate``/``run`` estimate of both simulation methods for each Carleman case.
+
+    The block system of eq. II.79 has S = (T + 1) Delta rows (Delta of eq. II.13) and at most
+    Delta + 1 non-zeros per row; it is dilated and padded to a power of two D. The state-vector
+    method (``hpcqml.hhl.statevector.memory_estimate_bytes``, one rank per sweep point) and the
+    krylov method (``hpcqml.hhl.krylov.memory_estimate_bytes``, per rank) are both estimated,
+    memory and time (models calibrated in BENCHMARKS.md), and the one the stage will use is named.
+    """
+    from hpcqml.carleman.instance import carleman_dim
+    from hpcqml.hhl.statevector import padded_dim
+    from hpcqml.preflight import MEMORY_WARN_FRACTION
+
+    h = cfg.sections["hhl"]
+    for name, case, T in _case_list(h):
+        if case == "file":
+            found.estimates.append("hhl: case file: size known once system_file is read (at most max_dim rows)")
+            continue
+        delta = carleman_dim(h["n"] if case == "random" else h["k"], h["N"])
+        rows = (T + 1) * delta
+        dim = padded_dim(2 * rows)  # dilated: M is not symmetric in general
+        est = _method_estimates(h, rows, rows * (delta + 1), ranks)
+        method = h["method"]
+        if method == "auto":
+            method = "statevector" if dim <= min(AUTO_STATEVECTOR_DIM, h["max_dim"]) else "krylov"
+        parts = [f"{m} {b / 2**30:.3g} GiB, ~{t:.3g} s" for m, (b, t) in est.items()]
+        found.estimates.append(f"hhl: case {name}: {rows:,} rows, embedded D = {dim:,}; {'; '.join(parts)} "
+                               f"(c up to {max(h['clock_qubits'])}); method used: {method}")
+        if method == "statevector" and dim > h["max_dim"]:  # the stage refuses exactly this
+            where = found.errors if case == "random" else found.warnings
+            where.append(f"[hhl] case {name}: embedded dimension {dim} ({rows} rows, dilated, padded to a "
+                         f"power of two) exceeds max_dim = {h['max_dim']}; lower n, N or T, or use method = \"krylov\"")
+        elif memory_per_rank and est[method][0] > MEMORY_WARN_FRACTION * memory_per_rank:
+            found.warnings.append(f"hhl: case {name} needs {est[method][0] / 2**30:.2f} GiB, more than "
+                                  f"{MEMORY_WARN_FRACTION:.0%} of the {memory_per_rank / 2**30:.2f} GiB a rank has; "
+                                  "lower n, N, T or the clock qubits")
+
+
 register(Stage(name="hhl", schema=SCHEMA, run=run,
-               doc="simulated HHL / truncated HHL on Carleman or file systems, resources, read-out (eq. II.77-II.99)"))
+               doc="simulated HHL / truncated HHL on Carleman or file systems, resources, read-out (eq. II.77-II.99)",
+               checks=(check_before_run,), estimate=estimate_memory))
