@@ -11,12 +11,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from hpcqml.errors import ConfigError
+
+#: integers a config may hold: those an HDF5 attribute (int64) stores exactly
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 _TYPE_NAMES = {int: "integer", float: "number", str: "string", bool: "boolean", list: "list"}
 
@@ -42,6 +46,10 @@ class Field:
     #: False for keys that change only speed or memory (micro-batch size, threads, ...):
     #: they are left out of the stage fingerprints, so a resume may change them.
     affects_results: bool = True
+    #: True for keys whose stored work the stage extends in place (a probe count, a budget,
+    #: a tolerance of adaptive stopping): left out of the stage fingerprints and recorded
+    #: beside them, so a changed value reruns the stage, which keeps its stored work.
+    extendable: bool = False
 
     def describe(self) -> str:
         """Type, default and allowed values in one line (``hpcqml validate --explain``)."""
@@ -75,6 +83,11 @@ class Field:
         if kind is int and isinstance(value, bool) or not isinstance(value, kind):
             raise ConfigError(f"{where} = {value!r}: expected {_TYPE_NAMES.get(kind, kind.__name__)}, "
                               f"got {_type_name(value)}")
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(f"{where} = {value!r}: must be a finite number")
+        if kind is int and not INT64_MIN <= value <= INT64_MAX:
+            raise ConfigError(f"{where} = {value!r}: outside the 64-bit signed integer range "
+                              f"[{INT64_MIN}, {INT64_MAX}] the results file can store")
         if self.choices is not None and value not in self.choices:
             allowed = ", ".join(repr(c) for c in self.choices)
             raise ConfigError(f"{where} = {value!r}: not one of {allowed}")
@@ -92,36 +105,27 @@ def _type_name(value: Any) -> str:
 Schema = Mapping[str, Field]
 
 RUN_SCHEMA: dict[str, Field] = {
-    "name": Field(str, "run", doc="label of the run"),
-    "output": Field(str, "results/run.h5", doc="results file (HDF5); relative to the working directory"),
-    "workdir": Field(str, "", doc="checkpoints and artifacts; empty = OUTPUT with .work instead of .h5"),
-    "stages": Field(list, [], item=str, doc="stages to run, in order"),
+    "name": Field(str, "run", affects_results=False, doc="label of the run"),
+    "output": Field(str, "results/run.h5", affects_results=False,
+                    doc="results file (HDF5); relative to the working directory"),
+    "workdir": Field(str, "", affects_results=False,
+                     doc="checkpoints and artifacts; empty = OUTPUT with .work instead of .h5"),
+    "stages": Field(list, [], item=str, affects_results=False, doc="stages to run, in order"),
     "seed": Field(int, 0, min=0, doc="master seed; every random draw derives from it"),
-    "device": Field(str, "auto", choices=("auto", "cpu", "cuda"),
+    "device": Field(str, "auto", choices=("auto", "cpu", "cuda"), affects_results=False,
                     doc="auto: GPU local_rank % device_count when CUDA is available, else CPU"),
     "threads": Field(int, 0, min=0, affects_results=False,
                      doc="torch intra-op threads per rank; 0 = OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK / "
                          "PBS ncpus, else the node's cores / its ranks"),
 }
 
-#: ``(section, key)`` pairs that change only speed, memory or bookkeeping, never a stored
-#: number: left out of the stage fingerprints (besides fields marked ``affects_results=False``).
-PERFORMANCE_ONLY: frozenset[tuple[str, str]] = frozenset({
-    ("run", "name"), ("run", "output"), ("run", "workdir"), ("run", "stages"),
-    ("run", "threads"), ("run", "device"),
-    ("pretrain", "checkpoint_every"), ("train", "checkpoint_every"),
-    ("spectrum", "micro_batch"), ("spectrum", "groups"), ("spectrum", "basis_device"),
-    ("spectrum", "memory_format"), ("spectrum", "route"),
-    ("qcm", "ref_max_dim"), ("hhl", "max_dim"),
-})
+#: what a stage reads: a function of the validated sections returning the names of the
+#: stages whose results it reads directly (each stage declares its own; see hpcqml.stages)
+Reads = Callable[[Mapping[str, Mapping[str, Any]]], tuple[str, ...]]
 
-#: stages whose results a stage reads (its fingerprint covers their inputs too); the
-#: spectrum, qcm and hhl entries depend on the config, see :func:`upstream`.
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "data": (), "pretrain": ("data",), "prune": ("pretrain", "data"), "train": ("prune", "data"),
-}
-_SPECTRUM_SOURCE = {"snapshots": ("train", "data"), "pruned": ("prune", "data"),
-                    "pretrained": ("pretrain", "data"), "file": ("data",)}
+#: fixed reads of stages registered without a ``reads`` function (ad-hoc stages); the
+#: stages of this package declare theirs and are not listed here
+UPSTREAM: dict[str, tuple[str, ...]] = {}
 
 
 def validate_section(section: str, values: Mapping[str, Any], schema: Schema) -> dict[str, Any]:
@@ -145,6 +149,8 @@ class RunConfig:
     source: str = "<memory>"
     text: str = ""
     overrides: list[str] = field(default_factory=list)
+    #: stage name -> what it reads (:data:`Reads`), as the stages declare it
+    reads: Mapping[str, Reads] = field(default_factory=dict)
 
     @property
     def run(self) -> dict[str, Any]:
@@ -180,12 +186,15 @@ class RunConfig:
         out = {}
         for key, value in values.items():
             fld = schema.get(key)
-            if fld is not None and (not fld.affects_results or value == fld.default):
-                continue
-            if (section, key) in PERFORMANCE_ONLY:
+            if fld is not None and (not fld.affects_results or fld.extendable or value == fld.default):
                 continue
             out[key] = value
         return out
+
+    def extendable_keys(self, section: str, schema: Schema | None) -> dict[str, Any]:
+        """The values of ``section``'s extendable keys (see :attr:`Field.extendable`), defaults included."""
+        values = self.sections.get(section, {})
+        return {key: values[key] for key, fld in (schema or {}).items() if fld.extendable and key in values}
 
     def stage_inputs(self, stage: str, schemas: Mapping[str, Schema]) -> dict[str, dict[str, Any]]:
         """Result-changing keys of ``stage``, of the stages it reads, and ``[run]``."""
@@ -213,21 +222,11 @@ class RunConfig:
 
 
 def upstream(stage: str, config: RunConfig) -> tuple[str, ...]:
-    """The stages whose results ``stage`` reads directly, under ``config``."""
-    sections = config.sections
-    if stage == "spectrum":
-        spectrum = sections.get("spectrum", {})
-        reads = _SPECTRUM_SOURCE.get(spectrum.get("source", "snapshots"), ("data",))
-        if not spectrum.get("eta") and "train" in sections and "train" not in reads:
-            reads += ("train",)  # eta = 0: the error proxy's eta is [train] lr
-        return reads
-    if stage == "qcm":
-        return ("prune", "data") if sections.get("qcm", {}).get("generator") == "network" else ()
-    if stage == "hhl":
-        return ("prune", "data") if "network" in sections.get("hhl", {}).get("cases", ()) else ()
-    if stage == "report":
-        return tuple(name for name in sections if name not in ("run", "report"))
-    return UPSTREAM.get(stage, ())
+    """The stages whose results ``stage`` reads directly, under ``config`` (its declared
+    ``reads`` applied to the validated sections; :data:`UPSTREAM` for a stage without one).
+    """
+    reads = config.reads.get(stage)
+    return tuple(reads(config.sections)) if reads is not None else UPSTREAM.get(stage, ())
 
 
 def dependency_closure(stage: str, config: RunConfig) -> set[str]:
@@ -255,14 +254,31 @@ def compare_inputs(old: Mapping[str, Mapping[str, Any]], new: Mapping[str, Mappi
     return changes
 
 
-def explain(schemas: Mapping[str, Schema]) -> str:
-    """Every key's documentation, type and default, section by section."""
+def explain(schemas: Mapping[str, Schema], config: RunConfig | None = None,
+            order: Iterable[str] = ()) -> str:
+    """Every key's documentation, type and default, section by section.
+
+    Args:
+        schemas: stage name -> schema.
+        config: a validated config; its value of each key is shown beside the default
+            ("value 8 (default 4)"), and the sections it does not use are marked so.
+        order: section names in the order to list them (the pipeline's); others follow sorted.
+
+    Returns:
+        The text of ``hpcqml validate --explain``.
+    """
+    first = [name for name in order if name in schemas]
+    names = first + sorted(name for name in schemas if name not in first)
     lines = []
-    for name, schema in [("run", RUN_SCHEMA), *sorted(schemas.items())]:
-        lines.append(f"[{name}]")
+    for name, schema in [("run", RUN_SCHEMA), *((n, schemas[n]) for n in names)]:
+        used = config is None or name in config.sections
+        lines.append(f"[{name}]" + ("" if used else "  (not in this config)"))
+        values = config.sections.get(name, {}) if config is not None and used else {}
         for key, fld in schema.items():
-            perf = "" if fld.affects_results and (name, key) not in PERFORMANCE_ONLY else " (performance only)"
-            lines.append(f"  {key}: {fld.describe()}{perf}")
+            note = "" if fld.affects_results else " (not in the fingerprint)"
+            note = " (extendable: a rerun keeps the stored work)" if fld.extendable else note
+            here = f"value {_toml_value(values[key])}; " if key in values else ""
+            lines.append(f"  {key}: {here}{fld.describe()}{note}")
             if fld.doc:
                 lines.append(f"      {fld.doc}")
         lines.append("")
@@ -290,9 +306,11 @@ def read_toml(source: str | Path, text: str | None = None) -> dict[str, Any]:
     """
     if text is None:
         try:
-            text = Path(source).read_text()
+            text = Path(source).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config {source}: file not found") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config {source}: not a text file (byte {exc.start} is not UTF-8)") from None
         except OSError as exc:
             raise ConfigError(f"config {source}: cannot read ({exc.strerror})") from None
     try:
@@ -302,12 +320,14 @@ def read_toml(source: str | Path, text: str | None = None) -> dict[str, Any]:
 
 
 def load_config(source: str | Path, schemas: Mapping[str, Schema],
-                overrides: Iterable[str] = (), text: str | None = None) -> RunConfig:
+                overrides: Iterable[str] = (), text: str | None = None,
+                reads: Mapping[str, Reads] | None = None) -> RunConfig:
     """Read a TOML file (or ``text``), apply ``--set`` overrides and validate everything.
 
     ``schemas`` maps each registered stage name to its schema; a section whose name is
     neither ``run`` nor a registered stage is an error, and so is a stage in
-    ``run.stages`` that is not registered.
+    ``run.stages`` that is not registered. ``reads`` maps stage names to what they read
+    (the stage fingerprints follow it); the runner binds the registry's when it is omitted.
     """
     source = str(source)
     raw = read_toml(source, text)
@@ -316,9 +336,11 @@ def load_config(source: str | Path, schemas: Mapping[str, Schema],
         section, key, value = parse_override(item)
         raw.setdefault(section, {})[key] = value
     try:
-        return _validate(raw, schemas, source, text, overrides)
+        config = _validate(raw, schemas, source, text, overrides)
     except ConfigError as exc:
         raise ConfigError(f"config {source}: {exc}") from None
+    config.reads = dict(reads or {})
+    return config
 
 
 def _validate(raw: dict, schemas: Mapping[str, Schema], source: str, text: str,

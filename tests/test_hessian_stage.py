@@ -36,8 +36,10 @@ def make_workdir(tmp_path, steps=(0, 10), name="run", results=None):
 def config(tmp_path, name="run", **over):
     body = {"batch_size": 8, "micro_batch": 5, "lanczos_steps": 4, "probes": 2, "route": "double-backward",
             "t_max": 5, **over}
-    lines = "\n".join(f"{k} = {v!r}".replace("'", '"') if not isinstance(v, list) else f"{k} = {v}"
-                      for k, v in body.items())
+    def toml(v):
+        return ("true" if v else "false") if isinstance(v, bool) else str(v) if isinstance(v, list) \
+            else repr(v).replace("'", '"')
+    lines = "\n".join(f"{k} = {toml(v)}" for k, v in body.items())
     text = f'[run]\noutput = "{tmp_path}/{name}.h5"\nworkdir = "{tmp_path}/{name}.work"\ndevice = "cpu"\n' \
            f'stages = ["spectrum"]\nseed = 3\nthreads = 1\n[spectrum]\n{lines}\n'
     schemas = {k: s.schema for k, s in load_all().items()}
@@ -88,9 +90,12 @@ def test_stage_writes_layout(tmp_path):
     assert r["proxy_attrs"]["eta"]["cutoff"] == 0.4 == r["proxy_attrs"]["paper"]["cutoff"]
     assert r["proxy"]["eta"].shape == r["proxy"]["paper"].shape == (6,)
     assert not np.allclose(r["proxy"]["eta"][1:], r["proxy"]["paper"][1:])
-    # 2 probes: every uncertainty is unknown (NaN), the value is there
+    # 2 probes: a Student t interval with 1 degree of freedom, value +- t_{0.975,1} s.e.
+    # (t_{0.975,1} = tan(0.475 pi) = 12.706..., the Cauchy quantile)
     tr = r["estimates"]["trace"]
-    assert tr[0] == pytest.approx(a["trace"]) and np.all(np.isnan(tr[1:]))
+    assert tr[0] == pytest.approx(a["trace"]) and tr[1] > 0
+    t975 = np.tan(0.475 * np.pi)
+    np.testing.assert_allclose(tr[2:], [tr[0] - t975 * tr[1], tr[0] + t975 * tr[1]], rtol=1e-9)
     assert r["estimates"]["trace_per_probe"].shape == (2,)
     assert a["precision"] == "fp32" and a["precision_setting"] == "tf32"  # CPU: always fp32
     assert r["probe_routes"] == ["double-backward"] * 2
@@ -209,7 +214,8 @@ def test_eta_override_and_paper_primary(tmp_path):
 
 def test_missing_snapshot_is_user_error(tmp_path):
     make_workdir(tmp_path, steps=(0,))
-    with pytest.raises(UserError, match="no snapshot for step 20"):
+    # refused before the run (one line naming the file) or, failing that, by the stage
+    with pytest.raises(UserError, match=r"step_000020\.pt is missing|no snapshot for step 20"):
         run_pipeline(config(tmp_path, steps=[20]), world(), quiet=True)
 
 
@@ -252,9 +258,12 @@ def test_fig2c_and_report_table_show_both_conventions(tmp_path):
     assert md.index("(primary)") < md.index("| a = -lambda |")
     assert "E(10) = " in md and "E(100) = " in md and " ± " in md
     make_workdir(tmp_path, steps=(0, 10), name="two")
-    two = run_pipeline(config(tmp_path, name="two", probes=2), world(), quiet=True)
+    two = run_pipeline(config(tmp_path, name="two", probes=1), world(), quiet=True)
     with h5py.File(two, "r") as fh:
-        assert "± unknown" in "\n".join(_spectrum_md(fh))
+        md = "\n".join(_spectrum_md(fh))
+    # one probe: no sampling interval, the reason printed beside the value
+    assert "unresolved (sampling: not evaluated (fewer than 2 probes))" in md
+    assert "stopped: probe budget" in md
 
 
 def test_snapshot_of_another_run_is_refused(tmp_path):

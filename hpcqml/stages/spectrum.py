@@ -16,6 +16,13 @@ Model states (``source``):
   ``pruned``     ``<workdir>/pruned.pt`` (the Fig. 3 configuration);
   ``pretrained`` ``<workdir>/pretrained.pt``;
   ``file``       the checkpoint named by ``model_file``.
+Adaptive stopping (:func:`adapt`): the stored probes are evaluated in rounds; while a
+requested estimate's proven quadrature bracket dominates its combined interval the Lanczos
+steps double (up to ``max_lanczos_steps``), while its sampling interval dominates probes are
+added (up to ``max_probes``), until every estimate in ``resolve`` is resolved or the budget
+ends; the result records which (``stop_reason``).  The probe count, budgets and tolerances
+are *extendable* settings: a rerun with other values keeps every stored probe and runs only
+what is missing.  ``top_k`` adds the extreme eigenpairs by restarted Lanczos.
 Every probe is committed as soon as it finishes, so an interrupted run resumes at the next
 unfinished probe.  SIGTERM/SIGUSR1 stop the stage after the current Lanczos step: the
 finished probes stay committed and one line says what was saved.  ``route = "auto"`` is
@@ -37,6 +44,7 @@ from hpcqml.config import Field
 from hpcqml.errors import UserError
 from hpcqml.preflight import MEMORY_WARN_FRACTION, machine_memory_bytes
 from hpcqml.stages import Stage, StageContext, register
+from hpcqml.stages._estimates import estimate_spectrum, spectrum_reads
 
 if TYPE_CHECKING:
     import torch
@@ -48,18 +56,33 @@ SCHEMA = {
     "steps": Field(list, [], item=int, doc="snapshot steps to measure (empty = every snapshot found)"),
     "data_root": Field(str, "", doc="CIFAR-100 directory; empty = [data] root, else <workdir>/data"),
     "batch_size": Field(int, 2048, min=1, doc="samples in the fixed Hessian batch B"),
-    "micro_batch": Field(int, 512, min=1, doc="samples per chunk of a product on one rank"),
+    "micro_batch": Field(int, 512, min=1, affects_results=False, doc="samples per chunk of a product on one rank"),
     "wrt": Field(str, "all", choices=("all", "support"),
                  doc="parameters: all trainable, or mask-kept coordinates plus never-pruned parameters"),
-    "route": Field(str, "auto", choices=("auto", "double-backward", "func"),
+    "route": Field(str, "auto", choices=("auto", "double-backward", "func"), affects_results=False,
                    doc="H.v route; auto = time both on the first product and keep the faster"),
-    "memory_format": Field(str, "auto", choices=("auto", "contiguous", "channels_last"),
+    "memory_format": Field(str, "auto", choices=("auto", "contiguous", "channels_last"), affects_results=False,
                            doc="layout of model and batch; auto = channels_last on CUDA, contiguous on CPU"),
-    "lanczos_steps": Field(int, 100, min=1, doc="Lanczos steps m per probe"),
-    "probes": Field(int, 4, min=1, doc="Rademacher probes n_v"),
-    "groups": Field(int, 1, min=1, doc="probe groups running different probes at once (<= ranks)"),
+    "lanczos_steps": Field(int, 100, min=1, doc="Lanczos steps m per probe (where adaptive stopping starts)"),
+    "probes": Field(int, 4, min=1, extendable=True,
+                    doc="Rademacher probes n_v (where adaptive stopping starts); raising it adds probes to the "
+                        "stored ones, which are kept"),
+    "max_probes": Field(int, 0, min=0, extendable=True,
+                        doc="probe budget of adaptive stopping: probes are added (stored ones kept) while a "
+                            "requested estimate's sampling interval is wider than the tolerance; 0 = probes"),
+    "max_lanczos_steps": Field(int, 0, min=0, extendable=True,
+                               doc="step budget of adaptive stopping: steps double (every probe is rerun: the "
+                                   "Krylov basis is not kept) while a requested estimate's quadrature bracket "
+                                   "is wider than the tolerance; 0 = lanczos_steps; at most n are taken"),
+    "resolve": Field(list, ["negative_mass", "dissipative_fraction", "error_proxy"], item=str,
+                     choices=("trace", "negative_mass", "dissipative_fraction", "fidelity_ii93", "error_proxy"),
+                     extendable=True,
+                     doc="estimates adaptive stopping must resolve, in the primary convention: trace, "
+                         "negative_mass, dissipative_fraction (Delta+/Delta with the cutoff), fidelity_ii93, "
+                         "error_proxy (E(t) at every proxy_t)"),
+    "groups": Field(int, 1, min=1, affects_results=False, doc="probe groups running different probes at once (<= ranks)"),
     "reorth": Field(str, "full", choices=("full", "none"), doc="reorthogonalisation against the sharded basis"),
-    "basis_device": Field(str, "auto", choices=("auto", "cpu"),
+    "basis_device": Field(str, "auto", choices=("auto", "cpu"), affects_results=False,
                           doc="where the Krylov basis lives: the model's device, or host memory"),
     "grid_points": Field(int, 256, min=2, doc="points of the smoothed density grid"),
     "width_factor": Field(float, 0.01, min=1e-9, doc="kernel sigma = width_factor * (theta_max - theta_min)"),
@@ -73,15 +96,28 @@ SCHEMA = {
     "proxy_t": Field(list, [10, 100], item=int, min=0, doc="t at which the error proxy gets error bars"),
     "negative_delta": Field(float, 0.0, min=0.0,
                             doc="negative mass counts nodes below -max(negative_delta, residual bound)"),
-    "bootstrap": Field(int, 1000, min=10, doc="bootstrap resamples over probes for the intervals"),
-    "resolution_mass": Field(float, 0.05, min=0.0, max=1.0,
-                             doc="absolute tolerance (in mass fraction) of a mass fraction's resolution bracket: "
-                                 "unresolved when moving the nodes that straddle its decision points changes it "
-                                 "by more than max(resolution_rel * value, resolution_mass)"),
-    "resolution_rel": Field(float, 0.1, min=0.0,
-                            doc="relative tolerance of every resolution bracket: a quantity is unresolved when "
-                                "its bracket is wider than resolution_rel * |value| (and, for mass fractions, "
-                                "than resolution_mass)"),
+    "bootstrap": Field(int, 1000, min=10, affects_results=False,
+                       doc="read by older versions (bootstrap intervals); the sampling interval over probes is "
+                           "now Student t, so this changes nothing"),
+    "resolution_mass": Field(float, 0.05, min=0.0, max=1.0, extendable=True,
+                             doc="absolute tolerance of the mass fractions (negative mass, Delta+/Delta, eq. II.93): "
+                                 "resolved when the combined interval (proven quadrature bracket widened by the "
+                                 "sampling interval) has half-width at most max(resolution_mass, "
+                                 "resolution_rel * value)"),
+    "resolution_abs": Field(float, 0.0, min=0.0, extendable=True,
+                            doc="absolute tolerance of the estimates that are not mass fractions (trace, E(t)): "
+                                "resolved when the combined interval's half-width is at most "
+                                "max(resolution_abs, resolution_rel * |value|)"),
+    "resolution_rel": Field(float, 0.1, min=0.0, extendable=True,
+                            doc="relative tolerance of every estimate: resolved when the combined interval's "
+                                "half-width is at most resolution_rel * |value| (or the absolute tolerance)"),
+    "top_k": Field(int, 0, min=0,
+                   doc="extreme eigenpairs of each H by restarted Lanczos (0 = none): eigenvalues always stored "
+                       "with their explicit residuals"),
+    "top_which": Field(str, "both_ends", choices=("largest", "smallest", "both_ends", "largest_magnitude"),
+                       doc="which extreme eigenpairs: largest / smallest eigenvalues, both ends (half each) or "
+                           "largest |lambda|"),
+    "eigenvectors": Field(bool, False, doc="store the top_k eigenvectors too (n values each, chunked by rows)"),
     "precision": Field(str, "tf32", choices=("tf32", "fp32"),
                        doc="float32 matmul/convolution precision on CUDA (TF32 or strict fp32); CPU is always fp32"),
 }
@@ -240,6 +276,9 @@ class StepProgress:
 
 def _stored_route(ctx: StageContext) -> str | None:
     """The product route recorded with any committed probe of this file (None: none yet)."""
+    if ctx.store.is_replacing("spectrum"):
+        return None
+
     def find(fh: Any) -> str | None:
         for g in fh.get("spectrum", {}).values():
             for key, probe in g.items():
@@ -266,14 +305,15 @@ def decide_route(ctx: StageContext, st: "Prepared") -> str:
     return route
 
 
-def check_sizes(ctx: StageContext, label: str, n: int, layout: Any, dtype: torch.dtype, basis_device: Any) -> None:
-    """Refuse more Lanczos steps than dimensions; warn when the basis may not fit in memory."""
+def check_sizes(ctx: StageContext, label: str, n: int, layout: Any, dtype: torch.dtype, basis_device: Any,
+                steps: int) -> None:
+    """Refuse more Lanczos steps than dimensions; warn when a basis of ``steps`` vectors may not fit in memory."""
     import torch
 
     from hpcqml.parallel import node_rank_and_size
 
-    steps = ctx.cfg["lanczos_steps"]
-    if steps > n:
+    if ctx.cfg["lanczos_steps"] > n:
+        steps = ctx.cfg["lanczos_steps"]
         raise UserError(f"[spectrum] lanczos_steps = {steps} exceeds the dimension n = {n} of {label}'s "
                         f"parameter space; use at most {n}")
     if ctx.cfg["reorth"] != "full":
@@ -310,7 +350,7 @@ def _check_origins(ctx: StageContext, states: list[tuple[str, Path]]) -> None:
     if producer is None:
         return
     for label, path in states:
-        if ctx.store.is_complete(f"spectrum/{label}/result"):
+        if _up_to_date(ctx, label):
             continue
         origin = decide_on_root(ctx.comm, lambda p=path: read_origin(p))
         if origin is not None:
@@ -354,14 +394,15 @@ def prepare_state(ctx: StageContext, path: Path, layout: Any, data: Any, route: 
     return Prepared(ck=ck, op=op, n=space.n, fmt=fmt, dtype=space.dtype)
 
 
-def run_missing_probes(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, pseed: int,
-                       route: str) -> None:
-    """Run the probes of ``label`` not yet committed, committing each round as it finishes."""
+def run_probe_list(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, pseed: int,
+                   route: str, todo: list[int], steps: int) -> None:
+    """Run the probes ``todo`` of ``label`` with ``steps`` Lanczos steps, committing each round as it
+    finishes (a stored probe of the same number is replaced).
+    """
     from hpcqml.hessian.slq import ProbesInterrupted, run_probes
     from hpcqml.training.signals import StoppedBySignal, stop_message
 
     cfg = ctx.cfg
-    todo = [p for p in range(cfg["probes"]) if not ctx.store.is_complete(f"spectrum/{label}/probe_{p:03d}")]
     if not todo:
         return
 
@@ -369,26 +410,242 @@ def run_missing_probes(ctx: StageContext, label: str, st: Prepared, layout: Any,
         for res in done:
             ctx.perf.count("lanczos_steps", res.steps)
             ctx.store.commit(f"spectrum/{label}/probe_{res.probe:03d}", _write_probe(res),
-                             attrs={"probe": res.probe, "steps": res.steps, "breakdown": res.breakdown,
-                                    "quad_form": res.quad_form, "start_norm2": res.start_norm2,
-                                    "probe_seed": pseed, "route": route})
+                             attrs={"probe": res.probe, "steps": res.steps, "steps_requested": steps,
+                                    "breakdown": res.breakdown, "quad_form": res.quad_form,
+                                    "start_norm2": res.start_norm2, "probe_seed": pseed, "route": route})
         ctx.log(f"{label}: probes {[r.probe for r in done]} done ({st.op.products} products on this group)")
 
     device = ctx.device()
     basis_device = "cpu" if cfg["basis_device"] == "cpu" else device
-    ctx.log(f"{label}: n = {st.n:,}, B = {cfg['batch_size']}, route {route}, probes to run {todo}")
+    ctx.log(f"{label}: n = {st.n:,}, B = {cfg['batch_size']}, route {route}, {steps} steps, probes to run {todo}")
     bar = StepProgress(ctx, label)
     try:
-        run_probes(st.op.matvec, st.n, layout, todo, pseed, steps=cfg["lanczos_steps"], reorth=cfg["reorth"],
+        run_probes(st.op.matvec, st.n, layout, todo, pseed, steps=steps, reorth=cfg["reorth"],
                    state_dtype=st.dtype, device=device, basis_device=basis_device, label=label,
                    on_round=commit, perf=ctx.perf, on_step=bar, should_stop=stop.requested)
     except ProbesInterrupted as why:
         bar.close()
-        kept = [p for p in range(cfg["probes"]) if p not in why.remaining]
+        kept = sorted(set(_stored_probes(ctx, label)) - set(why.remaining))
         raise StoppedBySignal(stop_message(
             stop.signum, f"spectrum {label} with probes {why.remaining} not finished",
             f"probes {kept} of {label} in {ctx.store.path}", None)) from None
     bar.close()
+
+
+def _stored_probes(ctx: StageContext, label: str) -> dict[int, int]:
+    """Probe number -> Lanczos steps requested, of every complete probe group of ``label``.
+
+    Probes written before the step count was recorded give the steps they took.  None while
+    the stage is recomputed and its old groups are not yet set aside.
+    """
+    if ctx.store.is_replacing("spectrum"):
+        return {}
+
+    def body(fh: Any) -> dict[int, int]:
+        out = {}
+        for key, g in fh.get(f"spectrum/{label}", {}).items():
+            if key.startswith("probe_") and g.attrs.get("complete", False):
+                out[int(g.attrs["probe"])] = int(g.attrs.get("steps_requested", g.attrs["steps"]))
+        return out
+    return ctx.store.read(body, default={})
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Where adaptive stopping starts (``probes`` x ``steps``) and how far it may grow."""
+
+    probes: int
+    max_probes: int
+    steps: int
+    max_steps: int
+    groups: int
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], n: int, groups: int) -> "Budget":
+        """The budget of the ``[spectrum]`` settings for an operator of size ``n``."""
+        steps = min(cfg["lanczos_steps"], n)
+        return cls(probes=cfg["probes"], max_probes=max(cfg["probes"], cfg["max_probes"]), steps=steps,
+                   max_steps=min(max(steps, cfg["max_lanczos_steps"]), n), groups=groups)
+
+    @property
+    def adaptive(self) -> bool:
+        """True when probes or steps may grow."""
+        return self.max_probes > self.probes or self.max_steps > self.steps
+
+    def start(self, stored: dict[int, int]) -> tuple[int, int]:
+        """``(n_v, m)`` to evaluate first, reusing stored work: the largest step count stored
+        within the budget, and every leading stored probe of that count within the probe budget.
+        """
+        steps = max([self.steps] + [m for m in stored.values() if self.steps <= m <= self.max_steps])
+        lead = 0
+        while stored.get(lead) == steps:
+            lead += 1
+        return min(self.max_probes, max(self.probes, lead)), steps
+
+    def more_steps(self, steps: int) -> int:
+        """The next step count: doubled, within the budget."""
+        return min(2 * steps, self.max_steps)
+
+    def more_probes(self, probes: int, factor: float) -> int:
+        """The next probe count: ``probes * factor`` (the growth a 1/sqrt(n_v) interval needs),
+        at least one more and at most twice as many, rounded up to whole rounds of the groups.
+        """
+        want = probes * factor if np.isfinite(factor) else 2.0 * probes
+        grown = max(probes + 1, min(2 * probes, int(np.ceil(want))))
+        grown = -(-grown // self.groups) * self.groups
+        return min(grown, self.max_probes)
+
+
+def requested_estimates(spec: Any, cfg: dict[str, Any], eta: float) -> dict[str, Any]:
+    """The estimates ``[spectrum] resolve`` names, in the primary convention, by label.
+
+    Each carries its tolerance (``resolution_mass`` for the mass fractions, else
+    ``resolution_abs``, and ``resolution_rel``; set on the :class:`Spectrum`).
+    """
+    conv, cutoff = cfg["convention"], cfg["cutoff"]
+    out: dict[str, Any] = {}
+    for name in cfg["resolve"]:
+        if name == "trace":
+            out["trace"] = spec.trace()
+        elif name == "negative_mass":
+            out[f"negative mass (delta {cfg['negative_delta']:g})"] = spec.negative_mass(cfg["negative_delta"])
+        elif name == "dissipative_fraction":
+            out[f"Delta+/Delta ({conv})"] = spec.dissipative_fraction(conv, eta, cutoff)
+        elif name == "fidelity_ii93":
+            out[f"eq. II.93 ({conv})"] = spec.fidelity_ii93(conv, eta)
+        elif name == "error_proxy":
+            for t in cfg["proxy_t"]:
+                out[f"E({t}) ({conv})"] = spec.error_proxy(t, conv, eta, cutoff)
+    return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What adaptive stopping needs next, and why.
+
+    ``grow``: ``steps`` or ``probes`` (what the estimate furthest from its tolerance asks
+    for, :func:`hpcqml.hessian.spectrum.next_growth`), None when nothing can help;
+    ``unresolved``: label -> reason of every estimate not resolved; ``steps``/``probes``:
+    the labels that ask for that growth; ``factor``: the growth in probes the sampling-
+    dominated ones ask for (their half-width over tolerance, squared).
+    """
+
+    grow: str | None
+    unresolved: dict[str, str]
+    steps: tuple[str, ...]
+    probes: tuple[str, ...]
+    factor: float
+
+    @property
+    def resolved(self) -> bool:
+        """True when every requested estimate meets its tolerance."""
+        return not self.unresolved
+
+
+def decide(estimates: dict[str, Any]) -> Decision:
+    """Read the estimates' resolution (combined interval against tolerance, and the reason
+    when not resolved) into the next step of adaptive stopping.
+    """
+    from hpcqml.hessian.spectrum import GROW_PROBES, next_growth
+
+    unresolved = {label: est.note or "unresolved" for label, est in estimates.items() if not est.resolved}
+    probes = tuple(label for label in unresolved if unresolved[label].startswith("sampling"))
+    steps = tuple(label for label in unresolved
+                  if label not in probes and not unresolved[label].startswith("quadrature: not evaluated"))
+    factor = 1.0
+    for label in probes:
+        est = estimates[label]
+        ratio = est.half_width / est.tolerance if est.tolerance > 0 else float("inf")
+        factor = max(factor, ratio ** 2 if np.isfinite(ratio) else float("inf"))
+    grow = next_growth(list(estimates.values()))
+    if grow is None and probes:
+        grow = GROW_PROBES
+    return Decision(grow=grow, unresolved=unresolved, steps=steps, probes=probes, factor=factor)
+
+
+def _read_spectrum(ctx: StageContext, label: str, nv: int, n: int, pseed: int) -> Any:
+    """The :class:`Spectrum` of the stored probes ``0..nv-1`` of ``label``."""
+    from hpcqml.hessian.spectrum import Spectrum
+
+    cfg = ctx.cfg
+    results = [ctx.store.read(_read_probe(label, p)) for p in range(nv)]
+    return Spectrum.from_results(results, n, bootstrap=cfg["bootstrap"], bootstrap_seed=pseed,
+                                 resolution_mass=cfg["resolution_mass"], resolution_rel=cfg["resolution_rel"],
+                                 resolution_abs=cfg["resolution_abs"])
+
+
+@dataclass
+class Outcome:
+    """How adaptive stopping ended for one model state."""
+
+    spec: Any
+    probes: int
+    steps: int
+    reason: str
+    unresolved: dict[str, str]
+    rounds: list[tuple[int, int, int]]
+
+
+def stop_reason(decision: Decision, steps_left: bool, probes_left: bool) -> str:
+    """Why adaptive stopping ended: ``resolved``, the budget that ran out, or ``no growth
+    helps`` (only estimates without a proven bound are left).
+    """
+    if decision.resolved:
+        return "resolved"
+    if not decision.steps and not decision.probes:
+        return "no growth helps"
+    if decision.steps and not steps_left:
+        return "step and probe budgets" if decision.probes and not probes_left else "step budget"
+    return "probe budget"
+
+
+def adapt(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, pseed: int,
+          route: str, eta: float) -> tuple[Outcome, str]:
+    """Grow Lanczos steps and probes until every requested estimate is resolved or the budget ends.
+
+    Each round evaluates the stored probes ``0..n_v-1`` (all with ``m`` steps): while a
+    quadrature bracket is too wide and the step budget allows, ``m`` doubles and every probe
+    is rerun; else while a sampling interval is too wide and the probe budget allows, probes
+    are added.  Finished probes are committed as they end, so a killed run resumes where it
+    stopped and a rerun with a larger budget starts from what is stored.
+
+    Returns:
+        The outcome and the product route used.
+    """
+    cfg = ctx.cfg
+    budget = Budget.from_config(cfg, st.n, layout.count)
+    stored = _stored_probes(ctx, label)
+    nv, m = budget.start(stored)
+    rounds: list[tuple[int, int, int]] = []
+    decided = False
+    while True:
+        todo = [p for p in range(nv) if stored.get(p) != m]
+        if todo:
+            if not decided:
+                basis_device = "cpu" if cfg["basis_device"] == "cpu" else ctx.device()
+                check_sizes(ctx, label, st.n, layout, st.dtype, basis_device, budget.max_steps)
+                route = decide_route(ctx, st)
+                st.op.route = route
+                decided = True
+            run_probe_list(ctx, label, st, layout, stop, pseed, route, todo, m)
+            stored.update({p: m for p in todo})
+        spec = _read_spectrum(ctx, label, nv, st.n, pseed)
+        decision = decide(requested_estimates(spec, cfg, eta))
+        if ctx.size > 1:
+            decision = ctx.comm.bcast(decision, root=0)
+        rounds.append((nv, m, len(decision.unresolved)))
+        steps_left, probes_left = m < budget.max_steps, nv < budget.max_probes
+        why = "; ".join(f"{k}: {v}" for k, v in decision.unresolved.items())
+        # the growth the worst estimate asks for first; the other kind when its budget is spent
+        if decision.steps and steps_left and (decision.grow == "steps" or not (decision.probes and probes_left)):
+            m = budget.more_steps(m)
+            ctx.log(f"{label}: {nv} probes x {rounds[-1][1]} steps: {why} -> {m} steps")
+        elif decision.probes and probes_left:
+            nv = budget.more_probes(nv, decision.factor)
+            ctx.log(f"{label}: {rounds[-1][0]} probes x {m} steps: {why} -> {nv} probes")
+        else:
+            spec.stop_reason = stop_reason(decision, steps_left, probes_left)
+            return Outcome(spec, nv, m, spec.stop_reason, decision.unresolved, rounds), route
 
 
 def train_eta(ctx: StageContext) -> tuple[float, str]:
@@ -399,19 +656,32 @@ def train_eta(ctx: StageContext) -> tuple[float, str]:
 
 
 def _write_estimate(group: Any, name: str, est: Any, units: str, description: str) -> None:
-    """``[value, stderr, ci_low, ci_high]`` plus per-probe values, the resolution bracket and a note."""
+    """One estimate: ``[value, stderr, ci_low, ci_high]`` with its resolution and reason,
+    the per-probe values, the proven quadrature bracket (pooled and per probe) and the
+    combined interval (docs/schema/spectrum.md).
+    """
     from hpcqml.store import write_dataset
 
-    d = write_dataset(group, name, np.array([est.value, est.stderr, est.ci_low, est.ci_high], dtype=np.float64),
+    f8 = np.float64
+    d = write_dataset(group, name, np.array([est.value, est.stderr, est.ci_low, est.ci_high], dtype=f8),
                       units, description)
     d.attrs.update({"columns": "value, stderr, ci_low, ci_high", "resolved": bool(est.resolved),
-                    "ambiguous_mass": float(est.ambiguous_mass),
-                    "uncertainty": est.note or "jackknife standard error, percentile bootstrap interval over probes"})
-    write_dataset(group, f"{name}_per_probe", np.asarray(est.per_probe, dtype=np.float64), units,
-                  f"{description}: the value from each probe alone")
-    write_dataset(group, f"{name}_resolution", np.array([est.res_low, est.res_high], dtype=np.float64), units,
-                  f"{description}: [res_low, res_high], its extremes as each ambiguous node's eigenvalue "
-                  "moves within theta +- residual")
+                    "note": est.note, "tolerance": float(est.tolerance), "ambiguous_mass": float(est.ambiguous_mass),
+                    "uncertainty": "standard error over probes (jackknife for ratios); ci: Student t sampling "
+                                   "interval over probes (NaN below 2 probes)"})
+    write_dataset(group, f"{name}_per_probe", np.asarray(est.per_probe, dtype=f8), units,
+                  f"{description}: the Gauss value from each probe alone")
+    write_dataset(group, f"{name}_resolution", np.array([est.res_low, est.res_high], dtype=f8), units,
+                  f"{description}: [low, high], proven quadrature bracket of the probe-exact pooled value "
+                  "(NaN: not evaluated)")
+    write_dataset(group, f"{name}_combined", np.array([est.low, est.high], dtype=f8), units,
+                  f"{description}: [low, high], the quadrature bracket widened by the sampling half-width; "
+                  "resolved when its half-width is at most the tolerance")
+    if est.per_probe_low:
+        write_dataset(group, f"{name}_per_probe_bounds",
+                      np.stack([np.asarray(est.per_probe_low, dtype=f8), np.asarray(est.per_probe_high, dtype=f8)],
+                               axis=1), units,
+                      f"{description}: per probe [low, high], proven bracket of the probe's exact value")
 
 
 def write_convention(g: Any, spec: Any, convention: str, eta: float, cfg: dict[str, Any]) -> None:
@@ -451,12 +721,19 @@ def write_convention(g: Any, spec: Any, convention: str, eta: float, cfg: dict[s
                     "time_limit": dis.time_limit})
 
 
-def result_writer(spec: Any, cfg: dict[str, Any], eta: float) -> Callable[[Any], None]:
-    """The writer of ``spectrum/LABEL/result`` (layout in docs/schema/spectrum.md)."""
+def result_writer(spec: Any, cfg: dict[str, Any], eta: float,
+                  rounds: list[tuple[int, int, int]] | None = None) -> Callable[[Any], None]:
+    """The writer of ``spectrum/LABEL/result`` (layout in docs/schema/spectrum.md); ``rounds``:
+    ``(probes, steps, unresolved estimates)`` of each round of adaptive stopping.
+    """
     from hpcqml.store import write_dataset
 
     def write(g: Any) -> None:
         spec.to_hdf5(g, units="nat")
+        if rounds:
+            write_dataset(g, "adaptive_rounds", np.asarray(rounds, dtype=np.int64).reshape(-1, 3), "count",
+                          "rounds of adaptive stopping: probes n_v, Lanczos steps m, requested estimates "
+                          "not yet resolved (the last row is the stored result)")
         dens = spec.density(cfg["grid_points"], cfg["width_factor"])
         d = g.create_group("density")
         write_dataset(d, "grid", dens.grid, "nat", "eigenvalue grid of the smoothed density")
@@ -477,45 +754,158 @@ def result_writer(spec: Any, cfg: dict[str, Any], eta: float) -> Callable[[Any],
 
 def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: Any, route: str,
                   stop: Any) -> str:
-    """Run (or resume) SLQ for one model state and commit its probes and result.
+    """Run (or resume, or extend) SLQ for one model state and commit its probes and result.
 
     Returns:
         The product route used (decided here when ``route`` is ``auto``).
     """
-    from hpcqml.hessian.spectrum import Spectrum
-
     cfg = ctx.cfg
     st = prepare_state(ctx, path, layout, data, route)
     pseed = _probe_seed(int(ctx.run_cfg["seed"]), st.ck.step)
-    with matmul_precision(cfg["precision"], ctx.device(), st.dtype) as precision:
-        if any(not ctx.store.is_complete(f"spectrum/{label}/probe_{p:03d}") for p in range(cfg["probes"])):
-            basis_device = "cpu" if cfg["basis_device"] == "cpu" else ctx.device()
-            check_sizes(ctx, label, st.n, layout, st.dtype, basis_device)
-            route = decide_route(ctx, st)
-            st.op.route = route
-            run_missing_probes(ctx, label, st, layout, stop, pseed, route)
-    results = [ctx.store.read(_read_probe(label, p)) for p in range(cfg["probes"])]
-    spec = Spectrum.from_results(results, st.n, bootstrap=cfg["bootstrap"], bootstrap_seed=pseed,
-                                 resolution_mass=cfg["resolution_mass"], resolution_rel=cfg["resolution_rel"])
-    used = ctx.store.read(lambda fh: [str(fh[f"spectrum/{label}/probe_{p:03d}"].attrs.get("route", route))
-                                      for p in range(cfg["probes"])])
     eta, eta_source = train_eta(ctx)
+    with matmul_precision(cfg["precision"], ctx.device(), st.dtype) as precision:
+        out, route = adapt(ctx, label, st, layout, stop, pseed, route, eta)
+        if cfg["top_k"] and not ctx.store.is_complete(f"spectrum/{label}/eigenpairs"):
+            if st.op.route == "auto":
+                st.op.route = route = decide_route(ctx, st)
+            measure_eigenpairs(ctx, label, st, layout, pseed)
+    spec = out.spec
+    used = ctx.store.read(lambda fh: [str(fh[f"spectrum/{label}/probe_{p:03d}"].attrs.get("route", route))
+                                      for p in range(out.probes)])
     (lmin, rmin), (lmax, rmax) = spec.extremes()
     trace = spec.trace()
+    budget = Budget.from_config(cfg, st.n, layout.count)
     attrs = {"n": st.n, "model_name": st.ck.model_name, "model_step": st.ck.step, "checkpoint": str(path),
              "wrt": cfg["wrt"], "batch_size": cfg["batch_size"], "micro_batch": cfg["micro_batch"],
              "route": ",".join(sorted(set(used))), "route_setting": cfg["route"],
              "precision": precision, "precision_setting": cfg["precision"],
-             "lanczos_steps": cfg["lanczos_steps"], "probes": cfg["probes"], "reorth": cfg["reorth"],
+             "lanczos_steps": out.steps, "probes": out.probes, "reorth": cfg["reorth"],
+             "lanczos_steps_setting": cfg["lanczos_steps"], "probes_setting": cfg["probes"],
+             "max_lanczos_steps": budget.max_steps, "max_probes": budget.max_probes,
+             "adaptive": budget.adaptive, "stop_reason": out.reason, "resolve": ",".join(cfg["resolve"]),
+             "unresolved": "; ".join(f"{k}: {v}" for k, v in out.unresolved.items()),
+             "extendable": _extendable_record(ctx),
              "state_dtype": str(st.dtype).replace("torch.", ""), "memory_format": str(st.fmt).replace("torch.", ""),
              "probe_seed": pseed, "eta": eta, "eta_source": eta_source, "primary_convention": cfg["convention"],
              "trace": trace.value, "trace_se": trace.stderr, "lambda_min": lmin, "lambda_min_residual": rmin,
              "lambda_max": lmax, "lambda_max_residual": rmax, "groups": layout.count, "ranks": ctx.size}
-    ctx.store.commit(f"spectrum/{label}/result", result_writer(spec, cfg, eta), attrs=attrs)
+    ctx.store.commit(f"spectrum/{label}/result", result_writer(spec, cfg, eta, out.rounds), attrs=attrs)
     frac = spec.dissipative_fraction(cfg["convention"], eta, cfg["cutoff"])
-    ctx.log(f"{label}: lambda in [{lmin:.4g}, {lmax:.4g}], trace {trace.text()}, "
-            f"Delta+/Delta ({cfg['convention']}) {frac.text('{:.3f}')}")
+    ctx.log(f"{label}: {out.probes} probes x {out.steps} steps, stopped: {out.reason}; lambda in "
+            f"[{lmin:.4g}, {lmax:.4g}], trace {trace.text()}, Delta+/Delta ({cfg['convention']}) "
+            f"{frac.text('{:.3f}')}" + (f"; unresolved: {attrs['unresolved']}" if out.unresolved else ""))
     return route
+
+
+#: values per HDF5 chunk of a stored eigenvector row
+VECTOR_CHUNK = 1 << 20
+
+
+def measure_eigenpairs(ctx: StageContext, label: str, st: Prepared, layout: Any, seed: int) -> None:
+    """The ``top_k`` extreme eigenpairs of ``label``'s Hessian, committed to ``spectrum/LABEL/eigenpairs``.
+
+    Every probe group computes them on its own ranks (the same start vector, so the same
+    pairs); group 0's slices are gathered on world rank 0, which writes them.
+    """
+    import torch
+
+    from hpcqml.hessian.eigenpairs import top_eigenpairs
+
+    cfg = ctx.cfg
+    k = min(cfg["top_k"], st.n)
+    bar = _CountProgress(ctx, f"{label} top {k} eigenpairs ({cfg['top_which']})", "product")
+    try:
+        pairs = top_eigenpairs(st.op, k, cfg["top_which"], comm=layout.comm, seed=seed, on_progress=bar)
+    finally:
+        bar.close()
+    slices = [(pairs.lo, pairs.hi)]
+    vectors = None
+    if cfg["eigenvectors"]:
+        local = pairs.vectors.detach().cpu().to(torch.float64).numpy()
+        gcomm = layout.comm
+        parts = [(pairs.lo, local)] if gcomm is None or gcomm.Get_size() == 1 else gcomm.gather((pairs.lo, local))
+        if parts is not None and layout.index == 0:
+            slices = [(lo, lo + part.shape[1]) for lo, part in parts]
+            vectors = parts
+    ctx.store.commit(f"spectrum/{label}/eigenpairs", _eigenpairs_writer(pairs, vectors),
+                     attrs={"which": pairs.which, "k": pairs.k, "tol": pairs.tol, "norm_estimate": pairs.scale,
+                            "restarts": pairs.restarts, "products": pairs.products,
+                            "vector_slices": np.asarray(slices, dtype=np.int64).reshape(-1, 2)})
+    ctx.log(f"{label}: top {pairs.k} eigenvalues ({pairs.which}) "
+            + ", ".join(f"{v:.4g} ± {r:.1g}" for v, r in zip(pairs.values, pairs.residuals, strict=True))
+            + f" ({pairs.products} products)")
+
+
+def _eigenpairs_writer(pairs: Any, vectors: list[tuple[int, np.ndarray]] | None) -> Callable[[Any], None]:
+    """Writer of ``spectrum/LABEL/eigenpairs``: values, residuals and (optionally) the
+    vectors, written slice by slice into a row-chunked dataset.
+    """
+    from hpcqml.store import write_dataset
+
+    def write(g: Any) -> None:
+        write_dataset(g, "values", np.asarray(pairs.values, dtype=np.float64), "nat",
+                      "eigenvalues (Rayleigh quotients u^T H u from a fresh product), ascending")
+        write_dataset(g, "residuals", np.asarray(pairs.residuals, dtype=np.float64), "nat",
+                      "explicit residuals ||H u - value u||: an eigenvalue of H lies within value +- residual")
+        if vectors is None:
+            return
+        chunk = (1, int(min(pairs.n, VECTOR_CHUNK)))
+        d = g.create_dataset("vectors", shape=(pairs.k, pairs.n), dtype=np.float64, chunks=chunk)
+        for lo, part in vectors:
+            d[:, lo:lo + part.shape[1]] = part
+        d.attrs.update({"units": "1", "description": "unit eigenvectors (rows, in the order of values) over the "
+                                                     "measured parameters, written by rank slices"})
+    return write
+
+
+class _CountProgress:
+    """A progress bar on world rank 0 for ``(done, total)`` callbacks (rate and ETA)."""
+
+    def __init__(self, ctx: StageContext, desc: str, unit: str) -> None:
+        self.show = ctx.rank == 0 and not ctx.quiet
+        self.desc, self.unit = desc, unit
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        """Advance the bar to ``done`` of ``total``."""
+        if not self.show:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr,
+                            mininterval=0.5 if interactive else 10.0, dynamic_ncols=interactive, leave=True)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        """Close the bar, if any."""
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = None
+
+
+def _extendable_record(ctx: StageContext) -> str:
+    """The extendable ``[spectrum]`` settings a result was made with (canonical JSON)."""
+    import json
+
+    return json.dumps(ctx.config.extendable_keys("spectrum", SCHEMA), sort_keys=True)
+
+
+def _up_to_date(ctx: StageContext, label: str) -> bool:
+    """True when ``label``'s result is complete and was made with the current extendable settings."""
+    if ctx.store.is_replacing("spectrum"):
+        return False
+
+    def body(fh: Any) -> bool:
+        key = f"spectrum/{label}/result"
+        if key not in fh or not fh[key].attrs.get("complete", False):
+            return False
+        made = fh[key].attrs.get("extendable")
+        made = made.decode() if isinstance(made, bytes) else made
+        return made == _extendable_record(ctx)
+    return bool(ctx.store.read(body, default=False))
 
 
 def run(ctx: StageContext) -> None:
@@ -532,7 +922,7 @@ def run(ctx: StageContext) -> None:
     data = None
     with StopFlag() as stop:
         for i, (label, path) in enumerate(states):
-            if not ctx.store.is_complete(f"spectrum/{label}/result"):
+            if not _up_to_date(ctx, label):
                 if data is None:
                     data = load_cifar100(_data_root(ctx))
                 route = measure_state(ctx, label, path, layout, data, route, stop)
@@ -543,5 +933,40 @@ def run(ctx: StageContext) -> None:
     ctx.log(f"{len(states)} model state(s) measured")
 
 
-register(Stage(name="spectrum", schema=SCHEMA, run=run,
-               doc="Hessian spectral densities by distributed SLQ and the error proxy (eq. III.10-III.13)"))
+def check_snapshots_present(ctx: StageContext) -> None:
+    """Pre-run check (``source = "snapshots"``): every step to measure, those ``[spectrum]
+    steps`` names or else every step ``/train/snapshot_steps`` lists, has its snapshot file
+    or a stored result, so a purged snapshot is named instead of skipped in silence.
+    """
+    from hpcqml.stages.train import snapshot_path
+
+    if ctx.cfg["source"] != "snapshots" or "train" in ctx.pending:
+        return  # the train stage runs first in this invocation: checked again after it
+    listed = ctx.store.read(lambda fh: [int(t) for t in fh["train/snapshot_steps"][()]]
+                            if "train/snapshot_steps" in fh else [], default=[])
+    missing = [t for t in (ctx.cfg["steps"] or listed)
+               if not ctx.store.is_complete(f"spectrum/step_{t:06d}/result")
+               and not snapshot_path(ctx.workdir, t).is_file()]
+    if missing:
+        raise UserError(f"[spectrum] snapshot {snapshot_path(ctx.workdir, missing[0])} is missing "
+                        f"({len(missing)} of the steps to measure: {', '.join(map(str, missing))}); "
+                        "restore it, or name the steps present in [spectrum] steps")
+
+
+def check_data_present(ctx: StageContext) -> None:
+    """Pre-run check: the data set the Hessian batch is drawn from is where the stage will
+    read it (a purged work-directory data set is named, not found half-way).
+    """
+    from hpcqml.data.cifar import resolve_dir
+
+    if not ctx.cfg["data_root"] and "data" in ctx.pending:
+        return  # the data stage runs first in this invocation: checked again after it
+    try:
+        resolve_dir(_data_root(ctx))
+    except UserError as exc:
+        raise UserError(f"[spectrum] data set missing: {exc}") from None
+
+
+register(Stage(name="spectrum", schema=SCHEMA, run=run, order=50, reads=spectrum_reads, estimate=estimate_spectrum,
+               doc="Hessian spectral densities by distributed SLQ and the error proxy (eq. III.10-III.13)",
+               checks=(check_snapshots_present, check_data_present)))
