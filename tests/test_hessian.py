@@ -205,11 +205,9 @@ def test_slq_measure_against_exact_eigenvalues(setup):
     assert abs(lmax - ev.max()) <= rmax + 1e-10
     trace = s.trace()
     assert abs(trace.value - ev.sum()) <= 3 * trace.stderr
-    # many eigenvalues sit at (numerically) zero with either sign: the resolved negative
-    # mass counts only nodes below -residual, so it lies below the mass of eigenvalues < tol
-    tol = 1e-3 * span
-    neg = s.negative_mass()
-    assert np.mean(ev < -tol) - 0.1 <= neg.value <= np.mean(ev < tol) + 0.1
+    # The negative mass is checked for equality with the exact spectral measure in
+    # tests/test_spectrum_exact_measure.py (here many eigenvalues sit at numerical zero, so
+    # only a wide window would hold, and a window that wide cannot fail).
 
 
 def test_reorth_none_still_finds_extremes(setup):

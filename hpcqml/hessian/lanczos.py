@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from hpcqml.errors import UserError
 from hpcqml.hessian.hvp import check_finite
+from hpcqml.hessian.quadrature import tridiagonal_quadrature
 from hpcqml.parallel import allreduce_sum, block_bounds
 
 REORTH = ("full", "none")
@@ -75,6 +75,7 @@ class LanczosResult:
     the norm of the last residual.  ``nodes``/``weights``/``residuals`` (k,): Ritz values,
     Gauss weights (sum to 1) and residual bounds.  ``quad_form`` = z^T H z for the
     unnormalised start vector z (= n * alpha_1 for a Rademacher z), the Hutchinson sample.
+    ``unit_roundoff`` is that of the basis dtype (None when not recorded).
     """
 
     probe: int
@@ -87,19 +88,7 @@ class LanczosResult:
     breakdown: bool
     quad_form: float
     start_norm2: float
-
-
-def tridiagonal_quadrature(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ritz values, Gauss weights ``S_1i^2`` and residual bounds ``|beta_k S_ki|`` of T_k (float64)."""
-    alpha = np.asarray(alpha, dtype=np.float64)
-    beta = np.asarray(beta, dtype=np.float64)
-    k = alpha.size
-    if k == 1:
-        return alpha.copy(), np.ones(1), np.abs(beta[:1]).copy()
-    theta, s = scipy.linalg.eigh_tridiagonal(alpha, beta[:k - 1])
-    weights = s[0, :] ** 2
-    residuals = np.abs(beta[k - 1] * s[k - 1, :]) if beta.size >= k else np.zeros(k)
-    return theta, weights, residuals
+    unit_roundoff: float | None = None
 
 
 class _Dist:
@@ -261,7 +250,9 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, comm: Any, z
         if V is not None:
             V[j + 1] = v
     # Spanning the whole space (k = n) is an invariant subspace too: T_k is then exact.
-    return _result(probe, alphas, betas, breakdown or len(alphas) == n, znorm2)
+    out = _result(probe, alphas, betas, breakdown or len(alphas) == n, znorm2)
+    out.unit_roundoff = float(torch.finfo(state_dtype).eps) / 2.0
+    return out
 
 
 def _sum_scalar(dist: _Dist, x: float) -> float:

@@ -26,7 +26,7 @@ import torch
 
 from hpcqml.errors import UserError
 from hpcqml.hessian.lanczos import Interrupted, LanczosResult, lanczos, rademacher_slice
-from hpcqml.hessian.spectrum import Spectrum, pad  # noqa: F401  (pad re-exported)
+from hpcqml.hessian.spectrum import GROW_STEPS, Estimate, Spectrum, next_growth, pad  # noqa: F401  (pad re-exported)
 from hpcqml.parallel import block_bounds
 
 
@@ -150,8 +150,10 @@ def operator_size(operator: Any) -> int:
 def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0, comm: Any = None,
         reorth: str = "full", dtype: torch.dtype | None = None, device: torch.device | str | None = None,
         basis_device: torch.device | str | None = None,
-        on_step: Callable[[int, int, int], None] | None = None, **settings: Any) -> Spectrum:
-    """Stochastic Lanczos quadrature of a symmetric operator.
+        on_step: Callable[[int, int, int], None] | None = None,
+        requests: Sequence[Callable[[Spectrum], Estimate]] | None = None, tol: float | None = None,
+        max_steps: int | None = None, max_probes: int | None = None, **settings: Any) -> Spectrum:
+    """Stochastic Lanczos quadrature of a symmetric operator, optionally adaptive.
 
     Args:
         operator: anything with an int ``n`` (or ``shape == (n, n)``) and
@@ -168,14 +170,24 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
         device: where ``matvec`` takes its vectors (default: the operator's ``device``, else CPU).
         basis_device: where the Krylov basis lives (default ``device``).
         on_step: ``on_step(probe, done, total)`` after every Lanczos step.
-        **settings: :class:`Spectrum` settings (``bootstrap``, ``bootstrap_seed``,
-            ``confidence``, ``resolution_mass``, ``resolution_rel``).
+        requests: the estimates an adaptive run must resolve, each a function of the
+            spectrum (e.g. ``lambda s: s.negative_mass(0.01)``); given together with
+            ``max_steps`` or ``max_probes`` (or ``tol``) the run is adaptive.
+        tol: relative tolerance of the requests (sets ``resolution_rel``; the absolute ones
+            are the settings ``resolution_mass`` and ``resolution_abs``).
+        max_steps: step budget per probe of an adaptive run (default ``steps``).
+        max_probes: probe budget of an adaptive run (default ``probes``).
+        **settings: :class:`Spectrum` settings (``confidence``, ``resolution_mass``,
+            ``resolution_rel``, ``resolution_abs``, ``interval``, ``unit_roundoff``; the
+            last defaults to that of ``dtype``).
 
     Returns:
-        The :class:`Spectrum`.
+        The :class:`Spectrum`; after an adaptive run ``stop_reason`` is ``resolved``,
+        ``step budget`` or ``probe budget``.
 
     Raises:
-        ValueError: ``steps`` larger than ``n`` or below 1, no probes.
+        ValueError: ``steps`` larger than ``n`` or below 1, no probes, a budget below the
+            start, or adaptive options without ``requests``.
     """
     n = operator_size(operator)
     if not 1 <= int(steps) <= n:
@@ -185,7 +197,86 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
         raise ValueError("slq needs at least one probe")
     state_dtype = dtype or getattr(operator, "dtype", None) or torch.float64
     dev = device if device is not None else getattr(operator, "device", "cpu")
-    results = run_probes(operator.matvec, n, probe_groups(comm, 1), numbers, int(seed), steps=int(steps),
-                         reorth=reorth, state_dtype=state_dtype, device=dev, basis_device=basis_device,
-                         on_step=on_step)
-    return Spectrum.from_results(results, n, **settings)
+    settings.setdefault("unit_roundoff", float(torch.finfo(state_dtype).eps) / 2.0)
+    if tol is not None:
+        settings["resolution_rel"] = float(tol)
+
+    def run(nums: list[int], k: int) -> list[LanczosResult]:
+        return run_probes(operator.matvec, n, probe_groups(comm, 1), nums, int(seed), steps=k, reorth=reorth,
+                          state_dtype=state_dtype, device=dev, basis_device=basis_device, on_step=on_step)
+
+    adaptive = requests is not None or tol is not None or max_steps is not None or max_probes is not None
+    if not adaptive:
+        return Spectrum.from_results(run(numbers, int(steps)), n, **settings)
+    if not requests:
+        raise ValueError("an adaptive slq run needs requests: the estimates to resolve")
+    budget = Budget(int(steps), len(numbers), min(int(max_steps or steps), n), int(max_probes or len(numbers)))
+    if budget.max_steps < budget.steps or budget.max_probes < budget.probes:
+        raise ValueError(f"slq budgets (max_steps = {budget.max_steps}, max_probes = {budget.max_probes}) "
+                         f"below the start (steps = {budget.steps}, probes = {budget.probes})")
+    return adaptive_slq(run, n, numbers, budget, requests, settings)
+
+
+@dataclass
+class Budget:
+    """Where an adaptive SLQ run stands: current steps and probe count, and their budgets."""
+
+    steps: int
+    probes: int
+    max_steps: int
+    max_probes: int
+
+
+def grow(budget: Budget, need: str | None) -> str | None:
+    """Apply :func:`next_growth`'s answer to ``budget`` (doubling, capped by the budget).
+
+    Returns:
+        None when it grew (run again), else the stop reason: ``resolved``, ``step budget``
+        or ``probe budget``.
+    """
+    if need is None:
+        return "resolved"
+    if need == GROW_STEPS:
+        if budget.steps >= budget.max_steps:
+            return "step budget"
+        budget.steps = min(2 * budget.steps, budget.max_steps)
+        return None
+    if budget.probes >= budget.max_probes:
+        return "probe budget"
+    budget.probes = min(2 * budget.probes, budget.max_probes)
+    return None
+
+
+def adaptive_slq(run: Callable[[list[int], int], list[LanczosResult]], n: int, numbers: list[int],
+                 budget: Budget, requests: Sequence[Callable[[Spectrum], Estimate]],
+                 settings: dict[str, Any]) -> Spectrum:
+    """Grow Lanczos steps and probes until every request is resolved or a budget ends.
+
+    Each round asks :func:`hpcqml.hessian.spectrum.next_growth` which part dominates the
+    unresolved estimates: more steps (all probes re-run with the doubled step count: the
+    recurrence cannot be extended without the stored basis) or more probes (the new probe
+    numbers continue after the largest one; probes already run are kept).
+
+    Args:
+        run: ``run(probe_numbers, steps)`` runs those probes.
+        n: operator dimension.
+        numbers: the starting probe numbers.
+        budget: start and budgets (changed in place).
+        requests: the estimates to resolve.
+        settings: :class:`Spectrum` settings.
+
+    Returns:
+        The last spectrum, its ``stop_reason`` set.
+    """
+    done: dict[int, LanczosResult] = {}
+    while True:
+        while len(numbers) < budget.probes:
+            numbers.append(max(numbers) + 1)
+        todo = [p for p in numbers if p not in done or done[p].steps < budget.steps and not done[p].breakdown]
+        for r in run(todo, budget.steps) if todo else []:
+            done[r.probe] = r
+        spec = Spectrum.from_results([done[p] for p in numbers], n, **settings)
+        reason = grow(budget, next_growth([req(spec) for req in requests]))
+        if reason is not None:
+            spec.stop_reason = reason
+            return spec

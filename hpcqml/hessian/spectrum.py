@@ -1,49 +1,48 @@
-"""A Hessian spectrum from stochastic Lanczos quadrature, with its uncertainties.
+"""A Hessian spectrum from stochastic Lanczos quadrature, with proven brackets and sampling intervals.
 
-:func:`slq` runs SLQ on any symmetric operator (an object with ``n`` or ``shape = (n, n)``
-and ``matvec``) and returns a :class:`Spectrum`: the Ritz nodes, Gauss weights and residual
-bounds of every probe, and the Hutchinson quadratic forms.  Every derived quantity is
-defined here once and comes as an :class:`Estimate` (value, standard error, bootstrap
-interval, resolved flag):
+:func:`hpcqml.hessian.slq.slq` runs SLQ on a symmetric operator and returns a
+:class:`Spectrum`: per probe the Lanczos recurrence (``alpha``, ``beta``), the Ritz nodes,
+Gauss weights and residual bounds, and the Hutchinson quadratic forms.  Every derived
+quantity is defined here once and comes as an :class:`Estimate`:
 
 * ``trace()``: Hutchinson mean of ``z_l^T H z_l``.
-* ``negative_mass(delta)``: SLQ mass of the nodes below ``-max(delta, r_i)`` (``r_i`` the
-  node's residual bound, so only nodes whose eigenvalue interval lies below zero count).
+* ``negative_mass(delta)``: the mass of the eigenvalues below ``-delta``, ``mu((-inf, -delta))``.
 * ``dissipative_fraction(convention, eta, cutoff)``: Delta_+/Delta of eq. II.28 among the
   modes with ``|lambda| >= cutoff``; with ``cutoff = 0`` it is the eq. II.93 estimate.
-* ``error_proxy(t, convention, eta, cutoff)``: eq. III.10-III.13.
+* ``error_proxy(t, convention, eta, cutoff)``: E(t) of eq. III.10-III.13.
 
 Modes (eq. I.3, II.65): ``a = -lambda`` (``convention = "paper"``) or ``a = -eta * lambda``
-(``convention = "eta"``: one gradient step of size eta, spec F_1 = -eta spec H).  The
-cutoff is stated in lambda for both.
+(``convention = "eta"``); a mode is dissipative when ``|1 + a| < 1``, i.e. ``0 < lambda <
+2/k`` with ``k = 1`` or ``eta``.  The cutoff is stated in lambda for both.
 
-Uncertainty over probes.  Each quantity is a function of probe means (a mean, or a ratio of
-two means: the pooled SLQ measure is the mean of the per-probe measures).  Its standard
-error is the jackknife one over probes (for a mean it equals ``std(ddof=1)/sqrt(n_v)``);
-the interval is the percentile bootstrap over probes (``bootstrap`` resamples drawn from
-``bootstrap_seed``, level ``confidence``).  With fewer than 3 probes both are NaN and the
-estimate says ``unknown (fewer than 3 probes)``.
+Two uncertainties, kept apart (definitions in docs/science.md):
 
-Resolution.  A node's eigenvalue is only known to lie in ``[theta - r, theta + r]``.  A
-node is ambiguous for a quantity when that interval contains a point where the node's
-class changes: ``[-delta, 0]`` for the negative mass; for the modes kept by the cutoff,
-``0`` and ``2/k`` (``|1 + a| = 1`` with ``a = -k lambda``) for the dissipative split and the
-error proxy (the cutoff itself is applied to the Ritz values, as eq. III.12 applies it to
-the density, so the kept set and every denominator stay fixed).  Every node-based estimate
-carries a resolution bracket ``[res_low, res_high]``: the smallest and largest value the
-quantity takes when each ambiguous node's eigenvalue moves anywhere in its interval (all
-other nodes fixed; per-probe values recomputed and pooled as the value).  For mass
-fractions a node adds its weight to the numerator or not, so the bracket puts every
-ambiguous node on the uncounted side, then on the counted side where its interval allows
-it; for the proxy every kept node moves (its residual is amplified by the power t on
-either side of a decision point) and its term ``w |1 - k lambda|^t`` is extreme at the
-interval's ends or, when ``1/k`` lies inside, zero there.  The estimate is resolved when the bracket is
-narrow: ``res_high - res_low <= max(resolution_rel * |value|, absolute)`` with
-``resolution_rel`` (default 0.1) and ``absolute = resolution_mass`` (default 0.05) for
-the mass fractions, 0 for the proxy.  Otherwise the ambiguous nodes decide the quantity
-and it is marked unresolved.  ``ambiguous_mass`` (the heaviest ambiguous node of each
-probe, pooled, as a share of the normalising mass) is kept for information.  The trace is
-always resolved.
+1. Quadrature.  Each probe's value is a functional of its spectral measure ``mu_z``; the
+   Gauss rule of its Lanczos matrix gives the point value and
+   :mod:`hpcqml.hessian.quadrature` a *proven* bracket of the probe-exact value
+   ``z^T f(H) z/||z||^2`` (distribution-function bounds at the thresholds; for E(t) the
+   quantile bound over the spectral interval ``[a, b]``, intersected with the Gauss/Gauss-
+   Radau bracket where it applies).  Pooled quantities are means (or ratios of means) over
+   probes, so the means of the per-probe bounds bracket the probe-exact pooled value
+   (``res_low``, ``res_high``).  Mass fractions and distribution-function bounds need no
+   spectral interval; E(t) needs one: the ``interval`` given to the spectrum (source
+   ``given``), else the extreme Ritz values widened by their residual bounds (source
+   ``ritz``), which holds when the extreme Ritz values have converged to the extreme
+   eigenvalues of every probe's measure: the bracket of E(t) is conditional on that.
+2. Sampling over probes.  A Student t interval with ``n_v - 1`` degrees of freedom around
+   the value, half-width ``t_{(1+confidence)/2, n_v-1}`` times the standard error (for a
+   mean ``std(ddof=1)/sqrt(n_v)``; for a ratio of means the jackknife one); not evaluated
+   below 2 probes.  The standard error is that of the Gauss per-probe values.
+
+Combined interval: ``[min(res_low, value) - h, max(res_high, value) + h]`` with ``h`` the
+sampling half-width.  ``resolved`` means its half-width is at most ``max(tol_abs, tol_rel *
+|value|)``; defaults ``resolution_rel`` and ``resolution_mass`` (mass fractions) or
+``resolution_abs`` (other quantities), each overridable per call.  An estimate that is
+not resolved says why in ``note`` (``quadrature: ...`` or ``sampling: ...``).
+
+Rounding: a Ritz value within the rounding margin of a threshold (see
+:mod:`hpcqml.hessian.quadrature`) is taken to sit on it when the point value is formed,
+so no value depends on the sign of a rounding-level difference.
 """
 from __future__ import annotations
 
@@ -54,28 +53,45 @@ import numpy as np
 from scipy.special import logsumexp
 
 from hpcqml.hessian.density import Density, density_on_grid, gaussian_density, kernel_width
-from hpcqml.hessian.proxy import CONVENTIONS, dissipation, log_error_proxy, modes
+from hpcqml.hessian.proxy import CONVENTIONS, log_error_proxy, modes
+from hpcqml.hessian.quadrature import (ProbeQuadrature, jacobi_from_measure, power_derivative_sign,
+                                       student_quantile)
 from hpcqml.modes import fidelity_ii93, is_dissipative
 
 if TYPE_CHECKING:  # the torch-side type only; this module imports no torch
     from hpcqml.hessian.lanczos import LanczosResult
 
-UNKNOWN = "unknown (fewer than 3 probes)"
+MIN_PROBES = 2
+NOT_EVALUATED = f"sampling: not evaluated (fewer than {MIN_PROBES} probes)"
+UNKNOWN = NOT_EVALUATED
 UNRESOLVED = "unresolved"
-MIN_PROBES = 3
+RESOLVED = "resolved"
+#: the growth an unresolved estimate asks for (see :func:`next_growth`)
+GROW_STEPS, GROW_PROBES = "steps", "probes"
+F64_UNIT_ROUNDOFF = 2.0 ** -53
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A number estimated from the probes, with its uncertainty and resolution.
+    """A number estimated from the probes, with its two uncertainties and their combination.
 
-    ``stderr`` (jackknife over probes), ``ci_low``/``ci_high`` (percentile bootstrap
-    interval) are NaN when fewer than 3 probes exist (``note`` then says so).
-    ``res_low``/``res_high`` bracket the value over the residual intervals of the ambiguous
-    nodes (equal to ``value`` when none is ambiguous; module docstring); ``resolved`` is
-    False when that bracket is wider than the tolerance, i.e. the ambiguous nodes decide
-    the quantity.  ``ambiguous_mass`` is the pooled mass of the heaviest ambiguous node.
-    ``per_probe`` holds the value computed from each probe alone.
+    Attributes:
+        value: the Gauss-quadrature estimate pooled over probes.
+        stderr: standard error over probes (NaN below 2 probes).
+        ci_low: sampling interval (Student t, level ``confidence``) around ``value``.
+        ci_high: its upper end.
+        resolved: the combined interval meets the tolerance.
+        ambiguous_mass: kept for readers of older files; always 0 here.
+        note: why the estimate is not resolved (empty when it is).
+        per_probe: the value from each probe alone.
+        res_low: lower end of the proven quadrature bracket of the probe-exact pooled value
+            (NaN: not evaluated).
+        res_high: its upper end.
+        low: lower end of the combined interval (NaN: not evaluated).
+        high: its upper end.
+        per_probe_low: per-probe proven lower bounds.
+        per_probe_high: per-probe proven upper bounds.
+        tolerance: the half-width the combined interval had to meet.
     """
 
     value: float
@@ -88,52 +104,40 @@ class Estimate:
     per_probe: tuple[float, ...] = ()
     res_low: float = float("nan")
     res_high: float = float("nan")
+    low: float = float("nan")
+    high: float = float("nan")
+    per_probe_low: tuple[float, ...] = ()
+    per_probe_high: tuple[float, ...] = ()
+    tolerance: float = float("nan")
 
-    def __post_init__(self) -> None:
-        """A missing bracket is the value itself (nothing ambiguous)."""
-        if np.isnan(self.res_low):
-            object.__setattr__(self, "res_low", float(self.value))
-        if np.isnan(self.res_high):
-            object.__setattr__(self, "res_high", float(self.value))
+    @property
+    def status(self) -> str:
+        """``resolved``, or ``unresolved (reason)``."""
+        return RESOLVED if self.resolved else f"{UNRESOLVED} ({self.note or 'no reason recorded'})"
+
+    @property
+    def half_width(self) -> float:
+        """Half-width of the combined interval (NaN when not evaluated)."""
+        return 0.5 * (self.high - self.low)
 
     def text(self, fmt: str = "{:.4g}") -> str:
         """A report-table entry.
 
         Returns:
-            ``value ± stderr`` (or ``value ± unknown``) followed by `` [res lo–hi]`` when the
-            bracket's ends differ at the printed precision; ``unresolved (lo–hi)`` when the
-            ambiguous nodes decide it.
+            ``value [low–high]`` (the combined interval) when resolved; otherwise
+            ``value, unresolved (reason)`` followed by the combined interval, or by the
+            quadrature bracket when sampling was not evaluated.
         """
-        low, high = fmt.format(self.res_low), fmt.format(self.res_high)
-        if not self.resolved:
-            return f"{UNRESOLVED} ({low}–{high})"
-        se = "unknown" if not np.isfinite(self.stderr) else f"{self.stderr:.2g}"
-        bracket = f" [res {low}–{high}]" if low != high else ""
-        return f"{fmt.format(self.value)} ± {se}{bracket}"
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """The resolution bracket of one estimate and the absolute part of its tolerance.
-
-    ``forced`` (when not None) is the resolved flag taken from another estimate (the grid
-    Delta_+/Delta takes that of the nodes).
-    """
-
-    low: float
-    high: float
-    ambiguous_mass: float = 0.0
-    absolute: float = 0.0
-    forced: bool | None = None
-
-    def resolved(self, value: float, relative: float) -> bool:
-        """``high - low <= max(relative * |value|, absolute)`` (always True for a point bracket)."""
-        if self.forced is not None:
-            return self.forced
-        if self.high == self.low or (np.isnan(self.high) and np.isnan(self.low)):
-            return True
-        with np.errstate(invalid="ignore", over="ignore"):
-            return bool(self.high - self.low <= max(relative * abs(value), self.absolute))
+        v = fmt.format(self.value)
+        if np.isfinite(self.low) and np.isfinite(self.high):
+            span = f" [{fmt.format(self.low)}–{fmt.format(self.high)}]"
+        elif np.isfinite(self.res_low) and np.isfinite(self.res_high):
+            span = f" [quadrature {fmt.format(self.res_low)}–{fmt.format(self.res_high)}]"
+        else:
+            span = ""
+        if self.resolved:
+            return f"{v}{span}"
+        return f"{v}, {self.status}{span}"
 
 
 @dataclass(frozen=True)
@@ -170,13 +174,55 @@ def _modes(convention: str, eta: float | None, cutoff: float) -> Modes:
     return Modes(convention, None if eta is None else float(eta), float(cutoff))
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """Per-probe Gauss values and proven bounds of a quantity's numerator and denominator.
+
+    ``kind`` says how they pool: ``mean`` (mean of ``num``), ``ratio`` (mean num / mean den)
+    or ``fraction`` (mean num / (mean num + mean den), eq. II.93 with ``den`` the
+    non-dissipative kept mass).  ``points`` are the thresholds the quantity depends on.
+    """
+
+    kind: str
+    num: np.ndarray
+    num_lo: np.ndarray
+    num_hi: np.ndarray
+    den: np.ndarray | None = None
+    den_lo: np.ndarray | None = None
+    den_hi: np.ndarray | None = None
+    points: tuple[float, ...] = ()
+    mass: bool = False
+    evaluated: bool = True
+    why: str = ""
+
+
+def _pool(kind: str, num: np.ndarray, den: np.ndarray | None) -> np.ndarray:
+    """Pool per-probe rows ``num[idx]`` (R, k) into R values for ``kind``."""
+    n = num.mean(axis=-1)
+    if kind == "mean":
+        return n
+    d = den.mean(axis=-1)  # type: ignore[union-attr]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if kind == "ratio":
+            return n / d
+        return np.asarray(fidelity_ii93(n, n + d)) if np.all(d >= 0) else n / (n + d)
+
+
 @dataclass
 class Spectrum:
-    """SLQ results of one operator: per-probe Ritz nodes, Gauss weights, residual bounds.
+    """SLQ results of one operator: per-probe recurrence, Ritz nodes, Gauss weights, residual bounds.
 
     Arrays are ``(n_v, m')``, NaN-padded where a probe took fewer steps (breakdown).
     ``quad_forms[l] = z_l^T H z_l``.  The pooled SLQ measure gives node ``(l, i)`` the
-    mass ``weights[l, i] / n_v``.
+    mass ``weights[l, i] / n_v``.  ``alpha``/``beta`` (the Lanczos coefficients, ``beta[l,
+    j]`` the norm of residual j) may be None for spectra stored without them: the Jacobi
+    matrix is then rebuilt from the nodes and weights and ``beta_m`` from the residual
+    bounds (``sqrt(sum_i r_i^2) = beta_m``), to rounding.
+
+    ``interval`` (a, b) holds the spectrum of H when given; ``unit_roundoff`` is that of
+    the Krylov basis (the rounding margin); ``bootstrap``/``bootstrap_seed`` are kept for
+    older files and are not used (the sampling interval is Student t).  ``stop_reason``
+    records what ended an adaptive run (``resolved``, ``step budget``, ``probe budget``).
     """
 
     n: int
@@ -192,23 +238,38 @@ class Spectrum:
     confidence: float = 0.95
     resolution_mass: float = 0.05
     resolution_rel: float = 0.1
+    resolution_abs: float = 0.0
+    alpha: np.ndarray | None = None
+    beta: np.ndarray | None = None
+    unit_roundoff: float = F64_UNIT_ROUNDOFF
+    interval: tuple[float, float] | None = None
+    stop_reason: str = ""
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- construction ----------------------------------------------------------------
     @classmethod
     def from_results(cls, results: Sequence[LanczosResult], n: int, **settings: Any) -> "Spectrum":
-        """Pool per-probe Lanczos results (any order) into a spectrum."""
+        """Pool per-probe Lanczos results (any order) into a spectrum.
+
+        ``unit_roundoff`` defaults to the largest one the results recorded (float64's when
+        none did: pass it for results read back from storage).
+        """
         if not results:
             raise ValueError("no SLQ probes to pool")
         results = sorted(results, key=lambda r: r.probe)
         width = max(r.steps for r in results)
+        recorded = [float(u) for u in (getattr(r, "unit_roundoff", None) for r in results) if u is not None]
+        if recorded and "unit_roundoff" not in settings:
+            settings = {**settings, "unit_roundoff": max(recorded)}
         return cls(n=int(n), nodes=pad((r.nodes for r in results), width),
                    weights=pad((r.weights for r in results), width),
                    residuals=pad((r.residuals for r in results), width),
                    quad_forms=np.array([r.quad_form for r in results], dtype=np.float64),
                    probes=np.array([r.probe for r in results], dtype=np.int64),
                    steps=np.array([r.steps for r in results], dtype=np.int64),
-                   breakdown=np.array([r.breakdown for r in results], dtype=bool), **settings)
+                   breakdown=np.array([r.breakdown for r in results], dtype=bool),
+                   alpha=pad((r.alpha for r in results), width), beta=pad((r.beta for r in results), width),
+                   **settings)
 
     @property
     def probe_count(self) -> int:
@@ -221,211 +282,355 @@ class Spectrum:
         return self.nodes[ok], (self.weights / self.probe_count)[ok]
 
     def moment(self, k: int) -> float:
-        """k-th moment of the SLQ measure, an estimate of tr(H^k)/n."""
+        """k-th moment of the SLQ measure, an estimate of ``tr(H^k)/n``.
+
+        Gauss quadrature with m nodes integrates ``lambda^k`` exactly for ``k < 2m``, so for
+        such k this is the mean over probes of ``v_l^T H^k v_l`` (up to rounding): a
+        Hutchinson estimate, unbiased for Rademacher probes.
+        """
         x, w = self.pooled()
         return float(np.sum(w * x ** k))
 
     def resolved_nodes(self) -> np.ndarray:
-        """Per node: True where ``|theta| > r`` (the sign of its eigenvalue is known)."""
+        """Per node: True where ``|theta| > r`` (an eigenvalue of that sign lies within ``r``)."""
         with np.errstate(invalid="ignore"):
             return np.abs(self.nodes) > self.residuals
 
     def extremes(self) -> tuple[tuple[float, float], tuple[float, float]]:
-        """``((lambda_min, residual), (lambda_max, residual))`` over all probes."""
+        """``((lambda_min, residual), (lambda_max, residual))`` over all probes.
+
+        The residual bound ``r`` proves an eigenvalue of H within ``theta +- r``; that it is
+        the extreme one is not proven (it holds once the extreme Ritz value has converged).
+        """
         imin, imax = np.nanargmin(self.nodes), np.nanargmax(self.nodes)
         return ((float(self.nodes.flat[imin]), float(self.residuals.flat[imin])),
                 (float(self.nodes.flat[imax]), float(self.residuals.flat[imax])))
 
-    # -- uncertainty machinery ---------------------------------------------------------
-    def _estimate(self, stat: Callable[[np.ndarray], np.ndarray], res: Resolution | None = None) -> Estimate:
-        """Value, jackknife standard error and bootstrap interval of ``stat`` over probes.
+    # -- per-probe quadrature ----------------------------------------------------------
+    def quadrature(self, row: int) -> ProbeQuadrature:
+        """The proven-bound machinery of probe row ``row`` (cached)."""
+        key = ("quad", int(row))
+        if key not in self._cache:
+            exact = bool(self.breakdown[row])
+            if self.alpha is not None and self.beta is not None:
+                q = ProbeQuadrature.from_recurrence(self.alpha[row], self.beta[row], exact, self.unit_roundoff)
+            else:
+                ok = ~np.isnan(self.nodes[row])
+                alpha, beta_off = jacobi_from_measure(self.nodes[row, ok], self.weights[row, ok])
+                beta_last = float(np.sqrt(np.nansum(self.residuals[row] ** 2)))
+                q = ProbeQuadrature(alpha, beta_off, beta_last, exact, self.unit_roundoff)
+            self._cache[key] = q
+        return self._cache[key]
 
-        ``stat(idx)`` takes an integer array (R, k) of probe rows and returns R values;
-        ``res`` is the resolution bracket (None: nothing ambiguous).
+    @property
+    def recurrence_source(self) -> str:
+        """``lanczos`` (stored coefficients) or ``rebuilt from nodes, weights and residuals``."""
+        return "lanczos" if self.alpha is not None and self.beta is not None else \
+            "rebuilt from nodes, weights and residuals"
+
+    def spectral_interval(self) -> tuple[float, float, str]:
+        """``(a, b, source)``: the interval assumed to hold every probe measure's support.
+
+        ``given`` when set on the spectrum; else ``ritz``: the smallest Ritz value minus its
+        residual bound and the largest plus its own, over all probes (holds when the extreme
+        Ritz values have converged to the extreme eigenvalues of each probe's measure).
         """
+        if self.interval is not None:
+            return float(self.interval[0]), float(self.interval[1]), "given"
+        (lmin, rmin), (lmax, rmax) = self.extremes()
+        return lmin - rmin, lmax + rmax, "ritz"
+
+    def _margin(self) -> np.ndarray:
+        """Per probe: the rounding margin of its quadrature."""
+        return np.array([self.quadrature(r).margin for r in range(self.probe_count)])
+
+    def _snapped(self, row: int, points: Iterable[float]) -> tuple[np.ndarray, np.ndarray]:
+        """Probe ``row``'s nodes and weights, nodes within the rounding margin of a threshold
+        moved onto it (module docstring).
+        """
+        ok = ~np.isnan(self.nodes[row])
+        x, w = self.nodes[row, ok].copy(), self.weights[row, ok]
+        eps = self.quadrature(row).margin
+        for p in points:
+            x[np.abs(x - p) <= eps] = p
+        return x, w
+
+    def _cdf(self, x: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per probe ``(lo, hi)`` with ``lo <= mu_z((-inf, x)) <= mu_z((-inf, x]) <= hi``."""
+        b = np.array([self.quadrature(r).cdf_bounds(x) for r in range(self.probe_count)])
+        return b[:, 0], b[:, 1]
+
+    def _interval_mass(self, p: float, q: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per probe bounds on the mass of an interval with ends ``p < q`` (either end open)."""
+        b = np.array([self.quadrature(r).interval_mass_bounds(p, q) for r in range(self.probe_count)])
+        return b[:, 0], b[:, 1]
+
+    # -- estimates -----------------------------------------------------------------------
+    def _estimate(self, parts: _Parts, clip: tuple[float, float] | None = None, tol_abs: float | None = None,
+                  tol_rel: float | None = None) -> Estimate:
+        """Value, brackets, sampling interval, combined interval and resolution of ``parts``."""
         nv = self.probe_count
-        value = float(stat(np.arange(nv)[None, :])[0])
-        per_probe = tuple(float(v) for v in stat(np.arange(nv)[:, None]))
-        res = res or Resolution(value, value)
-        # the value lies in its bracket; clamp away rounding between the two computations
-        low, high = (value, value) if res.low == res.high else (min(res.low, value), max(res.high, value))
-        unknown = Estimate(value, float("nan"), float("nan"), float("nan"), res.resolved(value, self.resolution_rel),
-                           float(res.ambiguous_mass), UNKNOWN, per_probe, float(low), float(high))
-        if nv < MIN_PROBES:
-            return unknown
-        leave_one_out = np.array([np.delete(np.arange(nv), i) for i in range(nv)])
-        se = _jackknife_se(stat(leave_one_out))
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(self.bootstrap_seed), nv])))
-        boot = stat(rng.integers(0, nv, size=(int(self.bootstrap), nv)))
-        tail = 50.0 * (1.0 - self.confidence)
-        with np.errstate(invalid="ignore"):
-            lo, hi = np.percentile(boot, [tail, 100.0 - tail]) if np.all(np.isfinite(boot)) else (np.nan, np.nan)
-        return replace(unknown, stderr=se, ci_low=float(lo), ci_high=float(hi), note="")
+        rows = np.arange(nv)
+        kind = parts.kind
 
-    def _mean_estimate(self, per_probe: np.ndarray, res: Resolution | None = None) -> Estimate:
-        return self._estimate(lambda idx: per_probe[idx].mean(axis=1), res)
-
-    @staticmethod
-    def _fraction_stat(num: np.ndarray, den: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        """Delta_+/Delta of the per-probe masses ``num``/``den``, by the formula of eq. II.93."""
         def stat(idx: np.ndarray) -> np.ndarray:
-            return np.asarray(fidelity_ii93(num[idx].mean(axis=1), den[idx].mean(axis=1)))  # arrays in, array out
-        return stat
+            return _pool(kind, parts.num[idx], None if parts.den is None else parts.den[idx])
+        value = float(stat(rows[None, :])[0])
+        per_probe = tuple(float(v) for v in stat(rows[:, None]))
+        lo, hi, plo, phi = self._bracket(parts)
+        se, half = self._sampling(stat, kind)
+        a_tol = (self.resolution_mass if parts.mass else self.resolution_abs) if tol_abs is None else float(tol_abs)
+        r_tol = self.resolution_rel if tol_rel is None else float(tol_rel)
+        tolerance = max(a_tol, r_tol * abs(value)) if np.isfinite(value) else float("nan")
+        low = min(lo, value) - half
+        high = max(hi, value) + half
+        if clip is not None:
+            low, high = max(low, clip[0]), min(high, clip[1])
+        est = Estimate(value, se, value - half, value + half, False, 0.0, "", per_probe, lo, hi, low, high,
+                       plo, phi, tolerance)
+        resolved, note = self._judge(est, parts, se)
+        return replace(est, resolved=resolved, note=note)
 
-    def _pooled_value(self, stat: Callable[[np.ndarray], np.ndarray]) -> float:
-        """``stat`` over all probes together (how the value pools them)."""
-        return float(stat(np.arange(self.probe_count)[None, :])[0])
+    def _bracket(self, parts: _Parts) -> tuple[float, float, tuple[float, ...], tuple[float, ...]]:
+        """Pooled and per-probe proven brackets (NaN when not evaluated)."""
+        if not parts.evaluated:
+            nan = float("nan")
+            return nan, nan, (), ()
+        kind = parts.kind
+        nl, nh = parts.num_lo, parts.num_hi
+        if kind == "mean":
+            return float(nl.mean()), float(nh.mean()), tuple(map(float, nl)), tuple(map(float, nh))
+        dl, dh = parts.den_lo, parts.den_hi
+        assert dl is not None and dh is not None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if kind == "ratio":
+                lo_p, hi_p = nl / dh, np.where(dl > 0, nh / np.where(dl > 0, dl, 1.0), np.inf)
+                lo, hi = nl.mean() / dh.mean(), (nh.mean() / dl.mean() if dl.mean() > 0 else np.inf)
+            else:  # P/(P + N): increasing in P, decreasing in N
+                lo_p = np.where(nl + dh > 0, nl / (nl + dh), 0.0)
+                hi_p = np.where(nh + dl > 0, nh / (nh + dl), 1.0)
+                a, b = nl.mean(), dh.mean()
+                c, d = nh.mean(), dl.mean()
+                lo = a / (a + b) if a + b > 0 else 0.0
+                hi = c / (c + d) if c + d > 0 else 1.0
+        return float(lo), float(hi), tuple(map(float, lo_p)), tuple(map(float, hi_p))
 
-    def _ambiguous(self, points: np.ndarray, cutoff: float = 0.0) -> np.ndarray:
-        """Per node with ``|theta| >= cutoff``: True when ``[theta - r, theta + r]`` contains
-        one of ``points`` (the node's class is unknown).
+    def _sampling(self, stat: Callable[[np.ndarray], np.ndarray], kind: str) -> tuple[float, float]:
+        """Standard error over probes and the Student t half-width (NaN below 2 probes)."""
+        nv = self.probe_count
+        if nv < MIN_PROBES:
+            return float("nan"), float("nan")
+        if kind == "mean":
+            per = stat(np.arange(nv)[:, None])
+            se = float(np.std(per, ddof=1) / np.sqrt(nv)) if np.all(np.isfinite(per)) else float("nan")
+        else:
+            leave_one_out = np.array([np.delete(np.arange(nv), i) for i in range(nv)])
+            se = _jackknife_se(stat(leave_one_out))
+        return se, se * student_quantile(self.confidence, nv - 1)
+
+    def _judge(self, est: Estimate, parts: _Parts, se: float) -> tuple[bool, str]:
+        """Whether the combined interval meets the tolerance and, if not, why."""
+        if not parts.evaluated:
+            return False, f"quadrature: not evaluated ({parts.why})"
+        if not (np.isfinite(est.res_low) and np.isfinite(est.res_high)):
+            return False, "quadrature: no finite proven bound (spectral interval or kept mass)"
+        if not np.isfinite(se):
+            return False, NOT_EVALUATED
+        half = est.half_width
+        if np.isfinite(half) and half <= est.tolerance:
+            return True, ""
+        quad_half = 0.5 * (est.res_high - est.res_low)
+        samp_half = 0.5 * (est.ci_high - est.ci_low)
+        if quad_half >= samp_half:
+            where = self._mass_at_threshold(parts.points, est.tolerance)
+            detail = f"mass at threshold {where:g}" if where is not None else "bracket wider than tolerance"
+            return False, f"quadrature: {detail}"
+        return False, "sampling: interval wider than tolerance"
+
+    def _mass_at_threshold(self, points: Sequence[float], tol: float) -> float | None:
+        """The threshold with the most pooled mass on nodes whose residual interval (or
+        rounding margin) reaches it, when that mass exceeds ``tol``; else None.
         """
-        a = self.nodes - self.residuals
-        b = self.nodes + self.residuals
-        hit = np.zeros(self.nodes.shape, dtype=bool)
-        with np.errstate(invalid="ignore"):
-            for p in np.atleast_1d(points):
-                hit |= (a <= p) & (p <= b)
-            return hit & (np.abs(self.nodes) >= cutoff)
-
-    def _single_node_mass(self, select: np.ndarray) -> float:
-        """Pooled mass of the heaviest selected node of each probe (the mass one node decides)."""
-        heaviest = np.max(np.where(select & ~np.isnan(self.weights), self.weights, 0.0), axis=1)
-        return float(np.mean(heaviest))
-
-    def _per_probe(self, fn: Callable[[np.ndarray, np.ndarray], float]) -> np.ndarray:
-        out = np.empty(self.probe_count, dtype=np.float64)
-        for row in range(self.probe_count):
-            ok = ~np.isnan(self.nodes[row])
-            out[row] = fn(self.nodes[row, ok], self.weights[row, ok])
-        return out
+        best, where = 0.0, None
+        eps = self._margin()[:, None]
+        for p in points:
+            with np.errstate(invalid="ignore"):
+                near = np.abs(self.nodes - p) <= np.maximum(self.residuals, eps)
+            mass = float(np.nansum(np.where(near, self.weights, 0.0)) / self.probe_count)
+            if mass > best:
+                best, where = mass, float(p)
+        return where if where is not None and best > tol else None
 
     # -- quantities --------------------------------------------------------------------
-    def trace(self) -> Estimate:
-        """Hutchinson trace ``mean_l z_l^T H z_l`` (always resolved)."""
-        return self._mean_estimate(self.quad_forms)
+    def trace(self, tol_abs: float | None = None, tol_rel: float | None = None) -> Estimate:
+        """Hutchinson trace ``mean_l z_l^T H z_l``; its per-probe value is exact (to rounding)."""
+        q = self.quad_forms.astype(np.float64)
+        slack = 16.0 * self.unit_roundoff * np.abs(q) * np.maximum(self.steps, 1)
+        return self._estimate(_Parts("mean", q, q - slack, q + slack), tol_abs=tol_abs, tol_rel=tol_rel)
 
-    def negative_mass(self, delta: float = 0.0) -> Estimate:
-        """SLQ mass of the nodes below ``-max(delta, r_i)``: eigenvalues known to be negative.
+    def negative_mass(self, delta: float = 0.0, tol_abs: float | None = None,
+                      tol_rel: float | None = None) -> Estimate:
+        """The mass of the eigenvalues below ``-delta``, ``mu((-inf, -delta))``.
 
         Args:
-            delta: a floor for the per-node threshold (>= 0, in eigenvalue units).
+            delta: the threshold (>= 0, in eigenvalue units); an eigenvalue at exactly
+                ``-delta`` is not counted.
+            tol_abs: absolute tolerance (default ``resolution_mass``).
+            tol_rel: relative tolerance (default ``resolution_rel``).
 
         Returns:
-            The estimate; its bracket runs from the value (no ambiguous node counted) to the
-            value plus the mass of the nodes whose interval meets ``[-delta, 0]``.
+            The estimate; its bracket is the Chebyshev-Markov-Stieltjes bound at ``-delta``.
         """
         if not delta >= 0:
             raise ValueError(f"negative-mass threshold delta = {delta}: must be >= 0")
-        with np.errstate(invalid="ignore"):
-            below = self.nodes < -np.maximum(delta, self.residuals)
-        per = np.nansum(np.where(below, self.weights, 0.0), axis=1)
-        # sign unknown: the eigenvalue interval meets [-delta, 0]
-        with np.errstate(invalid="ignore"):
-            amb = (self.nodes - self.residuals <= 0.0) & (self.nodes + self.residuals >= -delta) & ~below
-        return self._mean_estimate(per, self._count_bracket(per, per + self._mass_of(amb), amb, 1.0))
+        x = 0.0 - float(delta)   # 0.0, not -0.0, for delta = 0
+        num = np.array([w[xs < x].sum() for xs, w in (self._snapped(r, [x]) for r in range(self.probe_count))])
+        lo, hi = self._cdf(x)
+        return self._estimate(_Parts("mean", num, lo, hi, points=(x,), mass=True), clip=(0.0, 1.0),
+                              tol_abs=tol_abs, tol_rel=tol_rel)
 
-    def _mass_of(self, select: np.ndarray) -> np.ndarray:
-        """Per probe: the weight of the selected nodes, ``(n_v,)``."""
-        return np.sum(np.where(select & ~np.isnan(self.weights), self.weights, 0.0), axis=1)
+    def _dissipative_parts(self, m: Modes) -> _Parts:
+        """Per probe: dissipative kept mass P and non-dissipative kept mass N with their bounds.
 
-    def _count_bracket(self, low: np.ndarray, high: np.ndarray, amb: np.ndarray, norm: float,
-                       stat: Callable[[np.ndarray], float] | None = None) -> Resolution | None:
-        """The bracket of a counted mass from its per-probe extremes ``low``/``high``.
-
-        Args:
-            low: per-probe numerators with every ambiguous node uncounted.
-            high: per-probe numerators with every ambiguous node counted.
-            amb: the ambiguous nodes (n_v, m').
-            norm: the mass the quantity is normalised by (for ``ambiguous_mass``).
-            stat: how per-probe numerators pool into the quantity (default: their mean).
-
-        Returns:
-            None when no node is ambiguous, else the bracket with ``absolute = resolution_mass``.
+        P is the mass of ``[c, 2/k)`` (``(0, 2/k)`` when ``c = 0``; empty when ``c >= 2/k``);
+        N is the kept mass outside it, ``1 - mu((-c, max(c, 2/k)))`` (``1 - mu((0, 2/k))``
+        when ``c = 0``).
         """
-        if not amb.any():
-            return None
-        pool = stat or (lambda num: float(num.mean()))
-        single = self._single_node_mass(amb)
-        return Resolution(pool(low), pool(high), single / max(norm, single, 1e-300), float(self.resolution_mass))
-
-    def _kept_and_dissipative(self, m: Modes) -> tuple[np.ndarray, np.ndarray]:
-        """Per probe: kept mass (|lambda| >= cutoff) and dissipative kept mass (eq. II.28)."""
-        def kept(x: np.ndarray, w: np.ndarray) -> float:
-            return float(w[np.abs(x) >= m.cutoff].sum())
-
-        def plus(x: np.ndarray, w: np.ndarray) -> float:
-            d = dissipation(x, w, cutoff=m.cutoff, convention=m.convention, eta=m.eta or 1.0)
-            return 0.0 if not np.isfinite(d.fraction) else d.fraction * kept(x, w)
-        return self._per_probe(kept), self._per_probe(plus)
+        c, top = m.cutoff, 2.0 / m.k
+        bottom = c if c > 0 else 0.0
+        points = (-c, c, top) if c > 0 else (0.0, top)
+        P, N = [], []
+        for r in range(self.probe_count):
+            x, w = self._snapped(r, points)
+            kept = np.abs(x) >= c
+            plus = kept & is_dissipative(modes(x, m.convention, m.eta or 1.0))
+            P.append(w[plus].sum())
+            N.append(w[kept & ~plus].sum())
+        if bottom < top:
+            p_lo, p_hi = self._interval_mass(bottom, top)
+        else:
+            p_lo = p_hi = np.zeros(self.probe_count)
+        gap_lo, gap_hi = self._interval_mass(-c if c > 0 else 0.0, max(c, top))
+        return _Parts("fraction", np.array(P), p_lo, p_hi, np.array(N), 1.0 - gap_hi, 1.0 - gap_lo,
+                      points=points, mass=True)
 
     def dissipative_fraction(self, convention: str = "eta", eta: float | None = None, cutoff: float = 0.4,
-                             source: str = "nodes", width_factor: float = 0.01, points: int = 256) -> Estimate:
+                             source: str = "nodes", width_factor: float = 0.01, points: int = 256,
+                             tol_abs: float | None = None, tol_rel: float | None = None) -> Estimate:
         """Delta_+/Delta (eq. II.28): mass with ``|1 + a| < 1`` among modes with ``|lambda| >= cutoff``.
 
         Args:
             convention: ``eta`` (a = -eta lambda, eq. II.65) or ``paper`` (a = -lambda).
             eta: the learning rate (required for ``eta``).
             cutoff: eigenvalue magnitude removed first (0 keeps every mode: eq. II.93).
-            source: ``nodes`` (the Gauss quadrature) or ``grid`` (the smoothed density).
+            source: ``nodes`` (the Gauss quadrature) or ``grid`` (the smoothed density, a
+                different quantity: its bracket is not evaluated, so it is never resolved).
             width_factor: kernel width factor for ``grid``.
             points: grid size for ``grid``.
+            tol_abs: absolute tolerance (default ``resolution_mass``).
+            tol_rel: relative tolerance (default ``resolution_rel``).
 
         Returns:
-            The estimate with its resolution bracket (each ambiguous kept node counted as
-            dissipative or not); ``grid`` takes the nodes' flag and their bracket shifted to
-            the grid value.
+            The estimate; the bracket is ``[P_lo/(P_lo + N_hi), P_hi/(P_hi + N_lo)]`` from the
+            bounds on the dissipative (P) and the other kept (N) mass.
         """
         m = _modes(convention, eta, cutoff)
         if source not in ("nodes", "grid"):
             raise ValueError(f"source = {source!r}: not 'nodes' or 'grid'")
-        den, num = self._kept_and_dissipative(m)
-        res = self._dissipative_bracket(m, den)
-        if source == "nodes":
-            return self._estimate(self._fraction_stat(num, den), res)
-        nodes_value = self._pooled_value(self._fraction_stat(num, den))
-        grid, masses = self.grid_masses(width_factor, points)
-        keep = np.abs(grid) >= m.cutoff
-        plus = keep & is_dissipative(modes(grid, m.convention, m.eta or 1.0))
-        stat = self._fraction_stat(masses[:, plus].sum(axis=1), masses[:, keep].sum(axis=1))
-        if res is not None:
-            # the grid smooths the same nodes: it takes their flag and their bracket, shifted
-            # to the grid value (and kept within [0, 1], where a fraction lies)
-            value = self._pooled_value(stat)
-            res = Resolution(max(value - (nodes_value - res.low), 0.0), min(value + (res.high - nodes_value), 1.0),
-                             res.ambiguous_mass, res.absolute, res.resolved(nodes_value, self.resolution_rel))
-        return self._estimate(stat, res)
+        parts = self._dissipative_parts(m)
+        if source == "grid":
+            grid, masses = self.grid_masses(width_factor, points)
+            keep = np.abs(grid) >= m.cutoff
+            plus = keep & is_dissipative(modes(grid, m.convention, m.eta or 1.0))
+            P, N = masses[:, plus].sum(axis=1), masses[:, keep & ~plus].sum(axis=1)
+            parts = _Parts("fraction", P, P, P, N, N, N, parts.points, True, False,
+                           "the smoothed density has no proven bound")
+        return self._estimate(parts, clip=(0.0, 1.0), tol_abs=tol_abs, tol_rel=tol_rel)
 
-    def _dissipative_bracket(self, m: Modes, den: np.ndarray) -> Resolution | None:
-        """Bracket of Delta_+/Delta (nodes): each ambiguous kept node counted as dissipative or not."""
-        amb = self._ambiguous(m.boundaries(), m.cutoff)
-        kept = self._kept_nodes(m)
-        with np.errstate(invalid="ignore"):
-            plus = kept & is_dissipative(modes(self.nodes, m.convention, m.eta or 1.0))
-        low = self._mass_of(plus & ~amb)
-        high = low + self._mass_of(amb)
-
-        def pool(num: np.ndarray) -> float:
-            return float(self._fraction_stat(num, den)(np.arange(self.probe_count)[None, :])[0])
-        return self._count_bracket(low, high, amb, float(den.mean()), pool)
-
-    def _kept_nodes(self, m: Modes) -> np.ndarray:
-        """Nodes kept by the cutoff, ``|theta| >= cutoff`` (NaN padding is not kept)."""
-        with np.errstate(invalid="ignore"):
-            return np.abs(self.nodes) >= m.cutoff
-
-    def fidelity_ii93(self, convention: str = "eta", eta: float | None = None) -> Estimate:
+    def fidelity_ii93(self, convention: str = "eta", eta: float | None = None, tol_abs: float | None = None,
+                      tol_rel: float | None = None) -> Estimate:
         """Eq. II.93 estimate of the truncated-HHL fidelity: Delta_+/Delta over all modes."""
-        return self.dissipative_fraction(convention, eta, cutoff=0.0)
+        return self.dissipative_fraction(convention, eta, cutoff=0.0, tol_abs=tol_abs, tol_rel=tol_rel)
+
+    def _proxy_parts(self, t: float, m: Modes) -> _Parts:
+        """Per probe: ``N = int_{|lambda| >= c} |1 - k lambda|^t dmu_z`` and the kept mass ``D``.
+
+        Bounds on N: the quantile bound of ``|1 - k lambda|^t 1_{|lambda| >= c}`` over the
+        spectral interval, intersected (where the derivative signs allow) with the Gauss/
+        Gauss-Radau bracket of the whole integral minus the quantile bound of the part with
+        ``|lambda| < c``.  D: ``1 - mu_z((-c, c))``.
+        """
+        k, c = m.k, m.cutoff
+        a, b, _ = self.spectral_interval()
+        points = (-c, c, 1.0 / k) if c > 0 else (1.0 / k,)
+
+        def f(x: np.ndarray) -> np.ndarray:
+            with np.errstate(over="ignore"):
+                return np.abs(1.0 - k * x) ** t if t != 0 else np.ones_like(x)
+
+        def kept(x: np.ndarray) -> np.ndarray:
+            return np.abs(x) >= c
+
+        def dropped(x: np.ndarray) -> np.ndarray:
+            return np.abs(x) < c
+
+        def signs(j: int, lo: float, hi: float) -> int | None:
+            return 0 if t == 0 else power_derivative_sign(t, k, j, lo, hi)
+        breaks = np.array([p for p in (-c, c, 1.0 / k) if a < p < b])
+        num, nlo, nhi, den, dlo, dhi = (np.zeros(self.probe_count) for _ in range(6))
+        for r in range(self.probe_count):
+            x, w = self._snapped(r, points)
+            keep = kept(x)
+            num[r], den[r] = float(np.sum(w[keep] * f(x[keep]))), float(w[keep].sum())
+            q = self.quadrature(r)
+            lo, hi = q.quantile_bracket(f, kept, a, b, breaks)
+            g_lo, g_hi = q.smooth_bracket(f, signs, a, b)
+            if np.isfinite(g_lo) or np.isfinite(g_hi):
+                slack = _rounding_slack(q, f, t, k, a, b)
+                if c > 0:
+                    d_lo, d_hi = q.quantile_bracket(f, dropped, a, b, breaks)
+                else:
+                    d_lo = d_hi = 0.0
+                lo, hi = max(lo, g_lo - slack - d_hi), min(hi, g_hi + slack - d_lo)
+            nlo[r], nhi[r] = max(lo, 0.0), max(hi, lo, 0.0)
+            if c > 0:
+                gl, gh = q.interval_mass_bounds(-c, c)
+                dlo[r], dhi[r] = 1.0 - gh, 1.0 - gl
+            else:
+                dlo[r] = dhi[r] = 1.0
+        return _Parts("ratio", num, nlo, nhi, den, dlo, dhi, points=points)
+
+    def error_proxy(self, t: float, convention: str = "eta", eta: float | None = None, cutoff: float = 0.4,
+                    tol_abs: float | None = None, tol_rel: float | None = None) -> Estimate:
+        """Error proxy E(t) of eq. III.12/III.13 from the Gauss quadrature, at one ``t``.
+
+        Args:
+            t: iteration count (>= 0).
+            convention: ``eta`` or ``paper`` (see :meth:`dissipative_fraction`).
+            eta: the learning rate (required for ``eta``).
+            cutoff: eigenvalue magnitude removed first (eq. III.12).
+            tol_abs: absolute tolerance (default ``resolution_abs``).
+            tol_rel: relative tolerance (default ``resolution_rel``).
+
+        Returns:
+            The estimate of ``E(t) = mean_l N_l / mean_l D_l`` (may be inf where it overflows
+            float64; :meth:`log_error_proxy` gives the logarithm); the bracket is
+            ``[mean N_lo / mean D_hi, mean N_hi / mean D_lo]``, conditional on the spectral
+            interval (:meth:`spectral_interval`).
+        """
+        if not t >= 0:
+            raise ValueError(f"error proxy t = {t}: must be >= 0")
+        m = _modes(convention, eta, cutoff)
+        return self._estimate(self._proxy_parts(float(t), m), clip=(0.0, np.inf), tol_abs=tol_abs, tol_rel=tol_rel)
 
     def _log_proxy_parts(self, t: np.ndarray, m: Modes) -> tuple[np.ndarray, np.ndarray]:
         """Per probe: ``log sum_kept w |1+a|^t`` (n_v, len(t)) and the kept mass (n_v,)."""
         t = np.atleast_1d(np.asarray(t, dtype=np.float64))
         lognum = np.full((self.probe_count, t.size), -np.inf)
         den = np.zeros(self.probe_count)
+        points = (-m.cutoff, m.cutoff) if m.cutoff > 0 else ()
         for row in range(self.probe_count):
-            ok = ~np.isnan(self.nodes[row])
-            x, w = self.nodes[row, ok], self.weights[row, ok]
+            x, w = self._snapped(row, points)
             den[row] = w[np.abs(x) >= m.cutoff].sum()
             if den[row] > 0:
                 lognum[row] = log_error_proxy(x, w, t, m.cutoff, m.convention, m.eta or 1.0) + np.log(den[row])
@@ -438,66 +643,14 @@ class Spectrum:
                 return (logsumexp(lognum[idx], axis=1) - np.log(k)) - np.log(den[idx].mean(axis=1))
         return stat
 
-    def error_proxy(self, t: float, convention: str = "eta", eta: float | None = None,
-                    cutoff: float = 0.4) -> Estimate:
-        """Error proxy E(t) of eq. III.12/III.13 from the Ritz nodes, at one ``t``.
-
-        Args:
-            t: iteration count (>= 0).
-            convention: ``eta`` or ``paper`` (see :meth:`dissipative_fraction`).
-            eta: the learning rate (required for ``eta``).
-            cutoff: eigenvalue magnitude removed first (eq. III.12).
-
-        Returns:
-            The estimate of E(t) (may be inf where it overflows float64; see
-            :meth:`log_error_proxy` for the logarithm).
-        """
-        m = _modes(convention, eta, cutoff)
-        lognum, den = self._log_proxy_parts(np.array([float(t)]), m)
-        stat = self._log_proxy_stat(lognum[:, 0], den)
-        res = self._proxy_bracket(float(t), m, den)
-        with np.errstate(over="ignore"):
-            return self._estimate(lambda idx: np.exp(stat(idx)), res)
-
-    def _proxy_bracket(self, t: float, m: Modes, den: np.ndarray) -> Resolution | None:
-        """Bracket of E(t) over every kept node's interval (eq. III.12/III.13).
-
-        A node's term ``w |1 - k lambda|^t`` over ``lambda`` in ``[theta - r, theta + r]`` is
-        largest at an end of the interval and smallest at the other end, or 0 when
-        ``1/k`` lies inside; the kept set and ``den`` are fixed, so the extremes of E(t) are
-        the sums of the per-node extremes. Every kept node counts, not only those whose
-        interval meets a decision point: at large t a node's residual alone can move E(t)
-        by orders of magnitude (``|1 - k lambda|^t`` amplifies it), whichever side it is on.
-        """
-        amb = self._ambiguous(m.boundaries(), m.cutoff)
-        kept = self._kept_nodes(m) & (self.weights > 0)
-        spread = kept & (self.residuals > 0)
-        if not spread.any() or t == 0.0:
-            return None
-        k = m.k
-        with np.errstate(divide="ignore", invalid="ignore"):
-            def log_term(lam: np.ndarray) -> np.ndarray:
-                return np.where(kept, np.log(self.weights) + t * np.log(np.abs(1.0 - k * lam)), -np.inf)
-            at, ends_a, ends_b = (log_term(self.nodes), log_term(self.nodes - self.residuals),
-                                  log_term(self.nodes + self.residuals))
-            zero_inside = (self.nodes - self.residuals <= 1.0 / k) & (1.0 / k <= self.nodes + self.residuals)
-        low = np.where(spread, np.where(zero_inside, -np.inf, np.minimum(ends_a, ends_b)), at)
-        high = np.where(spread, np.maximum(ends_a, ends_b), at)
-
-        def pool(terms: np.ndarray) -> float:
-            with np.errstate(divide="ignore", over="ignore"):
-                stat = self._log_proxy_stat(logsumexp(terms, axis=1), den)
-                return float(np.exp(stat(np.arange(self.probe_count)[None, :])[0]))
-        single = self._single_node_mass(amb)
-        return Resolution(pool(low), pool(high), single / max(float(den.mean()), single, 1e-300), 0.0)
-
     def log_error_proxy(self, t: np.ndarray, convention: str = "eta", eta: float | None = None,
                         cutoff: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
         """``log E(t)`` from the nodes over an array of ``t`` and its jackknife standard error.
 
         Returns:
             ``(log_E, stderr_of_log_E)``, each of ``t``'s length; the standard error is NaN
-            with fewer than 3 probes.
+            below 2 probes.  (Curves only: the proven brackets are per ``t`` in
+            :meth:`error_proxy`.)
         """
         m = _modes(convention, eta, cutoff)
         lognum, den = self._log_proxy_parts(t, m)
@@ -569,22 +722,90 @@ class Spectrum:
         write_dataset(group, "probe_steps", self.steps.astype(np.int64), "count", "Lanczos steps k taken per probe")
         write_dataset(group, "breakdown", self.breakdown.astype(np.int8), "1",
                       "1 where the probe's Lanczos run found an invariant subspace (breakdown)")
+        if self.alpha is not None and self.beta is not None:
+            write_dataset(group, "lanczos_alpha", self.alpha.astype(f8), units,
+                          "Lanczos diagonal alpha_j per probe (rows), NaN-padded: the Jacobi matrix T_m")
+            write_dataset(group, "lanczos_beta", self.beta.astype(f8), units,
+                          "Lanczos beta_j per probe: off-diagonals of T_m, the last the final residual norm")
+        a, b, source = self.spectral_interval()
         group.attrs.update({"n": int(self.n), "bootstrap_resamples": int(self.bootstrap),
                             "bootstrap_seed": int(self.bootstrap_seed), "confidence": float(self.confidence),
                             "resolution_mass": float(self.resolution_mass),
-                            "resolution_rel": float(self.resolution_rel)})
+                            "resolution_rel": float(self.resolution_rel),
+                            "resolution_abs": float(self.resolution_abs),
+                            "unit_roundoff": float(self.unit_roundoff),
+                            "spectral_interval": np.array([a, b], dtype=np.float64),
+                            "spectral_interval_source": source,
+                            "recurrence_source": self.recurrence_source,
+                            "stop_reason": self.stop_reason})
 
     @classmethod
     def from_hdf5(cls, group: Any) -> "Spectrum":
-        """Read a spectrum written by :meth:`to_hdf5`."""
+        """Read a spectrum written by :meth:`to_hdf5`.
+
+        A group written before the Lanczos coefficients were stored (no ``lanczos_alpha``)
+        is read with the Jacobi matrix rebuilt from its nodes, weights and residual bounds
+        (:attr:`recurrence_source` says so).
+        """
         a = group.attrs
+        interval = None
+        if str(a.get("spectral_interval_source", "")) == "given":
+            lo, hi = (float(v) for v in a["spectral_interval"])
+            interval = (lo, hi)
+        stored = "lanczos_alpha" in group and "lanczos_beta" in group
         return cls(n=int(a["n"]), nodes=group["nodes"][()], weights=group["weights"][()],
                    residuals=group["residuals"][()], quad_forms=group["quad_forms"][()],
                    probes=group["probes"][()].astype(np.int64), steps=group["probe_steps"][()].astype(np.int64),
                    breakdown=group["breakdown"][()].astype(bool),
                    bootstrap=int(a.get("bootstrap_resamples", 1000)), bootstrap_seed=int(a.get("bootstrap_seed", 0)),
                    confidence=float(a.get("confidence", 0.95)), resolution_mass=float(a.get("resolution_mass", 0.05)),
-                   resolution_rel=float(a.get("resolution_rel", 0.1)))
+                   resolution_rel=float(a.get("resolution_rel", 0.1)),
+                   resolution_abs=float(a.get("resolution_abs", 0.0)),
+                   alpha=group["lanczos_alpha"][()] if stored else None,
+                   beta=group["lanczos_beta"][()] if stored else None,
+                   unit_roundoff=float(a.get("unit_roundoff", F64_UNIT_ROUNDOFF)), interval=interval,
+                   stop_reason=str(a.get("stop_reason", "")))
+
+
+def _rounding_slack(q: ProbeQuadrature, f: Callable[[np.ndarray], np.ndarray], t: float, k: float,
+                    a: float, b: float) -> float:
+    """Rounding allowance of a Gauss/Radau value of ``|1 - k lambda|^t``: the node margin times a
+    Lipschitz bound on ``[a, b]`` plus ``16 m u`` times the size of the sum.
+    """
+    if t == 0:
+        return 16.0 * q.steps * q.unit_roundoff
+    ends = np.abs(1.0 - k * np.array([a, b]))
+    lip = t * k * float(np.max(ends)) ** (t - 1.0) if t >= 1 else np.inf
+    size = float(np.sum(q.weights * np.abs(f(q.nodes))))
+    return q.margin * lip + 16.0 * q.steps * q.unit_roundoff * max(size, float(np.max(f(np.array([a, b])))))
+
+
+def next_growth(estimates: Sequence[Estimate]) -> str | None:
+    """What to grow so that the unresolved estimates can become resolved.
+
+    The estimate furthest from its tolerance (combined half-width over tolerance) decides:
+    a quadrature-dominated one asks for more Lanczos steps (:data:`GROW_STEPS`), a sampling-
+    dominated one (or one without a sampling interval yet) for more probes
+    (:data:`GROW_PROBES`).
+
+    Returns:
+        ``"steps"``, ``"probes"`` or None when every estimate is resolved.
+    """
+    worst, need = -1.0, None
+    for est in estimates:
+        if est.resolved:
+            continue
+        if est.note.startswith("sampling"):
+            want = GROW_PROBES
+        elif est.note.startswith("quadrature: not evaluated"):
+            continue  # no amount of growth gives it a bracket
+        else:
+            want = GROW_STEPS
+        ratio = est.half_width / est.tolerance if est.tolerance > 0 else np.inf
+        ratio = np.inf if not np.isfinite(ratio) else ratio
+        if need is None or ratio > worst:
+            worst, need = ratio, want
+    return need
 
 
 def _jackknife_se(jack: np.ndarray) -> float:
