@@ -127,13 +127,10 @@ def _estimate_text(group: h5py.Group, name: str, fmt: str = "{:.4g}") -> str:
         return Estimate(value, se, lo, hi, resolved=bool(d.attrs.get("resolved", True)),
                         note=note.decode() if isinstance(note, bytes) else str(note),
                         res_low=float(res[0]), res_high=float(res[1]), low=low, high=high).text(fmt)
-    est = Estimate(value, se, lo, hi, resolved=bool(d.attrs.get("resolved", True)),
-                   res_low=float(res[0]), res_high=float(res[1]))
-    if not est.resolved or not np.isfinite(se):
-        return est.text(fmt)
-    low, high = fmt.format(est.res_low), fmt.format(est.res_high)
-    bracket = f" [res {low}–{high}]" if low != high else ""
-    return f"{fmt.format(value)} ± {se:.2g} ({fmt.format(lo)}–{fmt.format(hi)}){bracket}"
+    # A file of an older version has no proven bracket: its number is shown with its standard
+    # error but never as resolved (its old resolution flag was not a bound).
+    se_text = f" ± {se:.2g}" if np.isfinite(se) else ""
+    return f"{fmt.format(value)}{se_text}, not certified (older file: rerun the spectrum stage)"
 
 
 def _spectrum_rows(fh: h5py.File) -> list[tuple[str, h5py.Group]]:
@@ -193,16 +190,8 @@ def _spectrum_md(fh: h5py.File) -> list[str]:
              "that interval's half-width meets the tolerance, else 'unresolved (reason)' with the reason: "
              "'quadrature: …' (more Lanczos steps narrow it; 'mass at threshold x' when eigenvalue mass sits "
              "on a decision point) or 'sampling: …' (more probes narrow it). Definitions: docs/science.md. "
-             "Files of older versions print as follows. "
-             "Uncertainties: ± jackknife standard error over probes, (95 % bootstrap interval over probes); "
-             "'unknown' with fewer than 3 probes. Resolution: a Ritz node θ with residual bound r is ambiguous "
-             "when θ ± r contains a decision point (λ = 0 or 2/k for a = −kλ; [−δ, 0] for the negative mass); "
-             "[res lo–hi] is the range the quantity covers as every ambiguous node's eigenvalue moves within "
-             "θ ± r (shown where its ends differ at the printed precision). A quantity is 'unresolved (lo–hi)' "
-             "when that range is wider than max(resolution_rel × |value|, resolution_mass) for mass fractions "
-             "or resolution_rel × |value| for the error proxy (defaults 0.1 and 0.05): then the ambiguous nodes "
-             "decide it, and more Lanczos steps are needed. Negative mass counts nodes below "
-             "−max(δ, residual bound).", "",
+             "Files written by older versions carry no proven bracket: their values print with the "
+             "jackknife standard error and 'not certified'.", "",
              "| state | n | λ_min ± res | λ_max ± res | trace | negative mass | precision | route |",
              "|---|---|---|---|---|---|---|---|"]
     for label, res in rows:
