@@ -11,7 +11,7 @@ NP ?= 2
 STAMP := $(VENV)/.hpcqml-installed
 TEST_TIMEOUT ?= 1500
 
-.PHONY: install demo test test-serial test-mpi bench clean-results notebook lab
+.PHONY: install demo test test-serial test-mpi bench bench-gpu clean-results notebook lab
 install: $(STAMP)
 
 $(STAMP): setup.py env/install.sh
@@ -40,6 +40,12 @@ test-mpi: $(STAMP)
 bench: $(STAMP)
 	bash benchmarks/run_all.sh
 
+# Every row of BENCHMARKS.md's GPU tables on one CUDA device, in under 10 minutes.  Needs no
+# venv: the GPU image's own python3 (GPU_PYTHON) with the repository on PYTHONPATH.
+GPU_PYTHON ?= python3
+bench-gpu:
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/gpu_all.py
+
 # The analysis notebook.  `make notebook` runs it headless (no browser, no server) on
 # $(NOTEBOOK_RESULTS), making the demo's results first when they are missing, and writes
 # notebooks/analysis-executed.ipynb; `make lab` installs JupyterLab from PyPI into the venv
@@ -60,6 +66,13 @@ clean-results:
 
 # The lint gate: ruff (ruff.toml: errors, bugbear, naming, docstrings, annotations on the
 # kernels) and mypy over the numerical kernels' signatures (setup.cfg [mypy]).
+# Mutation testing (mutmut) of the numerical kernels and writers, each in a scratch copy of the
+# tree; prints the score and the surviving mutants. Not part of CI: tens of minutes on 2 cores
+# (docs/testing.md). Pick targets with MUTATION_TARGETS="lanczos proxy statevector timestepping store".
+.PHONY: mutation
+mutation: $(STAMP)
+	PY=$(abspath $(PY)) bash tests/mutation.sh
+
 .PHONY: lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hpcqml tests benchmarks

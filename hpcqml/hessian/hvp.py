@@ -36,13 +36,19 @@ micro-batching, the scaling, the BatchNorm mode and the reductions; the product 
 ``matvec``, ``matmat``, ``to_scipy``, ``A + B``, ``c * A``, ``A.T``, lists of
 parameter-shaped tensors) comes from :class:`hpcqml.hessian.algebra.OperatorAlgebra`.  A
 product route or another curvature matrix (:mod:`hpcqml.hessian.curvature`) is a subclass
-that implements the one per-chunk hook ``_chunk_products``.  Two Hessian routes are
+that implements the one per-chunk hook ``_chunk_products``.  Three Hessian routes are
 implemented:
 
 * ``double-backward`` (:class:`DoubleBackwardHessian`): g = dL_c/dtheta with
   ``create_graph=True``, then d(g . v)/dtheta;
 * ``func`` (:class:`FuncHessian`): forward-over-reverse,
-  ``torch.func.jvp(torch.func.grad(L_c), (theta,), (v,))``.
+  ``torch.func.jvp(torch.func.grad(L_c), (theta,), (v,))``, a block of vectors under
+  ``torch.func.vmap`` over the tangents;
+* ``compiled`` (:class:`CompiledHessian`): the ``func`` product under ``torch.compile``,
+  its compile time reported apart (``compile_seconds``).
+
+The products are summed over ranks by a :class:`hpcqml.hessian.reduce.Reducer` (device
+buffers through NCCL or CUDA-aware MPI where available, the host otherwise).
 
 :class:`HessianLinearOperator` runs one of them by name, or with ``auto`` times every route
 on the first product and keeps the fastest (decided on rank 0 and broadcast); without a
@@ -68,6 +74,7 @@ import torch.nn.functional as F
 
 from hpcqml.errors import NumericalError, UserError
 from hpcqml.hessian.algebra import OperatorAlgebra
+from hpcqml.hessian.reduce import Reducer
 from hpcqml.parallel import allreduce_sum
 
 SPACES = ("all", "support")
@@ -498,9 +505,7 @@ class CurvatureOperator(OperatorAlgebra):
             out = self.space.from_params(local[0]).contiguous()
         else:
             out = torch.stack([self.space.from_params(c) for c in local], dim=1).contiguous()
-        timer = self.perf.comm_timer() if self.perf is not None else contextlib.nullcontext()
-        with timer:
-            allreduce_sum(self.comm, out)
+        self.reducer.allreduce_(out)
         self.products += len(cols)
         if self.perf is not None:
             self.perf.count("hvp_products", len(cols))
@@ -510,6 +515,13 @@ class CurvatureOperator(OperatorAlgebra):
 
     def _apply(self, cols: list[torch.Tensor]) -> list[torch.Tensor]:
         return self._product(cols)
+
+    @property
+    def reducer(self) -> Reducer:
+        """The sum over ``comm`` of this operator's products (device buffers where possible)."""
+        if getattr(self, "_reducer", None) is None:
+            self._reducer = Reducer(self.comm, self.space.device, perf=self.perf)
+        return self._reducer
 
     # -- public -----------------------------------------------------------------------------
     @property
@@ -536,7 +548,7 @@ class CurvatureOperator(OperatorAlgebra):
                 for a, h in zip(acc, torch.autograd.grad(self._chunk_loss(x, y), params), strict=True):
                     a.add_(h)
         out = self.space.from_params(acc).contiguous()
-        allreduce_sum(self.comm, out)
+        self.reducer.allreduce_(out)
         return out
 
     def loss(self) -> float:
@@ -566,20 +578,119 @@ class DoubleBackwardHessian(CurvatureOperator):
                 for j, vp in enumerate(vps)]
 
 
+DEFAULT_VMAP_WIDTH = 4
+"""Tangents per ``vmap`` call of the ``func`` route's ``matmat``.  Measured on resnet8-w1
+(B = 64, one CPU thread, one run): per column, 4 tangents under one ``vmap`` cost 0.68 of a
+single product, 8 cost 0.72, 16 cost 0.84 (the batched activations outgrow the cache); 4
+and 8 are alike within the run's noise, and 4 holds half the batched activations."""
+
+
 class FuncHessian(CurvatureOperator):
-    """Route ``func``: forward-over-reverse, ``jvp(grad(L_c), (theta,), (v,))`` per vector."""
+    """Route ``func``: forward-over-reverse, ``jvp(grad(L_c), (theta,), (v,))``.
+
+    A block of k vectors is cut into chunks of ``vmap_width`` columns; each chunk runs as
+    one ``torch.func.vmap`` of the product over its stacked tangents, so the chunk's forward
+    and backward passes are shared by its columns.  ``vmap_width = 1`` runs the columns one
+    by one.  Every column is the same product ``Hess(L_c) v`` as when run alone.
+    """
 
     route_name = "func"
+    vmap_width: int = DEFAULT_VMAP_WIDTH
 
-    def _chunk_products(self, x: torch.Tensor, y: torch.Tensor,
-                        vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-        params = tuple(p.detach() for p in self.space.params)
-
+    def _product_fn(self, x: torch.Tensor, y: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """``(theta, v) -> Hess(L_c)(theta) v`` on the chunk ``(x, y)``, tuples of parameter-shaped tensors."""
         def loss_of(ps: tuple[torch.Tensor, ...]) -> torch.Tensor:
             return self._chunk_loss(x, y, ps)
 
         grad_fn = torch.func.grad(loss_of)
-        return [list(torch.func.jvp(grad_fn, (params,), (tuple(vp),))[1]) for vp in vps]
+
+        def hvp(ps: tuple[torch.Tensor, ...], tangent: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return tuple(torch.func.jvp(grad_fn, (ps,), (tangent,))[1])
+
+        return hvp
+
+    def _chunk_products(self, x: torch.Tensor, y: torch.Tensor,
+                        vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        params = tuple(p.detach() for p in self.space.params)
+        hvp = self._product_fn(x, y)
+        width = max(1, int(self.vmap_width))
+        if width == 1 or len(vps) == 1:
+            return [list(hvp(params, tuple(vp))) for vp in vps]
+        batched = torch.func.vmap(hvp, in_dims=(None, 0))
+        out: list[list[torch.Tensor]] = []
+        for lo in range(0, len(vps), width):
+            block = vps[lo:lo + width]
+            stacked = tuple(torch.stack(parts) for parts in zip(*block, strict=True))
+            products = batched(params, stacked)
+            out += [[t[j] for t in products] for j in range(len(block))]
+        return out
+
+
+COMPILE_PAYBACK_PRODUCTS = {"cpu": 3800, "cuda": 210}
+"""Products after which ``torch.compile`` of the product has paid for its compilation, per
+device type: compiling costs about c products and saves a fraction s of each later one, so
+it pays back after c / s products.  Measured on resnet8-w1 (CPU inductor C++, one thread):
+compile 764 s against 1.34 s per eager product (c = 570), 1.18x faster after (s = 0.15),
+c / s = 3800; on resnet32-w4 on an H200: 40 s against 0.44 s (c = 91), 1.78x (s = 0.44),
+c / s = 210."""
+
+
+def compile_available() -> bool:
+    """Whether ``torch.compile`` can run here (on a CPU, inductor needs a C++ compiler)."""
+    import shutil
+
+    has_cxx = shutil.which("g++") is not None or shutil.which("c++") is not None
+    return hasattr(torch, "compile") and has_cxx
+
+
+class CompiledHessian(FuncHessian):
+    """Route ``compiled``: the ``func`` route's product under ``torch.compile``.
+
+    The product ``(theta, v, x, y) -> Hess(L_c)(theta) v`` is compiled once per operator
+    (on a CPU by the inductor C++ backend); a chunk of a new shape (a ragged last chunk)
+    compiles once more.  ``compile_seconds`` accumulates the wall time of each call that
+    compiled (it includes that call's one product), so the price of compiling is reported
+    apart from the products.  A block of vectors runs column by column.
+    """
+
+    route_name = "compiled"
+    compile_cost: ClassVar[bool] = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.compile_seconds = 0.0
+        self._compiled: Callable[..., tuple[torch.Tensor, ...]] | None = None
+        self._shapes: set[tuple[Any, ...]] = set()
+
+    def _compiled_product(self) -> Callable[..., tuple[torch.Tensor, ...]]:
+        if self._compiled is None:
+            if not hasattr(torch, "compile"):
+                raise UserError("hessian route = 'compiled' needs torch.compile (PyTorch >= 2.0)")
+
+            def product(ps: tuple[torch.Tensor, ...], tangent: tuple[torch.Tensor, ...],
+                        x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                return self._product_fn(x, y)(ps, tangent)
+
+            self._compiled = torch.compile(product)
+        return self._compiled
+
+    def _chunk_products(self, x: torch.Tensor, y: torch.Tensor,
+                        vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        params = tuple(p.detach() for p in self.space.params)
+        fn = self._compiled_product()
+        out = []
+        for vp in vps:
+            key = (tuple(x.shape), x.dtype, str(x.device), tuple(y.shape))
+            if key in self._shapes:
+                out.append(list(fn(params, tuple(vp), x, y)))
+                continue
+            _sync(x.device)
+            t0 = time.perf_counter()
+            out.append(list(fn(params, tuple(vp), x, y)))
+            _sync(x.device)
+            self.compile_seconds += time.perf_counter() - t0
+            self._shapes.add(key)
+        return out
 
 
 class HessianLinearOperator(CurvatureOperator):
@@ -594,18 +705,47 @@ class HessianLinearOperator(CurvatureOperator):
     (store it and pass it back, e.g. through :func:`resolve_route`, so that a resumed run
     uses the same arithmetic).  ``route_timings`` holds the seconds each route took on the
     first product.
+
+    ``vmap_width``: columns per ``vmap`` call of the ``func`` route's ``matmat``
+    (:data:`DEFAULT_VMAP_WIDTH`).  ``expected_products``: how many products the caller
+    will ask for.  ``auto`` times the ``compiled`` route only when this number is given and
+    reaches the device type's payback count (:data:`COMPILE_PAYBACK_PRODUCTS`); it then
+    times the compiled route on a second product after the compiling one and keeps it when
+    it is the fastest.  ``compile_seconds`` is the time spent compiling (0 when nothing
+    was compiled).
     """
 
     def __init__(self, model: torch.nn.Module, data: Any, loss_fn: Callable | ChunkLoss | None = None, *,
-                 route: str | None = None, **kwargs: Any) -> None:
+                 route: str | None = None, vmap_width: int = DEFAULT_VMAP_WIDTH,
+                 expected_products: int | None = None, **kwargs: Any) -> None:
         if route is not None and route != "auto" and route not in ROUTE_CLASSES:
             raise UserError(f"hessian route = {route!r}: not one of {', '.join(routes())}")
+        if int(vmap_width) < 1:
+            raise UserError(f"vmap_width = {vmap_width}: must be >= 1")
+        if expected_products is not None and int(expected_products) < 0:
+            raise UserError(f"expected_products = {expected_products}: must be >= 0")
         super().__init__(model, data, loss_fn, **kwargs)
         self.route = default_route(self.device) if route is None else route
         self.route_timings: dict[str, float] = {}
+        self.expected_products = None if expected_products is None else int(expected_products)
         self._routes = {name: cls(model, self.source, self.loss_fn, space=self.space, num_data=self.num_data,
                                   batchnorm=self.batchnorm)
                         for name, cls in ROUTE_CLASSES.items()}
+        for op in self._routes.values():
+            if isinstance(op, FuncHessian):
+                op.vmap_width = int(vmap_width)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling the product (the ``compiled`` route; 0 when it never ran)."""
+        return float(sum(getattr(op, "compile_seconds", 0.0) for op in self._routes.values()))
+
+    def _times_route(self, name: str) -> bool:
+        """Whether ``auto`` times route ``name``: a compiled route only when it pays back."""
+        if not getattr(self._routes[name], "compile_cost", False):
+            return True
+        need = COMPILE_PAYBACK_PRODUCTS.get(self.device.type, COMPILE_PAYBACK_PRODUCTS["cpu"])
+        return self.expected_products is not None and self.expected_products >= need and compile_available()
 
     @property
     def route_used(self) -> str | None:
@@ -626,10 +766,14 @@ class HessianLinearOperator(CurvatureOperator):
         """Time every route on this product; rank 0's choice is broadcast."""
         results = {}
         for name in self._routes:
+            if not self._times_route(name):
+                continue
             self._active = name
-            _sync(self.device)
-            t0 = time.perf_counter()
             try:
+                if getattr(self._routes[name], "compile_cost", False):
+                    super()._local(vps)  # compiles; timed apart in compile_seconds
+                _sync(self.device)
+                t0 = time.perf_counter()
                 results[name] = super()._local(vps)
             except (RuntimeError, NotImplementedError):  # an op without forward-mode AD
                 self.route_timings[name] = float("inf")
