@@ -2,7 +2,6 @@
 import subprocess
 import sys
 import textwrap
-import time
 
 from conftest import child_env, mpiexec, run_cli
 
@@ -25,12 +24,12 @@ SCRIPT = textwrap.dedent("""
 def test_failure_on_rank_1_of_3_aborts_all(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text(SCRIPT)
-    t0 = time.monotonic()
+    # mpirun returns only once every rank has ended, and ranks 0 and 2 wait in a barrier that
+    # rank 1 never reaches: any return at all means the abort reached them (without it the run
+    # hangs until the generous timeout). No wall-clock threshold is asserted.
     res = subprocess.run([*mpiexec(), "-n", "3", sys.executable, str(script)], capture_output=True,
-                         text=True, timeout=90, env=child_env())
-    elapsed = time.monotonic() - t0
+                         text=True, timeout=300, env=child_env())
     assert res.returncode != 0
-    assert elapsed < 60, f"abort took {elapsed:.0f} s"
     lines = [line for line in res.stderr.splitlines() if line.startswith("hpcqml: error")]
     assert lines == ["hpcqml: error (rank 1 of 3): ValueError: rank one failed on purpose"]
 

@@ -189,7 +189,7 @@ def test_warning_signal_reaches_ranks_and_requeues(slurm, submit_dir):
     fake.chmod(0o755)
     job = _sbatch(slurm, submit_dir, submit_dir / "tiny.sbatch", HPCQML_VENV=str(VENV), LAUNCH=str(fake))
     _wait(slurm, job, lambda f: f.get("JobState") == "RUNNING" or _done(f))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while not ((submit_dir / "fake.log").exists() and "args:" in (submit_dir / "fake.log").read_text()):
         assert time.monotonic() < deadline, "fake launcher never started"
         time.sleep(0.2)
@@ -217,7 +217,7 @@ def test_sigterm_to_the_batch_shell_stops_without_requeue(slurm, submit_dir):
     fake.chmod(0o755)
     job = _sbatch(slurm, submit_dir, submit_dir / "tiny.sbatch", HPCQML_VENV=str(VENV), LAUNCH=str(fake))
     _wait(slurm, job, lambda f: f.get("JobState") == "RUNNING" or _done(f))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while not ((submit_dir / "fake.log").exists() and "args:" in (submit_dir / "fake.log").read_text()):
         assert time.monotonic() < deadline, "fake launcher never started"
         time.sleep(0.2)

@@ -111,7 +111,7 @@ def test_proxy_kernel_defaults_boundaries_and_padding():
     kept_lam, kept_mass = np.array([0.4, 1.5, -0.5]), np.array([0.2, 0.3, 0.1])   # by hand
     want = np.array([np.sum(kept_mass * np.abs(1 - kept_lam) ** tt) / kept_mass.sum() for tt in t])
     np.testing.assert_allclose(error_proxy(lam, mass, t), want, rtol=1e-13)        # defaults: c = 0.4, paper
-    np.testing.assert_allclose(log_error_proxy(lam, mass, t, 0.4, "paper"), np.log(want), rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(log_error_proxy(lam, mass, t), np.log(want), rtol=1e-13, atol=1e-14)
     # dissipative (|1 - lambda| < 1, i.e. 0 < lambda < 2) among the kept: 0.4 and 1.5 of 0.6 total
     assert dissipation(lam, mass).fraction == pytest.approx(0.5 / 0.6, rel=1e-13)
     # only zero mass beyond the cutoff: nothing is kept
@@ -167,3 +167,13 @@ def test_dissipation_eta_default():
     lam, mass = np.array([50.0, 150.0, 250.0]), np.array([0.5, 0.3, 0.2])
     # a = -0.01 lambda: |1 + a| = 0.5, 0.5, 1.5 -> dissipative mass 0.8 (eq. II.28)
     assert dissipation(lam, mass, cutoff=0.0, convention="eta").fraction == pytest.approx(0.8, rel=1e-14)
+
+
+def test_dissipation_with_only_dissipative_modes():
+    """No divergent mode: r_- is undefined (NaN) and the time limit of eq. II.34 is infinite."""
+    from hpcqml.hessian.proxy import dissipation
+
+    d = dissipation(np.array([0.5, 1.0]), np.array([0.25, 0.75]), cutoff=0.0, convention="paper")
+    assert d.fraction == 1.0 and np.isnan(d.r_minus) and d.time_limit == np.inf
+    # r_+ = mass-weighted geometric mean of |1 + a| = 0.5 and 0: the zero factor makes it 0
+    assert d.r_plus == 0.0
