@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterator, TypeVar
 import h5py
 import numpy as np
 
-from hpcqml.stages import PIPELINE  # the package only, not the stage modules (which load torch)
 from hpcqml.store import DAMAGE_ERRORS, damaged, is_complete, open_results
 
 T = TypeVar("T")
@@ -362,6 +361,8 @@ class QcmCase:
     label: str
     attrs: dict[str, Any]
     orders: dict[int, Section]
+    #: the typed report of each order N (:class:`hpcqml.carleman.analysis.OrderReport`)
+    reports: dict[int, Any] = field(default_factory=dict)
 
     def to_dataframe(self) -> Any:
         """One row per Carleman order ``N``: that order's scalar attributes (errors, bounds,
@@ -435,9 +436,11 @@ class Results:
         """Every pipeline stage (and any other found in the file) with its state."""
         def body(fh: h5py.File) -> dict[str, StageState]:
             prints = fh.get("fingerprints", {})
-            found = set(fh.get("perf", {})) | set(prints)
             out = {}
-            for name in PIPELINE + tuple(sorted(found - set(PIPELINE))):
+            order = [str(decode(v)) for v in fh.attrs.get("pipeline", [])]  # the runner's registry order
+            for name in order + [name for name in (*prints, *fh.get("perf", {})) if name not in order]:
+                if name in out:
+                    continue
                 a = attrs_of(prints[name]) if name in prints else {}
                 if is_complete(fh, f"perf/{name}"):
                     state = "complete"
@@ -473,6 +476,8 @@ class Results:
     @cached_property
     def qcm(self) -> dict[str, QcmCase]:
         """Carleman cases by label, each with its orders ``N``."""
+        from hpcqml.carleman.analysis import OrderReport
+
         def body(fh: h5py.File) -> dict[str, QcmCase]:
             out = {}
             for label, case in fh.get("qcm", {}).items():
@@ -480,7 +485,8 @@ class Results:
                     continue
                 orders = {int(k[2:]): Section.from_group(k, case[k], 2) for k in case
                           if k.startswith("N_") and k[2:].isdigit()}
-                out[label] = QcmCase(label, attrs_of(case), dict(sorted(orders.items())))
+                reports = {n: OrderReport.from_group(case[f"N_{n}"]) for n in orders}
+                out[label] = QcmCase(label, attrs_of(case), dict(sorted(orders.items())), dict(sorted(reports.items())))
             return out
         return self.read(body)
 

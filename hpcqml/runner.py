@@ -24,7 +24,7 @@ from hpcqml.errors import InputFileError, StoppedBySignal, UserError
 from hpcqml.io import DiskFullError, disk_full_error, is_disk_full
 from hpcqml.parallel import node_rank_and_size, unused_petsc_options
 from hpcqml.perf import StagePerf, gather_records, write_records
-from hpcqml.stages import REGISTRY, StageContext, estimates, load_all, reads, schemas
+from hpcqml.stages import REGISTRY, StageContext, estimates, load_all, pipeline, reads, schemas
 from hpcqml.store import ResultsStore, provenance, stage_groups
 from hpcqml.verify import damage_summary, verify_groups
 
@@ -290,6 +290,16 @@ def _check_all_before_running(names: Sequence[str], plan: StagePlan, config: Run
     return complete
 
 
+def record_pipeline(store: ResultsStore, order: Sequence[str]) -> None:
+    """Store the registered stages' pipeline order as the root attribute ``pipeline`` (the
+    order readers list the stages in); rewrites the file only when the stored order differs.
+    """
+    stored = store.read(lambda fh: [v.decode() if isinstance(v, bytes) else str(v)
+                                    for v in fh.attrs.get("pipeline", [])], default=[])
+    if list(stored) != list(order):
+        store.set_root_attrs({"pipeline": list(order)})
+
+
 def bind_reads(config: RunConfig) -> RunConfig:
     """``config`` with the registered stages' declared reads (those it names itself win)."""
     return dataclasses.replace(config, reads={**reads(), **config.reads})
@@ -339,6 +349,7 @@ def run_pipeline(config: RunConfig, comm, stages: Sequence[str] | None = None, *
     prepare = (lambda: remove_previous_run(path, workdir)) if overwrite else None
     state = store.open_run(config.resolved_toml(), config.sha256(), prov, log=log, prepare=prepare)
     try:
+        record_pipeline(store, pipeline())
         plan = plan_stages(config, names, store.stage_records(), path, stored_extendable(store))
         if _restore_previous(plan, config, store, log):
             plan = plan_stages(config, names, store.stage_records(), path, stored_extendable(store))

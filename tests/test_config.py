@@ -76,7 +76,9 @@ def test_resolved_toml_round_trips():
 
 
 def test_result_keys_leave_out_defaults_and_performance_keys():
-    sch = {"spectrum": {"probes": Field(int, 4), "micro_batch": Field(int, 512),
+    """Only the Field flag decides: a key named like a real stage's performance key but
+    not flagged changes the fingerprint; a flagged one never does."""
+    sch = {"spectrum": {"probes": Field(int, 4), "micro_batch": Field(int, 512, affects_results=False),
                         "fast": Field(bool, False, affects_results=False)}}
     cfg = load_config("t.toml", sch,
                       text="[run]\nseed = 3\nthreads = 2\n[spectrum]\nprobes = 4\nmicro_batch = 8\nfast = true\n")
@@ -84,6 +86,9 @@ def test_result_keys_leave_out_defaults_and_performance_keys():
     assert cfg.result_keys("run") == {"seed": 3}
     changed = load_config("t.toml", sch, text="[spectrum]\nprobes = 9\n")
     assert changed.result_keys("spectrum", sch["spectrum"]) == {"probes": 9}
+    unflagged = {"spectrum": {**sch["spectrum"], "micro_batch": Field(int, 512)}}
+    cfg = load_config("t.toml", unflagged, text="[spectrum]\nmicro_batch = 8\n")
+    assert cfg.result_keys("spectrum", unflagged["spectrum"]) == {"micro_batch": 8}
 
 
 def test_compare_inputs_names_old_and_new_values():
@@ -102,7 +107,7 @@ def test_explain_lists_every_key_with_type_default_and_doc():
     assert "[run]\n" in text and "[spectrum]\n" in text
     assert "  route: string; default \"auto\"; one of \"auto\", \"func\"" in text
     assert "  steps: list of integer; default [0]; >= 0" in text
-    assert "  threads: integer; default 0; >= 0 (performance only)" in text
+    assert "  threads: integer; default 0; >= 0 (not in the fingerprint)" in text
     assert "OMP_NUM_THREADS" in text   # the doc line under [run] threads
 
 
@@ -110,13 +115,14 @@ def test_spectrum_reads_train_when_its_eta_comes_from_the_train_lr(tmp_path):
     """With [spectrum] eta = 0 the proxy uses [train] lr, so a spectrum of the pruned model
     depends on the train section too (its fingerprint must change with lr)."""
     from hpcqml.config import upstream
+    from hpcqml.stages import reads as declared_reads
     from hpcqml.stages import schemas
 
     def reads(spectrum: str) -> tuple[str, ...]:
         path = tmp_path / "c.toml"
         path.write_text(f'[run]\noutput = "{tmp_path / "o.h5"}"\nstages = ["spectrum"]\n'
                         f"[train]\nlr = 0.02\n[spectrum]\n{spectrum}\n")
-        return upstream("spectrum", load_config(path, schemas()))
+        return upstream("spectrum", load_config(path, schemas(), reads=declared_reads()))
 
     assert "train" in reads('source = "pruned"')
     assert "train" not in reads('source = "pruned"\neta = 0.05')

@@ -18,20 +18,45 @@ from hpcqml.perf import StagePerf
 
 T = TypeVar("T")
 
-#: the pipeline order used by ``hpcqml info`` and the docs; stages may be run in any order.
-PIPELINE = ("data", "pretrain", "prune", "train", "spectrum", "qcm", "hhl", "report")
+#: what a stage reads: a function of the validated config sections (section name -> values)
+#: returning the names of the stages whose results the stage reads directly
+Reads = Callable[[Mapping[str, Mapping[str, Any]]], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A registered stage: its name, config schema, entry point and one-line description."""
+    """A registered stage: its name, config schema, entry point and one-line description.
+
+    ``checks`` are the stage's pre-run checks: each takes the context the stage would run
+    in and raises a one-line UserError for anything that would make the run fail (an
+    input missing, a size out of range). The runner calls them before it touches the
+    results file, on every rank (same calls on every rank: a check may read the store).
+    """
     name: str
     schema: Mapping[str, Field]
     run: Callable[["StageContext"], None]
     doc: str = ""
+    checks: tuple[Callable[["StageContext"], None], ...] = ()
+    #: resource estimate for ``validate`` and ``run``: ``estimate(config, ranks,
+    #: memory_per_rank, found)`` appends lines to ``found.estimates`` and, above
+    #: ``hpcqml.preflight.MEMORY_WARN_FRACTION`` of the memory a rank has, to ``found.warnings``
+    estimate: Callable[..., None] | None = None
+    #: the stages whose results this stage reads, as a function of the config (see
+    #: :data:`Reads`); its fingerprint covers their result-changing settings too. None: reads none
+    reads: Reads | None = None
+    #: place in the pipeline (``hpcqml info``, ``validate --explain``, the results file's
+    #: stage order): stages are listed by ascending ``order``, then name
+    order: int = 1000
 
 
 REGISTRY: dict[str, Stage] = {}
+
+
+def fixed_reads(*names: str) -> Reads:
+    """The :attr:`Stage.reads` of a stage that reads ``names`` whatever the config says."""
+    def reads(_sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+        return names
+    return reads
 
 
 def register(stage: Stage) -> Stage:
@@ -55,6 +80,28 @@ def schemas() -> dict[str, Schema]:
     return {name: stage.schema for name, stage in load_all().items()}
 
 
+def reads() -> dict[str, Reads]:
+    """Every registered stage's :attr:`Stage.reads`, by stage name (for ``load_config``)."""
+    return {name: stage.reads for name, stage in load_all().items() if stage.reads is not None}
+
+
+def estimates() -> dict[str, Callable[..., None]]:
+    """Every registered stage's :attr:`Stage.estimate`, by stage name (for ``hpcqml.preflight``)."""
+    return {name: stage.estimate for name, stage in load_all().items() if stage.estimate is not None}
+
+
+def pipeline() -> tuple[str, ...]:
+    """The registered stages in pipeline order (:attr:`Stage.order`, then name)."""
+    return tuple(sorted(load_all(), key=lambda name: (REGISTRY[name].order, name)))
+
+
+def __getattr__(name: str) -> Any:
+    """``PIPELINE``: :func:`pipeline`, computed when asked (the stages register on import)."""
+    if name == "PIPELINE":
+        return pipeline()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @dataclass
 class StageContext:
     """What a stage sees: its config, the communicator, the store, perf and progress."""
@@ -74,6 +121,9 @@ class StageContext:
     #: changed: the stage's own work-directory artifacts with another fingerprint may be
     #: replaced (recomputed) instead of refused.
     fresh: bool = False
+    #: stages that run before this one in this invocation: a pre-run check skips the
+    #: inputs they produce (those may not exist yet), and checks everything else.
+    pending: frozenset[str] = frozenset()
 
     @property
     def run_cfg(self) -> dict[str, Any]:

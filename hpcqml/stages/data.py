@@ -21,6 +21,7 @@ from hpcqml.errors import InputFileError, UserError
 from hpcqml.io import FileTooLargeError, atomic_write_bytes, read_limited
 from hpcqml.parallel import decide_on_root
 from hpcqml.stages import Stage, StageContext, register
+from hpcqml.stages._estimates import check_cifar_root
 from hpcqml.store import write_dataset
 
 SCHEMA = {
@@ -231,5 +232,18 @@ def run(ctx: StageContext) -> None:
             f"{info['num_classes']} classes")
 
 
-register(Stage(name="data", schema=SCHEMA, run=run,
+def estimate(cfg: Any, _ranks: int, _memory_per_rank: float, found: Any) -> None:
+    """``hpcqml validate``: the CIFAR-100 files, or synthetic sizes that fit this node."""
+    from hpcqml.preflight import machine_memory_bytes
+
+    check_cifar_root(cfg, found)
+    d = cfg.sections["data"]
+    if d["source"] == "synthetic":
+        try:
+            check_synthetic_sizes({**d, "seed": cfg.run["seed"]}, machine_memory_bytes())
+        except UserError as exc:
+            found.errors.append(str(exc))
+
+
+register(Stage(name="data", schema=SCHEMA, run=run, order=10, estimate=estimate,
                doc="CIFAR-100 (python-pickle layout) or a synthetic stand-in (Sec. III B)"))

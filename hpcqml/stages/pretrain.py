@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from hpcqml.config import Field
+from hpcqml.errors import UserError
 from hpcqml.models import count_parameters
-from hpcqml.stages import Stage, StageContext, register
+from hpcqml.stages import Stage, StageContext, fixed_reads, register
+from hpcqml.stages._estimates import check_cifar_root, check_model_name, training_images
 from hpcqml.stages.data import check_batch_size, load_dataset
 from hpcqml.store import write_dataset
 from hpcqml.training.origin import begin, load_resume_state, stamp
@@ -179,5 +181,16 @@ def run(ctx: StageContext) -> None:
     finish(ctx, tr, data, s, device, done, hist)
 
 
-register(Stage(name="pretrain", schema=SCHEMA, run=run,
+def estimate(cfg: Any, ranks: int, _memory_per_rank: float, found: Any) -> None:
+    """``hpcqml validate``: the CIFAR-100 files, the model name and a batch size the data and the ranks fill."""
+    check_cifar_root(cfg, found)
+    check_model_name("pretrain.model", cfg.sections["pretrain"]["model"], found)
+    try:
+        check_sizes(cfg.sections["pretrain"], training_images(cfg.sections["data"]), ranks)
+    except UserError as exc:
+        found.errors.append(str(exc))
+
+
+register(Stage(name="pretrain", schema=SCHEMA, run=run, order=20, reads=fixed_reads("data"),
+               estimate=estimate,
                doc="dense pre-training, SGD with momentum, data parallel (Sec. III B)"))

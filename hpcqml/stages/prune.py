@@ -17,7 +17,8 @@ import numpy as np
 
 from hpcqml.config import Field
 from hpcqml.errors import UserError
-from hpcqml.stages import Stage, StageContext, register
+from hpcqml.stages import Stage, StageContext, fixed_reads, register
+from hpcqml.stages._estimates import check_cifar_root
 from hpcqml.store import write_dataset
 from hpcqml.training.origin import begin, check_input, model_source, stamp
 from hpcqml.training.pruning import SCOPES, layer_sparsity, prunable_parameters, prune_
@@ -107,5 +108,11 @@ def run(ctx: StageContext) -> None:
             f"{before[1]:.4f} -> {after[1]:.4f}")
 
 
-register(Stage(name="prune", schema=SCHEMA, run=run,
+def estimate(cfg: Any, _ranks: int, _memory_per_rank: float, found: Any) -> None:
+    """``hpcqml validate``: the CIFAR-100 files the pre-trained model's data come from."""
+    check_cifar_root(cfg, found)
+
+
+register(Stage(name="prune", schema=SCHEMA, run=run, order=30, reads=fixed_reads("pretrain", "data"),
+               estimate=estimate,
                doc="global magnitude pruning to the top keep_fraction (Sec. III B)"))

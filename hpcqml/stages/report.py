@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 from hpcqml.config import Field
 from hpcqml.stages import Stage, StageContext, register
@@ -26,4 +27,10 @@ def run(ctx: StageContext) -> None:
                                       "skipped": "; ".join(skipped)})
 
 
-register(Stage(name="report", schema=SCHEMA, run=run, doc="figures and report.md from the results file"))
+def reads(sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    """The report reads every other stage's results."""
+    return tuple(name for name in sections if name not in ("run", "report"))
+
+
+register(Stage(name="report", schema=SCHEMA, run=run, order=90, reads=reads,
+               doc="figures and report.md from the results file"))

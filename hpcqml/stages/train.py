@@ -24,7 +24,8 @@ from hpcqml.config import Field
 from hpcqml.errors import UserError
 from hpcqml.models import count_parameters
 from hpcqml.parallel import decide_on_root
-from hpcqml.stages import Stage, StageContext, register
+from hpcqml.stages import Stage, StageContext, fixed_reads, register
+from hpcqml.stages._estimates import check_cifar_root, training_images
 from hpcqml.stages.data import check_batch_size, load_dataset
 from hpcqml.store import write_dataset
 from hpcqml.training.origin import (
@@ -270,5 +271,15 @@ def run(ctx: StageContext) -> None:
     finish(ctx, tr, s, device, done, hist)
 
 
-register(Stage(name="train", schema=SCHEMA, run=run,
+def estimate(cfg: Any, ranks: int, _memory_per_rank: float, found: Any) -> None:
+    """``hpcqml validate``: the CIFAR-100 files and a batch size the data and the ranks fill."""
+    check_cifar_root(cfg, found)
+    try:
+        check_sizes(cfg.sections["train"], training_images(cfg.sections["data"]), ranks)
+    except UserError as exc:
+        found.errors.append(str(exc))
+
+
+register(Stage(name="train", schema=SCHEMA, run=run, order=40, reads=fixed_reads("prune", "data"),
+               estimate=estimate,
                doc="sparse training with periodic re-pruning downloads (Sec. III B, Fig. 2)"))

@@ -1,0 +1,151 @@
+"""What ``hpcqml validate`` checks and estimates for the stages, as they declare it.
+
+Each function here has the signature of :attr:`hpcqml.stages.Stage.estimate`:
+``(config, ranks, memory_per_rank, found)``; it appends one-line findings to
+``found.errors`` (would stop the run), ``found.warnings`` and ``found.estimates``.
+This module registers no stage (its name starts with an underscore); the stage modules
+name its functions in their ``register(...)`` calls.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from hpcqml.errors import UserError
+from hpcqml.preflight import MEMORY_WARN_FRACTION, STATE_ITEMSIZE, gib, krylov_basis_bytes
+
+#: training images of CIFAR-100
+CIFAR100_TRAIN = 50_000
+
+Estimate = Callable[[Any, int, float, Any], None]
+
+
+def chain(*estimates: Estimate) -> Estimate:
+    """One estimate that runs ``estimates`` in turn (a stage declares a single one)."""
+    def run_all(cfg: Any, ranks: int, memory_per_rank: float, found: Any) -> None:
+        for estimate in estimates:
+            estimate(cfg, ranks, memory_per_rank, found)
+    return run_all
+
+
+def training_images(data: dict[str, Any]) -> int:
+    """Training images the ``[data]`` section gives: ``synth_train`` or CIFAR-100's 50,000."""
+    return int(data["synth_train"]) if data["source"] == "synthetic" else CIFAR100_TRAIN
+
+
+def check_model_name(key: str, name: str, found: Any) -> None:
+    """A model name the stage will build (``resnet32-w4``, ...): an error line when unknown."""
+    from hpcqml.models import parse_name
+
+    try:
+        parse_name(name)
+    except UserError as exc:
+        found.errors.append(f"{key}: {exc}")
+
+
+def check_cifar_root(cfg: Any, found: Any) -> None:
+    """CIFAR-100 files (``[data] source = "cifar100"``): the directory with meta/train/test."""
+    data = cfg.sections["data"]
+    if data["source"] != "cifar100":
+        return
+    if not data["root"]:
+        found.errors.append("data.root is empty but data.source = 'cifar100' needs the directory holding "
+                            "cifar-100-python/")
+        return
+    from hpcqml.data.cifar import resolve_dir
+
+    try:
+        resolve_dir(data["root"])
+    except UserError as exc:
+        found.errors.append(f"data.root: {exc}")
+
+
+def parameters_of(cfg: Any) -> tuple[str, int] | None:
+    """``(model name, parameter count)`` of ``[pretrain] model`` (None when the name is unknown)."""
+    from hpcqml.models import analytic_parameter_count, parse_name
+
+    name = cfg.sections["pretrain"]["model"]
+    try:
+        parse_name(name)
+    except UserError:
+        return None
+    classes = cfg.sections["data"]["synth_classes"] if cfg.sections["data"]["source"] == "synthetic" else 100
+    return name, analytic_parameter_count(name, classes)
+
+
+def estimate_spectrum(cfg: Any, ranks: int, memory_per_rank: float, found: Any) -> None:
+    """Lanczos basis bytes per rank (:func:`hpcqml.preflight.krylov_basis_bytes`, float32
+    state, sharded over one probe group of ``ranks / groups`` ranks), and the CIFAR-100 files.
+    """
+    check_cifar_root(cfg, found)
+    model = parameters_of(cfg)
+    if model is None:
+        return
+    name, n = model
+    steps = cfg.sections["spectrum"]["lanczos_steps"]
+    shards = max(ranks // max(cfg.sections["spectrum"]["groups"], 1), 1)
+    per_rank = krylov_basis_bytes(steps, n, shards)
+    found.estimates.append(f"spectrum: Lanczos basis {steps} x {n:,} parameters ({name}) x {STATE_ITEMSIZE} bytes / "
+                           f"{shards} rank(s) = {gib(per_rank)} per rank")
+    if memory_per_rank and per_rank > MEMORY_WARN_FRACTION * memory_per_rank:
+        found.warnings.append(f"spectrum: the Lanczos basis needs {gib(per_rank)} per rank, more than "
+                              f"{MEMORY_WARN_FRACTION:.0%} of the {gib(memory_per_rank)} a rank has; lower "
+                              "spectrum.lanczos_steps or use more ranks")
+
+
+def estimate_carleman(cfg: Any, _ranks: int, memory_per_rank: float, found: Any) -> None:
+    """Carleman rows Delta = sum_j n^j (eq. II.13) and the dense storage up to dense_limit."""
+    from hpcqml.carleman.instance import carleman_dim
+
+    q = cfg.sections["qcm"]
+    n = q["k"] if q["generator"] == "network" else q["n"]
+    if q["generator"] in ("logistic", "file"):
+        return
+    top = max(q["N"])
+    delta = carleman_dim(n, top)
+    ref = q["N_ref"] or top + 2
+    delta_ref = carleman_dim(n, ref)
+    found.estimates.append(f"qcm: Carleman rows Delta = {delta:,} at N = {top} (n = {n}); reference N = {ref}: "
+                           f"{delta_ref:,} rows; block system (T + 1) x Delta = {(q['T'] + 1) * delta:,} rows")
+    if delta_ref > q["ref_max_dim"] and q["step_sizes"]:
+        found.warnings.append(f"qcm: the reference order N = {ref} has {delta_ref:,} rows, above "
+                              f"qcm.ref_max_dim = {q['ref_max_dim']:,}; the stage will refuse it")
+    dense = min(delta, q["dense_limit"]) ** 2 * 8
+    if memory_per_rank and dense > MEMORY_WARN_FRACTION * memory_per_rank:
+        found.warnings.append(f"qcm: dense eigen/SVD work up to dense_limit needs {gib(dense)}, more than "
+                              f"{MEMORY_WARN_FRACTION:.0%} of the {gib(memory_per_rank)} a rank has")
+
+
+def check_hhl_network_model(cfg: Any, _ranks: int, _memory_per_rank: float, found: Any) -> None:
+    """``[hhl] network_model`` when the cases include ``network``."""
+    hhl = cfg.sections["hhl"]
+    if "network" in hhl["cases"]:
+        check_model_name("hhl.network_model", hhl["network_model"], found)
+
+
+# ---- what the spectrum, qcm and hhl stages read (their Stage.reads) ---------------------
+
+#: the stages a spectrum of each ``[spectrum] source`` reads
+SPECTRUM_SOURCE: dict[str, tuple[str, ...]] = {
+    "snapshots": ("train", "data"), "pruned": ("prune", "data"),
+    "pretrained": ("pretrain", "data"), "file": ("data",)}
+
+
+def spectrum_reads(sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    """The model's stage for ``[spectrum] source`` and ``data``; also ``train`` when
+    ``eta = 0`` (the error proxy's eta, eq. III.13, is then ``[train] lr``).
+    """
+    spectrum = sections.get("spectrum", {})
+    reads = SPECTRUM_SOURCE.get(spectrum.get("source", "snapshots"), ("data",))
+    if not spectrum.get("eta") and "train" in sections and "train" not in reads:
+        reads += ("train",)
+    return reads
+
+
+def qcm_reads(sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    """``prune`` and ``data`` for the network generator (a pruned model's Hessian block), else none."""
+    return ("prune", "data") if sections.get("qcm", {}).get("generator") == "network" else ()
+
+
+def hhl_reads(sections: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    """``prune`` and ``data`` when the cases include ``network``, else none."""
+    return ("prune", "data") if "network" in sections.get("hhl", {}).get("cases", ()) else ()
