@@ -178,10 +178,21 @@ def petsc_error_message(exc: BaseException, options: Sequence[str]) -> str | Non
     return f"PETSc rejected an option value ({what}, PETSc error {code}){given}"
 
 
+def is_number_token(token: str) -> bool:
+    """True for a numeric literal PETSc takes as an option value ("-5", "-0.5", "1e-3"),
+    so that a negative value is never mistaken for the next option.
+    """
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return token.strip().lower().lstrip("+-") not in ("nan", "inf", "infinity")
+
+
 def _option_pairs(options: Sequence[str]) -> list[str]:
     pairs: list[str] = []
     for token in options:
-        if token.startswith("-") or not pairs:
+        if (token.startswith("-") and not is_number_token(token)) or not pairs:
             pairs.append(token)
         else:
             pairs[-1] += f" {token}"

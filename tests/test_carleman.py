@@ -11,6 +11,7 @@ from hpcqml.carleman import reference as ref
 from hpcqml.carleman import timestepping as ts
 from hpcqml.carleman.instance import PolynomialODE, carleman_dim, from_dict, kron_power, lift, to_dict
 from hpcqml.errors import UserError
+from hpcqml.stages._network import network_instance
 
 
 def solve_block_system(ode, N, T, comm):
@@ -210,7 +211,7 @@ def test_network_instance_matches_autograd_derivatives():
     x = torch.randn(5, 3, dtype=torch.float64)
     y = torch.tensor([0, 1, 1, 0, 1])
     k, eta = 3, 0.1
-    ode = gen.network_instance(model, torch.nn.functional.cross_entropy, x, y, k, eta)
+    ode = network_instance(model, torch.nn.functional.cross_entropy, x, y, k, eta)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     idx = torch.topk(flat.abs(), k).indices
     shapes = [p.shape for p in model.parameters()]
@@ -256,7 +257,7 @@ def test_network_instance_batchnorm_mode_matches_hand_written_normalisation(mode
     x = torch.randn(6, 3, dtype=torch.float64)
     y = torch.tensor([0, 1, 1, 0, 1, 0])
     k, eta = 3, 0.1
-    ode = gen.network_instance(model, torch.nn.functional.cross_entropy, x, y, k, eta, batchnorm=mode)
+    ode = network_instance(model, torch.nn.functional.cross_entropy, x, y, k, eta, batchnorm=mode)
     assert torch.equal(bn.running_mean, run_mean) and torch.equal(bn.running_var, run_var)
     assert not model.training
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -287,7 +288,7 @@ def test_network_instance_batchnorm_mode_matches_hand_written_normalisation(mode
                    for e in torch.eye(k, dtype=torch.float64)], axis=-1)
     np.testing.assert_allclose(ode.F[2].toarray(), -0.5 * eta * D3.reshape(k, k * k), atol=1e-8)
     if mode == "train":   # the two modes are different operators here (measured: 76 % of the largest entry)
-        other = gen.network_instance(model, torch.nn.functional.cross_entropy, x, y, k, eta, batchnorm="eval")
+        other = network_instance(model, torch.nn.functional.cross_entropy, x, y, k, eta, batchnorm="eval")
         diff = np.abs(other.F[1].toarray() - ode.F[1].toarray()).max()
         assert diff > 0.1 * np.abs(ode.F[1].toarray()).max()
 

@@ -8,7 +8,7 @@ import torch
 
 from hpcqml.carleman import generators as gen
 from hpcqml.carleman.cases import random_instance
-from hpcqml.carleman.generators import network_instance
+from hpcqml.stages._network import network_instance
 
 torch.set_num_threads(1)
 

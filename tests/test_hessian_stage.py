@@ -167,8 +167,16 @@ def test_sigterm_commits_finished_probes_and_says_so(tmp_path, monkeypatch):
     with h5py.File(tmp_path / "run.h5", "r") as fh:
         assert sorted(k for k in fh["spectrum/step_000010"]) == ["probe_000"]
         first = fh["spectrum/step_000010/probe_000"].attrs["route"]
+        decisions = dict(fh["spectrum/decisions"].attrs)
     assert first in ("double-backward", "func")
+    # the choice was committed before the first probe and is read back, never timed again
+    assert decisions["complete"] and decisions["route"] == first and decisions["device"] == "cpu"
     monkeypatch.setattr(slq, "lanczos", real)
+    import hpcqml.stages.spectrum as stage
+
+    def no_retiming(*args, **kw):
+        raise AssertionError("route re-decided on resume")
+    monkeypatch.setattr(stage, "decide_route", no_retiming)
     r = read_result(run_pipeline(cfg, world(), quiet=True), "step_000010")
     assert r["probe_routes"] == [first] * 3 and r["attrs"]["route"] == first
     assert r["attrs"]["route_setting"] == "auto"

@@ -119,8 +119,9 @@ def test_a_hostile_hhl_system_file_is_refused_before_the_rerun_replaces_anything
     before = snapshot()
     # the validate estimate's embedded dimension is the one the stage built
     from hpcqml.preflight import preflight
+    from hpcqml.stages import estimates
 
-    found = preflight(load_config("h.toml", schemas(), text=text))
+    found = preflight(load_config("h.toml", schemas(), text=text), estimates=estimates())
     with h5py.File(out, "r") as fh:
         inst = fh["hhl/random/instance"].attrs
         line = f"{int(inst['system_size']):,} rows, embedded D = {int(inst['embedded_dim']):,}"

@@ -266,7 +266,8 @@ def test_rerun_one_stage_with_a_changed_setting(tmp_path, two_stages):
         assert "down/unit_001" in fh and not bool(fh["fingerprints/up"].attrs["stale"])
     info = run_cli("info", str(out))
     assert info.returncode == 0
-    assert "down      complete [stale: up recomputed (up.scale (default) -> 3.0)]" in info.stdout
+    down_line = next(line for line in info.stdout.splitlines() if line.strip().startswith("down "))
+    assert "complete" in down_line and "[stale: up recomputed (up.scale (default) -> 3.0)]" in down_line
     # the stale stage is recomputed when asked for
     CALLS.clear()
     run_pipeline(_cfg(tmp_path, up="scale = 3.0"), world(), ["down"], quiet=True)
@@ -289,12 +290,14 @@ def test_changed_upstream_not_asked_for_is_refused_naming_keys(tmp_path, two_sta
 
 
 def test_fingerprints_ignore_performance_keys_and_unset_defaults():
-    sch = {"spectrum": {"probes": Field(int, 4), "micro_batch": Field(int, 512), "lanczos_steps": Field(int, 100),
-                        "source": Field(str, "snapshots"), "eta": Field(float, 0.0)},
+    from hpcqml.stages._estimates import spectrum_reads
+
+    sch = {"spectrum": {"probes": Field(int, 4), "micro_batch": Field(int, 512, affects_results=False),
+                        "lanczos_steps": Field(int, 100), "source": Field(str, "snapshots"), "eta": Field(float, 0.0)},
            "train": {"lr": Field(float, 0.01)}}
 
     def fp(text: str, stage: str = "spectrum") -> str:
-        return load_config("t.toml", sch, text=text).stage_fingerprint(stage, sch)
+        return load_config("t.toml", sch, text=text, reads={"spectrum": spectrum_reads}).stage_fingerprint(stage, sch)
 
     base = fp("")
     assert fp("[spectrum]\nmicro_batch = 64\n") == base
@@ -415,8 +418,9 @@ t_max = 3
 """
 
 
-def test_readme_rerun_example_recomputes_one_stage(tmp_path):
-    """``hpcqml run CONFIG --stages spectrum --set spectrum.probes=8`` after a full run."""
+def test_readme_rerun_example_extends_the_stored_probes(tmp_path):
+    """``hpcqml run CONFIG --stages spectrum --set spectrum.probes=8`` after a full run adds
+    probes to the stored ones (the first probe's arrays are kept, not recomputed)."""
     import hpcqml.results
 
     cfg = tmp_path / "tiny.toml"
@@ -424,12 +428,16 @@ def test_readme_rerun_example_recomputes_one_stage(tmp_path):
     cfg.write_text(TINY.format(out=out))
     res = run_cli("--quiet", "run", str(cfg), timeout=600)
     assert res.returncode == 0, res.stderr
+    with hpcqml.results.open(out) as results:
+        (first,) = results.spectra.values()
+        first_nodes = first.nodes.copy()
     res = run_cli("run", str(cfg), "--stages", "spectrum", "--set", "spectrum.probes=2", timeout=600)
     assert res.returncode == 0, res.stderr
-    assert "[spectrum] settings changed (spectrum.probes 1 -> 2): recomputing it" in res.stderr
+    assert "[spectrum] spectrum.probes 1 -> 2: extending its stored results" in res.stderr
     with hpcqml.results.open(out) as results:
         (spectrum,) = results.spectra.values()
         assert spectrum.nodes.shape[0] == 2                       # two probes now
+        np.testing.assert_array_equal(spectrum.nodes[0], first_nodes[0])  # the stored probe was kept
         assert results.perf["prune"].invocation == "provenance/run_000"   # upstream kept, not rerun
         assert results.perf["spectrum"].invocation == "provenance/run_001"
         assert [inv.status for inv in results.provenance] == ["completed", "completed"]

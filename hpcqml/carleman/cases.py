@@ -1,14 +1,10 @@
-"""The one builder of the qcm and hhl stages' instances: random quadratic family members
-(Sec. III C), scaled to a step size, and reduced network instances (eq. II.65) of a
-pruned checkpoint in the work directory or a named file.
+"""The one builder of the qcm and hhl stages' random instances: members of the random quadratic
+family (Sec. III C), scaled to a step size.  Network instances (eq. II.65) are built in the stage
+layer (:mod:`hpcqml.stages._network`).
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from hpcqml.carleman.instance import PolynomialODE
-from hpcqml.errors import UserError
 
 
 def random_instance(kind: str, n: int, f: float, seed: int, *, eta: float, u_scale: float,
@@ -44,56 +40,3 @@ def random_instance(kind: str, n: int, f: float, seed: int, *, eta: float, u_sca
     else:
         raise ValueError(f"random_instance: kind = {kind!r} is not 'random' or 'sparse'")
     return gen.scale_step(ode, eta)
-
-
-def network_checkpoint(ctx: Any, stage: str, required: bool = True) -> tuple[Any, Path] | None:
-    """The pruned checkpoint a network instance is reduced from: ``[stage] model_file`` or
-    ``<workdir>/pruned.pt``.
-
-    The work-directory file must have been made by this run's prune stage
-    (:func:`hpcqml.training.origin.check_input`); a file the user names is taken as it is.
-
-    Args:
-        ctx: the stage context.
-        stage: the stage reading it (for messages).
-        required: when False, a missing ``pruned.pt`` returns None instead of failing.
-
-    Returns:
-        ``(checkpoint, path)``, or None (see ``required``).
-
-    Raises:
-        UserError: the file is missing, unreadable, or made by another run.
-    """
-    from hpcqml.training.checkpoint import load_checkpoint
-    from hpcqml.training.origin import check_input
-
-    from hpcqml.parallel import decide_on_root
-
-    named = bool(ctx.cfg["model_file"])
-    path = Path(ctx.cfg["model_file"]) if named else ctx.workdir / "pruned.pt"
-    # decided on rank 0: a rank whose node sees a stale directory must not skip the
-    # collective origin check below while the others enter it
-    if not decide_on_root(ctx.comm, path.is_file):
-        if named or required:
-            raise UserError(f"[{stage}] network instance: checkpoint {path} not found "
-                            f"(run the prune stage or set [{stage}] model_file)")
-        return None
-    ck = load_checkpoint(path)
-    if not named:
-        check_input(ctx, path, "prune", ck.fingerprint, ck.results)
-    return ck, path
-
-
-def network_case(model: Any, mask: dict | None, x: Any, y: Any, k: int, eta: float,
-                 batchnorm: str = "eval") -> PolynomialODE:
-    """Reduced instance (eq. II.65) of ``model`` in float64 and eval mode on the batch ``(x, y)``
-    with the mean cross-entropy: the k largest surviving weights, learning rate ``eta``, BatchNorm
-    layers in ``batchnorm`` mode (``eval`` running statistics, ``train`` the batch's own).
-    """
-    import torch
-
-    from hpcqml.carleman.generators import network_instance
-
-    model = model.double().eval()
-    return network_instance(model, torch.nn.functional.cross_entropy, x.double(), y, k, eta, mask=mask,
-                            batchnorm=batchnorm)

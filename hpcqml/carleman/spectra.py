@@ -1,7 +1,6 @@
-"""SLEPc spectra of the Carleman matrix, the one KSP set-up of the suite's Carleman solves, and
-condition numbers of M (eq. II.28, II.81-II.83).
+"""SLEPc spectra of the Carleman matrix and condition numbers of M (eq. II.28, II.81-II.83).
 
-Methods (all open to ``setFromOptions``; options prefixes: ``-qcm_eps_*`` for the eigensolver,
+Methods (all open to ``setFromOptions``; default options prefixes: ``-qcm_eps_*`` for the eigensolver,
 ``-qcm_svd_*`` for ‖A‖, ‖I+A‖ and σ(M), ``-qcm_ksp_*``/``-qcm_pc_*`` for the time-stepping solve,
 ``-qcm_inv_ksp_*``/``-qcm_inv_svd_*`` for the inverse iteration of σ_min(M)):
 - all eigenvalues of A for Delta <= ``dense_limit``: EPS type LAPACK (dense QR on a
@@ -29,7 +28,7 @@ import numpy as np
 
 from hpcqml.errors import NumericalError
 from hpcqml.modes import dissipative_counts, dissipative_mean, is_dissipative  # noqa: F401  (re-exported)
-from hpcqml.petsc import PetscOwner, checked_solve, configure, make_ksp  # noqa: F401  (PetscOwner, make_ksp: old home)
+from hpcqml.petsc import PetscOwner, checked_solve, configure, make_ksp
 
 PREFIX = "qcm_"
 INVERSE_PREFIX = "qcm_inv_"

@@ -31,9 +31,11 @@ from hpcqml.petsc import PetscOwner, to_numpy_all, to_numpy_root
 
 @dataclass
 class KspFacts:
-    """The gathered solution X ((T+1) x Delta, float64) and what the solver did.
+    """The solution X ((T+1) x Delta, float64) and what the solver did.
 
-    X is on every rank (``gather="all"``) or on rank 0 only, None elsewhere (``gather="root"``).
+    X is on every rank (``gather="all"``), on rank 0 only (``gather="root"``) or nowhere
+    (``gather="none"``); ``local`` always holds this rank's entries [r0, r1) of the flat X
+    (``row_range``), the rows of M this rank owns.
     """
 
     X: np.ndarray | None
@@ -43,6 +45,8 @@ class KspFacts:
     pc_type: str
     residual_norm: float
     seconds: float
+    local: np.ndarray
+    row_range: tuple[int, int]
 
 
 @dataclass
@@ -108,19 +112,20 @@ class CarlemanCase(PetscOwner):
         """Solve M X = B with the suite's KSP; :class:`NumericalError` when it does not converge.
 
         Args:
-            gather: ``all`` (X on every rank) or ``root`` (X on rank 0 only: the solution stays
-                distributed until it is written).
+            gather: ``all`` (X on every rank), ``root`` (X on rank 0 only) or ``none`` (the
+                solution stays distributed: only this rank's part, ``KspFacts.local``).
 
         Returns:
             The solution and the solver's account of it.
         """
-        if gather not in ("all", "root"):
-            raise ValueError(f"CarlemanCase.solve: gather = {gather!r} is not 'all' or 'root'")
+        if gather not in ("all", "root", "none"):
+            raise ValueError(f"CarlemanCase.solve: gather = {gather!r} is not 'all', 'root' or 'none'")
         x, its, reason, kt, pt, resid, sec = solve_ksp(self.M, self.B, rtol=self.rtol, prefix=self.prefix, owner=self)
-        flat = to_numpy_all(x) if gather == "all" else to_numpy_root(x)
+        flat = {"all": to_numpy_all, "root": to_numpy_root, "none": lambda _x: None}[gather](x)
         X = None if flat is None else flat.reshape(self.T + 1, self.delta)
+        r0, r1 = x.getOwnershipRange()
         return KspFacts(X=X, iterations=its, reason=reason, ksp_type=kt, pc_type=pt, residual_norm=resid,
-                        seconds=sec)
+                        seconds=sec, local=np.array(x.getArray(), dtype=np.float64), row_range=(int(r0), int(r1)))
 
     def eigenvalues(self, dense_limit: int = 3000, nev: int = 20, tol: float = 1e-10) -> tuple[np.ndarray, str]:
         """Eigenvalues of A and the method (:func:`spectra.eigenvalues`)."""
@@ -134,12 +139,14 @@ class CarlemanCase(PetscOwner):
 
     def norms(self, tol: float = 1e-10, dense_limit: int = 3000) -> Norms:
         """‖I+A‖₂, ‖A‖₂ by SVD, σ_min(A) by dense SVD up to ``dense_limit`` rows (exact 0 for A = 0)."""
-        kw = {"tol": tol, "dense_limit": dense_limit, "prefix": self.prefix}
-        norm_IA, method = spectra.singular_value(self.identity_plus_A(), self, "largest", **kw)
-        norm_A, _ = spectra.singular_value(self.A, self, "largest", **kw)
+        def sv(mat: Any, which: str) -> tuple[float, str]:
+            return spectra.singular_value(mat, self, which, tol=tol, dense_limit=dense_limit, prefix=self.prefix)
+
+        norm_IA, method = sv(self.identity_plus_A(), "largest")
+        norm_A, _ = sv(self.A, "largest")
         smin = float("nan")
         if self.delta <= dense_limit:
-            smin, _ = spectra.singular_value(self.A, self, "smallest", **kw)
+            smin, _ = sv(self.A, "smallest")
         return Norms(norm_IA=norm_IA, norm_A=norm_A, sigma_min_A=smin, method=method)
 
     def condition(self, norm_IA: float, tol: float = 1e-10, dense_limit: int = 3000) -> spectra.ConditionReport:

@@ -36,6 +36,7 @@ from hpcqml.errors import ConfigError, UserError
 from hpcqml.hhl.statevector import CLOCK_MAPPINGS
 from hpcqml.hhl.systems import FORMATS
 from hpcqml.stages import Stage, StageContext, register
+from hpcqml.stages._estimates import chain, check_hhl_network_model, hhl_reads
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -75,8 +76,9 @@ SCHEMA = {
     "clock_mapping": Field(str, "default", choices=CLOCK_MAPPINGS,
                            doc="default: eigenvalues +-1 on clock values +-(2^c/2 - 1); exact: t0 = 2 pi m / 2^c "
                                "with the least m that puts every eigenvalue on a clock value (default if none)"),
-    "max_dim": Field(int, 4096, min=2, doc="statevector method: refuse embedded (dilated, padded) systems larger "
-                                           "than this; also the row limit for system_file"),
+    "max_dim": Field(int, 4096, min=2, affects_results=False,
+                     doc="statevector method: refuse embedded (dilated, padded) systems larger "
+                         "than this; also the row limit for system_file"),
     "method": Field(str, "auto", choices=METHODS,
                     doc="statevector: dense clock-register simulation (D <= max_dim); krylov: Chebyshev matrix "
                         "functions of the sparse distributed operator; auto: statevector up to "
@@ -752,4 +754,5 @@ def estimate_memory(cfg: Any, ranks: int, memory_per_rank: float, found: Any) ->
 
 register(Stage(name="hhl", schema=SCHEMA, run=run,
                doc="simulated HHL / truncated HHL on Carleman or file systems, resources, read-out (eq. II.77-II.99)",
-               checks=(check_before_run,), estimate=estimate_memory))
+               checks=(check_before_run,), order=70, reads=hhl_reads,
+               estimate=chain(check_hhl_network_model, estimate_memory)))

@@ -42,7 +42,7 @@ import numpy as np
 
 from hpcqml.config import Field
 from hpcqml.errors import UserError
-from hpcqml.preflight import MEMORY_WARN_FRACTION, machine_memory_bytes
+from hpcqml.preflight import MEMORY_WARN_FRACTION, krylov_basis_bytes, machine_memory_bytes
 from hpcqml.stages import Stage, StageContext, register
 from hpcqml.stages._estimates import estimate_spectrum, spectrum_reads
 
@@ -80,7 +80,8 @@ SCHEMA = {
                      doc="estimates adaptive stopping must resolve, in the primary convention: trace, "
                          "negative_mass, dissipative_fraction (Delta+/Delta with the cutoff), fidelity_ii93, "
                          "error_proxy (E(t) at every proxy_t)"),
-    "groups": Field(int, 1, min=1, affects_results=False, doc="probe groups running different probes at once (<= ranks)"),
+    "groups": Field(int, 1, min=1, affects_results=False,
+                    doc="probe groups running different probes at once (<= ranks)"),
     "reorth": Field(str, "full", choices=("full", "none"), doc="reorthogonalisation against the sharded basis"),
     "basis_device": Field(str, "auto", choices=("auto", "cpu"), affects_results=False,
                           doc="where the Krylov basis lives: the model's device, or host memory"),
@@ -118,6 +119,13 @@ SCHEMA = {
                        doc="which extreme eigenpairs: largest / smallest eigenvalues, both ends (half each) or "
                            "largest |lambda|"),
     "eigenvectors": Field(bool, False, doc="store the top_k eigenvectors too (n values each, chunked by rows)"),
+    "curvature": Field(list, ["hessian"], item=str, min_items=1,
+                       doc="curvature matrices measured: hessian, ggn, fisher, empirical-fisher, hessian-minus-ggn"),
+    "blocks": Field(list, [], item=str,
+                    doc="diagonal blocks measured too: ['layer'], ['module'] or parameter-name patterns; [] = none"),
+    "batchnorm": Field(str, "eval", choices=("eval", "train"),
+                       doc="batch normalisation during products: running statistics (eval) or batch statistics"),
+    "fisher_samples": Field(int, 1, min=1, doc="labels drawn per sample for the Monte-Carlo Fisher"),
     "precision": Field(str, "tf32", choices=("tf32", "fp32"),
                        doc="float32 matmul/convolution precision on CUDA (TF32 or strict fp32); CPU is always fp32"),
 }
@@ -274,52 +282,65 @@ class StepProgress:
         self.bar, self.probe = None, None
 
 
-def _stored_route(ctx: StageContext) -> str | None:
-    """The product route recorded with any committed probe of this file (None: none yet)."""
-    if ctx.store.is_replacing("spectrum"):
-        return None
-
-    def find(fh: Any) -> str | None:
-        for g in fh.get("spectrum", {}).values():
-            for key, probe in g.items():
-                if key.startswith("probe_") and "route" in probe.attrs:
-                    value = probe.attrs["route"]
-                    return value.decode() if isinstance(value, bytes) else str(value)
-        return None
-    return ctx.store.read(find)
-
-
 def decide_route(ctx: StageContext, st: "Prepared") -> str:
     """The route of the operator, deciding ``auto`` once: both routes are timed on one
     product and world rank 0's choice is used by every group.
     """
     import torch
 
-    op = st.op
+    op = st.hessian
     if op.route != "auto":
         return op.route
-    op.matvec(torch.ones(st.n, dtype=st.dtype, device=ctx.device()))
+    op.matvec(torch.ones(op.n, dtype=st.dtype, device=ctx.device()))
     route = ctx.comm.bcast(op.route, root=0) if ctx.size > 1 else op.route
     timings = ", ".join(f"{k} {v:.3g} s" for k, v in getattr(op, "route_timings", {}).items())
     ctx.log(f"product route: {route} (decided once, timed on one product: {timings})")
     return route
 
 
+def run_decisions(ctx: StageContext, ops: dict[str, "Prepared"], precision: str) -> str:
+    """The Hessian product route of this run, fixed once per results file before its first probe.
+
+    The route (``auto`` timed once on the first Hessian operator, :func:`decide_route`; the
+    device type's fixed route when no Hessian is measured), the matrix-multiply precision and
+    the device type are committed to ``spectrum/decisions`` the first time and read back on
+    every resume, so a timing-based choice never flips between invocations (collective).
+
+    Returns:
+        The stored route when ``route = "auto"``, else the configured route.
+    """
+    from hpcqml.hessian.hvp import default_route
+
+    hessians = [st for st in ops.values() if st.hessian is not None]
+
+    def choose() -> dict[str, Any]:
+        route = decide_route(ctx, hessians[0]) if hessians else default_route(ctx.device())
+        return {"route": route, "precision": precision, "device": ctx.device().type}
+    choice = ctx.store.decide_once("spectrum/decisions", choose)
+    route = str(choice["route"]) if ctx.cfg["route"] == "auto" else ctx.cfg["route"]
+    for st in hessians:
+        st.hessian.route = route
+    return route
+
+
 def check_sizes(ctx: StageContext, label: str, n: int, layout: Any, dtype: torch.dtype, basis_device: Any,
-                steps: int) -> None:
-    """Refuse more Lanczos steps than dimensions; warn when a basis of ``steps`` vectors may not fit in memory."""
+                steps: int, block: bool = False) -> None:
+    """Refuse more Lanczos steps than dimensions (a diagonal block, ``block``, smaller than
+    ``lanczos_steps`` is measured with ``n`` steps instead); warn when a basis of ``steps``
+    vectors may not fit in memory.
+    """
     import torch
 
     from hpcqml.parallel import node_rank_and_size
 
-    if ctx.cfg["lanczos_steps"] > n:
+    if ctx.cfg["lanczos_steps"] > n and not block:
         steps = ctx.cfg["lanczos_steps"]
         raise UserError(f"[spectrum] lanczos_steps = {steps} exceeds the dimension n = {n} of {label}'s "
                         f"parameter space; use at most {n}")
     if ctx.cfg["reorth"] != "full":
         return
     gsize = 1 if layout.comm is None else layout.comm.Get_size()
-    per_rank = steps * (-(-n // gsize)) * torch.empty((), dtype=dtype).element_size()
+    per_rank = krylov_basis_bytes(steps, n, gsize, torch.empty((), dtype=dtype).element_size())
     dev = torch.device(basis_device)
     if dev.type == "cuda":
         available = torch.cuda.mem_get_info(dev)[1]
@@ -350,7 +371,7 @@ def _check_origins(ctx: StageContext, states: list[tuple[str, Path]]) -> None:
     if producer is None:
         return
     for label, path in states:
-        if _up_to_date(ctx, label):
+        if _state_done(ctx, label):
             continue
         origin = decide_on_root(ctx.comm, lambda p=path: read_origin(p))
         if origin is not None:
@@ -359,21 +380,80 @@ def _check_origins(ctx: StageContext, states: list[tuple[str, Path]]) -> None:
 
 @dataclass
 class Prepared:
-    """One model state ready for products: its checkpoint, operator and batch description."""
+    """One curvature operator of a model state ready for products: its checkpoint, operator
+    and batch description.
+    """
 
     ck: Any
     op: Any
     n: int
     fmt: torch.memory_format
     dtype: torch.dtype
+    kind: str = "hessian"
+    block: str = ""
+    #: the Hessian the operator products go through (owner of the product route), or None
+    hessian: Any = None
 
 
-def prepare_state(ctx: StageContext, path: Path, layout: Any, data: Any, route: str) -> Prepared:
-    """Load a checkpoint and build the Hessian operator of its fixed batch on this group."""
+def _hessian_part(kind: str, op: Any) -> Any:
+    """The Hessian operator inside a curvature operator of ``kind`` (None: it has none)."""
+    if kind == "hessian":
+        return op
+    if kind == "hessian-minus-ggn":
+        return op.terms[0][1]
+    return None
+
+
+def operator_label(label: str, name: str) -> str:
+    """The results group of operator ``name`` (``kind`` or ``kind/block``) of model state
+    ``label``: the plain Hessian keeps the state's own group.
+    """
+    return label if name == "hessian" else f"{label}/{name}"
+
+
+def block_rule(blocks: list[str]) -> str | list[str]:
+    """``[spectrum] blocks`` as :func:`hpcqml.hessian.blocks.partition` takes it."""
+    return blocks[0] if blocks in (["layer"], ["module"]) else list(blocks)
+
+
+def check_curvature(ctx: StageContext) -> None:
+    """Pre-run check: every ``curvature`` entry names a known operator, once, and no block
+    pattern would split a results group name.
+    """
+    from hpcqml.hessian.curvature import KINDS
+
+    kinds = ctx.cfg["curvature"]
+    for kind in kinds:
+        if kind not in KINDS:
+            raise UserError(f"[spectrum] curvature = {kind!r}: not one of {', '.join(KINDS)}")
+    if len(set(kinds)) != len(kinds):
+        raise UserError(f"[spectrum] curvature = {kinds}: a kind is named twice")
+    bad = [b for b in ctx.cfg["blocks"] if "/" in b or not b.strip()]
+    if bad:
+        raise UserError(f"[spectrum] blocks: {bad[0]!r} is empty or holds '/'; name parameter patterns without '/'")
+
+
+def _state_done(ctx: StageContext, label: str) -> bool:
+    """True when every operator of ``label`` has an up-to-date result (unknown with blocks,
+    whose names need the model: False, and each block is checked when the state is loaded).
+    """
+    if ctx.cfg["blocks"]:
+        return False
+    return all(_up_to_date(ctx, operator_label(label, k)) for k in ctx.cfg["curvature"])
+
+
+def prepare_state(ctx: StageContext, path: Path, layout: Any, data: Any, route: str) -> dict[str, Prepared]:
+    """Load a checkpoint and build the curvature operators of its fixed batch on this group.
+
+    Returns:
+        ``{name: prepared operator}``, names as :func:`hpcqml.hessian.curvature.build_curvature`
+        gives them (``kind``, and ``kind/block`` for each diagonal block).
+    """
     import torch
 
     from hpcqml.data.batches import batch_indices, shard, to_tensor
-    from hpcqml.hessian.hvp import HessianOperator, param_space
+    from hpcqml.hessian.curvature import build_curvature
+    from hpcqml.hessian.hvp import param_space, resolve_route
     from hpcqml.training.checkpoint import load_checkpoint
 
     cfg = ctx.cfg
@@ -389,9 +469,20 @@ def prepare_state(ctx: StageContext, path: Path, layout: Any, data: Any, route: 
     mine = shard(idx, gcomm.Get_rank(), gcomm.Get_size())
     x = to_tensor(data.train_x[mine]).to(device=device, dtype=space.dtype).contiguous(memory_format=fmt)
     y = torch.from_numpy(data.train_y[mine]).to(device)
-    op = HessianOperator(model, x, y, cfg["batch_size"], comm=gcomm, space=space,
-                         micro_batch=cfg["micro_batch"], route=route, perf=ctx.perf)
-    return Prepared(ck=ck, op=op, n=space.n, fmt=fmt, dtype=space.dtype)
+    kw: dict[str, Any] = dict(
+        wrt=cfg["wrt"], mask=ck.mask, route=resolve_route(route, device), batchnorm=cfg["batchnorm"],
+        micro_batch=cfg["micro_batch"], num_data=cfg["batch_size"], comm=gcomm,
+        seed=_probe_seed(int(ctx.run_cfg["seed"]), ck.step), mc_samples=cfg["fisher_samples"],
+        check_finite=False, perf=ctx.perf)
+    ops = build_curvature(cfg["curvature"], model, (x, y), None, **kw)
+    if cfg["blocks"]:
+        ops.update(build_curvature(cfg["curvature"], model, (x, y), None, blocks=block_rule(cfg["blocks"]), **kw))
+    out = {}
+    for name, op in ops.items():
+        kind, _, block = name.partition("/")
+        out[name] = Prepared(ck=ck, op=op, n=op.n, fmt=fmt, dtype=space.dtype, kind=kind, block=block,
+                             hessian=_hessian_part(kind, op))
+    return out
 
 
 def run_probe_list(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, pseed: int,
@@ -623,9 +714,7 @@ def adapt(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, p
         if todo:
             if not decided:
                 basis_device = "cpu" if cfg["basis_device"] == "cpu" else ctx.device()
-                check_sizes(ctx, label, st.n, layout, st.dtype, basis_device, budget.max_steps)
-                route = decide_route(ctx, st)
-                st.op.route = route
+                check_sizes(ctx, label, st.n, layout, st.dtype, basis_device, budget.max_steps, bool(st.block))
                 decided = True
             run_probe_list(ctx, label, st, layout, stop, pseed, route, todo, m)
             stored.update({p: m for p in todo})
@@ -754,21 +843,34 @@ def result_writer(spec: Any, cfg: dict[str, Any], eta: float,
 
 def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: Any, route: str,
                   stop: Any) -> str:
-    """Run (or resume, or extend) SLQ for one model state and commit its probes and result.
+    """Run (or resume, or extend) SLQ for every curvature operator of one model state and
+    commit their probes and results (each under :func:`operator_label`).
 
     Returns:
-        The product route used (decided here when ``route`` is ``auto``).
+        The Hessian product route (decided here once per results file when ``route`` is ``auto``).
     """
     cfg = ctx.cfg
-    st = prepare_state(ctx, path, layout, data, route)
-    pseed = _probe_seed(int(ctx.run_cfg["seed"]), st.ck.step)
+    ops = prepare_state(ctx, path, layout, data, route)
     eta, eta_source = train_eta(ctx)
-    with matmul_precision(cfg["precision"], ctx.device(), st.dtype) as precision:
-        out, route = adapt(ctx, label, st, layout, stop, pseed, route, eta)
-        if cfg["top_k"] and not ctx.store.is_complete(f"spectrum/{label}/eigenpairs"):
-            if st.op.route == "auto":
-                st.op.route = route = decide_route(ctx, st)
-            measure_eigenpairs(ctx, label, st, layout, pseed)
+    with matmul_precision(cfg["precision"], ctx.device(), next(iter(ops.values())).dtype) as precision:
+        route = run_decisions(ctx, ops, precision)
+        for name, st in ops.items():
+            sub = operator_label(label, name)
+            if not _up_to_date(ctx, sub):
+                measure_operator(ctx, sub, path, st, layout, stop, route, (eta, eta_source), precision)
+    return route
+
+
+def measure_operator(ctx: StageContext, label: str, path: Path, st: Prepared, layout: Any, stop: Any,
+                     route: str, eta_and_source: tuple[float, str], precision: str) -> None:
+    """Run (or resume, or extend) SLQ for one operator and commit its probes, eigenpairs and result."""
+    cfg = ctx.cfg
+    pseed = _probe_seed(int(ctx.run_cfg["seed"]), st.ck.step)
+    eta, eta_source = eta_and_source
+    route = route if st.hessian is not None else "none"
+    out, route = adapt(ctx, label, st, layout, stop, pseed, route, eta)
+    if cfg["top_k"] and not ctx.store.is_complete(f"spectrum/{label}/eigenpairs"):
+        measure_eigenpairs(ctx, label, st, layout, pseed)
     spec = out.spec
     used = ctx.store.read(lambda fh: [str(fh[f"spectrum/{label}/probe_{p:03d}"].attrs.get("route", route))
                                       for p in range(out.probes)])
@@ -776,6 +878,7 @@ def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: 
     trace = spec.trace()
     budget = Budget.from_config(cfg, st.n, layout.count)
     attrs = {"n": st.n, "model_name": st.ck.model_name, "model_step": st.ck.step, "checkpoint": str(path),
+             "curvature": st.kind, "block": st.block, "batchnorm": cfg["batchnorm"],
              "wrt": cfg["wrt"], "batch_size": cfg["batch_size"], "micro_batch": cfg["micro_batch"],
              "route": ",".join(sorted(set(used))), "route_setting": cfg["route"],
              "precision": precision, "precision_setting": cfg["precision"],
@@ -794,7 +897,6 @@ def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: 
     ctx.log(f"{label}: {out.probes} probes x {out.steps} steps, stopped: {out.reason}; lambda in "
             f"[{lmin:.4g}, {lmax:.4g}], trace {trace.text()}, Delta+/Delta ({cfg['convention']}) "
             f"{frac.text('{:.3f}')}" + (f"; unresolved: {attrs['unresolved']}" if out.unresolved else ""))
-    return route
 
 
 #: values per HDF5 chunk of a stored eigenvector row
@@ -917,12 +1019,11 @@ def run(ctx: StageContext) -> None:
     states = _states(ctx)
     _check_origins(ctx, states)
     layout = probe_groups(ctx.comm, ctx.cfg["groups"])
-    route = _stored_route(ctx) if ctx.cfg["route"] == "auto" else None
-    route = route or ctx.cfg["route"]
+    route = ctx.cfg["route"]
     data = None
     with StopFlag() as stop:
         for i, (label, path) in enumerate(states):
-            if not _up_to_date(ctx, label):
+            if not _state_done(ctx, label):
                 if data is None:
                     data = load_cifar100(_data_root(ctx))
                 route = measure_state(ctx, label, path, layout, data, route, stop)
@@ -969,4 +1070,4 @@ def check_data_present(ctx: StageContext) -> None:
 
 register(Stage(name="spectrum", schema=SCHEMA, run=run, order=50, reads=spectrum_reads, estimate=estimate_spectrum,
                doc="Hessian spectral densities by distributed SLQ and the error proxy (eq. III.10-III.13)",
-               checks=(check_snapshots_present, check_data_present)))
+               checks=(check_curvature, check_snapshots_present, check_data_present)))

@@ -18,6 +18,7 @@ from hpcqml.carleman import timestepping as ts
 from hpcqml.carleman.instance import PolynomialODE, lift
 from hpcqml.carleman.system import CarlemanCase
 from hpcqml.parallel import block_bounds
+from hpcqml.petsc import PetscOwner
 
 COMM = MPI.COMM_WORLD
 
@@ -151,8 +152,8 @@ def test_zero_carleman_matrix_is_exact_on_every_rank_count():
 @pytest.mark.timeout(120)
 def test_extremal_eigenvalues_beyond_dense_limit():
     ode = gen.scale_step(gen.random_quadratic(4, 0.7, 3), 0.25)
-    A, _ = pa.assemble_carleman(ode, 3, COMM)
-    with spectra.PetscOwner() as owner:
+    with PetscOwner() as owner:
+        A, _ = pa.assemble_carleman(ode, 3, COMM, owner=owner)
         eigs, method = spectra.eigenvalues(A, owner, dense_limit=10, nev=4, tol=1e-12)
     dense = np.linalg.eigvals(ref.carleman_matrix(ode, 3).toarray())
     assert "krylovschur" in method
@@ -233,3 +234,42 @@ def test_discrete_lift_assembly_and_ksp_equal_reference(name, noise):
         X = case.solve().X
     # KSP rtol 1e-12 on unit lower-triangular M of norm <= 3: same numbers as one rank to 1e-12
     np.testing.assert_allclose(X, discrete.trajectory(ode, N, T), rtol=0, atol=1e-12)
+
+
+def test_solution_gathered_to_root_only():
+    """solve(gather="root"): rank 0 holds the same X as the all-ranks gather, the others hold nothing."""
+    ode = gen.scale_step(gen.random_quadratic(3, 0.5, 2), 0.25)
+    with CarlemanCase(ode, 2, 5, COMM) as case:
+        X_all = case.solve().X
+        X_root = case.solve(gather="root").X
+    if COMM.Get_rank() == 0:
+        # the same KSP solve twice on the same ranks; 1e-13 allows for a reduction order that is not fixed
+        np.testing.assert_allclose(X_root, X_all, rtol=1e-13, atol=1e-15)
+    else:
+        assert X_root is None
+
+
+def test_distributed_errors_match_the_gathered_ones(monkeypatch):
+    """With X left distributed (above the store-whole limit) eta_1, y_1 and ||eta(t)|| equal the
+    values computed from the gathered X (eq. II.8).
+
+    Both reports solve M X = B afresh with the same KSP on the same ranks; eta_1 and y_1 are the
+    solution's numbers moved, and ||eta(t)|| is a sum of squares added over ranks instead of one
+    norm, which differs by a few ulps: 1e-13 relative covers both.
+    """
+    from hpcqml.carleman import analysis
+    from hpcqml.carleman.cases import random_instance
+
+    cfg = {"T": 6, "N": [2], "N_ref": 0, "ref_max_dim": 20000, "eps": 1e-3, "dense_limit": 3000, "nev": 20,
+           "svd_tol": 1e-10, "ksp_rtol": 1e-12, "kappa": False, "power_norm_flops": 2e9}
+    ode = random_instance("random", 3, 0.5, 4, eta=0.25, u_scale=0.1)
+    case = analysis.CaseReference(cfg, "t", ode, {"seed": 4})
+    whole = analysis.order_report(case, cfg, 2, COMM)
+    monkeypatch.setattr(analysis, "STORE_WHOLE_LIMIT", 0)
+    split = analysis.order_report(case, cfg, 2, COMM)
+    np.testing.assert_allclose(split.arrays["eta1"], whole.arrays["eta1"], rtol=1e-13, atol=1e-18)
+    np.testing.assert_allclose(split.arrays["eta_norm"], whole.arrays["eta_norm"], rtol=1e-13, atol=1e-18)
+    if COMM.Get_rank() == 0:
+        np.testing.assert_allclose(split.arrays["y"], whole.arrays["y"][:, :3], rtol=1e-13, atol=1e-18)
+    else:
+        assert "y" not in split.arrays and "y" not in whole.arrays
