@@ -181,7 +181,9 @@ def read_limited(path: str | os.PathLike, limit: int) -> bytes:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` atomically (``mode``: as :func:`atomic_write`)."""
-    return atomic_write(path, lambda fh: fh.write(data), mode=mode)
+    def write(fh: BinaryIO) -> None:
+        fh.write(data)
+    return atomic_write(path, write, mode=mode)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

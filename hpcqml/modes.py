@@ -48,7 +48,7 @@ def dissipative_mean(a: np.ndarray, weights: np.ndarray | None = None) -> float:
     return float(np.sum(w[plus] * np.real(a[plus])) / np.sum(w[plus]))
 
 
-def fidelity_ii92(delta_plus: int, delta: int, a_plus: float, T: int) -> float:
+def overlap_ii92(delta_plus: int, delta: int, a_plus: float, T: int) -> float:
     """Eq. II.92 with ``kappa_a = 2(T+1)``: ``Delta_+ G / ( ((T+1) Delta)^{1/2} (Delta_+ G + (T+1) Delta_-)^{1/2} )``.
 
     ``G = sum_{t=0}^{T} (1 + a_+)^t = ((1 + a_+)^{T+1} - 1) / a_+`` (``T + 1`` at ``a_+ = 0``).
@@ -73,7 +73,7 @@ def fidelity_ii92(delta_plus: int, delta: int, a_plus: float, T: int) -> float:
     return delta_plus * g / (np.sqrt((T + 1) * delta) * np.sqrt(delta_plus * g + (T + 1) * d_minus))
 
 
-def fidelity_ii93(delta_plus: float | np.ndarray, delta: float | np.ndarray) -> float | np.ndarray:
+def overlap_ii93(delta_plus: float | np.ndarray, delta: float | np.ndarray) -> float | np.ndarray:
     """Eq. II.93, the ``a_+ -> 0^-`` limit of eq. II.92: ``Delta_+ / Delta``.
 
     The one formula of eq. II.93 (and of the ratio Delta_+/Delta of eq. II.28).  ``delta_plus``

@@ -330,7 +330,8 @@ class StateSpectrum:
         xarray = _xarray()
         sp = self.spectrum
         coords = {"probe": np.asarray(sp.probes, dtype=np.int64), "node": np.arange(sp.nodes.shape[1])}
-        data = {"theta": (("probe", "node"), sp.nodes, {"units": self.units, "description": "Ritz values"}),
+        data: dict[str, tuple[tuple[str, ...], Any, dict[str, str]]] = {
+                "theta": (("probe", "node"), sp.nodes, {"units": self.units, "description": "Ritz values"}),
                 "weight": (("probe", "node"), sp.weights, {"units": "1", "description": "Gauss weights"}),
                 "residual": (("probe", "node"), sp.residuals,
                              {"units": self.units, "description": "residual bounds of the Ritz pairs"})}

@@ -214,7 +214,7 @@ def test_eta_override_and_paper_primary(tmp_path):
         e = fh["spectrum/step_000000/result/proxy/eta/estimates"]
         assert {"error_proxy_t2", "error_proxy_t4", "dissipative_fraction_nodes", "dissipative_fraction_grid",
                 "dissipative_fraction_grid_half_width", "dissipative_fraction_grid_double_width",
-                "fidelity_ii93"} <= set(e)
+                "overlap_ii93"} <= set(e)
         # the stored curve and the estimate at t = 4 are the same number
         assert e["error_proxy_t4"][0] == pytest.approx(fh["spectrum/step_000000/result/proxy/eta/nodes"][4])
         assert e["error_proxy_t4"].attrs["columns"] == "value, stderr, ci_low, ci_high"

@@ -8,8 +8,8 @@ from hpcqml.hhl.truncated import (
     closed_form_fidelity,
     dissipative_split,
     eigen_coefficients,
-    fidelity_ii92,
-    fidelity_ii93,
+    overlap_ii92,
+    overlap_ii93,
     haar_average_fidelity,
     ii92_against_ii87,
     measured_overlap,
@@ -119,13 +119,13 @@ def test_haar_average_ii89_identity_and_estimate():
 
 def test_ii92_by_hand_and_limit_ii93():
     # Delta_+ = 3, Delta = 4, a_+ = -0.5, T = 1: G = 1 + 0.5 = 1.5, 4.5 / sqrt(8 * 6.5)
-    assert fidelity_ii92(3, 4, -0.5, 1) == pytest.approx(4.5 / np.sqrt(8 * 6.5), rel=1e-14)
+    assert overlap_ii92(3, 4, -0.5, 1) == pytest.approx(4.5 / np.sqrt(8 * 6.5), rel=1e-14)
     for T in (1, 10, 100):
-        assert fidelity_ii92(30, 40, -1e-12, T) == pytest.approx(fidelity_ii93(30, 40), rel=1e-8)
-        assert fidelity_ii92(30, 40, 0.0, T) == pytest.approx(0.75, rel=1e-14)
-    assert fidelity_ii92(0, 5, -0.5, 3) == 0.0
+        assert overlap_ii92(30, 40, -1e-12, T) == pytest.approx(overlap_ii93(30, 40), rel=1e-8)
+        assert overlap_ii92(30, 40, 0.0, T) == pytest.approx(0.75, rel=1e-14)
+    assert overlap_ii92(0, 5, -0.5, 3) == 0.0
     with pytest.raises(UserError):
-        fidelity_ii93(5, 4)
+        overlap_ii93(5, 4)
 
 
 def _carleman_case(f: float, seed: int, eta: float, T: int, N: int = 2):
@@ -157,7 +157,7 @@ def test_ii92_against_ii87_on_the_same_carleman_M_records_the_gap(T):  # noqa: N
     """Random n = 3, N = 2, f = 1, step 0.25, kappa_a = 2(T+1): kappa(M) <= kappa_a, so no eigenvalue is
     truncated and eq. II.87 and its Haar estimate are exactly 1, while eq. II.92 (Delta_- = 0) is
     sqrt(G/(T+1)) with G = sum_t (1 + a_+)^t, far below 1 (measured 0.71-0.87 at T = 4, 0.37-0.57 at T = 20).
-    G is summed term by term here, independently of the closed form in :func:`fidelity_ii92`."""
+    G is summed term by term here, independently of the closed form in :func:`overlap_ii92`."""
     for seed in range(5):
         M, B, a = _carleman_case(1.0, seed, 0.25, T)
         r = ii92_against_ii87(M, B, a, T)

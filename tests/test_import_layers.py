@@ -16,11 +16,11 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "hpcqml"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     ("io", "modes", "config"),
-    ("parallel", "models"),
+    ("parallel", "models", "verify"),
     ("store", "data", "petsc"),
     ("perf", "hessian", "carleman", "training"),
     ("hhl",),
-    ("results", "verify"),
+    ("results",),
     ("report", "info"),
     ("preflight",),
     ("stages",),
@@ -57,8 +57,10 @@ def _imports(path: pathlib.Path) -> set[str]:
             if (node.module or "").startswith("hpcqml"):
                 out.add(node.module or "")
                 # `from hpcqml.stages import data` imports the module hpcqml.stages.data
-                out.update(f"{node.module}.{alias.name}" for alias in node.names
-                           if (PACKAGE.parent / f"{node.module}.{alias.name}".replace(".", "/")).with_suffix(".py").is_file())
+                for alias in node.names:
+                    submodule = f"{node.module}.{alias.name}"
+                    if (PACKAGE.parent / submodule.replace(".", "/")).with_suffix(".py").is_file():
+                        out.add(submodule)
         elif isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names if alias.name.startswith("hpcqml"))
     return out

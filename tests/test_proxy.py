@@ -77,13 +77,13 @@ def test_spectral_ii93_is_the_count_ratio_of_eq_ii93():
     """Equal-weight nodes: the spectral eq. II.93 estimate equals Delta_+/Delta of the
     Carleman-side definition (counts), and eq. II.92 tends to it as a_+ -> 0^-."""
     from hpcqml.hessian.spectrum import Spectrum
-    from hpcqml.modes import fidelity_ii92, fidelity_ii93
+    from hpcqml.modes import overlap_ii92, overlap_ii93
 
     lam = np.array([[0.5, 1.0, 1.5, -0.2, 0.3, 1.9, 2.5, 0.1, -1.0, 0.7]] * 3)  # 7 of 10 in (0, 2)
     spec = Spectrum(n=10, nodes=lam, weights=np.full(lam.shape, 0.1), residuals=np.zeros(lam.shape),
                     quad_forms=np.zeros(3), probes=np.arange(3), steps=np.full(3, 10), breakdown=np.zeros(3, bool))
-    assert spec.fidelity_ii93("paper").value == pytest.approx(fidelity_ii93(7, 10))
-    assert fidelity_ii92(7, 10, -1e-12, 50) == pytest.approx(spec.fidelity_ii93("paper").value, rel=1e-9)
+    assert spec.overlap_ii93("paper").value == pytest.approx(overlap_ii93(7, 10))
+    assert overlap_ii92(7, 10, -1e-12, 50) == pytest.approx(spec.overlap_ii93("paper").value, rel=1e-9)
 
 
 def test_density_width_rule_and_normalisation():

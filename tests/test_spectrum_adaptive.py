@@ -158,7 +158,7 @@ def test_stored_estimates_follow_from_stored_alpha_beta(tmp_path):
         for conv in ("eta", "paper"):
             e = f"proxy/{conv}/estimates"
             expect[f"{e}/dissipative_fraction_nodes"] = spec.dissipative_fraction(conv, eta, 0.4)
-            expect[f"{e}/fidelity_ii93"] = spec.fidelity_ii93(conv, eta)
+            expect[f"{e}/overlap_ii93"] = spec.overlap_ii93(conv, eta)
             for t in (2, 5):
                 expect[f"{e}/error_proxy_t{t}"] = spec.error_proxy(t, conv, eta, 0.4)
         for key, est in expect.items():

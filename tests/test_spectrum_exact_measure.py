@@ -67,7 +67,7 @@ def test_dissipative_fraction_is_the_exact_kept_ratio(exact, convention):
     est = exact["spec"].dissipative_fraction(convention, ETA, CUTOFF)
     assert est.value == pytest.approx(want, abs=TOL)
     want_all = m[:, plus].sum(axis=1).mean()                                         # eq. II.93, no cutoff
-    assert exact["spec"].fidelity_ii93(convention, ETA).value == pytest.approx(want_all, abs=TOL)
+    assert exact["spec"].overlap_ii93(convention, ETA).value == pytest.approx(want_all, abs=TOL)
     assert abs(want - want_all) > 1e-3          # the cutoff matters for this spectrum
 
 

@@ -99,7 +99,7 @@ def test_proxy_both_conventions_closed_form():
     assert spec.dissipative_fraction("paper", cutoff=0.4).value == pytest.approx(0.7)
     assert spec.dissipative_fraction("eta", eta=0.1, cutoff=0.4).value == pytest.approx(0.7)
     # eq. II.93 over all modes: lambda = 0.1 is dissipative too (|1 - 0.1| < 1)
-    assert spec.fidelity_ii93("paper").value == pytest.approx(0.76)
+    assert spec.overlap_ii93("paper").value == pytest.approx(0.76)
     # lambda = 3 diverges for a = -lambda (|1 - 3| = 2) but not for eta = 0.1
     big = from_measure([[3.0, -0.6]] * 3, [[0.5, 0.5]] * 3)
     assert big.dissipative_fraction("paper").value == pytest.approx(0.0)
@@ -122,7 +122,7 @@ def test_heavy_node_near_zero_is_unresolved_and_says_why():
     assert not neg.resolved and neg.note == "quadrature: mass at threshold 0"
     assert neg.res_low <= 0.05 + 1e-12 and neg.res_high >= 0.5      # the heavy node may be below 0
     assert neg.text().startswith("0.05, unresolved (quadrature: mass at threshold 0)")
-    fid = spec.fidelity_ii93("eta", eta=0.1)
+    fid = spec.overlap_ii93("eta", eta=0.1)
     assert not fid.resolved and fid.note.startswith("quadrature")
     proxy = spec.error_proxy(10, convention="eta", eta=0.1, cutoff=0.4)
     assert proxy.res_low <= proxy.value <= proxy.res_high

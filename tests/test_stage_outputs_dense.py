@@ -184,7 +184,7 @@ def test_stored_estimates_recomputed_from_stored_nodes(stage, convention):
         est = pg["estimates"]
         frac = np.sum(w[kept & (g < 1)]) / np.sum(w[kept])          # eq. II.28
         assert est["dissipative_fraction_nodes"][0] == pytest.approx(frac, rel=1e-10)
-        assert est["fidelity_ii93"][0] == pytest.approx(np.sum(w[g < 1]) / np.sum(w), rel=1e-10)   # eq. II.93
+        assert est["overlap_ii93"][0] == pytest.approx(np.sum(w[g < 1]) / np.sum(w), rel=1e-10)   # eq. II.93
         for T in (2, 5):
             assert est[f"error_proxy_t{T}"][0] == pytest.approx(proxy[list(t).index(T)], rel=1e-10)
         # Per probe, each from its own nodes alone.

@@ -329,7 +329,8 @@ def _kappa_attrs(cr: ConditionReport, sums: dict) -> dict:
             "holds_II81_norm_powers": ts.verdict(inv_M, sums["sum_norm_powers"]),
             "kappa_bound_II83": cr.bound_II83, "kappa_bound_general": cr.bound_general,
             "kappa_bound_II81_power_norms": printed,
-            "kappa_bound_II83_applies": cr.II83_applies, "holds_kappa_II83": ts.verdict(cr.kappa, cr.bound_II83),
+            "kappa_bound_II83_applies": cr.II83_applies,
+            "holds_kappa_II83": ts.verdict(cr.kappa, cr.bound_II83) if cr.II83_applies else ts.NOT_EVALUATED,
             "holds_kappa_II81": ts.verdict(cr.kappa, cr.bound_general),
             "holds_kappa_II81_power_norms": ts.verdict(cr.kappa, printed), "kappa_method": cr.method}
 

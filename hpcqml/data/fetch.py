@@ -226,6 +226,7 @@ def fetch(dest: str | Path, *, url: str = OFFICIAL_URL, md5: str = OFFICIAL_MD5,
                 raise UserError(f"fetch: {url}: MD5 {got} does not match the published {md5.lower()}; "
                                 f"the download was deleted, rerun to fetch it again")
             part.replace(archive)
+            return unpack(archive, dest)  # checked as the .part it was
     got = md5_of(archive)
     if got != md5.lower():
         raise InputFileError(f"archive {archive}: MD5 {got} does not match the published {md5.lower()}")

@@ -36,7 +36,7 @@ Modules
 
 Shared definitions live in the low layer :mod:`hpcqml.modes`: the dissipative-mode test
 ``|1 + a| < 1``, the representative a_+ and the formulas of eq. II.92 and eq. II.93
-(``Spectrum.dissipative_fraction`` and ``Spectrum.fidelity_ii93`` evaluate them on SLQ
+(``Spectrum.dissipative_fraction`` and ``Spectrum.overlap_ii93`` evaluate them on SLQ
 masses with a = -lambda or a = -eta*lambda).
 
 Every kernel takes its MPI communicator as an argument; none reads files or configs.

@@ -511,7 +511,10 @@ class DeflatedSLQ:
 
         Every estimate of the spectrum then pools the deflated measures; ``quad_forms`` are
         ``sum(atoms) + y^T H y`` (unbiased for tr H).  A row's weights sum to
-        ``(k + ||P z||^2)/n`` (1 in expectation).
+        ``(k + ||P z||^2)/n`` (1 in expectation).  A row is not the Gauss rule of one Lanczos
+        recurrence, so the proven quadrature brackets do not apply: the spectrum is marked
+        ``certified = False`` and its estimates carry the sampling interval only, never
+        "resolved".
         """
         rows = [self.measure(i) for i in range(len(self.probes))]
         width = max(r[0].size for r in rows)
@@ -520,7 +523,8 @@ class DeflatedSLQ:
                         quad_forms=np.array([float(self.atoms.sum()) + p.quad_form for p in self.probes]),
                         probes=np.array([p.probe for p in self.probes], dtype=np.int64),
                         steps=np.array([p.steps for p in self.probes], dtype=np.int64),
-                        breakdown=np.array([p.breakdown for p in self.probes], dtype=bool), **settings)
+                        breakdown=np.array([p.breakdown for p in self.probes], dtype=bool),
+                        **{"certified": False, **settings})
 
 
 def deflated_probe(deflated: DeflatedOperator, z_local: np.ndarray, probe: int, steps: int,

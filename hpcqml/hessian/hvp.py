@@ -763,7 +763,12 @@ class HessianLinearOperator(CurvatureOperator):
         return super()._local(vps)
 
     def _choose_route(self, vps: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-        """Time every route on this product; rank 0's choice is broadcast."""
+        """Time every route on this product and keep the fastest.
+
+        Every rank times every route (a route that fails here counts as infinitely slow) and
+        the slowest rank's time decides, so all ranks choose the same route, and a route that
+        failed on any rank is never chosen.
+        """
         results = {}
         for name in self._routes:
             if not self._times_route(name):
@@ -780,9 +785,18 @@ class HessianLinearOperator(CurvatureOperator):
                 continue
             _sync(self.device)
             self.route_timings[name] = time.perf_counter() - t0
-        best = min(self.route_timings, key=lambda name: self.route_timings[name])
+        names = sorted(self.route_timings)
+        times = np.array([self.route_timings[name] for name in names], dtype=np.float64)
         if self.comm is not None and self.comm.Get_size() > 1:
-            best = self.comm.bcast(best, root=0)
+            from mpi4py import MPI
+
+            slowest = np.empty_like(times)
+            self.comm.Allreduce(times, slowest, op=MPI.MAX)
+            times = slowest
+            self.route_timings = dict(zip(names, map(float, times), strict=True))
+        if not np.any(np.isfinite(times)):
+            raise NumericalError("hessian route = 'auto': every product route failed on the first product")
+        best = names[int(np.argmin(times))]
         self.route = self._active = best
         if best not in results:
             results[best] = super()._local(vps)

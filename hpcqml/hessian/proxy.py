@@ -31,8 +31,8 @@ divergent modes.
 
 Fidelity estimate (eq. II.93).  The a_+ -> 0^- limit of eq. II.92 is Delta_+/Delta over
 all modes: the dissipative fraction without a cutoff
-(:meth:`hpcqml.hessian.spectrum.Spectrum.fidelity_ii93`).  The formulas of eq. II.92/II.93 are
-:func:`hpcqml.hhl.truncated.fidelity_ii92`/:func:`~hpcqml.hhl.truncated.fidelity_ii93`; the
+(:meth:`hpcqml.hessian.spectrum.Spectrum.overlap_ii93`).  The formulas of eq. II.92/II.93 are
+:func:`hpcqml.hhl.truncated.overlap_ii92`/:func:`~hpcqml.hhl.truncated.overlap_ii93`; the
 dissipative test and a_+ are :func:`hpcqml.carleman.spectra.is_dissipative` and
 :func:`hpcqml.carleman.spectra.dissipative_mean`.
 """
@@ -137,12 +137,12 @@ def dissipation(lam: np.ndarray, mass: np.ndarray, cutoff: float = 0.4, conventi
     lam_k, m_k = _kept(lam, mass, cutoff)
     if m_k.size == 0:
         return Dissipation(float("nan"), float("nan"), float("nan"), float("nan"), float("nan"))
-    from hpcqml.modes import dissipative_mean, fidelity_ii93, is_dissipative
+    from hpcqml.modes import dissipative_mean, overlap_ii93, is_dissipative
 
     a = modes(lam_k, convention, eta)
     g = np.abs(1.0 + a)
     plus = is_dissipative(a)
-    frac = float(fidelity_ii93(float(m_k[plus].sum()), float(m_k.sum())))  # scalars in, float out
+    frac = float(overlap_ii93(float(m_k[plus].sum()), float(m_k.sum())))  # scalars in, float out
 
     def gmean(sel: np.ndarray) -> float:
         if not sel.any():

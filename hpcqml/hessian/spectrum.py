@@ -56,7 +56,7 @@ from hpcqml.hessian.density import Density, density_on_grid, gaussian_density, k
 from hpcqml.hessian.proxy import CONVENTIONS, log_error_proxy, modes
 from hpcqml.hessian.quadrature import (ProbeQuadrature, jacobi_from_measure, power_derivative_sign,
                                        student_quantile)
-from hpcqml.modes import fidelity_ii93, is_dissipative
+from hpcqml.modes import overlap_ii93, is_dissipative
 
 if TYPE_CHECKING:  # the torch-side type only; this module imports no torch
     from hpcqml.hessian.lanczos import LanczosResult
@@ -112,8 +112,10 @@ class Estimate:
 
     @property
     def status(self) -> str:
-        """``resolved``, or ``unresolved (reason)``."""
-        return RESOLVED if self.resolved else f"{UNRESOLVED} ({self.note or 'no reason recorded'})"
+        """``resolved``, ``resolved (conditional: ...)`` or ``unresolved (reason)``."""
+        if self.resolved:
+            return f"{RESOLVED} ({self.note})" if self.note else RESOLVED
+        return f"{UNRESOLVED} ({self.note or 'no reason recorded'})"
 
     @property
     def half_width(self) -> float:
@@ -124,9 +126,10 @@ class Estimate:
         """A report-table entry.
 
         Returns:
-            ``value [low–high]`` (the combined interval) when resolved; otherwise
-            ``value, unresolved (reason)`` followed by the combined interval, or by the
-            quadrature bracket when sampling was not evaluated.
+            ``value [low–high]`` (the combined interval) when resolved, followed by
+            ``(conditional: ...)`` when the bracket rests on an assumed spectral interval;
+            otherwise ``value, unresolved (reason)`` followed by the combined interval, or by
+            the quadrature bracket when sampling was not evaluated.
         """
         v = fmt.format(self.value)
         if np.isfinite(self.low) and np.isfinite(self.high):
@@ -136,7 +139,7 @@ class Estimate:
         else:
             span = ""
         if self.resolved:
-            return f"{v}{span}"
+            return f"{v}{span}" + (f" ({self.note})" if self.note else "")
         return f"{v}, {self.status}{span}"
 
 
@@ -194,6 +197,8 @@ class _Parts:
     mass: bool = False
     evaluated: bool = True
     why: str = ""
+    #: what a proven bracket of this quantity assumes beyond the Lanczos runs ("" for nothing)
+    assumes: str = ""
 
 
 def _pool(kind: str, num: np.ndarray, den: np.ndarray | None) -> np.ndarray:
@@ -205,7 +210,7 @@ def _pool(kind: str, num: np.ndarray, den: np.ndarray | None) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         if kind == "ratio":
             return n / d
-        return np.asarray(fidelity_ii93(n, n + d)) if np.all(d >= 0) else n / (n + d)
+        return np.asarray(overlap_ii93(n, n + d)) if np.all(d >= 0) else n / (n + d)
 
 
 @dataclass
@@ -239,6 +244,9 @@ class Spectrum:
     resolution_mass: float = 0.05
     resolution_rel: float = 0.1
     resolution_abs: float = 0.0
+    #: False for a measure that is not one Lanczos recurrence per probe (deflated SLQ adds exact
+    #: atoms): its quadrature brackets are then not evaluated and nothing is resolved
+    certified: bool = True
     alpha: np.ndarray | None = None
     beta: np.ndarray | None = None
     unit_roundoff: float = F64_UNIT_ROUNDOFF
@@ -429,7 +437,11 @@ class Spectrum:
         return se, se * student_quantile(self.confidence, nv - 1)
 
     def _judge(self, est: Estimate, parts: _Parts, se: float) -> tuple[bool, str]:
-        """Whether the combined interval meets the tolerance and, if not, why."""
+        """Whether the combined interval meets the tolerance and, if not, why; a resolved
+        quantity whose bracket rests on an assumption says so (``conditional: ...``).
+        """
+        if not self.certified:
+            return False, "quadrature: not evaluated (the measure is not one Lanczos recurrence per probe)"
         if not parts.evaluated:
             return False, f"quadrature: not evaluated ({parts.why})"
         if not (np.isfinite(est.res_low) and np.isfinite(est.res_high)):
@@ -438,7 +450,7 @@ class Spectrum:
             return False, NOT_EVALUATED
         half = est.half_width
         if np.isfinite(half) and half <= est.tolerance:
-            return True, ""
+            return True, f"conditional: {parts.assumes}" if parts.assumes else ""
         quad_half = 0.5 * (est.res_high - est.res_low)
         samp_half = 0.5 * (est.ci_high - est.ci_low)
         if quad_half >= samp_half:
@@ -547,7 +559,7 @@ class Spectrum:
                            "the smoothed density has no proven bound")
         return self._estimate(parts, clip=(0.0, 1.0), tol_abs=tol_abs, tol_rel=tol_rel)
 
-    def fidelity_ii93(self, convention: str = "eta", eta: float | None = None, tol_abs: float | None = None,
+    def overlap_ii93(self, convention: str = "eta", eta: float | None = None, tol_abs: float | None = None,
                       tol_rel: float | None = None) -> Estimate:
         """Eq. II.93 estimate of the truncated-HHL fidelity: Delta_+/Delta over all modes."""
         return self.dissipative_fraction(convention, eta, cutoff=0.0, tol_abs=tol_abs, tol_rel=tol_rel)
@@ -598,7 +610,9 @@ class Spectrum:
                 dlo[r], dhi[r] = 1.0 - gh, 1.0 - gl
             else:
                 dlo[r] = dhi[r] = 1.0
-        return _Parts("ratio", num, nlo, nhi, den, dlo, dhi, points=points)
+        source = self.spectral_interval()[2]
+        assumes = "" if source == "given" else f"spectrum within [{a:.4g}, {b:.4g}] (extreme Ritz values +- residuals)"
+        return _Parts("ratio", num, nlo, nhi, den, dlo, dhi, points=points, assumes=assumes)
 
     def error_proxy(self, t: float, convention: str = "eta", eta: float | None = None, cutoff: float = 0.4,
                     tol_abs: float | None = None, tol_rel: float | None = None) -> Estimate:

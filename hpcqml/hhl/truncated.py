@@ -29,7 +29,7 @@ import numpy as np
 
 from hpcqml.errors import UserError
 from hpcqml.hhl.statevector import HermitianSystem, HHLResult
-from hpcqml.modes import dissipative_counts, dissipative_mean, fidelity_ii92, fidelity_ii93
+from hpcqml.modes import dissipative_counts, dissipative_mean, overlap_ii92, overlap_ii93
 
 
 def _check_kappa(kappa_a: float) -> float:
@@ -145,8 +145,8 @@ def ii92_against_ii87(M: np.ndarray, B: np.ndarray, carleman_eigenvalues: np.nda
     return {
         "overlap_ii87": closed_form_fidelity(lam, beta, kappa),
         "overlap_haar": haar_average_fidelity(spec, kappa),
-        "overlap_ii92": fidelity_ii92(d_plus, d_all, a_plus, T) if d_plus else 0.0,
-        "overlap_ii93": float(fidelity_ii93(d_plus, d_all)),
+        "overlap_ii92": overlap_ii92(d_plus, d_all, a_plus, T) if d_plus else 0.0,
+        "overlap_ii93": float(overlap_ii93(d_plus, d_all)),
         "Delta_plus": float(d_plus), "Delta": float(d_all), "a_plus": a_plus, "kappa_a": kappa,
         "ill_fraction": float(np.mean(np.abs(spec) < 1.0 / kappa)),
     }

@@ -110,12 +110,17 @@ def _perf_md(res: Results) -> list[str]:
     return ["### Stage timings", ""] + lines + [""]
 
 
+#: names of estimates in files of older versions (eq. II.93 is an unsquared overlap)
+_OLDER_NAMES = {"overlap_ii93": "fidelity_ii93"}
+
+
 def _estimate_text(group: h5py.Group, name: str, fmt: str = "{:.4g}") -> str:
     """A stored estimate as :meth:`hpcqml.hessian.spectrum.Estimate.text` prints it, with the
     bootstrap interval ``(ci_low–ci_high)`` after a known standard error.
     """
     from hpcqml.hessian.spectrum import Estimate
 
+    name = name if name in group else _OLDER_NAMES.get(name, name)
     if name not in group:
         return "–"
     d = group[name]
@@ -124,7 +129,7 @@ def _estimate_text(group: h5py.Group, name: str, fmt: str = "{:.4g}") -> str:
     if f"{name}_combined" in group:  # proven bracket and combined interval stored
         low, high = (float(v) for v in group[f"{name}_combined"][()])
         note = d.attrs.get("note", "")
-        return Estimate(value, se, lo, hi, resolved=bool(d.attrs.get("resolved", True)),
+        return Estimate(value, se, lo, hi, resolved=bool(d.attrs.get("resolved", False)),
                         note=note.decode() if isinstance(note, bytes) else str(note),
                         res_low=float(res[0]), res_high=float(res[1]), low=low, high=high).text(fmt)
     # A file of an older version has no proven bracket: its number is shown with its standard
@@ -157,7 +162,7 @@ def _convention_rows(label: str, res: h5py.Group) -> list[str]:
                           for w in ("grid_half_width", "grid", "grid_double_width"))
         rows.append(f"| {label} | {a_def}{' (primary)' if conv == primary else ''} | "
                     f"{_estimate_text(e, 'dissipative_fraction_nodes', '{:.3f}')} | {grid} | "
-                    f"{_estimate_text(e, 'fidelity_ii93', '{:.3f}')} | "
+                    f"{_estimate_text(e, 'overlap_ii93', '{:.3f}')} | "
                     + "; ".join(f"E({k[len('error_proxy_t'):]}) = {_estimate_text(e, k)}" for k in proxies) + " |")
     return rows
 
@@ -238,7 +243,7 @@ def _not_numbers(e: h5py.Group) -> tuple[dict[str, str], list[str]]:
         if not isinstance(d, h5py.Dataset) or d.shape != (4,) or \
                 name.endswith(("_resolution", "_per_probe", "_combined", "_per_probe_bounds")):
             continue
-        if not bool(d.attrs.get("resolved", True)):
+        if not bool(d.attrs.get("resolved", False)):
             note = d.attrs.get("note", "")
             unresolved[name] = note.decode() if isinstance(note, bytes) else str(note)
         elif not np.isfinite(float(d[()][1])):

@@ -257,7 +257,7 @@ def _unresolved_proxies(fh: h5py.File, convention: str) -> tuple[int, int]:
             continue
         total += 1
         e = fh[key]
-        count += any(not bool(e[k].attrs.get("resolved", True)) for k in e
+        count += any(not bool(e[k].attrs.get("resolved", False)) for k in e
                      if k.startswith("error_proxy_t") and not k.endswith("_per_probe"))
     return count, total
 

@@ -343,7 +343,7 @@ def _carleman_facts(problem: _Problem, eps: float) -> dict[str, Any]:
     from hpcqml.carleman.reference import exact_recurrence
     from hpcqml.hhl import resources as res
     from hpcqml.hhl.truncated import dissipative_split
-    from hpcqml.modes import fidelity_ii92, fidelity_ii93
+    from hpcqml.modes import overlap_ii92, overlap_ii93
 
     ode, T = problem.ode, problem.sizes["T"]
     A_dense = problem.A.toarray()
@@ -359,8 +359,8 @@ def _carleman_facts(problem: _Problem, eps: float) -> dict[str, Any]:
     m = max(res.qubits_for(ode.n), 1)
     return {
         "qcm_eigenvalues": qcm_eigs,
-        "split": _split_attrs(d_plus, d_all, a_plus, fidelity_ii92(d_plus, d_all, a_plus, T) if d_plus else 0.0,
-                              float(fidelity_ii93(d_plus, d_all))),
+        "split": _split_attrs(d_plus, d_all, a_plus, overlap_ii92(d_plus, d_all, a_plus, T) if d_plus else 0.0,
+                              float(overlap_ii93(d_plus, d_all))),
         "resources": {"model_qubits_m": m, "sparsity_F": s_F, "kappa_bound_ii83": res.kappa_bound_dissipative(T),
                       "norm_A": A_norm, "u_bar": u_bar, "log_term_L": L,
                       "prefactor_I1": res.gate_complexity("I.1", s_F, max(ode.q, 1), T, m, eps, L)["prefactor"],

@@ -75,10 +75,10 @@ SCHEMA = {
                                    "Krylov basis is not kept) while a requested estimate's quadrature bracket "
                                    "is wider than the tolerance; 0 = lanczos_steps; at most n are taken"),
     "resolve": Field(list, ["negative_mass", "dissipative_fraction", "error_proxy"], item=str,
-                     choices=("trace", "negative_mass", "dissipative_fraction", "fidelity_ii93", "error_proxy"),
+                     choices=("trace", "negative_mass", "dissipative_fraction", "overlap_ii93", "error_proxy"),
                      extendable=True,
                      doc="estimates adaptive stopping must resolve, in the primary convention: trace, "
-                         "negative_mass, dissipative_fraction (Delta+/Delta with the cutoff), fidelity_ii93, "
+                         "negative_mass, dissipative_fraction (Delta+/Delta with the cutoff), overlap_ii93, "
                          "error_proxy (E(t) at every proxy_t)"),
     "groups": Field(int, 1, min=1, affects_results=False,
                     doc="probe groups running different probes at once (<= ranks)"),
@@ -602,8 +602,8 @@ def requested_estimates(spec: Any, cfg: dict[str, Any], eta: float) -> dict[str,
             out[f"negative mass (delta {cfg['negative_delta']:g})"] = spec.negative_mass(cfg["negative_delta"])
         elif name == "dissipative_fraction":
             out[f"Delta+/Delta ({conv})"] = spec.dissipative_fraction(conv, eta, cutoff)
-        elif name == "fidelity_ii93":
-            out[f"eq. II.93 ({conv})"] = spec.fidelity_ii93(conv, eta)
+        elif name == "overlap_ii93":
+            out[f"eq. II.93 ({conv})"] = spec.overlap_ii93(conv, eta)
         elif name == "error_proxy":
             for t in cfg["proxy_t"]:
                 out[f"E({t}) ({conv})"] = spec.error_proxy(t, conv, eta, cutoff)
@@ -654,15 +654,23 @@ def decide(estimates: dict[str, Any]) -> Decision:
     return Decision(grow=grow, unresolved=unresolved, steps=steps, probes=probes, factor=factor)
 
 
-def _read_spectrum(ctx: StageContext, label: str, nv: int, n: int, pseed: int) -> Any:
-    """The :class:`Spectrum` of the stored probes ``0..nv-1`` of ``label``."""
+#: unit roundoff of the products at each effective precision: the rounding margin of the
+#: quadrature brackets is scaled by it (TF32 keeps 10 mantissa bits, bfloat16 7)
+UNIT_ROUNDOFF = {"fp64": 2.0 ** -53, "fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+
+
+def _read_spectrum(ctx: StageContext, label: str, nv: int, n: int, pseed: int, precision: str) -> Any:
+    """The :class:`Spectrum` of the stored probes ``0..nv-1`` of ``label``, its rounding
+    margin set by the effective ``precision`` of the products (:data:`UNIT_ROUNDOFF`).
+    """
     from hpcqml.hessian.spectrum import Spectrum
 
     cfg = ctx.cfg
     results = [ctx.store.read(_read_probe(label, p)) for p in range(nv)]
     return Spectrum.from_results(results, n, bootstrap=cfg["bootstrap"], bootstrap_seed=pseed,
                                  resolution_mass=cfg["resolution_mass"], resolution_rel=cfg["resolution_rel"],
-                                 resolution_abs=cfg["resolution_abs"])
+                                 resolution_abs=cfg["resolution_abs"],
+                                 unit_roundoff=UNIT_ROUNDOFF.get(precision, UNIT_ROUNDOFF["fp32"]))
 
 
 @dataclass
@@ -691,7 +699,7 @@ def stop_reason(decision: Decision, steps_left: bool, probes_left: bool) -> str:
 
 
 def adapt(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, pseed: int,
-          route: str, eta: float) -> tuple[Outcome, str]:
+          route: str, eta: float, precision: str = "fp32") -> tuple[Outcome, str]:
     """Grow Lanczos steps and probes until every requested estimate is resolved or the budget ends.
 
     Each round evaluates the stored probes ``0..n_v-1`` (all with ``m`` steps): while a
@@ -718,7 +726,7 @@ def adapt(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, p
                 decided = True
             run_probe_list(ctx, label, st, layout, stop, pseed, route, todo, m)
             stored.update({p: m for p in todo})
-        spec = _read_spectrum(ctx, label, nv, st.n, pseed)
+        spec = _read_spectrum(ctx, label, nv, st.n, pseed, precision)
         decision = decide(requested_estimates(spec, cfg, eta))
         if ctx.size > 1:
             decision = ctx.comm.bcast(decision, root=0)
@@ -800,7 +808,7 @@ def write_convention(g: Any, spec: Any, convention: str, eta: float, cfg: dict[s
         _write_estimate(est, f"dissipative_fraction_{tag}",
                         spec.dissipative_fraction(source="grid", width_factor=f * wf, points=pts, **k), "1",
                         f"{frac}, density grid with {f:g} x the kernel width")
-    _write_estimate(est, "fidelity_ii93", spec.fidelity_ii93(convention, eta), "1",
+    _write_estimate(est, "overlap_ii93", spec.overlap_ii93(convention, eta), "1",
                     "eq. II.93 fidelity estimate Delta_+/Delta over all modes (no cutoff), Ritz nodes")
     x, w = spec.pooled()
     dis = dissipation(x, w, cutoff=cfg["cutoff"], convention=convention, eta=eta)
@@ -868,7 +876,7 @@ def measure_operator(ctx: StageContext, label: str, path: Path, st: Prepared, la
     pseed = _probe_seed(int(ctx.run_cfg["seed"]), st.ck.step)
     eta, eta_source = eta_and_source
     route = route if st.hessian is not None else "none"
-    out, route = adapt(ctx, label, st, layout, stop, pseed, route, eta)
+    out, route = adapt(ctx, label, st, layout, stop, pseed, route, eta, precision)
     if cfg["top_k"] and not ctx.store.is_complete(f"spectrum/{label}/eigenpairs"):
         measure_eigenpairs(ctx, label, st, layout, pseed)
     spec = out.spec
