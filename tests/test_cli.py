@@ -173,7 +173,7 @@ def test_info_tree_puts_provenance_apart_and_decodes_strings(tmp_path):
     cfg.write_text(f'[run]\noutput = "{tmp_path}/d.h5"\nstages = ["data"]\n'
                    '[data]\nsynth_train = 100\nsynth_test = 20\nsynth_classes = 3\n')
     assert run_cli("--quiet", "run", str(cfg)).returncode == 0
-    res = run_cli("info", str(tmp_path / "d.h5"))
+    res = run_cli("info", "--all", str(tmp_path / "d.h5"))
     assert res.returncode == 0, res.stderr
     groups = res.stdout.split("\ngroups:\n", 1)[1]
     assert not any(line.lstrip().startswith(("run_0", "provenance/")) for line in groups.splitlines())

@@ -161,7 +161,7 @@ def test_sbatch_run_completes_and_resubmission_resumes(slurm, submit_dir):
     default = "srun --mpi=pmix" if "pmix" in plugins.stdout + plugins.stderr else "mpirun"
     assert f"{default} -n 2 hpcqml run tiny.toml" in log
     assert "launcher exited with status 0" in log
-    info = run_cli("info", str(submit_dir / "results" / "tiny.h5"))
+    info = run_cli("info", "--all", str(submit_dir / "results" / "tiny.h5"))
     assert info.returncode == 0, info.stderr
     assert re.search(r"latest invocation run_\d+: completed", info.stdout), info.stdout
     assert "mpi_size: 2" in info.stdout and f"job id {job};" in info.stdout
@@ -175,7 +175,7 @@ def test_sbatch_run_completes_and_resubmission_resumes(slurm, submit_dir):
     assert fields["JobState"] == "COMPLETED", log2
     assert "mpirun --allow-run-as-root -n 2 hpcqml run" in log2
     assert "resumed" in log2 and "already complete" in log2
-    info = run_cli("info", str(submit_dir / "results" / "tiny.h5"))
+    info = run_cli("info", "--all", str(submit_dir / "results" / "tiny.h5"))
     assert info.returncode == 0 and "invocations: 2" in info.stdout and f"job id {job2};" in info.stdout, \
         info.stdout
 
