@@ -115,8 +115,8 @@ _OLDER_NAMES = {"overlap_ii93": "fidelity_ii93"}
 
 
 def _estimate_text(group: h5py.Group, name: str, fmt: str = "{:.4g}") -> str:
-    """A stored estimate as :meth:`hpcqml.hessian.spectrum.Estimate.text` prints it, with the
-    bootstrap interval ``(ci_low–ci_high)`` after a known standard error.
+    """A stored estimate as :meth:`hpcqml.hessian.spectrum.Estimate.text` prints it: the value
+    and its combined interval, or why it is unresolved; an older file's value is not certified.
     """
     from hpcqml.hessian.spectrum import Estimate
 

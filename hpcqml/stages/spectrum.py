@@ -3,8 +3,9 @@
 Measures, for each model state, the Hessian of the mean cross-entropy over a fixed batch
 of ``batch_size`` training samples (drawn with the state's step and the run seed, paper
 Sec. III B) and stores Ritz nodes/weights/residual bounds per probe, a smoothed density,
-extremes, and, each with a standard error and a bootstrap interval over probes (see
-:mod:`hpcqml.hessian.spectrum`), the Hutchinson trace, the resolved negative mass, and for
+extremes, and, each with a proven quadrature bracket, a Student t sampling interval over
+probes and their combination (see :mod:`hpcqml.hessian.spectrum`), the Hutchinson trace,
+the negative mass, and for
 both mode conventions (a = -lambda and a = -eta*lambda, eq. II.65) the error proxy of
 eq. III.10-III.13 and the dissipation measures of eq. II.28, II.34 and II.93.
 HDF5 layout: docs/schema/spectrum.md.
@@ -96,7 +97,7 @@ SCHEMA = {
     "t_max": Field(int, 100, min=0, doc="error proxy curves evaluated for t = 0..t_max"),
     "proxy_t": Field(list, [10, 100], item=int, min=0, doc="t at which the error proxy gets error bars"),
     "negative_delta": Field(float, 0.0, min=0.0,
-                            doc="negative mass counts nodes below -max(negative_delta, residual bound)"),
+                            doc="negative mass: the mass of the eigenvalues below -negative_delta"),
     "bootstrap": Field(int, 1000, min=10, affects_results=False,
                        doc="read by older versions (bootstrap intervals); the sampling interval over probes is "
                            "now Student t, so this changes nothing"),
@@ -840,7 +841,7 @@ def result_writer(spec: Any, cfg: dict[str, Any], eta: float,
         est = g.create_group("estimates")
         _write_estimate(est, "trace", spec.trace(), "nat", "Hutchinson trace of H (mean of z^T H z)")
         _write_estimate(est, "negative_mass", spec.negative_mass(cfg["negative_delta"]), "1",
-                        "SLQ mass of nodes below -max(negative_delta, residual bound)")
+                        "mass of the eigenvalues below -negative_delta (SLQ value; proven bracket in _resolution)")
         p = g.create_group("proxy")
         write_dataset(p, "t", np.arange(cfg["t_max"] + 1, dtype=np.float64), "count", "iteration t")
         p.attrs["primary"] = cfg["convention"]
