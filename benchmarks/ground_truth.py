@@ -183,7 +183,7 @@ def quantities() -> list[Quantity]:
                  lambda x, w: float(w[x < -DELTA].sum())),
         Quantity("Delta+/Delta", lambda s: s.dissipative_fraction("eta", ETA, CUTOFF), "fraction",
                  plus(CUTOFF), minus(CUTOFF)),
-        Quantity("eq. II.93", lambda s: s.fidelity_ii93("eta", ETA), "fraction", plus(0.0), minus(0.0)),
+        Quantity("eq. II.93", lambda s: s.overlap_ii93("eta", ETA), "fraction", plus(0.0), minus(0.0)),
         proxy(10, 0.0), proxy(100, 0.0), proxy(10, CUTOFF),
     ]
 
