@@ -156,19 +156,13 @@ class EmbeddedOperator:
         self.destroy()
 
     def _create(self) -> None:
-        from petsc4py import PETSc
-
-        from hpcqml.carleman.spectra import PetscOwner
+        from hpcqml.petsc import PetscOwner, aij_from_csr
 
         self._owner = owner = PetscOwner()
         r0, r1 = self.rows
-        local = local_embedding(self._M, r0, r1, self.dilated)
+        local = local_embedding(self._M, r0, r1, self.dilated).tocsr()
         local.sort_indices()
-        self.mat = owner.own(PETSc.Mat().createAIJ(
-            size=((r1 - r0, self.size), (r1 - r0, self.size)), comm=PETSc.Comm(self.comm),
-            csr=(local.indptr.astype(PETSc.IntType), local.indices.astype(PETSc.IntType), local.data)))
-        self.mat.setOptionsPrefix(OPTIONS_PREFIX)
-        self.mat.assemble()
+        self.mat = aij_from_csr(local, self.size, self.comm, owner, OPTIONS_PREFIX)
         self.b = owner.own(self.mat.createVecLeft())
         self.b.setArray(self.embed(self._B, rhs=True)[r0:r1] / self.b_norm)
         self.scale, self.norm_method = self._norm()
