@@ -62,7 +62,7 @@ def main() -> int:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
 
-    from hpcqml.hessian.hvp import HessianOperator
+    from hpcqml.hessian.hvp import HessianLinearOperator
     from hpcqml.hessian.lanczos import lanczos, rademacher_slice
     from hpcqml.parallel import block_bounds
     from hpcqml.models import build, count_parameters
@@ -76,7 +76,8 @@ def main() -> int:
     out: dict = {"machine": "2-core CPU (shared)", "model": args.model, "parameters": count_parameters(model),
                  "batch": args.batch, "micro_batch": args.micro, "ranks": size, "threads_per_rank": args.threads,
                  "torch": torch.__version__}
-    ops = {r: HessianOperator(model, x[lo:hi], y[lo:hi], args.batch, comm=comm, micro_batch=args.micro, route=r)
+    ops = {r: HessianLinearOperator(model, (x[lo:hi], y[lo:hi]), num_data=args.batch, comm=comm,
+                                    micro_batch=args.micro, route=r)
            for r in ("double-backward", "func")}
     n = ops["func"].n
     v = torch.from_numpy(rademacher_slice(n, 0, n, seed=0, probe=0)).float()

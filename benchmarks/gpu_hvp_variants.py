@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from hpcqml.hessian.hvp import HessianOperator
+from hpcqml.hessian.hvp import HessianLinearOperator
 from hpcqml.models import build
 
 
@@ -54,14 +54,14 @@ def main() -> int:
         if fmt == "channels_last":
             model = model.to(memory_format=torch.channels_last)
             xx = x.contiguous(memory_format=torch.channels_last)
-        grad_op = HessianOperator(model, xx, y, 2048, micro_batch=512, route="double-backward")
+        grad_op = HessianLinearOperator(model, (xx, y), num_data=2048, micro_batch=512, route="double-backward")
         tg, mg = timed(grad_op.gradient)
         out[f"{fmt}/gradient_mb512"] = {"s": tg, "peak_gib": mg}
         print(f"{fmt} gradient mb512: {tg:.3f} s {mg:.1f} GiB", flush=True)
         v = torch.randn(grad_op.n, device=dev)
         for route, micros in (("func", (512, 1024, 2048)), ("double-backward", (512, 1024))):
             for mb in micros:
-                op = HessianOperator(model, xx, y, 2048, micro_batch=mb, route=route)
+                op = HessianLinearOperator(model, (xx, y), num_data=2048, micro_batch=mb, route=route)
                 try:
                     t, m = timed(lambda op=op, v=v: op.matvec(v))
                 except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:

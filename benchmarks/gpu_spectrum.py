@@ -114,7 +114,7 @@ def random_batch(B: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def part_a(dev: torch.device) -> None:
-    from hpcqml.hessian.hvp import HessianOperator
+    from hpcqml.hessian.hvp import HessianLinearOperator
     from hpcqml.hessian.lanczos import lanczos, rademacher_slice
     from hpcqml.models import build, count_parameters
 
@@ -128,7 +128,8 @@ def part_a(dev: torch.device) -> None:
     FIG["resnet32_w4"] = {"parameters": count_parameters(model), "batch": B, "micro_batch": micro,
                           "layout": str(layout).replace("torch.", "")}
     log(f"{R32}: {count_parameters(model)} parameters, B = {B}, micro-batch {micro}")
-    ops = {r: HessianOperator(model, x, y, B, micro_batch=micro, route=r) for r in ("double-backward", "func")}
+    ops = {r: HessianLinearOperator(model, (x, y), num_data=B, micro_batch=micro, route=r)
+           for r in ("double-backward", "func")}
     n = ops["func"].n
     v = torch.from_numpy(rademacher_slice(n, 0, n, 0, 0)).float().to(dev)
     tg = measure("r32_gradient", ops["double-backward"].gradient)
@@ -182,7 +183,7 @@ def part_a(dev: torch.device) -> None:
     t = time.perf_counter()
     steps_done = [0]
 
-    def mv(w: torch.Tensor, op: HessianOperator = ops[route]) -> torch.Tensor:
+    def mv(w: torch.Tensor, op: HessianLinearOperator = ops[route]) -> torch.Tensor:
         steps_done[0] += 1
         if steps_done[0] % 20 == 0:
             log(f"  Lanczos step {steps_done[0]}")
@@ -205,7 +206,7 @@ def part_a(dev: torch.device) -> None:
 
 
 def part_b(dev: torch.device) -> None:
-    from hpcqml.hessian.hvp import HessianOperator
+    from hpcqml.hessian.hvp import HessianLinearOperator
     from hpcqml.hessian.lanczos import lanczos, rademacher_slice
     from hpcqml.models import build, count_parameters
 
@@ -218,14 +219,14 @@ def part_b(dev: torch.device) -> None:
     n_par = count_parameters(model)
     FIG["resnet56_w11"] = {"parameters": n_par, "batch": B, "grad_micro_batch": micro_g, "hvp_micro_batch": micro_h}
     log(f"{R56}: {n_par} parameters")
-    og = HessianOperator(model, x, y, B, micro_batch=micro_g, route="double-backward")
+    og = HessianLinearOperator(model, (x, y), num_data=B, micro_batch=micro_g, route="double-backward")
     tg = measure("r56_gradient", og.gradient, repeats=1)
     if left() < 90:
         log("resnet56-w11 H.v skipped: time budget")
         FIG["r56_hvp"] = {"skipped": "time budget"}
         save()
         return
-    oh = HessianOperator(model, x, y, B, micro_batch=micro_h, route="double-backward")
+    oh = HessianLinearOperator(model, (x, y), num_data=B, micro_batch=micro_h, route="double-backward")
     n = oh.n
     reset_peak()
     stamps = []

@@ -15,10 +15,15 @@ import pkgutil
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TypeVar
 
 from hpcqml import __version__
 from hpcqml.errors import InputFileError, UserError
+
+if TYPE_CHECKING:
+    from hpcqml.config import RunConfig, Schema
+
+T = TypeVar("T")
 
 #: commands provided by other modules: name -> (module, add_arguments, handler, help)
 TOOL_COMMANDS = {
@@ -151,7 +156,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args, schemas):
+def _config(args: argparse.Namespace, schemas: Mapping[str, Schema]) -> RunConfig:
     from hpcqml.config import load_config
     from hpcqml.stages import reads
 
@@ -163,7 +168,7 @@ def _config(args, schemas):
     return load_config(args.config, schemas, overrides, reads=reads())
 
 
-def _time_estimates(cfg, calibration: str | None, ranks: int) -> list[str]:
+def _time_estimates(cfg: RunConfig, calibration: str | None, ranks: int) -> list[str]:
     """Wall-time lines from a calibration file (``--calibration``, else the default beside
     the results file), or a line saying how to get one.
     """
@@ -180,7 +185,7 @@ def _time_estimates(cfg, calibration: str | None, ranks: int) -> list[str]:
     return estimate_lines(cfg, cal, ranks)
 
 
-def _validate(args) -> int:
+def _validate(args: argparse.Namespace) -> int:
     from hpcqml.config import explain
     from hpcqml.preflight import preflight
     from hpcqml.stages import estimates, pipeline, schemas
@@ -205,7 +210,7 @@ def _validate(args) -> int:
     return 0
 
 
-def _read_or_name_damage(paths: Sequence[str], read):
+def _read_or_name_damage(paths: Sequence[str], read: Callable[[], T]) -> T:
     """``read()``, with a failure on a damaged results file turned into one line naming the
     damaged group (found by :func:`hpcqml.verify.verify_file`); other failures unchanged.
     """
@@ -228,7 +233,7 @@ def _read_or_name_damage(paths: Sequence[str], read):
         raise
 
 
-def _dispatch(args, argv: Sequence[str], petsc_options: Sequence[str]) -> int:
+def _dispatch(args: argparse.Namespace, argv: Sequence[str], petsc_options: Sequence[str]) -> int:
     if args.command == "validate":
         return _validate(args)
     if args.command == "info":

@@ -83,6 +83,10 @@ class Field:
         if kind is int and isinstance(value, bool) or not isinstance(value, kind):
             raise ConfigError(f"{where} = {value!r}: expected {_TYPE_NAMES.get(kind, kind.__name__)}, "
                               f"got {_type_name(value)}")
+        return self._check_bounds(where, value, kind)
+
+    def _check_bounds(self, where: str, value: Any, kind: type) -> Any:
+        """``value``, already of type ``kind``, checked against finiteness, range and choices."""
         if kind is float and not math.isfinite(value):
             raise ConfigError(f"{where} = {value!r}: must be a finite number")
         if kind is int and not INT64_MIN <= value <= INT64_MAX:
@@ -117,6 +121,10 @@ RUN_SCHEMA: dict[str, Field] = {
     "threads": Field(int, 0, min=0, affects_results=False,
                      doc="torch intra-op threads per rank; 0 = OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK / "
                          "PBS ncpus, else the node's cores / its ranks"),
+    "node_memory_gib": Field(float, 0.0, min=0.0, affects_results=False,
+                             doc="memory of one node the run is meant for, in GiB, which the memory "
+                                 "estimates are compared with; 0 = the job's allocation (SLURM_MEM_PER_NODE, "
+                                 "SLURM_MEM_PER_CPU, the PBS script's mem), else this machine's"),
 }
 
 #: what a stage reads: a function of the validated sections returning the names of the
@@ -168,7 +176,7 @@ class RunConfig:
         ``hpcqml spectrum CONFIG``) and moved.
         """
         fingerprint = copy.deepcopy(self.sections)
-        for key in ("stages", "output", "workdir", "name", "threads"):
+        for key in ("stages", "output", "workdir", "name", "threads", "node_memory_gib"):
             fingerprint["run"].pop(key, None)
         return json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
 
@@ -343,7 +351,7 @@ def load_config(source: str | Path, schemas: Mapping[str, Schema],
     return config
 
 
-def _validate(raw: dict, schemas: Mapping[str, Schema], source: str, text: str,
+def _validate(raw: dict[str, Any], schemas: Mapping[str, Schema], source: str, text: str | None,
               overrides: list[str]) -> RunConfig:
     unknown = sorted(set(raw) - {"run"} - set(schemas))
     if unknown:
@@ -356,7 +364,7 @@ def _validate(raw: dict, schemas: Mapping[str, Schema], source: str, text: str,
             raise ConfigError(f"[run] stages: unknown stage {stage!r} (available: {', '.join(sorted(schemas))})")
     if not str(sections["run"]["output"]).endswith((".h5", ".hdf5")):
         raise ConfigError(f"[run] output = {sections['run']['output']!r}: must end in .h5 or .hdf5")
-    return RunConfig(sections=sections, source=source, text=text, overrides=overrides)
+    return RunConfig(sections=sections, source=source, text=text or "", overrides=overrides)
 
 
 def _toml_value(value: Any) -> str:

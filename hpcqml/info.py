@@ -1,7 +1,7 @@
 """Human-readable summary of a results file (``hpcqml info``), read through :mod:`hpcqml.results`."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -14,7 +14,7 @@ _HIDDEN = ("complete", "completed_at", "description")
 _BOOKKEEPING = ("provenance", "fingerprints")
 
 
-def fmt_value(value) -> str:
+def fmt_value(value: Any) -> str:
     """One attribute value as short text (strings decoded, arrays abbreviated)."""
     value = decode(value)
     if isinstance(value, np.ndarray):

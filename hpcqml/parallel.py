@@ -10,22 +10,24 @@ import os
 import sys
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
+from hpcqml.protocols import Comm, PerfTimer
+
 T = TypeVar("T")
 
 
-def world() -> Any:
+def world() -> Comm:
     """``MPI.COMM_WORLD`` (imports mpi4py, which initialises MPI)."""
     from mpi4py import MPI
 
     return MPI.COMM_WORLD
 
 
-def node_rank_and_size(comm: Any) -> tuple[int, int]:
+def node_rank_and_size(comm: Comm) -> tuple[int, int]:
     """This process's rank among the ranks on its node, and how many ranks the node has."""
     from mpi4py import MPI
 
@@ -36,16 +38,16 @@ def node_rank_and_size(comm: Any) -> tuple[int, int]:
         node.Free()
 
 
-def local_rank(comm: Any) -> int:
+def local_rank(comm: Comm) -> int:
     """Rank of this process among the ranks on the same node."""
     return node_rank_and_size(comm)[0]
 
 
-def _timed(perf: Any) -> Any:
+def _timed(perf: PerfTimer | None) -> AbstractContextManager[Any]:
     return perf.comm_timer() if perf is not None else nullcontext()
 
 
-def allreduce_sum(comm: Any, data: Any, perf: Any = None) -> Any:
+def allreduce_sum(comm: Comm | None, data: T, perf: PerfTimer | None = None) -> T:
     """Sum ``data`` over all ranks of ``comm`` (None = one process) in place and return it.
 
     ``data`` is a numpy array or a torch tensor. Contiguous CPU tensors are reduced in
@@ -75,7 +77,7 @@ def allreduce_sum(comm: Any, data: Any, perf: Any = None) -> Any:
         return comm.allreduce(data, op=MPI.SUM)
 
 
-def bcast(comm: Any, value: T, root: int = 0, perf: Any = None) -> T:
+def bcast(comm: Comm, value: T, root: int = 0, perf: PerfTimer | None = None) -> T:
     """Broadcast a picklable value from ``root``."""
     if comm.Get_size() == 1:
         return value
@@ -83,7 +85,7 @@ def bcast(comm: Any, value: T, root: int = 0, perf: Any = None) -> T:
         return comm.bcast(value, root=root)
 
 
-def decide_on_root(comm: Any, decide: Callable[[], T]) -> T:
+def decide_on_root(comm: Comm | None, decide: Callable[[], T]) -> T:
     """Run ``decide()`` on rank 0 only and give every rank its answer.
 
     For choices that read the shared file system (does a checkpoint exist? which
@@ -107,6 +109,14 @@ def decide_on_root(comm: Any, decide: Callable[[], T]) -> T:
     if not ok:
         raise UserError(str(value))
     return value  # the Callable[[], T] result broadcast from rank 0
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine in bytes (0 when unknown)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def block_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
@@ -199,7 +209,7 @@ def _option_pairs(options: Sequence[str]) -> list[str]:
     return pairs
 
 
-def report_error_and_abort(comm: Any, exc: BaseException, debug: bool = False, code: int = 1) -> None:
+def report_error_and_abort(comm: Comm | None, exc: BaseException, debug: bool = False, code: int = 1) -> None:
     """Print ``exc`` as one line (the traceback with ``debug``) and take every rank down.
 
     With one rank this exits the interpreter; with several it calls ``MPI_Abort`` so
@@ -216,7 +226,7 @@ def report_error_and_abort(comm: Any, exc: BaseException, debug: bool = False, c
     rank = comm.Get_rank() if comm is not None else 0
     if rank != 0:
         time.sleep(2.0)  # longer than rank 0's wait below: a failure on every rank prints once
-        if isinstance(exc, StoppedBySignal):
+        if isinstance(exc, StoppedBySignal) and comm is not None:
             comm.Abort(code)   # rank 0 says what was saved; reached only if it has not aborted yet
             os._exit(code)
     where = f" (rank {rank} of {size})" if size > 1 else ""
@@ -232,7 +242,7 @@ def report_error_and_abort(comm: Any, exc: BaseException, debug: bool = False, c
     sys.stderr.flush()
     line = f"hpcqml: error{where}: {message.splitlines()[0] if message else ''}\n"
     os.write(2, line.encode(errors="replace"))  # unbuffered: nothing left behind in Python
-    if size > 1:
+    if comm is not None and size > 1:
         # Let the launcher forward the line before the abort tears its I/O down; ranks
         # spinning in a collective can slow it on an oversubscribed node.
         time.sleep(1.0)
@@ -240,7 +250,7 @@ def report_error_and_abort(comm: Any, exc: BaseException, debug: bool = False, c
     os._exit(code)
 
 
-def run_on_all_ranks(fn: Callable[..., T], comm: Any, *args: Any, debug: bool = False,
+def run_on_all_ranks(fn: Callable[..., T], comm: Comm | None, *args: Any, debug: bool = False,
                      code: int = 1, **kwargs: Any) -> T:
     """Run ``fn(*args, **kwargs)`` on this rank; an exception on any rank aborts all ranks."""
     try:

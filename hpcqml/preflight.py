@@ -5,14 +5,22 @@ for ``device = "cuda"``) are errors; resource estimates are printed, with a warn
 one exceeds :data:`MEMORY_WARN_FRACTION` of the memory a rank gets. Each stage declares
 its own checks and estimates (``Stage.estimate``); the caller hands them in, so this
 module knows no stage.
+
+The memory a rank gets is that of the node the run is meant for, not of the machine
+``validate`` runs on (on a cluster, a login node): :func:`memory_target` takes it from,
+in order, an explicit ``--memory-per-rank``, the job's allocation (SLURM_MEM_PER_NODE,
+SLURM_MEM_PER_CPU x SLURM_CPUS_PER_TASK, or the PBS script's ``HPCQML_NODE_MEMORY``),
+``[run] node_memory_gib``, and only then this machine, and says which it used.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from hpcqml.config import RunConfig
+from hpcqml.parallel import machine_memory_bytes
 
 #: warn when an estimate exceeds this fraction of the memory per rank
 MEMORY_WARN_FRACTION = 0.5
@@ -25,14 +33,85 @@ class Preflight:
     estimates: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: where the memory per rank that the estimates are compared with came from
+    memory_source: str = ""
 
 
-def machine_memory_bytes() -> int:
-    """Physical memory of this machine in bytes (0 when unknown)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
+@dataclass(frozen=True)
+class MemoryTarget:
+    """The memory one rank gets, in bytes, and where that number came from (words)."""
+
+    per_rank: float
+    source: str
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNIT = {"": 2**20, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """A scheduler's memory size in bytes: ``"64G"``, ``"4000M"``, ``"64gb"``, or a plain
+    number of MiB (SLURM's unit); 0 when ``text`` is not such a size.
+    """
+    m = _SIZE.match(text or "")
+    if m is None:
         return 0
+    return int(float(m.group(1)) * _UNIT[m.group(2).upper()])
+
+
+def _ranks_on_node(ranks: int, env: Mapping[str, str]) -> tuple[int, str]:
+    """Ranks sharing one node's memory, and the variable that said so (all ``ranks``
+    when nothing does: the smaller share, so that warnings come early rather than late).
+    """
+    for name in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "HPCQML_RANKS_PER_NODE"):
+        m = re.match(r"^\s*(\d+)", env.get(name, ""))   # SLURM_TASKS_PER_NODE: "4(x2),3"
+        if m and int(m.group(1)) > 0:
+            return min(int(m.group(1)), max(ranks, 1)), name
+    return max(ranks, 1), ""
+
+
+def memory_target(cfg: RunConfig, ranks: int = 1, memory_per_rank: float = 0.0,
+                  environ: Mapping[str, str] | None = None) -> MemoryTarget:
+    """The memory a rank of the run gets, and its source, for the 50 % warning.
+
+    In order: ``memory_per_rank`` (``validate --memory-per-rank``); the job's allocation
+    when running inside one (``SLURM_MEM_PER_CPU`` x ``SLURM_CPUS_PER_TASK`` per rank,
+    ``SLURM_MEM_PER_NODE`` or the PBS script's ``HPCQML_NODE_MEMORY`` per node); ``[run]
+    node_memory_gib``; this machine's physical memory.  A node's memory is shared by the
+    ranks on it (``SLURM_NTASKS_PER_NODE``, ``SLURM_TASKS_PER_NODE``,
+    ``HPCQML_RANKS_PER_NODE``; all ``ranks`` when none is set).
+
+    Args:
+        cfg: the validated configuration.
+        ranks: MPI ranks of the run.
+        memory_per_rank: bytes per rank given explicitly (0: not given).
+        environ: the environment to read the scheduler's variables from (default: this process's).
+
+    Returns:
+        The bytes per rank (0 when unknown) and a phrase naming their source.
+    """
+    env = os.environ if environ is None else environ
+    if memory_per_rank > 0:
+        return MemoryTarget(float(memory_per_rank), "--memory-per-rank")
+    per_cpu = parse_size(env.get("SLURM_MEM_PER_CPU", ""))
+    if per_cpu:
+        text = env.get("SLURM_CPUS_PER_TASK", "").strip()
+        cpus = max(int(text), 1) if text.isdigit() else 1
+        return MemoryTarget(float(per_cpu * cpus),
+                            f"SLURM_MEM_PER_CPU = {gib(per_cpu)} x {cpus} CPU(s) per rank (this job's allocation)")
+    share, said = _ranks_on_node(ranks, env)
+    ranks_text = f"{share} rank(s) on a node" + (f" ({said})" if said else "")
+    for name, what in (("SLURM_MEM_PER_NODE", "this job's allocation"),
+                       ("HPCQML_NODE_MEMORY", "the job script's memory request")):
+        node = parse_size(env.get(name, ""))   # SLURM_MEM_PER_NODE=0 (--mem=0, the whole node) is no number
+        if node:
+            return MemoryTarget(node / share, f"{name} = {gib(node)} per node ({what}) / {ranks_text}")
+    node_gib = float(cfg.run.get("node_memory_gib", 0.0) or 0.0)
+    if node_gib > 0:
+        return MemoryTarget(node_gib * 2**30 / share, f"[run] node_memory_gib = {node_gib:g} / {ranks_text}")
+    machine = machine_memory_bytes()
+    return MemoryTarget(machine / share, f"this machine's memory, {gib(machine)}, / {ranks_text} (not the "
+                        "target node's: set [run] node_memory_gib when validating on a login node)")
 
 
 def gib(nbytes: float) -> str:
@@ -84,7 +163,7 @@ def preflight(cfg: RunConfig, ranks: int = 1, memory_per_rank: float = 0.0,
     Args:
         cfg: the validated configuration.
         ranks: MPI ranks the run will use.
-        memory_per_rank: bytes a rank may use; 0 = this machine's memory / ranks.
+        memory_per_rank: bytes a rank may use; 0 = as :func:`memory_target` finds it.
         stages: the stages to check (``hpcqml run`` passes those it is about to run).
         estimates: stage name -> its declared checks and estimates (``Stage.estimate``),
             as the caller's stage registry holds them; a stage without one is not checked.
@@ -94,7 +173,11 @@ def preflight(cfg: RunConfig, ranks: int = 1, memory_per_rank: float = 0.0,
     """
     found = Preflight()
     stages = cfg.stages if stages is None else stages
-    memory_per_rank = memory_per_rank or machine_memory_bytes() / max(ranks, 1)
+    target = memory_target(cfg, ranks, memory_per_rank)
+    memory_per_rank = target.per_rank
+    found.memory_source = target.source
+    found.estimates.append(f"memory per rank: {gib(memory_per_rank)} from {target.source}; "
+                           f"an estimate above {MEMORY_WARN_FRACTION:.0%} of it is warned about")
     check_device(cfg, found)
     for name in stages:
         estimate = (estimates or {}).get(name)

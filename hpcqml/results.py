@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterator, TypeVar
 import h5py
 import numpy as np
 
+from hpcqml.perf import PerfRecord
 from hpcqml.store import DAMAGE_ERRORS, damaged, is_complete, open_results
+from hpcqml.training.log import TrainingLog
 
 T = TypeVar("T")
 
@@ -74,6 +76,36 @@ class Quantity:
 
     def __str__(self) -> str:
         return f"{self.name} [{self.units}]: {self.description}"
+
+
+#: Clearer names for stored datasets whose names read alike, by the group they live in
+#: (shell patterns on the group's path).  In ``proxy/<C>`` the dataset ``grid`` is the error
+#: proxy E(t) on the t grid computed from the smoothed density, while ``density/grid`` is a
+#: grid of eigenvalues.  :meth:`Section.array`, :meth:`Section.quantity` and
+#: :class:`ProxyCurve` accept either name; the stored names are unchanged, so older files read
+#: as before (docs/results-schema.md, "Clearer names").
+ALIASES: dict[str, dict[str, str]] = {
+    "/spectrum/*/result/proxy/*": {
+        "error_proxy_nodes": "nodes",
+        "error_proxy_density": "grid",
+        "log_error_proxy_nodes": "log_nodes",
+        "log_error_proxy_density": "log_grid",
+        "log_error_proxy_nodes_stderr": "log_nodes_stderr",
+    },
+    "/spectrum/*/result/density": {"eigenvalue_grid": "grid", "density": "rho"},
+}
+
+
+def aliases_for(path: str) -> dict[str, str]:
+    """The clearer names (clear name -> stored name) of the datasets in the group at ``path``."""
+    import fnmatch
+
+    path = "/" + path.strip("/")
+    out: dict[str, str] = {}
+    for pattern, names in ALIASES.items():
+        if fnmatch.fnmatchcase(path, pattern):
+            out.update(names)
+    return out
 
 
 def _pandas() -> Any:
@@ -175,32 +207,6 @@ def provenance_facts(inv: Invocation | None, file_attrs: dict[str, Any]) -> list
 
 
 @dataclass
-class PerfRecord:
-    """Per-rank performance of one stage (``/perf/<stage>``); index = rank."""
-
-    stage: str
-    wall_seconds: np.ndarray
-    comm_seconds: np.ndarray
-    peak_host_bytes: np.ndarray
-    peak_gpu_bytes: np.ndarray
-    counters: dict[str, np.ndarray]
-    resumed: bool
-    invocation: str
-
-    @property
-    def ranks(self) -> int:
-        return int(self.wall_seconds.size)
-
-    @classmethod
-    def from_group(cls, stage: str, g: h5py.Group) -> "PerfRecord":
-        counters = {k: v[()] for k, v in g["counters"].items()} if "counters" in g else {}
-        return cls(stage=stage, wall_seconds=g["wall_seconds"][()], comm_seconds=g["comm_seconds"][()],
-                   peak_host_bytes=g["peak_host_bytes"][()], peak_gpu_bytes=g["peak_gpu_bytes"][()],
-                   counters=counters, resumed=bool(g.attrs.get("resumed", False)),
-                   invocation=str(decode(g.attrs.get("invocation", ""))))
-
-
-@dataclass
 class StageState:
     """Whether a stage ran, and whether its results still match its inputs."""
 
@@ -226,6 +232,8 @@ class Section:
     children: dict[str, "Section"] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)
     descriptions: dict[str, str] = field(default_factory=dict)
+    #: clearer names of some arrays (clear name -> stored name, :data:`ALIASES`)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_group(cls, name: str, group: h5py.Group, depth: int = 3) -> "Section":
@@ -234,13 +242,22 @@ class Section:
             kids = {k: cls.from_group(k, v, depth - 1) for k, v in group.items() if isinstance(v, h5py.Group)}
         units, descriptions = labels_of(group)
         return cls(name=name, attrs=attrs_of(group), arrays=arrays_of(group), children=kids,
-                   units=units, descriptions=descriptions)
+                   units=units, descriptions=descriptions, aliases=aliases_for(str(group.name)))
+
+    def stored_name(self, name: str) -> str:
+        """The stored name of array ``name`` (a clearer alias is translated; others pass unchanged)."""
+        return name if name in self.arrays else self.aliases.get(name, name)
+
+    def array(self, name: str) -> np.ndarray:
+        """The array ``name`` (its stored name or a clearer alias)."""
+        return self.quantity(name).value
 
     def quantity(self, name: str) -> Quantity:
-        """The array ``name`` with its units and description."""
-        if name not in self.arrays:
+        """The array ``name`` (its stored name or a clearer alias) with its units and description."""
+        stored = self.stored_name(name)
+        if stored not in self.arrays:
             raise KeyError(f"{self.name}: no dataset {name!r} (have {', '.join(sorted(self.arrays)) or 'none'})")
-        return Quantity(name, self.arrays[name], self.units.get(name, ""), self.descriptions.get(name, ""))
+        return Quantity(name, self.arrays[stored], self.units.get(stored, ""), self.descriptions.get(stored, ""))
 
     def to_dataframe(self) -> Any:
         """The one-dimensional arrays of the longest common length as a pandas DataFrame.
@@ -276,6 +293,61 @@ class Section:
 
 
 @dataclass
+class ProxyCurve:
+    """The error proxy E(t) of one mode convention on t = 0..t_max (``spectrum/<label>/result/proxy/<C>``).
+
+    Eq. III.12/III.13 with a = -eta lambda (``eta``) or a = -lambda (``paper``), eq. II.65.
+    The stored dataset names are kept; the fields have clearer names (:data:`ALIASES`):
+    ``error_proxy_nodes`` is stored as ``nodes`` (from the Ritz nodes and weights),
+    ``error_proxy_density`` as ``grid`` (from the smoothed density on its eigenvalue grid;
+    a curve over t, not a grid).  ``t`` is ``proxy/t`` (count); every curve is dimensionless.
+    """
+
+    convention: str
+    t: np.ndarray
+    error_proxy_nodes: np.ndarray
+    error_proxy_density: np.ndarray | None
+    log_error_proxy_nodes: np.ndarray | None
+    log_error_proxy_density: np.ndarray | None
+    #: jackknife standard error of ``log_error_proxy_nodes`` over the probes (NaN below 3 probes)
+    log_error_proxy_nodes_stderr: np.ndarray | None
+    attrs: dict[str, Any]
+
+    @classmethod
+    def from_group(cls, convention: str, group: h5py.Group, t: np.ndarray) -> "ProxyCurve":
+        """Read one ``proxy/<C>`` group (stored names, or the clearer ones should a writer use them)."""
+        names = aliases_for(str(group.name))
+
+        def get(clear: str) -> np.ndarray | None:
+            for key in (clear, names.get(clear, clear)):
+                if key in group and isinstance(group[key], h5py.Dataset):
+                    return np.asarray(group[key][()])
+            return None
+
+        nodes = get("error_proxy_nodes")
+        if nodes is None:
+            raise KeyError(f"{group.name}: no error proxy from the nodes (dataset 'nodes')")
+        return cls(convention=convention, t=t, error_proxy_nodes=nodes, error_proxy_density=get("error_proxy_density"),
+                   log_error_proxy_nodes=get("log_error_proxy_nodes"),
+                   log_error_proxy_density=get("log_error_proxy_density"),
+                   log_error_proxy_nodes_stderr=get("log_error_proxy_nodes_stderr"), attrs=attrs_of(group))
+
+
+def proxy_curves(result: h5py.Group) -> dict[str, ProxyCurve]:
+    """The error-proxy curves of one ``spectrum/<label>/result`` group, by convention (empty if none)."""
+    proxy = result.get("proxy")
+    if not isinstance(proxy, h5py.Group):
+        return {}
+    out = {}
+    for conv, g in proxy.items():
+        if isinstance(g, h5py.Group) and ("nodes" in g or "error_proxy_nodes" in g):
+            length = len(g["nodes"] if "nodes" in g else g["error_proxy_nodes"])
+            t = proxy["t"][()] if "t" in proxy else np.arange(length, dtype=np.float64)
+            out[conv] = ProxyCurve.from_group(conv, g, np.asarray(t))
+    return out
+
+
+@dataclass
 class StateSpectrum:
     """The SLQ result of one model state (``/spectrum/<label>/result``).
 
@@ -292,6 +364,18 @@ class StateSpectrum:
     attrs: dict[str, Any]
     #: the eigenvalue units the stage wrote on the nodes (those of the loss per parameter squared)
     units: str = ""
+    #: the error-proxy curves E(t) by mode convention (``eta``, ``paper``)
+    proxy: dict[str, ProxyCurve] = field(default_factory=dict)
+
+    @property
+    def eigenvalue_grid(self) -> np.ndarray | None:
+        """The eigenvalues the smoothed density is evaluated at (stored as ``density/grid``)."""
+        return self.grid
+
+    @property
+    def density(self) -> np.ndarray | None:
+        """The smoothed density on :attr:`eigenvalue_grid` (stored as ``density/rho``)."""
+        return self.rho
 
     @property
     def nodes(self) -> np.ndarray:
@@ -352,7 +436,8 @@ def _state_spectrum(label: str, result: h5py.Group) -> StateSpectrum:
         grid=dens["grid"][()] if dens is not None and "grid" in dens else None,
         rho=dens["rho"][()] if dens is not None and "rho" in dens else None,
         sigma=float(dens.attrs["sigma"]) if dens is not None and "sigma" in dens.attrs else None,
-        attrs=attrs_of(result), units=str(decode(result["nodes"].attrs.get("units", ""))) if "nodes" in result else "")
+        attrs=attrs_of(result), units=str(decode(result["nodes"].attrs.get("units", ""))) if "nodes" in result else "",
+        proxy=proxy_curves(result))
 
 
 @dataclass
@@ -471,8 +556,32 @@ class Results:
 
     @cached_property
     def training(self) -> Section | None:
-        """The sparse-training log (``/train``): per-step arrays and run attributes."""
-        return self.section("train", depth=1)
+        """The sparse-training log (``/train``): per-step arrays and run attributes, as a
+        :class:`Section` (:attr:`training_log` gives the same as a typed log).
+        """
+        log = self.training_log
+        if log is None:
+            return None
+        arrays = {**log.columns, "snapshot_steps": log.snapshot_steps}
+        return Section(name="train", attrs=dict(log.attrs), arrays=arrays, units=dict(log.units),
+                       descriptions=dict(log.descriptions))
+
+    @cached_property
+    def training_log(self) -> TrainingLog | None:
+        """The sparse-training log (``/train``) read by :meth:`TrainingLog.from_group`; None
+        when the stage has not completed (an unfinished run's log is :meth:`unfinished_training_log`).
+        """
+        return self._training_log("train")
+
+    def unfinished_training_log(self) -> TrainingLog | None:
+        """The log an unfinished training run committed at its last checkpoint (``/train_log``)."""
+        return self._training_log("train_log")
+
+    def _training_log(self, key: str) -> TrainingLog | None:
+        def body(fh: h5py.File) -> TrainingLog | None:
+            group = fh.get(key)
+            return TrainingLog.from_group(group) if isinstance(group, h5py.Group) else None
+        return self.read(body)
 
     @cached_property
     def qcm(self) -> dict[str, QcmCase]:
@@ -497,6 +606,15 @@ class Results:
         def body(fh: h5py.File) -> dict[str, Section]:
             return {k: Section.from_group(k, v, 2) for k, v in fh.get("hhl", {}).items() if isinstance(v, h5py.Group)}
         return self.read(body)
+
+    @cached_property
+    def hhl_cases(self) -> dict[str, Any]:
+        """Complete simulated-HHL cases by label, as typed :class:`hpcqml.hhl.case.HHLCase` values
+        (plain, truncated eq. II.86 with eq. II.87/II.92 beside it, resources, read-out).
+        """
+        from hpcqml.hhl.case import read_cases
+
+        return self.read(read_cases)
 
     def datasets(self) -> Iterator[tuple[str, h5py.Dataset]]:
         """Every dataset in the file with its path."""

@@ -11,21 +11,24 @@ stages that read it are marked stale.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 from hpcqml.config import RunConfig, compare_inputs, dependency_closure, dumps_toml
 from hpcqml.errors import InputFileError, StoppedBySignal, UserError
 from hpcqml.io import DiskFullError, disk_full_error, is_disk_full
 from hpcqml.parallel import node_rank_and_size, unused_petsc_options
 from hpcqml.perf import StagePerf, gather_records, write_records
+from hpcqml.protocols import Comm
 from hpcqml.stages import REGISTRY, StageContext, estimates, load_all, pipeline, reads, schemas
 from hpcqml.store import ResultsStore, provenance, stage_groups
+from hpcqml.training.signals import STOP_STATUS, leave_after_stop, stop_status
 from hpcqml.verify import damage_summary, verify_groups
 
 
@@ -37,7 +40,7 @@ def _positive_int(text: str | None) -> int:
     return max(value, 0)
 
 
-def choose_threads(comm, threads: int, environ: Mapping[str, str] | None = None) -> tuple[int, str]:
+def choose_threads(comm: Comm, threads: int, environ: Mapping[str, str] | None = None) -> tuple[int, str]:
     """Torch intra-op threads per rank and where the number came from.
 
     In order: ``[run] threads`` when positive; ``OMP_NUM_THREADS`` (per process, as set
@@ -62,7 +65,7 @@ def choose_threads(comm, threads: int, environ: Mapping[str, str] | None = None)
     return max(1, cores // node_rank_and_size(comm)[1]), "affinity mask / ranks on the node"
 
 
-def configure_threads(comm, threads: int) -> tuple[int, str]:
+def configure_threads(comm: Comm, threads: int) -> tuple[int, str]:
     """Set torch's intra-op threads as :func:`choose_threads` says; returns its answer."""
     import torch
 
@@ -175,7 +178,7 @@ def stored_extendable(store: ResultsStore) -> dict[str, str | None]:
     """Stage -> the extendable settings (TOML) recorded with its completed performance
     record (None when that record has none); stages without a completed record are absent.
     """
-    def body(fh) -> dict[str, str | None]:
+    def body(fh: Any) -> dict[str, str | None]:
         out: dict[str, str | None] = {}
         for name, group in fh.get("perf", {}).items():
             if group.attrs.get("complete", False):
@@ -221,7 +224,7 @@ def _apply_plan(plan: StagePlan, config: RunConfig, store: ResultsStore, log: Ca
     store.mark_stale(sorted(extended_only), "; ".join(sorted(set(extended_only.values()))))
 
 
-def agree(comm, check: Callable[[], None]) -> None:
+def agree(comm: Comm, check: Callable[[], object]) -> None:
     """Run ``check`` on every rank; if it raised a UserError on any rank, raise the first
     such message on all of them (so a refusal never leaves ranks waiting on each other).
     """
@@ -236,7 +239,7 @@ def agree(comm, check: Callable[[], None]) -> None:
         raise UserError(first)
 
 
-def check_before_running(name: str, config: RunConfig, comm, store: ResultsStore, workdir: Path,
+def check_before_running(name: str, config: RunConfig, comm: Comm, store: ResultsStore, workdir: Path,
                          fresh: bool = False, pending: frozenset[str] = frozenset()) -> None:
     """Every check stage ``name`` can make before it runs (collective): a GPU for
     ``device = "cuda"``, then the stage's declared pre-run checks (``Stage.checks``:
@@ -249,25 +252,25 @@ def check_before_running(name: str, config: RunConfig, comm, store: ResultsStore
     if config.run["device"] == "cuda":
         agree(comm, ctx.device)
     for check in getattr(stage, "checks", ()):
-        agree(comm, lambda c=check: c(ctx))
+        agree(comm, functools.partial(check, ctx))
 
 
-def _preflight(config: RunConfig, comm, names: Sequence[str], log: Callable[[str], None]) -> None:
+def _preflight(config: RunConfig, comm: Comm, names: Sequence[str], log: Callable[[str], None]) -> None:
     """What ``hpcqml validate`` checks, for the stages run now (rank 0 decides, all raise)."""
     from hpcqml.preflight import preflight
 
-    found = None
-    if comm.Get_rank() == 0:
-        found = preflight(config, ranks=comm.Get_size(), stages=list(names), estimates=estimates())
+    found = preflight(config, ranks=comm.Get_size(), stages=list(names), estimates=estimates()) \
+        if comm.Get_rank() == 0 else None
     if comm.Get_size() > 1:
         found = comm.bcast(found, root=0)
+    assert found is not None   # rank 0's findings, on every rank
     for line in found.warnings:
         log(f"warning: {line}")
     if found.errors:
         raise UserError(f"config {config.source}: " + "; ".join(found.errors))
 
 
-def _check_all_before_running(names: Sequence[str], plan: StagePlan, config: RunConfig, comm,
+def _check_all_before_running(names: Sequence[str], plan: StagePlan, config: RunConfig, comm: Comm,
                               store: ResultsStore, workdir: Path, warn: Callable[[str], None]) -> set[str]:
     """What ``validate`` checks, then the pre-run checks of every stage to run, before
     anything is replaced. A stage reading one run earlier in this invocation is told so
@@ -305,7 +308,7 @@ def bind_reads(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, reads={**reads(), **config.reads})
 
 
-def run_pipeline(config: RunConfig, comm, stages: Sequence[str] | None = None, *,
+def run_pipeline(config: RunConfig, comm: Comm, stages: Sequence[str] | None = None, *,
                  overwrite: bool = False, quiet: bool = False, argv: Sequence[str] = (),
                  petsc_options: Sequence[str] = ()) -> Path:
     """Run ``stages`` (default: ``[run] stages``) and return the results path.
@@ -321,6 +324,11 @@ def run_pipeline(config: RunConfig, comm, stages: Sequence[str] | None = None, *
 
     Returns:
         The results file path.
+
+    A stop by signal (:class:`StoppedBySignal`) is raised to the caller with one rank. With
+    several ranks, or in a job script (``HPCQML_STOP_STATUS`` set), every rank leaves the
+    process here in order instead (:func:`hpcqml.training.signals.leave_after_stop`): rank 0
+    prints the stop's line and exits last, with status 2 or the one the job script asks.
     """
     load_all()
     config = bind_reads(config)
@@ -367,6 +375,11 @@ def run_pipeline(config: RunConfig, comm, stages: Sequence[str] | None = None, *
                       extend=name in plan.extend, verified=verified, checked=name in checked)
     except BaseException as exc:
         _close_after_failure(store, comm, exc)
+        if isinstance(exc, StoppedBySignal) and (comm.Get_size() > 1 or stop_status() is not None):
+            # every rank stopped together: leave in order, not by MPI_Abort (whose kill
+            # sequence under mpirun costs twice odls_base_sigkill_timeout)
+            status = stop_status()
+            leave_after_stop(comm, exc.final(), STOP_STATUS if status is None else status)
         if is_disk_full(exc) and not isinstance(exc, DiskFullError):
             raise disk_full_error(getattr(exc, "filename", None) or workdir) from exc
         raise
@@ -375,18 +388,18 @@ def run_pipeline(config: RunConfig, comm, stages: Sequence[str] | None = None, *
     return path
 
 
-def _warn_unused_petsc_options(comm, given: Sequence[str], log: Callable[[str], None]) -> None:
+def _warn_unused_petsc_options(comm: Comm, given: Sequence[str], log: Callable[[str], None]) -> None:
     unused = unused_petsc_options() if comm.Get_rank() == 0 and given else []
     if unused:
         log("warning: PETSc option(s) given but used by no solver: " + " ".join(unused)
             + " (misspelt, or for a stage that did not run; prefixes: -qcm_, -qcm_inv_, -hhl_)")
 
 
-def _close_after_failure(store: ResultsStore, comm, exc: BaseException) -> None:
+def _close_after_failure(store: ResultsStore, comm: Comm, exc: BaseException) -> None:
     """Record why the invocation ended (rank 0 only: the caller aborts all ranks next)."""
     if comm.Get_rank() != 0 or store.invocation is None:
         return
-    local = ResultsStore(store.path, _SelfComm())
+    local = ResultsStore(store.path, cast(Comm, _SelfComm()))   # rank 0 alone: no collective is called
     local.invocation = store.invocation
     local.lock = store.lock
     status = "interrupted" if isinstance(exc, StoppedBySignal) else "failed"
@@ -419,7 +432,7 @@ def verify_inputs(name: str, config: RunConfig, store: ResultsStore, verified: s
     if not todo:
         return
 
-    def body(fh) -> list[str]:
+    def body(fh: Any) -> list[str]:
         groups = [g for s in todo for g in (*stage_groups(fh, s), f"perf/{s}", f"fingerprints/{s}")]
         return verify_groups(fh, groups)[0]
     problems = store.read(body, default=[])
@@ -428,7 +441,7 @@ def verify_inputs(name: str, config: RunConfig, store: ResultsStore, verified: s
         raise InputFileError(damage_summary(store.path, problems))
 
 
-def run_stage(name: str, config: RunConfig, comm, store: ResultsStore, workdir: Path,
+def run_stage(name: str, config: RunConfig, comm: Comm, store: ResultsStore, workdir: Path,
               quiet: bool = False, fresh: bool = False, extend: bool = False,
               verified: set[str] | None = None, checked: bool = False) -> None:
     """Run one stage unless its performance record says it already completed.

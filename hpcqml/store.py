@@ -36,6 +36,7 @@ import numpy as np
 
 from hpcqml import __version__
 from hpcqml.errors import InputFileError, UserError
+from hpcqml.protocols import Comm, PerfTimer
 from hpcqml.io import (FileTooLargeError, atomic_write, is_disk_full, open_hdf5_read, read_limited,
                        remove_stale_temporaries)
 
@@ -180,7 +181,7 @@ def _git_commit() -> str:
     return res.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def provenance(comm, argv: list[str], seeds: Mapping[str, int], *, petsc_options: Sequence[str] = (),
+def provenance(comm: Comm, argv: list[str], seeds: Mapping[str, int], *, petsc_options: Sequence[str] = (),
                threads: tuple[int, str] = (0, "")) -> dict[str, Any]:
     """Facts about this invocation (collective: gathers host names).
 
@@ -398,7 +399,7 @@ class ResultsStore:
     readers (``info``, ``report``) never take it.
     """
 
-    def __init__(self, path: str | os.PathLike, comm, perf=None):
+    def __init__(self, path: str | os.PathLike[str], comm: Comm, perf: PerfTimer | None = None) -> None:
         self.path = Path(path)
         self.comm = comm
         self.rank = comm.Get_rank()
@@ -430,6 +431,8 @@ class ResultsStore:
                 outcome = (False, exc)
         if self.comm.Get_size() > 1:
             outcome = self.comm.bcast(outcome, root=0)
+        if outcome is None:  # rank 0 always sets it, and the broadcast hands it to every rank
+            raise RuntimeError("results store: no outcome reached this rank")
         ok, value = outcome
         if not ok:
             raise value

@@ -58,6 +58,7 @@ seeds = [1, 2]
 N = [1, 2]
 T = 6
 step_sizes = []
+lift = "both"
 [hhl]
 n = 2
 N = 1
@@ -137,7 +138,32 @@ def test_fig4b_draws_the_truncation_error_of_each_fraction(qcm_hhl_file, tmp_pat
     _same(dotted[1].get_ydata(), disc["0.500"])
     assert ax.get_title().startswith("Fig. 4b: truncation error vs fraction f")
     assert ax.get_ylabel().startswith("‖truncation error(t)‖₂")
-    assert [e.split(":")[0] for e in _legend(ax)[:2]] == ["f = 1, N = 2", "f = 0.5, N = 2"]
+    legend = _legend(ax)
+    assert [e.split(":")[0] for e in legend if "discrete lift" not in e][:2] == ["f = 1, N = 2", "f = 0.5, N = 2"]
+
+
+def test_fig4b_draws_the_discrete_lift_beside_the_paper_lift(qcm_hhl_file, tmp_path, drawn):
+    """Both lifts were run (lift = "both"): each f also draws the median error of the exact lift of the
+    map at the same N, read from the discrete_N_* groups, dash-dot, and it is not the paper lift's curve."""
+    with h5py.File(qcm_hhl_file, "r") as fh:
+        figures.fig4b_error_vs_fraction(fh, tmp_path)
+        want, paper = {}, {}
+        for f in ("1.000", "0.500"):
+            cases = [fh[f"qcm/f{f}_seed{s}"] for s in (1, 2)]
+            assert all(c["discrete_N_2"].attrs["lift"] == "discrete" for c in cases)
+            floor = np.median(np.vstack([c["floor"][()] for c in cases]), axis=0)
+            med = _median([_norms(c, "discrete_N_2/eta1") for c in cases])
+            want[f] = np.where(med > floor, med, np.nan)      # medians under the rounding floor are not drawn
+            paper[f] = _median([_norms(c, "split/N_2/truncation") for c in cases])
+    ax = drawn["fig4b_error_vs_fraction.png"].axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    for f, name in (("1.000", "1"), ("0.500", "0.5")):
+        (label,) = [k for k in lines if k.startswith(f"f = {name}, N = 2 discrete lift")]
+        assert lines[label].get_linestyle() == "-."
+        _same(lines[label].get_ydata(), want[f])
+        assert np.isfinite(want[f]).sum() >= 3                 # a curve, not only the masked start
+        assert not np.allclose(np.nan_to_num(want[f]), np.nan_to_num(paper[f]), rtol=1e-3, atol=0)
+        assert label in _legend(ax)
 
 
 def test_kappa_figure_draws_each_order_against_its_bounds(qcm_hhl_file, tmp_path, drawn):
@@ -183,6 +209,63 @@ def test_hhl_figure_draws_infidelity_leakage_and_overlap(qcm_hhl_file, tmp_path,
     assert ax1.get_xlabel() == "clock qubits c" and ax3.get_xlabel() == "κ_a" and ax3.get_xscale() == "log"
     assert ax1.get_title() == "HHL infidelity vs clock qubits"
     assert ax3.get_title() == "Truncated HHL (dashed: eq. II.87)"
+
+
+def test_hhl_ii92_figure_draws_the_three_overlaps_and_ii92_against_kappa(qcm_hhl_file, tmp_path, drawn):
+    """Per Carleman case: simulated, eq. II.87 and Haar overlaps against kappa_a at the largest clock size,
+    eq. II.92 as one marker at 2(T+1); the drawn data are the file's, and eq. II.87/II.89-91 recomputed
+    here with numpy from the stored spectrum and right-hand side agree with them."""
+    with h5py.File(qcm_hhl_file, "r") as fh:
+        figures.fig_hhl_ii92(fh, tmp_path)
+        g = fh["hhl/random"]
+        tr = g["truncated"]
+        kas, clocks = tr["kappa_a"][()], tr["clock_qubits"][()]
+        best = clocks == clocks.max()
+        order = np.argsort(kas[best])
+        sim, ii87, haar = (tr[k][()][best][order] for k in ("overlap", "overlap_ii87", "overlap_haar"))
+        ii92 = tr.attrs["overlap_ii92"]
+        T = int(g["instance"].attrs["T"])
+        spectrum = g["instance/spectrum_H"][()]
+    ax = drawn["hhl_ii92_vs_ii87.png"].axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    _same(lines[f"simulated truncated HHL (c = {clocks.max()})"].get_xdata(), kas[best][order])
+    _same(lines[f"simulated truncated HHL (c = {clocks.max()})"].get_ydata(), sim)
+    _same(lines["eq. II.87 (exact)"].get_ydata(), ii87)
+    _same(lines["Haar estimate eq. II.89–II.91"].get_ydata(), haar)
+    marker = lines[f"eq. II.92 (stated for κ_a = 2(T+1) = {2 * (T + 1)})"]
+    _same(marker.get_xdata(), [2.0 * (T + 1)])
+    _same(marker.get_ydata(), [ii92])
+    assert ax.get_title() == "random: eq. II.92 vs eq. II.87" and ax.get_xscale() == "log"
+    assert ax.get_ylabel() == "overlap ⟨x|x̃⟩ (unsquared)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "6"]
+    # the Haar estimate, independently: Tr(Lbar^-2) / sqrt(Tr(L^-2) (Tr(Lbar^-2) + #ill)) on |lambda|
+    a = np.abs(spectrum)
+    for k, drawn_value in zip(kas[best][order], haar, strict=True):
+        well = a >= 1.0 / k
+        tb = np.sum(1 / a[well] ** 2)
+        assert drawn_value == pytest.approx(tb / np.sqrt(np.sum(1 / a**2) * (tb + np.sum(~well))), rel=1e-12)
+
+
+def test_report_table_states_where_ii92_and_ii87_disagree(qcm_hhl_file):
+    """The report's II.92 table: one row per clock size at kappa_a = 2(T+1), numbers from the file,
+    'no' with the reason when |II.92 - II.87| exceeds the tolerance (here: nothing truncated, II.87 = 1)."""
+    from hpcqml.report.build import _hhl_md
+
+    with h5py.File(qcm_hhl_file, "r") as fh:
+        lines = _hhl_md(fh)
+        tr = fh["hhl/random/truncated"]
+        rows = np.flatnonzero(tr["ii92_applies"][()])
+        want = [(int(tr["clock_qubits"][i]), tr["overlap"][i], tr["overlap_ii87"][i], tr["overlap_ii92"][i])
+                for i in rows]
+    start = lines.index("### Eq. II.92 against eq. II.87")
+    table = [ln for ln in lines[start:] if ln.startswith("| random |")]
+    assert len(table) == len(want) == 2
+    for line, (c, sim, ii87, ii92) in zip(table, want, strict=True):
+        cells = [x.strip() for x in line.strip("|").split("|")]
+        assert len(cells) == 11                      # no '|' inside a cell
+        assert cells[1:6] == ["6", str(c), f"{sim:.4f}", f"{ii87:.4f}", cells[5]]
+        assert cells[6] == f"{ii92:.4f}" and cells[8] == f"{ii92 - ii87:+.4f}"
+        assert cells[9] == "no" and cells[10].startswith("nothing is truncated")
 
 
 # ---------------------------------------------------------------- spectrum and training (hand-laid file)
@@ -352,6 +435,8 @@ def test_scaling_figure_draws_speedup_and_efficiency(tmp_path, drawn):
 
 def test_every_report_figure_is_tested_here():
     """A figure added to the report without a test here fails this check."""
-    # hhl_scale is drawn from a real size sweep in tests/test_hhl_stage.py (_check_scale_figure)
-    tested = {"fig2a", "fig2b", "fig2c", "fig2d", "fig3", "fig4a", "fig4b", "kappa", "hhl", "hhl_scale"}
+    # hhl_scale is drawn from a real size sweep in tests/test_hhl_stage.py (_check_scale_figure);
+    # curvature from a tiny curvature run in tests/test_sci_curvature_figure.py
+    tested = {"fig2a", "fig2b", "fig2c", "fig2d", "fig3", "curvature", "fig4a", "fig4b", "kappa", "hhl",
+              "hhl_ii92", "hhl_scale"}
     assert set(figures.FIGURES) == tested

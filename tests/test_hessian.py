@@ -7,7 +7,7 @@ import scipy.stats
 import torch
 
 from hpcqml.errors import NumericalError, UserError
-from hpcqml.hessian.hvp import HessianOperator, param_space
+from hpcqml.hessian.hvp import HessianLinearOperator, param_space
 from hpcqml.hessian.lanczos import lanczos, rademacher_slice
 from hpcqml.parallel import block_bounds
 from hpcqml.hessian.slq import probe_groups, run_probes
@@ -62,7 +62,7 @@ def setup():
 @pytest.mark.parametrize("route", ["double-backward", "func", "auto"])
 def test_hvp_matches_explicit_hessian(setup, route):
     net, x, y, H = setup
-    op = HessianOperator(net, x, y, len(y), micro_batch=len(y), route=route)
+    op = HessianLinearOperator(net, (x, y), num_data=len(y), micro_batch=len(y), route=route)
     v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     hv = op.matvec(v)
     assert torch.allclose(hv, H @ v, rtol=1e-10, atol=1e-12)
@@ -79,7 +79,8 @@ def test_channels_last_layout_gives_the_same_product(setup, route):
     net, x, y, H = setup
     fmt = memory_format("channels_last", torch.device("cpu"))
     net_cl = copy.deepcopy(net).to(memory_format=fmt)
-    op = HessianOperator(net_cl, x.contiguous(memory_format=fmt), y, len(y), micro_batch=10, route=route)
+    op = HessianLinearOperator(net_cl, (x.contiguous(memory_format=fmt), y), num_data=len(y), micro_batch=10,
+                               route=route)
     v = torch.randn(op.n, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     assert torch.allclose(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
     assert memory_format("auto", torch.device("cpu")) == torch.contiguous_format
@@ -87,7 +88,7 @@ def test_channels_last_layout_gives_the_same_product(setup, route):
 
 def test_hvp_symmetric(setup):
     net, x, y, _ = setup
-    op = HessianOperator(net, x, y, len(y), micro_batch=10, route="double-backward")
+    op = HessianLinearOperator(net, (x, y), num_data=len(y), micro_batch=10, route="double-backward")
     g = torch.Generator().manual_seed(5)
     u, v = torch.randn(op.n, dtype=torch.float64, generator=g), torch.randn(op.n, dtype=torch.float64, generator=g)
     a, b = float(u @ op.matvec(v)), float(v @ op.matvec(u))
@@ -99,9 +100,9 @@ def test_micro_batching_equals_one_pass(setup, micro):
     net, x, y, _ = setup  # 37 samples: every micro size here leaves a ragged last chunk
     v = torch.randn(sum(p.numel() for p in net.parameters()), dtype=torch.float64,
                     generator=torch.Generator().manual_seed(7))
-    one = HessianOperator(net, x, y, len(y), micro_batch=len(y), route="double-backward").matvec(v)
+    one = HessianLinearOperator(net, (x, y), num_data=len(y), micro_batch=len(y), route="double-backward").matvec(v)
     for route in ("double-backward", "func"):
-        many = HessianOperator(net, x, y, len(y), micro_batch=micro, route=route).matvec(v)
+        many = HessianLinearOperator(net, (x, y), num_data=len(y), micro_batch=micro, route=route).matvec(v)
         assert torch.allclose(many, one, rtol=1e-11, atol=1e-13)
 
 
@@ -109,7 +110,7 @@ def test_batchnorm_eval_and_state_unchanged(setup):
     net, x, y, H = setup
     net.train()
     before = {k: b.clone() for k, b in net.named_buffers()}
-    op = HessianOperator(net, x, y, len(y), micro_batch=9, route="auto")
+    op = HessianLinearOperator(net, (x, y), num_data=len(y), micro_batch=9, route="auto")
     v = torch.ones(op.n, dtype=torch.float64)
     hv = op.matvec(v)
     assert torch.allclose(hv, H @ v, rtol=1e-10, atol=1e-12)  # H was formed in eval mode
@@ -128,7 +129,7 @@ def test_support_space_is_principal_submatrix(setup):
     keep = torch.cat([mask[k].reshape(-1) if k in mask else torch.ones(p.numel(), dtype=torch.bool)
                       for k, p in net.named_parameters()])
     assert space.n == int(keep.sum())
-    op = HessianOperator(net, x, y, len(y), space=space, micro_batch=16, route="func")
+    op = HessianLinearOperator(net, (x, y), num_data=len(y), space=space, micro_batch=16, route="func")
     v = torch.randn(space.n, dtype=torch.float64, generator=g)
     Hs = H[keep][:, keep]
     assert torch.allclose(op.matvec(v), Hs @ v, rtol=1e-10, atol=1e-12)
@@ -137,7 +138,7 @@ def test_support_space_is_principal_submatrix(setup):
 def test_bad_inputs_raise_user_error(setup):
     net, x, y, _ = setup
     with pytest.raises(UserError, match="route"):
-        HessianOperator(net, x, y, len(y), route="magic")
+        HessianLinearOperator(net, (x, y), num_data=len(y), route="magic")
     with pytest.raises(UserError, match="mask"):
         param_space(net, "support", None)
     with pytest.raises(UserError, match="not a trainable"):
@@ -161,7 +162,7 @@ def _dense_matvec(A: np.ndarray):
 
 def test_gauss_quadrature_is_exact_for_low_moments(setup):
     net, x, y, H = setup
-    op = HessianOperator(net, x, y, len(y), micro_batch=37, route="double-backward")
+    op = HessianLinearOperator(net, (x, y), num_data=len(y), micro_batch=37, route="double-backward")
     n, m = op.n, 20
     z = rademacher_slice(n, 0, n, seed=5, probe=0)
     res = lanczos(op.matvec, n, None, z, steps=m, state_dtype=torch.float64)
@@ -185,7 +186,7 @@ def test_slq_measure_against_exact_eigenvalues(setup):
     inside their residual bounds; trace within 3 standard errors.
     """
     net, x, y, H = setup
-    op = HessianOperator(net, x, y, len(y), micro_batch=37, route="double-backward")
+    op = HessianLinearOperator(net, (x, y), num_data=len(y), micro_batch=37, route="double-backward")
     n = op.n
     ev = np.linalg.eigvalsh(H.numpy())
     res = run_probes(op.matvec, n, probe_groups(None, 1), list(range(8)), seed=17, steps=60,
@@ -212,7 +213,7 @@ def test_slq_measure_against_exact_eigenvalues(setup):
 
 def test_reorth_none_still_finds_extremes(setup):
     net, x, y, H = setup
-    op = HessianOperator(net, x, y, len(y), micro_batch=37, route="double-backward")
+    op = HessianLinearOperator(net, (x, y), num_data=len(y), micro_batch=37, route="double-backward")
     ev = np.linalg.eigvalsh(H.numpy())
     z = rademacher_slice(op.n, 0, op.n, seed=1, probe=0)
     res = lanczos(op.matvec, op.n, None, z, steps=60, reorth="none", state_dtype=torch.float64)
@@ -270,7 +271,7 @@ def test_non_finite_product_names_step_and_probe():
 def test_float32_state_close_to_float64(setup):
     net, x, y, H = setup
     net32 = small_net().float()
-    op = HessianOperator(net32, x.float(), y, len(y), micro_batch=16, route="double-backward")
+    op = HessianLinearOperator(net32, (x.float(), y), num_data=len(y), micro_batch=16, route="double-backward")
     ev = np.linalg.eigvalsh(H.numpy())
     z = rademacher_slice(op.n, 0, op.n, seed=2, probe=0)
     res = lanczos(op.matvec, op.n, None, z, steps=40, state_dtype=torch.float32)
@@ -290,7 +291,7 @@ def test_pyhessian_agreement(setup):
     H = exact_hessian(net.double(), x.double(), y).numpy()
     net = net.float()
     ev = np.linalg.eigvalsh(H)
-    op = HessianOperator(net, x, y, len(y), micro_batch=37, route="double-backward")
+    op = HessianLinearOperator(net, (x, y), num_data=len(y), micro_batch=37, route="double-backward")
     res = run_probes(op.matvec, op.n, probe_groups(None, 1), list(range(6)), seed=4, steps=40,
                      state_dtype=torch.float32)
     s = Spectrum.from_results(res, op.n)

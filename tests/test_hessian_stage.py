@@ -106,30 +106,31 @@ def test_stage_writes_layout(tmp_path):
 
 
 def test_stage_resumes_at_next_unfinished_probe(tmp_path, monkeypatch):
-    import hpcqml.hessian.slq as slq
+    from hpcqml.hessian.lockstep import LanczosEngine
 
     make_workdir(tmp_path, steps=(10,))
-    real = slq.lanczos
+    real = LanczosEngine.start
     started = []
 
-    def failing(*args, **kw):
-        started.append(kw["probe"])
-        if kw["probe"] == 1:
+    def failing(self, number, *args, **kw):
+        started.append(number)
+        if number == 1:
             raise KeyboardInterrupt("simulated kill")
-        return real(*args, **kw)
+        return real(self, number, *args, **kw)
 
-    monkeypatch.setattr(slq, "lanczos", failing)
+    monkeypatch.setattr(LanczosEngine, "start", failing)
     with pytest.raises(KeyboardInterrupt):
-        run_pipeline(config(tmp_path, probes=3, wrt="support"), world(), quiet=True)
+        run_pipeline(config(tmp_path, probes=3, wrt="support", lockstep=1), world(), quiet=True)
     assert started == [0, 1]
     started.clear()
 
-    def counting(*args, **kw):
-        started.append(kw["probe"])
-        return real(*args, **kw)
+    def counting(self, number, *args, **kw):
+        started.append(number)
+        return real(self, number, *args, **kw)
 
-    monkeypatch.setattr(slq, "lanczos", counting)
-    path = run_pipeline(config(tmp_path, probes=3, wrt="support"), world(), quiet=True)
+    monkeypatch.setattr(LanczosEngine, "start", counting)
+    # resumed in lockstep (a performance setting): only the unfinished probes run
+    path = run_pipeline(config(tmp_path, probes=3, wrt="support", lockstep=2), world(), quiet=True)
     assert started == [1, 2]  # probe 0 was not recomputed
     resumed = read_result(path, "step_000010")
     make_workdir(tmp_path, steps=(10,), name="fresh")
@@ -148,19 +149,19 @@ def test_sigterm_commits_finished_probes_and_says_so(tmp_path, monkeypatch):
     import os
     import signal
 
-    import hpcqml.hessian.slq as slq
+    from hpcqml.hessian.lockstep import LanczosEngine
     from hpcqml.training.signals import StoppedBySignal
 
     make_workdir(tmp_path, steps=(10,))
-    real = slq.lanczos
+    real = LanczosEngine.start
 
-    def signalling(*args, **kw):
-        if kw["probe"] == 1:
+    def signalling(self, number, *args, **kw):
+        if number == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kw)
+        return real(self, number, *args, **kw)
 
-    monkeypatch.setattr(slq, "lanczos", signalling)
-    cfg = config(tmp_path, probes=3, route="auto")
+    monkeypatch.setattr(LanczosEngine, "start", signalling)
+    cfg = config(tmp_path, probes=3, route="auto", lockstep=1)
     with pytest.raises(StoppedBySignal, match=r"SIGTERM.*spectrum step_000010 with probes \[1, 2\] not finished"
                                               r".*saved probes \[0\] of step_000010"):
         run_pipeline(cfg, world(), quiet=True)
@@ -171,7 +172,7 @@ def test_sigterm_commits_finished_probes_and_says_so(tmp_path, monkeypatch):
     assert first in ("double-backward", "func")
     # the choice was committed before the first probe and is read back, never timed again
     assert decisions["complete"] and decisions["route"] == first and decisions["device"] == "cpu"
-    monkeypatch.setattr(slq, "lanczos", real)
+    monkeypatch.setattr(LanczosEngine, "start", real)
     import hpcqml.stages.spectrum as stage
 
     def no_retiming(*args, **kw):
@@ -197,11 +198,17 @@ def test_progress_per_lanczos_step_and_basis_memory_warning(tmp_path, capsys, mo
     make_workdir(tmp_path, steps=(0,))
     monkeypatch.setattr(stage, "BASIS_MEMORY_FRACTION", 1e-12)
     capsys.readouterr()
-    run_pipeline(config(tmp_path, probes=2), world(), quiet=False)
+    run_pipeline(config(tmp_path, probes=2, lockstep=1), world(), quiet=False)
     err = capsys.readouterr().err
     assert "step_000000 probe 0" in err and "step_000000 probe 1" in err and "4/4" in err
     assert "step/s" in err or "s/step" in err
     assert "warning: step_000000: the Krylov basis needs" in err and "GiB per rank (4 steps x" in err
+    # in lockstep one bar per block of probes, and the warning counts the bases held at once
+    make_workdir(tmp_path, steps=(0,), name="block")
+    run_pipeline(config(tmp_path, name="block", probes=2, lockstep=2), world(), quiet=False)
+    err = capsys.readouterr().err
+    assert "step_000000 probes 0-1" in err and "4/4" in err
+    assert "the Krylov bases of 2 probes held at once need" in err
 
 
 def test_eta_override_and_paper_primary(tmp_path):
@@ -225,6 +232,33 @@ def test_missing_snapshot_is_user_error(tmp_path):
     # refused before the run (one line naming the file) or, failing that, by the stage
     with pytest.raises(UserError, match=r"step_000020\.pt is missing|no snapshot for step 20"):
         run_pipeline(config(tmp_path, steps=[20]), world(), quiet=True)
+
+
+def test_purged_snapshot_measures_the_rest_then_fails_naming_it(tmp_path):
+    """Steps 0, 10 and 20 asked for, step 20's snapshot gone: 0 and 10 are measured and
+    committed, then the stage fails with one line naming step_000020.pt and is not marked
+    complete; with the file back, a rerun measures only step 20."""
+    from hpcqml.models import build
+    from hpcqml.training.checkpoint import save_checkpoint
+
+    work = make_workdir(tmp_path, steps=(0, 10))
+    with pytest.raises(UserError, match=r"^\[spectrum\] snapshot \S+step_000020\.pt is missing \(1 missing: "
+                                        r"step_000020\.pt\); the 2 present model state\(s\) were measured"):
+        run_pipeline(config(tmp_path, steps=[0, 10, 20]), world(), quiet=True)
+    with h5py.File(tmp_path / "run.h5", "r") as fh:
+        assert fh["spectrum/step_000000/result"].attrs["complete"]
+        assert fh["spectrum/step_000010/result"].attrs["complete"]
+        assert "step_000020" not in fh["spectrum"]
+        assert not ("perf/spectrum" in fh and fh["perf/spectrum"].attrs.get("complete", False))
+    torch.manual_seed(0)
+    save_checkpoint(work / "snapshots" / "step_000020.pt", "resnet8-w1", 10, build("resnet8-w1", 10), step=20,
+                    results=str((tmp_path / "run.h5").resolve()))
+    path = run_pipeline(config(tmp_path, steps=[0, 10, 20]), world(), quiet=True)
+    with h5py.File(path, "r") as fh:
+        assert fh["perf/spectrum"].attrs["complete"]
+        assert fh["spectrum/step_000020/result"].attrs["complete"]
+        # steps 0 and 10 were kept, not recomputed: 2 probes x 4 steps for step 20 only
+        assert fh["perf/spectrum/counters/hvp_products"][()].tolist() == [8.0]
 
 
 def test_fig2c_and_report_table_show_both_conventions(tmp_path):
@@ -292,17 +326,17 @@ def test_snapshot_of_another_run_is_refused(tmp_path):
 def test_changed_settings_recompute_every_probe(tmp_path, monkeypatch):
     """After a settings change the runner discards the stage's groups: no probe of the old
     settings is resumed (every probe runs again with the new number of steps)."""
-    import hpcqml.hessian.slq as slq
+    from hpcqml.hessian.lockstep import LanczosEngine
 
     make_workdir(tmp_path, steps=(0,))
     run_pipeline(config(tmp_path, probes=2), world(), quiet=True)
-    real, started = slq.lanczos, []
+    real, started = LanczosEngine.start, []
 
-    def counting(*args, **kw):
-        started.append(kw["probe"])
-        return real(*args, **kw)
+    def counting(self, number, *args, **kw):
+        started.append(number)
+        return real(self, number, *args, **kw)
 
-    monkeypatch.setattr(slq, "lanczos", counting)
+    monkeypatch.setattr(LanczosEngine, "start", counting)
     path = run_pipeline(config(tmp_path, probes=2, lanczos_steps=3), world(), quiet=True)
     assert started == [0, 1]
     with h5py.File(path, "r") as fh:

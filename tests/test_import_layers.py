@@ -14,7 +14,7 @@ from collections import defaultdict
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "hpcqml"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors",),
+    ("errors", "protocols"),
     ("io", "modes", "config"),
     ("parallel", "models", "verify"),
     ("store", "data", "petsc"),

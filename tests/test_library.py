@@ -21,7 +21,6 @@ from hpcqml.hessian.hvp import (
     DoubleBackwardHessian,
     FuncHessian,
     HessianLinearOperator,
-    HessianOperator,
 )
 
 torch.set_num_threads(1)
@@ -184,12 +183,14 @@ def test_routes_agree_on_a_dataloader(conv_case):
     assert torch.allclose(a, b, rtol=1e-11, atol=1e-13)
 
 
-def test_legacy_call_is_the_same_operator(conv_case):
+def test_given_sample_count_is_the_counted_one(conv_case):
+    """Passing ``num_data`` (as the pipeline does) gives the operator that counts the samples itself."""
     net, x, y, _ = conv_case
     v = rand_vec(sum(p.numel() for p in net.parameters()), 7)
-    old = HessianOperator(net, x, y, len(y), micro_batch=6, route="double-backward").matvec(v)
-    new = HessianLinearOperator(net, (x, y), micro_batch=6, route="double-backward").matvec(v)
-    assert torch.equal(old, new)
+    given = HessianLinearOperator(net, (x, y), num_data=len(y), micro_batch=6, route="double-backward")
+    counted = HessianLinearOperator(net, (x, y), micro_batch=6, route="double-backward")
+    assert given.num_data == counted.num_data == len(y)
+    assert torch.equal(given.matvec(v), counted.matvec(v))
 
 
 def test_support_subspace_on_a_dataloader(conv_case):

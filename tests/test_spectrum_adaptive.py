@@ -1,6 +1,7 @@
 """The spectrum stage's adaptive stopping and reruns that keep work (tiny ResNet, synthetic data).
 
-Work is counted by wrapping :func:`hpcqml.hessian.slq.lanczos`: every call is one probe run.
+Work is counted by wrapping :meth:`hpcqml.hessian.lockstep.LanczosEngine.start`: every call
+starts one probe's recurrence from scratch.
 """
 from __future__ import annotations
 
@@ -24,16 +25,17 @@ LABEL = "step_000000"
 
 @pytest.fixture
 def started(monkeypatch):
-    """The probe numbers of every Lanczos run, in order."""
-    import hpcqml.hessian.slq as slq
+    """The probe numbers of every Lanczos recurrence started from scratch, in order (an
+    extended recurrence is not started again)."""
+    from hpcqml.hessian.lockstep import LanczosEngine
 
-    real, calls = slq.lanczos, []
+    real, calls = LanczosEngine.start, []
 
-    def counting(*args, **kw):
-        calls.append(kw["probe"])
-        return real(*args, **kw)
+    def counting(self, number, *args, **kw):
+        calls.append(number)
+        return real(self, number, *args, **kw)
 
-    monkeypatch.setattr(slq, "lanczos", counting)
+    monkeypatch.setattr(LanczosEngine, "start", counting)
     return calls
 
 
@@ -114,12 +116,23 @@ def test_adaptive_stops_when_resolved_or_at_the_budget(tmp_path, started):
     a = result_attrs(grown)
     assert (a["stop_reason"], a["probes"], a["lanczos_steps"]) == ("step budget", 3, 8)
     assert "E(100) (paper): quadrature" in a["unresolved"]
-    assert started == [0, 1, 2, 0, 1, 2]          # every probe rerun once with 8 steps
+    assert started == [0, 1, 2]                   # each probe extended from 4 to 8 steps, not rerun
     with h5py.File(grown, "r") as fh:
         assert [fh[f"spectrum/{LABEL}/probe_00{p}"].attrs["steps_requested"] for p in range(3)] == [8, 8, 8]
         assert fh[f"spectrum/{LABEL}/result/nodes"].shape == (3, 8)
+        # 3 probes x 8 steps: the growth 4 -> 8 cost 4 products per probe (a rerun would cost 36)
+        assert fh["perf/spectrum/counters/hvp_products"][()].tolist() == [24.0]
 
-    # a larger step budget on rerun starts from the stored 8-step probes
+    # the extended probes equal a fresh run with 8 steps (float32 products: the extension does
+    # the same operations as a fresh run, up to the reorthogonalisation chunking)
+    make_workdir(tmp_path, steps=(0,), name="fresh8")
+    fresh = run_pipeline(config(tmp_path, name="fresh8", **{**steps_only, "lanczos_steps": 8}), world(), quiet=True)
+    ext, ref = probe_arrays(grown), probe_arrays(fresh)
+    for key in ref:
+        np.testing.assert_allclose(ext[key]["alpha"], ref[key]["alpha"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(ext[key]["beta"], ref[key]["beta"], rtol=1e-6, atol=1e-7)
+    # a larger step budget on a later run reruns the stored 8-step probes (the bases are kept
+    # in memory within one run only) and extends them 16 steps
     started.clear()
     run_pipeline(config(tmp_path, name="steps", **{**steps_only, "max_lanczos_steps": 16}), world(), quiet=True)
     assert started == [0, 1, 2] and result_attrs(grown)["lanczos_steps"] == 16

@@ -301,8 +301,18 @@ def r_number_pnas(ode: PolynomialODE, T: int | None = None) -> tuple[float, str]
 
         R = ( ||u_in|| ||F_2|| + ||F_0|| / ||u_in|| ) / |Re(lambda_1)|,
 
-    spectral norms, ||F_0|| = max_t ||F_0(t)||; their Carleman truncation converges for R < 1.  Here the
-    F_l are the per-step coefficients of eq. II.1 (R is unchanged by F_l -> eta F_l).
+    spectral norms, ||F_0|| = max_t ||F_0(t)||; their Carleman truncation converges for R < 1, and they
+    show the problem is hard for R >= sqrt(2).  Here the F_l are the per-step coefficients of eq. II.1
+    (R is unchanged by F_l -> eta F_l).
+
+    Sources checked for this definition: the published abstract (pnas.org/doi/10.1073/pnas.2026805118:
+    R is "the ratio of the nonlinearity and forcing to the linear dissipation", R < 1 for the algorithm,
+    hardness for R >= sqrt(2)); the script by co-author H. Kolden that reproduces the paper's Burgers
+    results (github.com/hermankolden/CarlemanBurgers, carleman_burgers.m), which computes exactly
+    ``R = (norm(u0)*norm(F2) + max_t norm(F0(t))/norm(u0)) / abs(lambda_1)`` with MATLAB's spectral
+    ``norm`` and lambda_1 the largest eigenvalue of F_1; and the first arXiv version (2011.03185v1),
+    whose R has no forcing term, ||u_in|| ||F_2|| / |Re(lambda_1)|, the F_0 = 0 case of the formula above,
+    as JuliaReach's CarlemanLinearization.jl implements it (src/error_bounds.jl).
 
     Args:
         ode: the instance.

@@ -128,7 +128,7 @@ class _DtypeStub(_Inert):
         if order not in ("<", ">", "=", "|"):
             raise pickle.UnpicklingError(f"dtype byte order {_short.repr(state[1])}")
         if order in "<>" and self.dtype.itemsize > 1:
-            self.dtype = self.dtype.newbyteorder(order)
+            self.dtype = self.dtype.newbyteorder("<" if order == "<" else ">")
         self.built = True
 
 
@@ -297,13 +297,13 @@ def scan_pickle(raw: bytes) -> int:
         name = op.name
         if name in _FORBIDDEN_OPS:
             raise ValueError(f"opcode {name} at byte {pos} is not allowed in this layout")
-        if name == "FRAME" and arg > len(raw) - pos - 9:
+        if name == "FRAME" and int(arg or 0) > len(raw) - int(pos or 0) - 9:
             raise ValueError(f"frame at byte {pos} announces {arg} bytes past the end of the file")
         if name == "MARK":
             stack.append(None)
             continue
         if name in _MEMO_PUTS or name == "MEMOIZE":
-            index = len(memo) if name == "MEMOIZE" else arg
+            index = len(memo) if name == "MEMOIZE" else int(arg or 0)
             if index > len(memo) + 1 or not stack or stack[-1] is None:
                 raise ValueError(f"memo index {index} at byte {pos} out of sequence")
             memo[index] = stack[-1]

@@ -24,7 +24,7 @@ def _prototypes(classes: int, rng: np.random.Generator) -> np.ndarray:
     up = np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3)          # C x 3 x 32 x 32, blocky
     # smooth the blocks with a separable 5-tap box filter (wrap-around) for a natural look
     for ax in (2, 3):
-        up = sum(np.roll(up, k, axis=ax) for k in range(-2, 3)) / 5.0
+        up = np.asarray(sum(np.roll(up, k, axis=ax) for k in range(-2, 3))) / 5.0
     up /= up.reshape(classes, -1).std(axis=1)[:, None, None, None]
     return up.astype(np.float32)
 

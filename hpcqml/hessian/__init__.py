@@ -5,7 +5,6 @@ Public names (imported on first use, so ``import hpcqml.hessian`` does not impor
 ``HessianLinearOperator``  the Hessian of any ``loss_fn(output, target)`` over tensors or a
                            ``DataLoader`` as a linear operator (``@``, ``matvec``, ``matmat``,
                            ``to_scipy``), data sharded over an optional MPI communicator.
-``HessianOperator``        the same for one tensor batch and the mean cross-entropy.
 ``CurvatureOperator``      the base class; a product route is one subclass
                            (``DoubleBackwardHessian``, ``FuncHessian``).
 ``param_space``            the coordinate subspace (all parameters or a pruning mask's support).
@@ -47,7 +46,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "CurvatureOperator": "hvp", "HessianLinearOperator": "hvp", "HessianOperator": "hvp",
+    "CurvatureOperator": "hvp", "HessianLinearOperator": "hvp",
     "DoubleBackwardHessian": "hvp", "FuncHessian": "hvp", "ParamSpace": "hvp", "param_space": "hvp",
     "slq": "slq", "Spectrum": "spectrum", "Estimate": "spectrum",
     "top_eigenpairs": "eigenpairs", "Eigenpairs": "eigenpairs", "deflated_slq": "eigenpairs",
@@ -59,7 +58,7 @@ _LAZY = {
 
 __all__ = ["BlockDiagonalOperator", "CurvatureOperator", "DeflatedOperator", "DeflatedSLQ", "DoubleBackwardHessian",
            "Eigenpairs", "EmpiricalFisherLinearOperator", "Estimate", "FuncHessian", "GGNLinearOperator",
-           "HessianLinearOperator", "HessianOperator", "MCFisherLinearOperator", "ParamSpace", "Spectrum",
+           "HessianLinearOperator", "MCFisherLinearOperator", "ParamSpace", "Spectrum",
            "build_curvature", "deflated_slq", "lanczos_lockstep", "param_space", "partition", "slq",
            "top_eigenpairs"]
 

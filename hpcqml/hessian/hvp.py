@@ -54,8 +54,8 @@ buffers through NCCL or CUDA-aware MPI where available, the host otherwise).
 on the first product and keeps the fastest (decided on rank 0 and broadcast); without a
 route it takes the fixed default of the device type (:func:`default_route`), so the same
 configuration on the same kind of machine always runs the same arithmetic.
-:class:`HessianOperator` keeps the suite's original call signature (one tensor batch, mean
-cross-entropy, the global batch size given).
+The pipeline builds it from one tensor batch per rank with the global batch size given
+(``HessianLinearOperator(model, (x, y), num_data=B, ...)``).
 """
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ from hpcqml.errors import NumericalError, UserError
 from hpcqml.hessian.algebra import OperatorAlgebra
 from hpcqml.hessian.reduce import Reducer
 from hpcqml.parallel import allreduce_sum
+from hpcqml.protocols import Comm, PerfTimer
 
 SPACES = ("all", "support")
 REDUCTIONS = ("mean", "sum")
@@ -451,7 +452,8 @@ class CurvatureOperator(OperatorAlgebra):
     def __init__(self, model: torch.nn.Module, data: Any, loss_fn: Callable | ChunkLoss | None = None, *,
                  wrt: str = "all", mask: Mapping[str, torch.Tensor] | None = None,
                  space: ParamSpace | None = None, micro_batch: int | None = None, num_data: int | None = None,
-                 comm: Any = None, check_finite: bool = True, perf: Any = None, batchnorm: str = "eval") -> None:
+                 comm: Comm | None = None, check_finite: bool = True, perf: PerfTimer | None = None,
+                 batchnorm: str = "eval") -> None:
         if batchnorm not in BATCHNORM_MODES:
             raise UserError(f"batchnorm = {batchnorm!r}: not one of {', '.join(BATCHNORM_MODES)}")
         self.batchnorm = batchnorm
@@ -467,7 +469,7 @@ class CurvatureOperator(OperatorAlgebra):
         self.perf = perf
         self.products = 0
 
-    def _count(self, comm: Any) -> int:
+    def _count(self, comm: Comm | None) -> int:
         total = np.array([self.source.count()], dtype=np.int64)
         allreduce_sum(comm, total)
         return int(total[0])
@@ -801,33 +803,6 @@ class HessianLinearOperator(CurvatureOperator):
         if best not in results:
             results[best] = super()._local(vps)
         return results[best]
-
-
-class HessianOperator(HessianLinearOperator):
-    """``v -> H_S v`` for the mean cross-entropy of one tensor batch sharded over ``comm``.
-
-    The suite's original signature; see :class:`HessianLinearOperator` for any loss and data.
-
-    Args:
-        model: the network (put in eval mode during every product; its flags are restored).
-        x, y: this rank's shard of the batch (inputs on the model's device, int64 labels).
-        total_batch: the global batch size B (sum of the shard sizes over ``comm``).
-        comm: the communicator whose ranks hold the shards (None = single process).
-        space: the coordinate subspace (``param_space``; default all parameters).
-        micro_batch: samples per chunk (the last chunk may be smaller).
-        route: ``auto``, ``double-backward`` or ``func``.
-        perf: optional object with ``count(name, n)`` and ``comm_timer()``.
-    """
-
-    def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, total_batch: int,
-                 comm: Any = None, space: ParamSpace | None = None, micro_batch: int = 512,
-                 route: str = "auto", perf: Any = None) -> None:
-        if micro_batch < 1:
-            raise UserError(f"micro_batch = {micro_batch}: must be >= 1")
-        super().__init__(model, (x, y), None, route=route, space=space, micro_batch=micro_batch,
-                         num_data=int(total_batch), comm=comm, check_finite=False, perf=perf)
-        self.x, self.y = x, y
-        self.total_batch = self.num_data
 
 
 def routes() -> tuple[str, ...]:

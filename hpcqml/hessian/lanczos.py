@@ -29,6 +29,7 @@ was found): the run ends early and says so.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -117,8 +118,12 @@ class _Dist:
         recv = np.empty(self.n, dtype=send.dtype)
         mpitype = from_numpy_dtype(send.dtype)
         timer = self.perf.comm_timer() if self.perf is not None else contextlib.nullcontext()
+        t0 = time.perf_counter()
         with timer:
             self.comm.Allgatherv([send, mpitype], [recv, self.counts, self.displs, mpitype])
+        if self.perf is not None:
+            # also inside the communication time; kept apart so a time split can name it
+            self.perf.count("allgatherv_seconds", time.perf_counter() - t0)
         return torch.from_numpy(recv).to(device)
 
 

@@ -144,6 +144,7 @@ class ProbeQuadrature:
     last: np.ndarray = field(init=False, repr=False)
     _cdf: dict = field(default_factory=dict, init=False, repr=False)
     _raw: dict = field(default_factory=dict, init=False, repr=False)
+    _grids: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         """Gauss rule of ``T_m``; a zero ``beta_m`` makes the rule exact."""
@@ -472,14 +473,38 @@ class ProbeQuadrature:
         Returns:
             ``(lo, hi)``.
         """
-        sharp = np.concatenate((np.asarray(breakpoints, dtype=np.float64), self.nodes))
-        pts, lo, hi = self.grid_bounds(self.grid(a, b, breakpoints), sharp[(sharp >= a) & (sharp <= b)])
-        keep = (pts > a) & (pts < b)
-        # the ends a and b hold the support: F(a^-) = 0 and F(b) = 1
-        g = np.concatenate(([a], pts[keep], [b]))
-        lo = np.concatenate(([0.0], lo[keep], [lo[pts < b].max(initial=0.0)]))
-        hi = np.concatenate(([hi[pts > a].min(initial=1.0)], hi[keep], [1.0]))
+        g, lo, hi = self.quantile_grid(a, b, breakpoints)
         return quantile_bounds(g, lo, hi, f, inside)
+
+    def quantile_grid(self, a: float, b: float, breakpoints: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The grid and distribution bounds :meth:`quantile_bracket` integrates over (cached).
+
+        Returns:
+            ``(g, lo, hi)``: ``g_0 = a < ... < g_K = b``, ``lo_k <= F(g_k^-)``, ``F(g_k) <= hi_k``.
+        """
+        bp = np.asarray(breakpoints, dtype=np.float64)
+        key = (float(a), float(b), tuple(bp.tolist()))
+        if key not in self._grids:
+            sharp = np.concatenate((bp, self.nodes))
+            pts, lo, hi = self.grid_bounds(self.grid(a, b, bp), sharp[(sharp >= a) & (sharp <= b)])
+            keep = (pts > a) & (pts < b)
+            # the ends a and b hold the support: F(a^-) = 0 and F(b) = 1
+            g = np.concatenate(([a], pts[keep], [b]))
+            lo = np.concatenate(([0.0], lo[keep], [lo[pts < b].max(initial=0.0)]))
+            hi = np.concatenate(([hi[pts > a].min(initial=1.0)], hi[keep], [1.0]))
+            # every breakpoint is a grid point, so no cell straddles a boundary of S (a
+            # breakpoint next to a Gauss node was moved off it above); it carries the trivial
+            # bounds 0 and 1, which the monotone envelopes of quantile_bounds tighten from
+            # its neighbours
+            extra = np.setdiff1d(bp[(bp > a) & (bp < b)], g)
+            if extra.size:
+                g = np.concatenate((g, extra))
+                lo = np.concatenate((lo, np.zeros(extra.size)))
+                hi = np.concatenate((hi, np.ones(extra.size)))
+                order = np.argsort(g, kind="stable")
+                g, lo, hi = g[order], lo[order], hi[order]
+            self._grids[key] = (g, lo, hi)
+        return self._grids[key]
 
 
 def _two_pole_iteration(th: np.ndarray, b2s2: np.ndarray, target: np.ndarray, interval: np.ndarray,
@@ -586,6 +611,125 @@ def quantile_bounds(grid: np.ndarray, lo: np.ndarray, hi: np.ndarray, f: Callabl
     upper = float(np.sum(width * _range_reduce(pmax, jmin, jmax, np.maximum)))
     lower = float(np.sum(width * _range_reduce(pmin, jmin, jmax, np.minimum)))
     return lower, upper
+
+
+def _quantile_pieces(grid: np.ndarray, lo: np.ndarray, hi: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The quantile levels of :func:`quantile_bounds` and, per level interval, the first and
+    last allowed piece (atoms at even, open cells at odd indices).
+
+    Returns:
+        ``(width, jmin, jmax)``.
+    """
+    K = grid.size - 1
+    lo = np.maximum.accumulate(np.clip(lo, 0.0, 1.0))
+    hi = np.minimum.accumulate(np.clip(hi, 0.0, 1.0)[::-1])[::-1]
+    hi[-1] = 1.0
+    hi = np.maximum(hi, lo)
+    levels = np.unique(np.concatenate(([0.0, 1.0], lo, hi)))
+    u0, u1 = levels[:-1], levels[1:]
+    k1 = np.searchsorted(hi, u0, side="right") - 1
+    jmin = np.where(k1 >= 0, 2 * k1 + 1, 0)
+    k2 = np.searchsorted(lo, u1, side="left")
+    jmax = np.where(k2 <= K, 2 * k2 - 1, 2 * K)
+    jmax = np.maximum(jmax, jmin)
+    return u1 - u0, np.minimum(jmin, 2 * K), np.minimum(jmax, 2 * K)
+
+
+@dataclass
+class RatioPieces:
+    """What the distribution bounds allow, per quantile level interval, for a ratio
+    ``int_S f dmu / mu(S)`` (:func:`ratio_pieces`).
+
+    Attributes:
+        width: length of each level interval.
+        fmin: smallest value of ``f`` over the allowed pieces inside ``S`` (+inf: none).
+        fmax: largest value (-inf: none).
+        outside: True where an allowed piece lies outside ``S``.
+    """
+
+    width: np.ndarray
+    fmin: np.ndarray
+    fmax: np.ndarray
+    outside: np.ndarray
+
+    @staticmethod
+    def concat(parts: list["RatioPieces"]) -> "RatioPieces":
+        """The pieces of several probes together (their sums pool the probes)."""
+        return RatioPieces(*(np.concatenate([getattr(p, n) for p in parts])
+                             for n in ("width", "fmin", "fmax", "outside")))
+
+    def lower(self, r: float) -> float:
+        """A lower bound on ``int_S (f - r) dmu`` over the allowed measures (summed over pieces)."""
+        with np.errstate(invalid="ignore"):
+            v = np.minimum(self.fmin - r, np.where(self.outside, 0.0, np.inf))
+        return float(np.sum(self.width * v))
+
+    def upper(self, r: float) -> float:
+        """An upper bound on ``int_S (f - r) dmu``."""
+        with np.errstate(invalid="ignore"):
+            v = np.maximum(self.fmax - r, np.where(self.outside, 0.0, -np.inf))
+        return float(np.sum(self.width * v))
+
+    def bracket(self) -> tuple[float, float]:
+        """Bounds on ``int_S f dmu / mu(S)`` for every allowed measure with ``mu(S) > 0``.
+
+        ``N/D >= r`` exactly when ``int_S (f - r) dmu >= 0``, so the lower end is the largest
+        ``r`` with :meth:`lower` ``>= 0`` and the upper end the smallest ``r`` with
+        :meth:`upper` ``<= 0`` (both non-increasing in ``r``), found by bisection and rounded
+        outward (the returned ends satisfy their inequality).
+        """
+        finite_min = self.fmin[np.isfinite(self.fmin)]
+        finite_max = self.fmax[np.isfinite(self.fmax)]
+        if finite_min.size == 0 or finite_max.size == 0 or np.any(np.isnan(self.fmax)) \
+                or np.any(np.isposinf(self.fmax)):
+            return -np.inf, np.inf   # nothing allowed in S, or f overflowed: no joint bound
+
+        def solve(g: Callable[[float], bool], a: float, b: float) -> tuple[float, float]:
+            # g(a) holds and g(b) does not; bisect to the ulp
+            for _ in range(200):
+                mid = 0.5 * (a + b)
+                if mid in (a, b):
+                    break
+                a, b = (mid, b) if g(mid) else (a, mid)
+            return a, b
+        lo_a, hi_b = float(finite_min.min()), float(finite_max.max())
+        top = hi_b + abs(hi_b) + 1.0
+        # lower(r) >= 0 holds at r = min fmin; find where it stops holding
+        low = lo_a if not self.lower(top) >= 0 else top
+        if low != top:
+            low = solve(lambda r: self.lower(r) >= 0, lo_a, top)[0]
+        bottom = lo_a - abs(lo_a) - 1.0
+        # upper(r) <= 0 holds at r = max fmax; find where it starts holding
+        if self.upper(bottom) <= 0:
+            high = bottom
+        else:
+            high = solve(lambda r: not self.upper(r) <= 0, bottom, hi_b)[1]
+        return low, high
+
+
+def ratio_pieces(grid: np.ndarray, lo: np.ndarray, hi: np.ndarray, f: Callable[[np.ndarray], np.ndarray],
+                 inside: Callable[[np.ndarray], np.ndarray]) -> RatioPieces:
+    """Per quantile level interval: the range of ``f`` over the allowed pieces in ``S`` and
+    whether a piece outside ``S`` is allowed (the quantile argument of :func:`quantile_bounds`
+    applied to ``(f - r) 1_S`` for every ``r`` at once).
+    """
+    width, jmin, jmax = _quantile_pieces(grid, lo, hi)
+    K = grid.size - 1
+    fg = f(grid)
+    at_in = inside(grid)
+    mid_in = inside(0.5 * (grid[:-1] + grid[1:]))
+    vmin = np.empty(2 * K + 1)
+    vmax = np.empty(2 * K + 1)
+    vmin[0::2] = np.where(at_in, fg, np.inf)
+    vmax[0::2] = np.where(at_in, fg, -np.inf)
+    vmin[1::2] = np.where(mid_in, np.minimum(fg[:-1], fg[1:]), np.inf)
+    vmax[1::2] = np.where(mid_in, np.maximum(fg[:-1], fg[1:]), -np.inf)
+    out = np.empty(2 * K + 1, dtype=np.int64)
+    out[0::2], out[1::2] = ~at_in, ~mid_in
+    count = np.concatenate(([0], np.cumsum(out)))
+    return RatioPieces(width, _range_reduce(vmin, jmin, jmax, np.minimum), _range_reduce(vmax, jmin, jmax, np.maximum),
+                       count[jmax + 1] - count[jmin] > 0)
 
 
 def _range_reduce(values: np.ndarray, start: np.ndarray, stop: np.ndarray, op: np.ufunc) -> np.ndarray:

@@ -12,9 +12,12 @@ pooled probes, with their uncertainties, are defined once in
 :mod:`hpcqml.hessian.spectrum`.
 
 Probe groups: the ranks of ``comm`` are split into G contiguous groups
-(``comm.Split``); in each round group g runs probe ``probes[round*G + g]`` with the data
-and the Krylov basis sharded over its own ranks.  Probe ``l`` is always drawn from
-``(seed, l)``, so results do not depend on the number of ranks or groups.
+(``comm.Split``); group g runs the probes ``l`` with ``l mod G = g``, k at a time in
+lockstep (one block product per Lanczos step for k probes, :mod:`hpcqml.hessian.lockstep`),
+with the data and the Krylov bases sharded over its own ranks.  Probe ``l`` is always drawn
+from ``(seed, l)``, so results do not depend on the number of ranks, groups or k (up to the
+rounding of the products).  Adaptive runs keep each probe's recurrence, so a step growth
+extends it instead of running it again.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import numpy as np
 import torch
 
 from hpcqml.errors import UserError
-from hpcqml.hessian.lanczos import Interrupted, LanczosResult, lanczos, rademacher_slice
+from hpcqml.hessian.lanczos import Interrupted, LanczosResult, rademacher_slice
+from hpcqml.hessian.lockstep import LanczosEngine, auto_width, block_product, column_product
 from hpcqml.hessian.spectrum import GROW_STEPS, Estimate, Spectrum, next_growth, pad  # noqa: F401  (pad re-exported)
 from hpcqml.parallel import block_bounds
 
@@ -62,20 +66,12 @@ class ProbesInterrupted(Exception):
         self.remaining = remaining
 
 
-def _run_one(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, gcomm: Any, probe: int, seed: int,
-             on_step: Callable[[int, int, int], None] | None, should_stop: Callable[[Any], bool] | None,
-             **kw: Any) -> LanczosResult | None:
-    """One probe on this rank's group; None when a stop was requested in the middle."""
-    grank = 0 if gcomm is None else gcomm.Get_rank()
-    gsize = 1 if gcomm is None else gcomm.Get_size()
-    lo, hi = block_bounds(n, grank, gsize)
-    z = rademacher_slice(n, lo, hi, seed, probe)
-    step_cb = None if on_step is None else (lambda done, total: on_step(probe, done, total))
-    stop_cb = None if should_stop is None else (lambda: should_stop(gcomm))
-    try:
-        return lanczos(matvec, n, gcomm, z, probe=probe, on_step=step_cb, interrupt=stop_cb, **kw)
-    except Interrupted:
-        return None
+def _owned(probes: Sequence[int], layout: GroupLayout) -> list[int]:
+    """The probes of ``probes`` that this rank's group runs: probe ``l`` belongs to group
+    ``l mod G``, whatever list it comes in, so a probe extended later is extended by the
+    group that holds its recurrence.
+    """
+    return [p for p in probes if p % layout.count == layout.index]
 
 
 def run_probes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, layout: GroupLayout,
@@ -83,9 +79,15 @@ def run_probes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, layout: G
                state_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                basis_device: torch.device | str | None = None, label: str = "",
                on_round: Callable[[list[LanczosResult]], None] | None = None,
-               perf: Any = None, on_step: Callable[[int, int, int], None] | None = None,
-               should_stop: Callable[[Any], bool] | None = None) -> list[LanczosResult]:
+               perf: Any = None, on_step: Callable[[int | str, int, int], None] | None = None,
+               should_stop: Callable[[Any], bool] | None = None, width: int = 1,
+               matmat: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               engine: LanczosEngine | None = None) -> list[LanczosResult]:
     """Run SLQ for the listed probe numbers; collective over ``layout.world``.
+
+    Every group runs its own probes (probe ``l`` on group ``l mod G``) ``width`` at a time
+    in lockstep: one block product per Lanczos step for the block (:mod:`hpcqml.hessian.lockstep`).
+    A probe the ``engine`` already holds with fewer steps is extended, not rerun.
 
     Args:
         matvec: the product, collective over ``layout.comm`` (the group).
@@ -102,9 +104,15 @@ def run_probes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, layout: G
         perf: optional timer/counter object.
         on_round: called on every rank with the probes finished in a round (gathered), so a
             caller can commit them collectively.
-        on_step: ``on_step(probe, done, total)`` after every Lanczos step (progress).
+        on_step: ``on_step(probe, done, total)`` after every Lanczos step (progress); ``probe``
+            is the probe number, or for a block of several the numbers as text (``"0-3"``).
         should_stop: ``should_stop(comm)``, collective over ``comm``: polled over the group
             after every Lanczos step and over ``layout.world`` after every round.
+        width: probes advanced together (1 = one after another, each product a ``matvec``).
+        matmat: the block product ``V -> H V`` used when ``width > 1`` (default: ``matvec``
+            column by column).
+        engine: the recurrences held from earlier calls, over ``layout.comm`` (default: a
+            new one that keeps nothing).
 
     Returns:
         All results, sorted by probe.
@@ -112,26 +120,65 @@ def run_probes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, layout: G
     Raises:
         ProbesInterrupted: ``should_stop`` said so; finished probes went to ``on_round`` first.
     """
-    probes = list(probes)
+    probes = [int(p) for p in probes]
+    if int(width) < 1:
+        raise UserError(f"lockstep width = {width}: must be >= 1")
+    if engine is None:
+        engine = LanczosEngine(n, layout.comm, reorth=reorth, state_dtype=state_dtype, device=device,
+                               basis_device=basis_device, label=label, perf=perf, keep=False)
+    product = column_product(matvec) if width == 1 or matmat is None else matmat
     out: list[LanczosResult] = []
-    G = layout.count
+    G, k = layout.count, int(width)
     grank = 0 if layout.comm is None else layout.comm.Get_rank()
-    kw = dict(steps=steps, reorth=reorth, state_dtype=state_dtype, device=device,
-              basis_device=basis_device, label=label, perf=perf)
-    for start in range(0, len(probes), G):
-        batch = probes[start:start + G]
-        mine = None
-        if layout.index < len(batch):
-            mine = _run_one(matvec, n, layout.comm, batch[layout.index], seed, on_step, should_stop, **kw)
-        gathered = layout.world.allgather(mine if grank == 0 else None) if G > 1 else [mine]
-        done = sorted((r for r in gathered if r is not None), key=lambda r: r.probe)
+    gsize = 1 if layout.comm is None else layout.comm.Get_size()
+    lo, hi = block_bounds(n, grank, gsize)
+    mine = _owned(probes, layout)
+    per_group = [sum(1 for p in probes if p % G == g) for g in range(G)]
+    rounds = max(-(-c // k) for c in per_group)
+    for r in range(rounds):
+        block = mine[r * k:(r + 1) * k]
+        results: list[LanczosResult] | None = []
+        if block:
+            for p in block:
+                if not engine.holds(p):
+                    engine.start(p, rademacher_slice(n, lo, hi, seed, p), steps)
+            name: int | str = block[0] if len(block) == 1 else _names(block)
+            step_cb = None if on_step is None else (lambda done, total, name=name: on_step(name, done, total))
+            stop_cb = None if should_stop is None else (lambda: should_stop(layout.comm))
+            try:
+                results = engine.advance(product, block, steps, on_step=step_cb, interrupt=stop_cb)
+            except Interrupted:
+                results = None
+        payload = (results is None, results if grank == 0 or G == 1 else None)
+        gathered = layout.world.allgather(payload) if G > 1 else [payload]
+        done = sorted((x for _, part in gathered if part for x in part), key=lambda x: x.probe)
         if on_round is not None and done:
             on_round(done)
         out.extend(done)
-        if should_stop is not None and should_stop(layout.world):
-            finished = sorted(r.probe for r in out)
+        interrupted = any(stopped for stopped, _ in gathered)
+        if interrupted or (should_stop is not None and should_stop(layout.world)):
+            finished = sorted(x.probe for x in out)
             raise ProbesInterrupted(finished, [p for p in probes if p not in finished])
-    return sorted(out, key=lambda r: r.probe)
+    return sorted(out, key=lambda x: x.probe)
+
+
+def _names(block: Sequence[int]) -> str:
+    """Probe numbers as short text: ``0-3`` for a run of consecutive numbers, else ``0,2,5``."""
+    if list(block) == list(range(block[0], block[0] + len(block))):
+        return f"{block[0]}-{block[-1]}"
+    return ",".join(map(str, block))
+
+
+def memory_available(device: torch.device | str) -> int:
+    """Bytes a Krylov basis may use on ``device``: the device's total memory for CUDA, else
+    the machine's physical memory (0 when unknown).
+    """
+    from hpcqml.parallel import machine_memory_bytes
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[1])
+    return machine_memory_bytes()
 
 
 def operator_size(operator: Any) -> int:
@@ -150,9 +197,10 @@ def operator_size(operator: Any) -> int:
 def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0, comm: Any = None,
         reorth: str = "full", dtype: torch.dtype | None = None, device: torch.device | str | None = None,
         basis_device: torch.device | str | None = None,
-        on_step: Callable[[int, int, int], None] | None = None,
+        on_step: Callable[[int | str, int, int], None] | None = None,
         requests: Sequence[Callable[[Spectrum], Estimate]] | None = None, tol: float | None = None,
-        max_steps: int | None = None, max_probes: int | None = None, **settings: Any) -> Spectrum:
+        max_steps: int | None = None, max_probes: int | None = None, lockstep: int | None = None,
+        **settings: Any) -> Spectrum:
     """Stochastic Lanczos quadrature of a symmetric operator, optionally adaptive.
 
     Args:
@@ -169,7 +217,13 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
             operator's ``dtype`` attribute, else float64).
         device: where ``matvec`` takes its vectors (default: the operator's ``device``, else CPU).
         basis_device: where the Krylov basis lives (default ``device``).
-        on_step: ``on_step(probe, done, total)`` after every Lanczos step.
+        on_step: ``on_step(probe, done, total)`` after every Lanczos step (``probe``: the
+            number, or the block's numbers as text in lockstep).
+        lockstep: probes advanced together, one ``matmat`` per Lanczos step for all of them
+            (1 = one after another, each product a ``matvec``); None or 0 = as many as fit
+            in half the memory for their Krylov bases, at most
+            :data:`hpcqml.hessian.lockstep.MAX_AUTO_WIDTH`.  The results equal those of
+            probes run one after another up to the rounding of the block product.
         requests: the estimates an adaptive run must resolve, each a function of the
             spectrum (e.g. ``lambda s: s.negative_mass(0.01)``); given together with
             ``max_steps`` or ``max_probes`` (or ``tol``) the run is adaptive.
@@ -183,7 +237,9 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
 
     Returns:
         The :class:`Spectrum`; after an adaptive run ``stop_reason`` is ``resolved``,
-        ``step budget`` or ``probe budget``.
+        ``step budget`` or ``probe budget``.  An adaptive run keeps every probe's recurrence
+        (with ``reorth = "full"`` its Krylov basis) in memory, so a step growth from m to m'
+        costs m' - m products per probe.
 
     Raises:
         ValueError: ``steps`` larger than ``n`` or below 1, no probes, a budget below the
@@ -201,11 +257,24 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
     if tol is not None:
         settings["resolution_rel"] = float(tol)
 
+    adaptive = requests is not None or tol is not None or max_steps is not None or max_probes is not None
+    if lockstep is not None and int(lockstep) < 0:
+        raise ValueError(f"lockstep = {lockstep}: must be >= 0 (0 = from memory, 1 = one probe at a time)")
+    width = int(lockstep or 0)
+    if width == 0:
+        shards = 1 if comm is None else comm.Get_size()
+        itemsize = torch.empty((), dtype=state_dtype).element_size()
+        top = max(int(steps), int(max_steps or steps)) if reorth == "full" else 2
+        width = auto_width(len(numbers), min(top, n), n, shards, itemsize, memory_available(basis_device or dev))
+    engine = LanczosEngine(n, comm, reorth=reorth, state_dtype=state_dtype, device=dev, basis_device=basis_device,
+                           keep=adaptive)
+    matmat = block_product(operator)
+
     def run(nums: list[int], k: int) -> list[LanczosResult]:
         return run_probes(operator.matvec, n, probe_groups(comm, 1), nums, int(seed), steps=k, reorth=reorth,
-                          state_dtype=state_dtype, device=dev, basis_device=basis_device, on_step=on_step)
+                          state_dtype=state_dtype, device=dev, basis_device=basis_device, on_step=on_step,
+                          width=width, matmat=matmat, engine=engine)
 
-    adaptive = requests is not None or tol is not None or max_steps is not None or max_probes is not None
     if not adaptive:
         return Spectrum.from_results(run(numbers, int(steps)), n, **settings)
     if not requests:
@@ -253,12 +322,12 @@ def adaptive_slq(run: Callable[[list[int], int], list[LanczosResult]], n: int, n
     """Grow Lanczos steps and probes until every request is resolved or a budget ends.
 
     Each round asks :func:`hpcqml.hessian.spectrum.next_growth` which part dominates the
-    unresolved estimates: more steps (all probes re-run with the doubled step count: the
-    recurrence cannot be extended without the stored basis) or more probes (the new probe
-    numbers continue after the largest one; probes already run are kept).
+    unresolved estimates: more steps (every probe's recurrence is extended to the doubled
+    step count when ``run`` holds it, as :func:`slq`'s does; else it is rerun) or more probes
+    (the new probe numbers continue after the largest one; probes already run are kept).
 
     Args:
-        run: ``run(probe_numbers, steps)`` runs those probes.
+        run: ``run(probe_numbers, steps)`` runs (or extends) those probes.
         n: operator dimension.
         numbers: the starting probe numbers.
         budget: start and budgets (changed in place).

@@ -24,7 +24,10 @@ Two uncertainties, kept apart (definitions in docs/science.md):
    quantile bound over the spectral interval ``[a, b]``, intersected with the Gauss/Gauss-
    Radau bracket where it applies).  Pooled quantities are means (or ratios of means) over
    probes, so the means of the per-probe bounds bracket the probe-exact pooled value
-   (``res_low``, ``res_high``).  Mass fractions and distribution-function bounds need no
+   (``res_low``, ``res_high``).  Ratios (E(t) with a cutoff, Delta_+/Delta) are also bounded
+   jointly: ``N/D >= r`` exactly when ``int_kept (f - r) dmu_z >= 0``, bounded for every ``r``
+   from the same distribution bounds (:class:`hpcqml.hessian.quadrature.RatioPieces`); the
+   bracket is the intersection.  Mass fractions and distribution-function bounds need no
    spectral interval; E(t) needs one: the ``interval`` given to the spectrum (source
    ``given``), else the extreme Ritz values widened by their residual bounds (source
    ``ritz``), which holds when the extreme Ritz values have converged to the extreme
@@ -33,6 +36,11 @@ Two uncertainties, kept apart (definitions in docs/science.md):
    the value, half-width ``t_{(1+confidence)/2, n_v-1}`` times the standard error (for a
    mean ``std(ddof=1)/sqrt(n_v)``; for a ratio of means the jackknife one); not evaluated
    below 2 probes.  The standard error is that of the Gauss per-probe values.
+
+Why an unresolved, quadrature-dominated estimate is unresolved: ``mass at threshold x`` when
+moving the probe mass the bounds leave undecided at the decision point ``x`` across it
+accounts for at least :data:`THRESHOLD_SHARE` of the bracket width (the estimate stores
+``threshold``, ``threshold_mass``, ``threshold_share``), else ``bracket wider than tolerance``.
 
 Combined interval: ``[min(res_low, value) - h, max(res_high, value) + h]`` with ``h`` the
 sampling half-width.  ``resolved`` means its half-width is at most ``max(tol_abs, tol_rel *
@@ -54,8 +62,8 @@ from scipy.special import logsumexp
 
 from hpcqml.hessian.density import Density, density_on_grid, gaussian_density, kernel_width
 from hpcqml.hessian.proxy import CONVENTIONS, log_error_proxy, modes
-from hpcqml.hessian.quadrature import (ProbeQuadrature, jacobi_from_measure, power_derivative_sign,
-                                       student_quantile)
+from hpcqml.hessian.quadrature import (ProbeQuadrature, RatioPieces, jacobi_from_measure, power_derivative_sign,
+                                       ratio_pieces, student_quantile)
 from hpcqml.modes import overlap_ii93, is_dissipative
 
 if TYPE_CHECKING:  # the torch-side type only; this module imports no torch
@@ -69,6 +77,10 @@ RESOLVED = "resolved"
 #: the growth an unresolved estimate asks for (see :func:`next_growth`)
 GROW_STEPS, GROW_PROBES = "steps", "probes"
 F64_UNIT_ROUNDOFF = 2.0 ** -53
+#: an unresolved, quadrature-dominated estimate is said to be held up by the mass at a
+#: threshold when moving that mass across it accounts for at least this share of the
+#: quadrature bracket's width (see :meth:`Spectrum._threshold_widths`)
+THRESHOLD_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,13 @@ class Estimate:
         per_probe_low: per-probe proven lower bounds.
         per_probe_high: per-probe proven upper bounds.
         tolerance: the half-width the combined interval had to meet.
+        threshold: the decision point whose undecided mass explains the largest part of the
+            quadrature bracket (None: the quantity has none, or no finite bracket).
+        threshold_mass: the pooled probe mass the bounds cannot place on either side of it
+            (mean over probes of the Chebyshev-Markov-Stieltjes width there).
+        threshold_share: the part of the quadrature bracket width that mass accounts for
+            (its width ``W_x`` over ``res_high - res_low``; may exceed 1, inf when it can
+            empty a denominator).
     """
 
     value: float
@@ -109,6 +128,9 @@ class Estimate:
     per_probe_low: tuple[float, ...] = ()
     per_probe_high: tuple[float, ...] = ()
     tolerance: float = float("nan")
+    threshold: float | None = None
+    threshold_mass: float = 0.0
+    threshold_share: float = 0.0
 
     @property
     def status(self) -> str:
@@ -199,6 +221,15 @@ class _Parts:
     why: str = ""
     #: what a proven bracket of this quantity assumes beyond the Lanczos runs ("" for nothing)
     assumes: str = ""
+    #: the decision points: ``(x, dnum, dden)``, how the pooled ``num`` and ``den`` change per
+    #: unit of probe mass moved from just below ``x`` to just above it (see
+    #: :meth:`Spectrum._threshold_widths`)
+    moves: tuple[tuple[float, float, float], ...] = ()
+    #: for a ratio: a bracket of the pooled ratio bounded jointly (numerator and denominator
+    #: from the same distribution bounds) and the per-probe ones; intersected with the
+    #: bracket from the separate bounds
+    joint: tuple[float, float] | None = None
+    joint_per_probe: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _pool(kind: str, num: np.ndarray, den: np.ndarray | None) -> np.ndarray:
@@ -394,8 +425,9 @@ class Spectrum:
         high = max(hi, value) + half
         if clip is not None:
             low, high = max(low, clip[0]), min(high, clip[1])
+        where, u, share = self._threshold_attribution(parts, lo, hi)
         est = Estimate(value, se, value - half, value + half, False, 0.0, "", per_probe, lo, hi, low, high,
-                       plo, phi, tolerance)
+                       plo, phi, tolerance, where, u, share)
         resolved, note = self._judge(est, parts, se)
         return replace(est, resolved=resolved, note=note)
 
@@ -421,6 +453,10 @@ class Spectrum:
                 c, d = nh.mean(), dl.mean()
                 lo = a / (a + b) if a + b > 0 else 0.0
                 hi = c / (c + d) if c + d > 0 else 1.0
+            if kind != "mean" and parts.joint is not None and parts.joint_per_probe is not None:
+                lo, hi = max(lo, parts.joint[0]), min(hi, parts.joint[1])
+                lo_p = np.maximum(lo_p, parts.joint_per_probe[0])
+                hi_p = np.minimum(hi_p, parts.joint_per_probe[1])
         return float(lo), float(hi), tuple(map(float, lo_p)), tuple(map(float, hi_p))
 
     def _sampling(self, stat: Callable[[np.ndarray], np.ndarray], kind: str) -> tuple[float, float]:
@@ -454,24 +490,53 @@ class Spectrum:
         quad_half = 0.5 * (est.res_high - est.res_low)
         samp_half = 0.5 * (est.ci_high - est.ci_low)
         if quad_half >= samp_half:
-            where = self._mass_at_threshold(parts.points, est.tolerance)
-            detail = f"mass at threshold {where:g}" if where is not None else "bracket wider than tolerance"
-            return False, f"quadrature: {detail}"
+            if est.threshold_share >= THRESHOLD_SHARE:
+                return False, f"quadrature: mass at threshold {est.threshold:g}"
+            return False, "quadrature: bracket wider than tolerance"
         return False, "sampling: interval wider than tolerance"
 
-    def _mass_at_threshold(self, points: Sequence[float], tol: float) -> float | None:
-        """The threshold with the most pooled mass on nodes whose residual interval (or
-        rounding margin) reaches it, when that mass exceeds ``tol``; else None.
+    def _threshold_widths(self, parts: _Parts) -> list[tuple[float, float, float]]:
+        """Per decision point ``x`` of ``parts``: ``(x, u_x, W_x)``.
+
+        ``u_x`` is the pooled undecided mass at ``x``: the mean over probes of the width
+        ``hi - lo`` of the Chebyshev-Markov-Stieltjes bounds at ``x`` (the weight of the
+        Gauss-Radau node prescribed at ``x``, margin included).  ``W_x`` is how far the pooled
+        value moves when that mass is moved across ``x``: the pooled formula evaluated with
+        the Gauss means ``num + s dnum u_x/2`` and ``den + s dden u_x/2`` for ``s = +1`` and
+        ``s = -1`` (a mass quantity's bracket at a single threshold has width ``u_x`` and
+        ``W_x = u_x``); inf when the shift can empty a denominator.
         """
-        best, where = 0.0, None
-        eps = self._margin()[:, None]
-        for p in points:
-            with np.errstate(invalid="ignore"):
-                near = np.abs(self.nodes - p) <= np.maximum(self.residuals, eps)
-            mass = float(np.nansum(np.where(near, self.weights, 0.0)) / self.probe_count)
-            if mass > best:
-                best, where = mass, float(p)
-        return where if where is not None and best > tol else None
+        out = []
+        num = float(parts.num.mean())
+        den = None if parts.den is None else float(parts.den.mean())
+        for x, dn, dd in parts.moves:
+            lo, hi = self._cdf(x)
+            u = float(np.mean(hi - lo))
+            vals = []
+            for sgn in (1.0, -1.0):
+                n = max(num + sgn * dn * 0.5 * u, 0.0)
+                if parts.kind == "mean":
+                    vals.append(n)
+                    continue
+                d = max(den + sgn * dd * 0.5 * u, 0.0)  # type: ignore[operator]
+                if parts.kind == "ratio":
+                    vals.append(n / d if d > 0 else np.inf)
+                else:
+                    vals.append(n / (n + d) if n + d > 0 else np.inf)
+            width = abs(vals[0] - vals[1]) if np.all(np.isfinite(vals)) else np.inf
+            out.append((float(x), u, float(width)))
+        return out
+
+    def _threshold_attribution(self, parts: _Parts, lo: float, hi: float) -> tuple[float | None, float, float]:
+        """``(x, u_x, W_x / (hi - lo))`` for the decision point with the largest ``W_x``
+        (:meth:`_threshold_widths`); ``(None, 0, 0)`` when there is none or no finite bracket.
+        """
+        if not parts.moves or not parts.evaluated or not (np.isfinite(lo) and np.isfinite(hi)):
+            return None, 0.0, 0.0
+        x, u, w = max(self._threshold_widths(parts), key=lambda r: r[2])
+        span = hi - lo
+        share = w / span if span > 0 else (0.0 if w == 0 else np.inf)
+        return x, u, float(share)
 
     # -- quantities --------------------------------------------------------------------
     def trace(self, tol_abs: float | None = None, tol_rel: float | None = None) -> Estimate:
@@ -498,7 +563,8 @@ class Spectrum:
         x = 0.0 - float(delta)   # 0.0, not -0.0, for delta = 0
         num = np.array([w[xs < x].sum() for xs, w in (self._snapped(r, [x]) for r in range(self.probe_count))])
         lo, hi = self._cdf(x)
-        return self._estimate(_Parts("mean", num, lo, hi, points=(x,), mass=True), clip=(0.0, 1.0),
+        return self._estimate(_Parts("mean", num, lo, hi, points=(x,), mass=True, moves=((x, -1.0, 0.0),)),
+                              clip=(0.0, 1.0),
                               tol_abs=tol_abs, tol_rel=tol_rel)
 
     def _dissipative_parts(self, m: Modes) -> _Parts:
@@ -523,8 +589,36 @@ class Spectrum:
         else:
             p_lo = p_hi = np.zeros(self.probe_count)
         gap_lo, gap_hi = self._interval_mass(-c if c > 0 else 0.0, max(c, top))
+        # mass moved upward across: -c leaves N (kept) for the dropped gap; c enters P (or N
+        # when c >= 2/k); 0 (no cutoff) goes from N to P; 2/k from P to N
+        if c > 0:
+            moves = [(-c, 0.0, -1.0), (c, 1.0, 0.0) if c < top else (c, 0.0, 1.0)]
+            if c < top:
+                moves.append((top, -1.0, 1.0))
+        else:
+            moves = [(0.0, 1.0, -1.0), (top, -1.0, 1.0)]
+        # P/(P + N) is the ratio int_kept 1_P dmu / int_kept dmu: bounded jointly as E(t) is
+        a, b, _ = self.spectral_interval()
+        lo_end = min(a, -c, 0.0) - 1.0
+        hi_end = max(b, top, c) + 1.0
+
+        def indicator(x: np.ndarray) -> np.ndarray:
+            return ((np.abs(x) >= c) & (x > 0) & (x < top) & (x >= bottom)).astype(np.float64)
+
+        def kept_set(x: np.ndarray) -> np.ndarray:
+            return np.abs(x) >= c
+        # no spectral interval is assumed: the integrand 1_P 1_kept is constant beyond the
+        # outermost threshold on either side, so moving any mass that lies beyond the ends
+        # below onto the ends changes neither the integrals nor the distribution bounds at
+        # the grid points inside; the quantile argument then holds for every support
+        breaks = np.array(sorted({-c, c, 0.0, top} if c > 0 else {0.0, top}))
+        pieces = [ratio_pieces(*self.quadrature(r).quantile_grid(lo_end, hi_end, breaks), indicator, kept_set)
+                  for r in range(self.probe_count)]
+        per = np.array([pc.bracket() for pc in pieces])
+        joint = RatioPieces.concat(pieces).bracket()
         return _Parts("fraction", np.array(P), p_lo, p_hi, np.array(N), 1.0 - gap_hi, 1.0 - gap_lo,
-                      points=points, mass=True)
+                      points=points, mass=True, moves=tuple(moves), joint=joint,
+                      joint_per_probe=(per[:, 0], per[:, 1]))
 
     def dissipative_fraction(self, convention: str = "eta", eta: float | None = None, cutoff: float = 0.4,
                              source: str = "nodes", width_factor: float = 0.01, points: int = 256,
@@ -590,11 +684,20 @@ class Spectrum:
             return 0 if t == 0 else power_derivative_sign(t, k, j, lo, hi)
         breaks = np.array([p for p in (-c, c, 1.0 / k) if a < p < b])
         num, nlo, nhi, den, dlo, dhi = (np.zeros(self.probe_count) for _ in range(6))
+        pieces = []
         for r in range(self.probe_count):
             x, w = self._snapped(r, points)
             keep = kept(x)
             num[r], den[r] = float(np.sum(w[keep] * f(x[keep]))), float(w[keep].sum())
             q = self.quadrature(r)
+            if c == 0 and float(t).is_integer() and int(t) % 2 == 0 and t < 2 * q.steps:
+                # (1 - k lambda)^t, a polynomial of degree below 2m: Gauss is exact on any
+                # spectral interval (the slack is the rounding allowance only)
+                g = q.gauss(f)
+                slack = _rounding_slack(q, f, t, k, a, b)
+                nlo[r], nhi[r] = max(g - slack, 0.0), g + slack
+                dlo[r] = dhi[r] = 1.0
+                continue
             lo, hi = q.quantile_bracket(f, kept, a, b, breaks)
             g_lo, g_hi = q.smooth_bracket(f, signs, a, b)
             if np.isfinite(g_lo) or np.isfinite(g_hi):
@@ -608,11 +711,24 @@ class Spectrum:
             if c > 0:
                 gl, gh = q.interval_mass_bounds(-c, c)
                 dlo[r], dhi[r] = 1.0 - gh, 1.0 - gl
+                pieces.append(ratio_pieces(*q.quantile_grid(a, b, breaks), f, kept))
             else:
                 dlo[r] = dhi[r] = 1.0
+        joint = joint_pp = None
+        if c > 0:
+            # N/D >= r exactly when int_kept (f - r) dmu >= 0: one quantile bound for both
+            per = np.array([p.bracket() for p in pieces])
+            joint, joint_pp = RatioPieces.concat(pieces).bracket(), (per[:, 0], per[:, 1])
         source = self.spectral_interval()[2]
-        assumes = "" if source == "given" else f"spectrum within [{a:.4g}, {b:.4g}] (extreme Ritz values +- residuals)"
-        return _Parts("ratio", num, nlo, nhi, den, dlo, dhi, points=points, assumes=assumes)
+        # no cutoff, t an even integer below 2m on every probe: the integrand is a polynomial
+        # Gauss integrates exactly, whatever the spectral interval
+        polynomial = c == 0 and float(t).is_integer() and int(t) % 2 == 0 and t < 2 * int(np.min(self.steps))
+        assumes = "" if source == "given" or polynomial else \
+            f"spectrum within [{a:.4g}, {b:.4g}] (extreme Ritz values +- residuals)"
+        # mass moved upward across -c leaves the kept set, across c enters it
+        moves = ((-c, -float(f(np.array([-c]))[0]), -1.0), (c, float(f(np.array([c]))[0]), 1.0)) if c > 0 else ()
+        return _Parts("ratio", num, nlo, nhi, den, dlo, dhi, points=points, assumes=assumes, moves=moves,
+                      joint=joint, joint_per_probe=joint_pp)
 
     def error_proxy(self, t: float, convention: str = "eta", eta: float | None = None, cutoff: float = 0.4,
                     tol_abs: float | None = None, tol_rel: float | None = None) -> Estimate:

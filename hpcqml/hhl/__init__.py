@@ -17,6 +17,8 @@ Modules
   with size checks before allocation (untrusted input).
 - ``reference``: the PETSc KSP (options prefix ``hhl_``) that gives the reference solution,
   owning and destroying its PETSc objects.
+- ``case``: the HDF5 layout of one ``hhl`` case (``HHLCase.to_group``/``from_group``), written by
+  the stage and read by the report, and the table of eq. II.92 against eq. II.87.
 
 The state-vector kernels are serial numpy/scipy code on explicit arrays; they know nothing of
 configs or MPI (the ``hhl`` stage distributes sweep points over ranks). ``reference`` and

@@ -122,9 +122,9 @@ def check_spec(spec: JobSpec) -> None:
         parse_mem(spec.mem)
     if not _NAME.match(spec.name):
         raise UserError(f"--name {spec.name!r}: use letters, digits, '_', '-', '.' only")
-    for flag, value in (("config", spec.config), ("--output", spec.output)):
-        if not _SAFE.match(str(value)):
-            raise UserError(f"{flag} {value!r}: use a path without spaces, quotes or shell characters")
+    for flag, path in (("config", spec.config), ("--output", spec.output)):
+        if not _SAFE.match(str(path)):
+            raise UserError(f"{flag} {path!r}: use a path without spaces, quotes or shell characters")
     if spec.modules and not all(_SAFE.match(m) for m in spec.modules.split()):
         raise UserError(f"--modules {spec.modules!r}: module names without quotes or shell characters")
     if not str(spec.output).endswith((".h5", ".hdf5")):
@@ -286,6 +286,10 @@ HPCQML_STOP_NOTE="$(mktemp "${TMPDIR:-/tmp}/hpcqml-stop.XXXXXX")" || exit 2
 export HPCQML_STOP_NOTE
 # mpirun (Open MPI) leaves its ranks 1 s between SIGTERM and SIGKILL: too short for a checkpoint
 export OMPI_MCA_odls_base_sigkill_timeout="${OMPI_MCA_odls_base_sigkill_timeout:-30}"
+# After a checkpointing stop the ranks leave in order with status 0 (this script knows from
+# the signal what follows): a non-zero status would make mpirun kill them with the sequence
+# above, SIGCONT, 30 s, SIGTERM, 30 s, SIGKILL, and return a minute late.
+export HPCQML_STOP_STATUS=0
 SIGNALLED=""
 launcher_pid=""
 timer_pid=""
@@ -423,6 +427,9 @@ JOBID="${PBS_JOBID:-}"
 NRANKS="${HPCQML_RANKS:-__RANKS__}"
 HPCQML_JOB_SCRIPT="${HPCQML_JOB_SCRIPT:-__SCRIPT__}"
 HPCQML_SEGMENT="${HPCQML_SEGMENT:-1}"
+# PBS gives a job no variable with its memory request: the memory estimates of the ranks'
+# pre-run check read these two instead (SLURM's own variables serve under SLURM)
+export HPCQML_NODE_MEMORY="${HPCQML_NODE_MEMORY-__MEM__}" HPCQML_RANKS_PER_NODE="${HPCQML_RANKS_PER_NODE:-__RPN__}"
 # PBS has no 'signal before the wall time' directive: resubmit this script (qrerun needs
 # operator rights on many sites); the new job resumes from the results file and writes
 # its own log (segment N+1) instead of overwriting this one's.
@@ -434,6 +441,8 @@ requeue() {
     log "HPCQML_JOB_SCRIPT unset: resubmit this script by hand to resume"
   fi
 }'''.replace("__RANKS__", str(spec.total_ranks)).replace("__SCRIPT__", resubmit.replace('"', ""))
+    pre = pre.replace("__MEM__", _slurm_mem(spec.mem) if spec.mem else "").replace(
+        "__RPN__", str(min(spec.ranks_per_node, spec.total_ranks)))
     pre = pre.replace("__LOG__", _pbs_log(spec, "${next}"))
     launcher = r'''
 if [ -z "${LAUNCH:-}" ]; then

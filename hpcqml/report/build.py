@@ -6,12 +6,13 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
 from hpcqml.errors import UserError
-from hpcqml.report.figures import FIGURES, Skip, fig_scaling, proxy_over_training
+from hpcqml.report.figures import FIGURES, Skip, curvature_results, fig_scaling, proxy_over_training
 from hpcqml import results
 from hpcqml.results import Fact, Results, provenance_facts
 from hpcqml.store import DAMAGE_ERRORS, damage_error
@@ -56,7 +57,7 @@ def science_path(out: Path) -> str:
     return Path(os.path.relpath(docs, out.resolve())).as_posix()
 
 
-def _attr(a, key: str, fmt: str = "{}") -> str:
+def _attr(a: Any, key: str, fmt: str = "{}") -> str:
     if key not in a:
         return "–"
     value = a[key]
@@ -144,6 +145,16 @@ def _spectrum_rows(fh: h5py.File) -> list[tuple[str, h5py.Group]]:
             if "result" in g and "estimates" in g["result"]]
 
 
+#: estimate names of the error proxy without the cutoff (eq. III.11), one per t
+_NO_CUTOFF = "error_proxy_no_cutoff_t"
+
+
+def _no_cutoff_proxies(e: h5py.Group) -> list[str]:
+    """The stored eq. III.11 proxies of an estimates group, by increasing t."""
+    return sorted((k for k in e if k.startswith(_NO_CUTOFF) and k[len(_NO_CUTOFF):].isdigit()),
+                  key=lambda k: int(k[len(_NO_CUTOFF):]))
+
+
 def _convention_rows(label: str, res: h5py.Group) -> list[str]:
     """One table row per mode convention of a result, the primary one first."""
     p = res["proxy"]
@@ -163,7 +174,9 @@ def _convention_rows(label: str, res: h5py.Group) -> list[str]:
         rows.append(f"| {label} | {a_def}{' (primary)' if conv == primary else ''} | "
                     f"{_estimate_text(e, 'dissipative_fraction_nodes', '{:.3f}')} | {grid} | "
                     f"{_estimate_text(e, 'overlap_ii93', '{:.3f}')} | "
-                    + "; ".join(f"E({k[len('error_proxy_t'):]}) = {_estimate_text(e, k)}" for k in proxies) + " |")
+                    + "; ".join(f"E({k[len('error_proxy_t'):]}) = {_estimate_text(e, k)}" for k in proxies)
+                    + "".join(f"; no cutoff (eq. III.11): E({k[len(_NO_CUTOFF):]}) = {_estimate_text(e, k)}"
+                              for k in _no_cutoff_proxies(e)) + " |")
     return rows
 
 
@@ -193,8 +206,9 @@ def _spectrum_md(fh: h5py.File) -> list[str]:
              "Each estimate prints its value and [combined interval]: the proven quadrature bracket of the "
              "probe-exact value widened by the 95 % Student t sampling interval over probes; 'resolved' when "
              "that interval's half-width meets the tolerance, else 'unresolved (reason)' with the reason: "
-             "'quadrature: …' (more Lanczos steps narrow it; 'mass at threshold x' when eigenvalue mass sits "
-             "on a decision point) or 'sampling: …' (more probes narrow it). Definitions: docs/science.md. "
+             "'quadrature: …' (more Lanczos steps narrow it; 'mass at threshold x' when probe mass that the "
+             "moments cannot place on either side of the decision point x explains at least half of the "
+             "bracket) or 'sampling: …' (more probes narrow it). Definitions: docs/science.md. "
              "Files written by older versions carry no proven bracket: their values print with the "
              "jackknife standard error and 'not certified'.", "",
              "| state | n | λ_min ± res | λ_max ± res | trace | negative mass | precision | route |",
@@ -216,12 +230,39 @@ def _spectrum_md(fh: h5py.File) -> list[str]:
     return lines + [""]
 
 
+def _curvature_md(fh: h5py.File) -> list[str]:
+    """One row per stored spectrum of a model state with several curvature kinds or blocks (the
+    numbers beside the small multiples ``curvature_spectra.png``).
+    """
+    states = curvature_results(fh)
+    if not states:
+        return []
+    lines = ["### Spectra per curvature kind and block", "",
+             "Every spectrum stored for one model state ([spectrum] curvature and blocks; figure "
+             "curvature_spectra.png). Eigenvalues are those of the curvature matrix of the batch-mean loss "
+             "with respect to the block's n parameters; estimates print as in the table above.", "",
+             "| state | curvature | block | n | λ_min ± res | λ_max ± res | trace | negative mass |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, found in states.items():
+        for (kind, block), res in sorted(found.items(), key=lambda kv: (kv[0][0] != "hessian", kv[0])):
+            a = res.attrs
+            e = res["estimates"] if "estimates" in res else {}
+            lines.append(f"| {label} | {kind} | {block or 'all kept parameters'} | {_attr(a, 'n', '{:,}')} | "
+                         f"{_attr(a, 'lambda_min', '{:.4g}')} ± {_attr(a, 'lambda_min_residual', '{:.2g}')} | "
+                         f"{_attr(a, 'lambda_max', '{:.4g}')} ± {_attr(a, 'lambda_max_residual', '{:.2g}')} | "
+                         f"{_estimate_text(e, 'trace') if e else '–'} | "
+                         f"{_estimate_text(e, 'negative_mass', '{:.3f}') if e else '–'} |")
+    return lines + [""]
+
+
 #: the reasons the spectrum stage stores with an unresolved estimate (``note``), and what helps
 _NOTE_HELP = {
     "bracket wider than tolerance": "more Lanczos steps narrow it",
     "interval wider than tolerance": "more probes narrow it",
     "fewer than 2 probes": "more probes give it",
-    "mass at threshold": "an eigenvalue sits on a decision point; the bracket cannot assign it to a side",
+    "mass at threshold": ("probe mass that the moments cannot place on either side of this decision point "
+                          "explains at least half of the bracket; a threshold outside that mass, or more "
+                          "Lanczos steps once the nodes resolve the mass near it, narrow it"),
 }
 
 
@@ -324,7 +365,7 @@ def _qcm_order_keys(case: h5py.Group) -> list[str]:
     return paper + exact
 
 
-def _dissipative_cell(a) -> str:
+def _dissipative_cell(a: Any) -> str:
     """'dissipative/divergent' with whether the counts cover all eigenvalues or only the computed ones."""
     scope = a.get("dissipative_count_scope", "")
     scope = scope.decode() if isinstance(scope, bytes) else str(scope)
@@ -467,8 +508,13 @@ def _qcm_md(fh: h5py.File) -> list[str]:
 
 
 def _hhl_md(fh: h5py.File) -> list[str]:
-    """Plain HHL at the largest clock size per case: fidelities, leakage, ||x|| from p_success, read-out."""
-    if "hhl" not in fh:
+    """Plain HHL at the largest clock size per case: fidelities, leakage, ||x|| from p_success, read-out
+    (read through :class:`hpcqml.hhl.case.HHLCase`).
+    """
+    from hpcqml.hhl.case import read_cases
+
+    cases = read_cases(fh)
+    if not cases:
         return []
     lines = ["### Simulated HHL", "",
              "Largest clock size per case. Leakage and the clock-traced fidelity do not converge with the "
@@ -478,22 +524,43 @@ def _hhl_md(fh: h5py.File) -> list[str]:
              "| case | dim | clock qubits | on grid | fidelity | clock-traced fid. | leakage | success prob. | "
              "‖x‖ est. (rel. err.) | read-out shots (eq. II.99) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for label, g in fh["hhl"].items():
-        if "hhl" not in g:
-            continue
-        h, inst = g["hhl"], g["instance"].attrs
-        i = int(np.argmax(h["clock_qubits"][()]))
-        ro = g["readout"].attrs if "readout" in g else {}
+    for label, case in cases.items():
+        h, inst = case.hhl, case.instance.attrs
+        i = int(np.argmax(h["clock_qubits"]))
+        ro = case.readout.attrs if case.readout is not None else {}
         grid = ("yes" if h["clock_exact"][i] else "no") if "clock_exact" in h else "–"
         norm = "–"
         if "x_norm_estimate" in h and "x_norm" in inst:
             est = float(h["x_norm_estimate"][i])
             norm = f"{est:.4g} ({est / inst['x_norm'] - 1:+.1e})" if np.isfinite(est) else "undefined"
-        method = str(g.attrs.get("method", "statevector"))
-        lines.append(f"| {label} ({method}) | {_attr(inst, 'embedded_dim')} | {h['clock_qubits'][i]} | {grid} | "
+        lines.append(f"| {label} ({case.method}) | {_attr(inst, 'embedded_dim')} | {h['clock_qubits'][i]} | {grid} | "
                      f"{h['fidelity'][i]:.6f} | {h['density_fidelity'][i]:.4f} | {h['leakage'][i]:.3g} | "
                      f"{h['p_success'][i]:.3g} | {norm} | "
                      f"{_attr(ro, 'mean', '{:.1f}')} ({_attr(ro, 'expected_ii99', '{:.1f}')}) |")
+    return lines + [""] + _ii92_md(cases)
+
+
+def _ii92_md(cases: dict) -> list[str]:
+    """Eq. II.92 against eq. II.87 at the paper's κ_a = 2(T+1), per Carleman case and clock size."""
+    from hpcqml.hhl.case import II92_TOLERANCE
+
+    rows = [(label, r) for label, case in cases.items() for r in case.truncated.ii92_rows()]
+    if not rows:
+        return []
+    lines = ["### Eq. II.92 against eq. II.87", "",
+             "Truncated HHL at the paper's κ_a = 2(T+1) (eq. II.83), on the same M: the simulated overlap, the "
+             "exact eq. II.87 from the eigen-decomposition of M's Hermitian embedding, its Haar estimate "
+             "(eq. II.89–II.91), and the paper's eq. II.92 and eq. II.93 from the dissipative mode counts of "
+             "A. All are unsquared overlaps ⟨x|x̃⟩ (dimensionless). 'agree' means |II.92 − II.87| ≤ "
+             f"{II92_TOLERANCE:g}; the reason column says why they differ (docs/science.md, "
+             "\"Eq. II.92 against eq. II.87\").", "",
+             "| case | κ_a | c | simulated | eq. II.87 | Haar | eq. II.92 | eq. II.93 | II.92 − II.87 | agree "
+             "| reason |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in rows:
+        lines.append(f"| {label} | {r['kappa_a']:g} | {r['c']} | {r['simulated']:.4f} | {r['ii87']:.4f} | "
+                     f"{r['haar']:.4f} | {r['ii92']:.4f} | {r['ii93']:.4f} | {r['gap']:+.4f} | "
+                     f"{'yes' if r['agree'] else 'no'} | {r['reason']} |")
     return lines + [""]
 
 
@@ -513,8 +580,8 @@ def _report_one(res: Results, path: Path, prefix: str, out: Path, summary: Repor
             drawn.replace(renamed)
             drawn = renamed
         summary.figures.append(drawn)
-    return (md + _perf_md(res) + _train_md(fh) + _spectrum_md(fh) + _spectrum_reasons_md(fh) + _qcm_md(fh)
-            + _hhl_md(fh))
+    return (md + _perf_md(res) + _train_md(fh) + _spectrum_md(fh) + _curvature_md(fh) + _spectrum_reasons_md(fh)
+            + _qcm_md(fh) + _hhl_md(fh))
 
 
 def make_report(paths: list[str | Path], out: str | Path, quiet: bool = False,
@@ -531,15 +598,15 @@ def make_report(paths: list[str | Path], out: str | Path, quiet: bool = False,
     Returns:
         What was drawn, skipped (with why) and written.
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
+    files = [Path(p) for p in paths]
+    if not files:
         raise UserError("report: no results file given")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = ReportSummary(out=out)
     md = ["# hpcqml report", ""]
-    for path in paths:
-        prefix = "" if len(paths) == 1 else f"{path.stem}_"
+    for path in files:
+        prefix = "" if len(files) == 1 else f"{path.stem}_"
         with results.open(path) as res:
             try:
                 md += _report_one(res, path, prefix, out, summary, writer)
@@ -549,9 +616,9 @@ def make_report(paths: list[str | Path], out: str | Path, quiet: bool = False,
                     raise
                 raise error from None
     try:
-        summary.figures.append(fig_scaling(paths, out))
-    except Skip as why:
-        summary.skipped["scaling"] = str(why)
+        summary.figures.append(fig_scaling(files, out))
+    except Skip as skip:
+        summary.skipped["scaling"] = str(skip)
     md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in summary.figures] + [""]
     if summary.skipped:
         md += ["## Skipped", ""] + [f"- {k}: {v}" for k, v in summary.skipped.items()] + [""]
@@ -566,13 +633,13 @@ def make_report(paths: list[str | Path], out: str | Path, quiet: bool = False,
     return summary
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: Any) -> None:
     """Options of ``hpcqml report``."""
     parser.add_argument("results", nargs="+", help="results file(s); several files of one study add scaling plots")
     parser.add_argument("--out", required=True, help="folder for the PNG figures and report.md")
 
 
-def cli_main(args) -> int:
+def cli_main(args: Any) -> int:
     """``hpcqml report RESULTS... --out DIR``: figures and report.md; returns the exit code."""
     make_report(args.results, args.out, quiet=getattr(args, "quiet", False))
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -29,7 +29,7 @@ def _need(fh: h5py.File, key: str, what: str) -> h5py.Group:
     return obj
 
 
-def _save(fig, out: Path, name: str) -> Path:
+def _save(fig: Any, out: Path, name: str) -> Path:
     """Write ``fig`` to ``out/name`` atomically (never through a symlink planted there) and close it."""
     from hpcqml.io import atomic_write
 
@@ -113,7 +113,8 @@ def symlog_ticks(low: float, high: float, linthresh: float) -> list[float]:
     return sorted(ticks)
 
 
-def _density_axes(ax, curves, title: str, cmap: str = "viridis", log: bool = True) -> None:
+def _density_axes(ax: Any, curves: list[tuple[str, np.ndarray, np.ndarray]], title: str, cmap: str = "viridis",
+                  log: bool = True) -> None:
     from matplotlib.ticker import FuncFormatter, NullLocator
 
     colors = plt.get_cmap(cmap)(np.linspace(0.05, 0.95, max(len(curves), 1)))
@@ -262,7 +263,7 @@ def _unresolved_proxies(fh: h5py.File, convention: str) -> tuple[int, int]:
     return count, total
 
 
-def _proxy_axes(ax, fh: h5py.File, convention: str, primary: bool) -> None:
+def _proxy_axes(ax: Any, fh: h5py.File, convention: str, primary: bool) -> None:
     """One panel of Fig. 2c: E(t) from the nodes with its band, and from the density grid."""
     nodes = proxy_series(fh, "nodes", convention)
     style = dict(lw=1.4, ls="-") if primary else dict(lw=1.1, ls="-.")
@@ -292,7 +293,7 @@ def _proxy_axes(ax, fh: h5py.File, convention: str, primary: bool) -> None:
     ax.legend(fontsize=7)
 
 
-def draw_fig2c(fh: h5py.File):
+def draw_fig2c(fh: h5py.File) -> Any:
     """The Fig. 2c figure: the primary convention's panel, and the other beside it."""
     primary = proxy_series(fh, "nodes").convention
     others = [c for c in ("eta", "paper") if c != primary]
@@ -386,7 +387,7 @@ def _norm_curve(case: h5py.Group, key: str) -> np.ndarray:
     return _positive(np.linalg.norm(case[key][()], axis=1))
 
 
-def _floor_line(ax, cases: list[h5py.Group], t: np.ndarray) -> None:
+def _floor_line(ax: Any, cases: list[h5py.Group], t: np.ndarray) -> None:
     """The median rounding floor of the cases (errors under it are not fitted), thin black dotted."""
     floors = [case["floor"][()] for case in cases if "floor" in case]
     if floors:
@@ -421,7 +422,8 @@ def _rate_text(cases: list[h5py.Group], N: int) -> str:
             f"vs {np.nanmedian(p):+.4f}/step ({seeds}): {verdict}")
 
 
-def _band(ax, t, curves, color, label, ls="-", floor=None):
+def _band(ax: Any, t: np.ndarray, curves: list[np.ndarray], color: str, label: str, ls: str = "-",
+          floor: np.ndarray | None = None) -> None:
     """Median over seeds (not drawn where it lies below ``floor``) and the quartile band."""
     med, lo, hi = _median_band(curves)
     if floor is not None:
@@ -438,6 +440,93 @@ def _by_fraction(fh: h5py.File) -> dict[float, list[h5py.Group]]:
         if "f" in case.attrs and "split" in case:
             out.setdefault(float(case.attrs["f"]), []).append(case)
     return out
+
+
+def curvature_results(fh: h5py.File) -> dict[str, dict[tuple[str, str], h5py.Group]]:
+    """Per model state with more than one stored spectrum (several ``[spectrum] curvature`` kinds or
+    ``blocks``): ``{(curvature kind, block): result group}``, the whole space's block named ``""``,
+    read from each result's ``curvature`` and ``block`` attributes (docs/schema/spectrum.md).
+    """
+    out: dict[str, dict[tuple[str, str], h5py.Group]] = {}
+    if "spectrum" not in fh:
+        return out
+    for label, top in fh["spectrum"].items():
+        found: dict[tuple[str, str], h5py.Group] = {}
+
+        def visit(name: str, obj: object, found: dict = found) -> None:
+            if isinstance(obj, h5py.Group) and name.rsplit("/", 1)[-1] == "result" and "density" in obj \
+                    and obj.attrs.get("complete", True):
+                kind, block = obj.attrs.get("curvature", "hessian"), obj.attrs.get("block", "")
+                kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+                block = block.decode() if isinstance(block, bytes) else str(block)
+                found[(kind, block)] = obj
+
+        if isinstance(top, h5py.Group):
+            top.visititems(visit)
+        if len(found) > 1:
+            out[label] = found
+    return out
+
+
+def _negative_mass_text(res: h5py.Group) -> str:
+    """The SLQ estimate of the negative mass of one result: value, combined interval (where stored)
+    and whether it is resolved, as docs/schema/spectrum.md stores it.
+    """
+    e = res.get("estimates")
+    if e is None or "negative_mass" not in e:
+        return "negative mass: not stored"
+    d = e["negative_mass"]
+    text = f"negative mass {float(d[0]):.3g}"
+    if "negative_mass_combined" in e:
+        low, high = (float(v) for v in e["negative_mass_combined"][()])
+        text += f", interval [{low:.3g}, {high:.3g}]"
+    return text + (", resolved" if bool(d.attrs.get("resolved", False)) else ", unresolved")
+
+
+def fig_curvature_spectra(fh: h5py.File, out: Path) -> Path:
+    """Small multiples of the spectra of one model state: one row per curvature kind (and state),
+    one column per diagonal block (first: all kept parameters), each panel the smoothed density
+    ρ(λ) of its SLQ result with its extreme Ritz values λ_min, λ_max, the trace estimate and the
+    negative-mass estimate with its combined interval.
+    Axes are not shared: the kinds differ by orders of magnitude.
+    """
+    states = curvature_results(fh)
+    if not states:
+        raise Skip("no model state with several curvature kinds or blocks ([spectrum] curvature, blocks)")
+    def kinds(found: dict) -> list[str]:   # the Hessian first, then the other kinds by name
+        return sorted(dict.fromkeys(k for k, _ in found), key=lambda k: (k != "hessian", k))
+
+    rows = [(label, kind) for label, found in states.items() for kind in kinds(found)]
+    blocks = list(dict.fromkeys(b for found in states.values() for _, b in sorted(found, key=lambda kb: kb[1])))
+    fig, axes = plt.subplots(len(rows), len(blocks), figsize=(3.6 * len(blocks), 2.9 * len(rows)), squeeze=False)
+    for r, (label, kind) in enumerate(rows):
+        for col, block in enumerate(blocks):
+            ax = axes[r][col]
+            res = states[label].get((kind, block))
+            where = block or "all kept parameters"
+            if res is None:
+                ax.set_axis_off()
+                ax.set_title(f"{kind} — {where}: not measured", fontsize=8)
+                continue
+            a = res.attrs
+            grid, rho = res["density/grid"][()], res["density/rho"][()]
+            trace, trace_se = float(a.get("trace", np.nan)), float(a.get("trace_se", np.nan))
+            spread = f"± {trace_se:.2g}" if np.isfinite(trace_se) else "(one probe: no s.e.)"
+            ax.plot(grid, np.maximum(rho, 1e-12), color=f"C{r}", lw=1.1,
+                    label=f"ρ(λ), n = {int(a.get('n', 0)):,}, trace {trace:.3g} {spread}")
+            lmin, lmax = float(a.get("lambda_min", np.nan)), float(a.get("lambda_max", np.nan))
+            ax.axvline(lmin, color="0.3", ls="--", lw=0.8, label=f"λ_min = {lmin:.3g}")
+            ax.axvline(lmax, color="0.3", ls=":", lw=0.8, label=f"λ_max = {lmax:.3g}")
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=max(1e-8, float(np.max(rho)) * 1e-6))
+            ax.text(0.02, 0.02, _negative_mass_text(res), transform=ax.transAxes, fontsize=6, color="0.25")
+            ax.set_title(f"{human_label(label)}: {kind} — {where}", fontsize=8)
+            ax.set_xlabel("eigenvalue λ", fontsize=8)
+            ax.set_ylabel("density ρ(λ)", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6)
+    fig.suptitle("Spectra per curvature kind (rows) and diagonal block (columns), SLQ", fontsize=10)
+    return _save(fig, out, "curvature_spectra.png")
 
 
 def fig4a_error_vs_order(fh: h5py.File, out: Path) -> Path:
@@ -481,8 +570,10 @@ def fig4a_error_vs_order(fh: h5py.File, out: Path) -> Path:
 
 def fig4b_error_vs_fraction(fh: h5py.File, out: Path, order: int = 4) -> Path:
     """Fig. 4(b): truncation error at N = ``order`` (or the largest) for each fraction f, median and
-    min-max band over seeds, with the fitted late-time rate beside (N+1)·max log|1 + a| (divergent)
+    quartile band over seeds, with the fitted late-time rate beside (N+1)·max log|1 + a| (divergent)
     or max log|1 + a| (all dissipative). Dotted: the discreteness error of each f (eq. V.21).
+    Dash-dot, where ``[qcm] lift = "discrete"`` or ``"both"`` was run: the error ‖u(t) − ŷ₁(t)‖ of
+    the exact lift of the discrete map at the same N (no discreteness part).
     """
     groups = _by_fraction(fh)
     if len(groups) < 2:
@@ -502,6 +593,11 @@ def fig4b_error_vs_fraction(fh: h5py.File, out: Path, order: int = 4) -> Path:
         if floor is not None:
             med = np.where(med > floor, med, np.nan)
         ax.semilogy(t, med, color=f"C{i}", ls=(0, (1, 3)), lw=0.9)
+        if all(f"discrete_N_{N}" in c and "eta1" in c[f"discrete_N_{N}"] for c in cases):
+            # the exact lift of the map was run too: its whole error, which has no discreteness part
+            _band(ax, t, [_norm_curve(c, f"discrete_N_{N}/eta1") for c in cases], f"C{i}",
+                  f"f = {f:g}, N = {N} discrete lift: ‖u − ŷ₁‖ of the exact lift of the map", ls="-.",
+                  floor=floor)
     _floor_line(ax, [c for cs in groups.values() for c in cs], t)
     ax.set_xlabel("time step t")
     integer_ticks(ax.xaxis)
@@ -537,33 +633,34 @@ def fig_kappa(fh: h5py.File, out: Path) -> Path:
 
 def fig_hhl(fh: h5py.File, out: Path) -> Path:
     """Per case: HHL infidelity vs clock qubits, leakage and clock-traced infidelity vs clock
-    qubits (plain and truncated), and truncated-HHL overlap vs κ_a.
+    qubits (plain and truncated), and truncated-HHL overlap vs κ_a (read through
+    :class:`hpcqml.hhl.case.HHLCase`).
     """
-    if "hhl" not in fh:
-        raise Skip("no hhl group")
-    cases = [(k, g) for k, g in fh["hhl"].items() if "hhl" in g and g.attrs.get("complete", False)]
+    from hpcqml.hhl.case import read_cases
+
+    cases = list(read_cases(fh).items())
     if not cases:
         raise Skip("no hhl case")
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
-    for i, (label, g) in enumerate(cases):
-        c = g["hhl/clock_qubits"][()]
+    for i, (label, case) in enumerate(cases):
+        h, tr = case.hhl, case.truncated
+        c = h["clock_qubits"]
         name = f"{label} case"
-        ax1.semilogy(c, _positive(1 - g["hhl/fidelity"][()]), "o-", color=f"C{i}", label=name)
-        ax2.plot(c, g["hhl/leakage"][()], "o-", color=f"C{i}", label=f"{name}: leakage")
-        ax2.plot(c, 1 - g["hhl/density_fidelity"][()], "s:", color=f"C{i}",
+        ax1.semilogy(c, _positive(1 - h["fidelity"]), "o-", color=f"C{i}", label=name)
+        ax2.plot(c, h["leakage"], "o-", color=f"C{i}", label=f"{name}: leakage")
+        ax2.plot(c, 1 - h["density_fidelity"], "s:", color=f"C{i}",
                  label=f"{name}: infidelity with the clock traced out")
-        tr = g.get("truncated")
-        if tr is not None and tr["kappa_a"].size:
-            clocks, kas = tr["clock_qubits"][()], tr["kappa_a"][()]
+        if "kappa_a" in tr and tr["kappa_a"].size:
+            clocks, kas = tr["clock_qubits"], tr["kappa_a"]
             largest = kas == kas.max()
-            ax2.plot(clocks[largest], tr["leakage"][()][largest], "^--", color=f"C{i}",
+            ax2.plot(clocks[largest], tr["leakage"][largest], "^--", color=f"C{i}",
                      label=f"{name}: truncated HHL leakage (κ_a = {kas.max():g})")
             best = clocks == clocks.max()
             order = np.argsort(kas[best])
-            ax3.semilogx(kas[best][order], tr["overlap"][()][best][order], "o-", color=f"C{i}",
+            ax3.semilogx(kas[best][order], tr["overlap"][best][order], "o-", color=f"C{i}",
                          label=f"{name}: simulated")
             if "overlap_ii87" in tr:  # needs the eigen-decomposition: state-vector cases only
-                ax3.semilogx(kas[best][order], tr["overlap_ii87"][()][best][order], "k--", lw=0.8)
+                ax3.semilogx(kas[best][order], tr["overlap_ii87"][best][order], "k--", lw=0.8)
     ax1.set_xlabel("clock qubits c")
     integer_ticks(ax1.xaxis)
     ax1.set_ylabel("1 − fidelity |⟨x_ref|x⟩|²")
@@ -582,27 +679,63 @@ def fig_hhl(fh: h5py.File, out: Path) -> Path:
     return _save(fig, out, "hhl_fidelity.png")
 
 
+def fig_hhl_ii92(fh: h5py.File, out: Path) -> Path:
+    """Eq. II.92 against eq. II.87 on the same M: per Carleman case (one panel each), at the
+    largest clock size, the simulated truncated-HHL overlap, eq. II.87 (exact eigen-decomposition)
+    and the Haar estimate eq. II.89–II.91 against κ_a, and eq. II.92, which has no κ_a in it, as
+    one marker at the paper's κ_a = 2(T+1).  All unsquared overlaps ⟨x|x̃⟩.
+    """
+    from hpcqml.hhl.case import read_cases
+
+    cases = [(k, c) for k, c in read_cases(fh).items()
+             if "overlap_ii92" in c.truncated and "overlap_ii87" in c.truncated]
+    if not cases:
+        raise Skip("no Carleman hhl case with eq. II.87 (state-vector method) and eq. II.92")
+    fig, axes = plt.subplots(1, len(cases), figsize=(5.2 * len(cases), 4.0), squeeze=False)
+    for ax, (label, case) in zip(axes[0], cases, strict=True):
+        tr = case.truncated
+        clocks, kas = tr["clock_qubits"], tr["kappa_a"]
+        best = clocks == clocks.max()
+        order = np.argsort(kas[best])
+        x = kas[best][order]
+        ax.semilogx(x, tr["overlap"][best][order], "o-", color="C0",
+                    label=f"simulated truncated HHL (c = {int(clocks.max())})")
+        ax.semilogx(x, tr["overlap_ii87"][best][order], "k--", lw=1.0, label="eq. II.87 (exact)")
+        ax.semilogx(x, tr["overlap_haar"][best][order], ":", color="C2", lw=1.4, label="Haar estimate eq. II.89–II.91")
+        paper = float(tr.attrs.get("kappa_a_paper", np.nan))
+        ax.semilogx([paper], [float(tr["overlap_ii92"][0])], "s", color="C3", ms=7,
+                    label=f"eq. II.92 (stated for κ_a = 2(T+1) = {paper:g})")
+        value_ticks(ax.xaxis, np.append(x, paper))
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_xlabel("κ_a")
+        ax.set_ylabel("overlap ⟨x|x̃⟩ (unsquared)")
+        ax.set_title(f"{label}: eq. II.92 vs eq. II.87", fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, out, "hhl_ii92_vs_ii87.png")
+
+
 def fig_hhl_scale(fh: h5py.File, out: Path) -> Path:
     """HHL fidelity |<x_ref|x>|^2 and success probability against the number of unknowns S of
     the system, one line per clock size, over every complete hhl case (the ``sizes_T`` sweep).
     """
-    if "hhl" not in fh:
-        raise Skip("no hhl group")
+    from hpcqml.hhl.case import read_cases
+
     points: dict[int, list[tuple[int, float, float]]] = {}
-    for g in fh["hhl"].values():
-        if "hhl" not in g or "instance" not in g or not g.attrs.get("complete", False):
+    for case in read_cases(fh).values():
+        if "system_size" not in case.instance.attrs:
             continue
-        size = int(g["instance"].attrs["system_size"])
-        for c, fid, p in zip(g["hhl/clock_qubits"][()], g["hhl/fidelity"][()], g["hhl/p_success"][()], strict=True):
+        size = int(case.instance.attrs["system_size"])
+        h = case.hhl
+        for c, fid, p in zip(h["clock_qubits"], h["fidelity"], h["p_success"], strict=True):
             points.setdefault(int(c), []).append((size, float(fid), float(p)))
     if not points or max(len({s for s, _, _ in v}) for v in points.values()) < 2:
         raise Skip("fewer than two system sizes")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (c, rows) in enumerate(sorted(points.items())):
         rows.sort()
-        size = [r[0] for r in rows]
-        ax1.semilogx(size, [r[1] for r in rows], "o-", color=f"C{i}", label=f"c = {c}")
-        ax2.loglog(size, [r[2] for r in rows], "o-", color=f"C{i}", label=f"c = {c}")
+        sizes = [r[0] for r in rows]
+        ax1.semilogx(sizes, [r[1] for r in rows], "o-", color=f"C{i}", label=f"c = {c}")
+        ax2.loglog(sizes, [r[2] for r in rows], "o-", color=f"C{i}", label=f"c = {c}")
     ax1.set_xlabel("unknowns S of M x = B")
     ax1.set_ylabel("fidelity |⟨x_ref|x⟩|²")
     ax1.set_title("HHL fidelity against system size")
@@ -620,10 +753,12 @@ FIGURES: dict[str, Callable[[h5py.File, Path], Path]] = {
     "fig2c": fig2c_error_proxy,
     "fig2d": fig2d_accuracy,
     "fig3": fig3_pruned_spectrum,
+    "curvature": fig_curvature_spectra,
     "fig4a": fig4a_error_vs_order,
     "fig4b": fig4b_error_vs_fraction,
     "kappa": fig_kappa,
     "hhl": fig_hhl,
+    "hhl_ii92": fig_hhl_ii92,
     "hhl_scale": fig_hhl_scale,
 }
 

@@ -11,10 +11,14 @@ import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
-from hpcqml.config import Field, Schema
+from hpcqml.config import Field, RunConfig, Schema
 from hpcqml.perf import StagePerf
+from hpcqml.protocols import Comm, Store
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -108,9 +112,9 @@ class StageContext:
 
     name: str
     cfg: dict[str, Any]
-    config: Any  # hpcqml.config.RunConfig
-    comm: Any
-    store: Any  # hpcqml.store.ResultsStore
+    config: RunConfig
+    comm: Comm
+    store: Store  # a hpcqml.store.ResultsStore
     workdir: Path
     perf: StagePerf
     quiet: bool = False
@@ -141,7 +145,7 @@ class StageContext:
         """Another stage's validated section (e.g. the train stage reading ``[data]``)."""
         return self.config.sections[name]
 
-    def device(self):
+    def device(self) -> torch.device:
         """The torch device of this rank: GPU ``local_rank % device_count`` or CPU."""
         import torch
 

@@ -8,20 +8,23 @@ name its functions in their ``register(...)`` calls.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from hpcqml.errors import UserError
-from hpcqml.preflight import MEMORY_WARN_FRACTION, STATE_ITEMSIZE, gib, krylov_basis_bytes
+from hpcqml.preflight import MEMORY_WARN_FRACTION, STATE_ITEMSIZE, Preflight, gib, krylov_basis_bytes
+
+if TYPE_CHECKING:
+    from hpcqml.config import RunConfig
 
 #: training images of CIFAR-100
 CIFAR100_TRAIN = 50_000
 
-Estimate = Callable[[Any, int, float, Any], None]
+Estimate = Callable[["RunConfig", int, float, Preflight], None]
 
 
 def chain(*estimates: Estimate) -> Estimate:
     """One estimate that runs ``estimates`` in turn (a stage declares a single one)."""
-    def run_all(cfg: Any, ranks: int, memory_per_rank: float, found: Any) -> None:
+    def run_all(cfg: RunConfig, ranks: int, memory_per_rank: float, found: Preflight) -> None:
         for estimate in estimates:
             estimate(cfg, ranks, memory_per_rank, found)
     return run_all
@@ -32,7 +35,7 @@ def training_images(data: dict[str, Any]) -> int:
     return int(data["synth_train"]) if data["source"] == "synthetic" else CIFAR100_TRAIN
 
 
-def check_model_name(key: str, name: str, found: Any) -> None:
+def check_model_name(key: str, name: str, found: Preflight) -> None:
     """A model name the stage will build (``resnet32-w4``, ...): an error line when unknown."""
     from hpcqml.models import parse_name
 
@@ -42,7 +45,7 @@ def check_model_name(key: str, name: str, found: Any) -> None:
         found.errors.append(f"{key}: {exc}")
 
 
-def check_cifar_root(cfg: Any, found: Any) -> None:
+def check_cifar_root(cfg: RunConfig, found: Preflight) -> None:
     """CIFAR-100 files (``[data] source = "cifar100"``): the directory with meta/train/test."""
     data = cfg.sections["data"]
     if data["source"] != "cifar100":
@@ -59,7 +62,7 @@ def check_cifar_root(cfg: Any, found: Any) -> None:
         found.errors.append(f"data.root: {exc}")
 
 
-def parameters_of(cfg: Any) -> tuple[str, int] | None:
+def parameters_of(cfg: RunConfig) -> tuple[str, int] | None:
     """``(model name, parameter count)`` of ``[pretrain] model`` (None when the name is unknown)."""
     from hpcqml.models import analytic_parameter_count, parse_name
 
@@ -72,7 +75,7 @@ def parameters_of(cfg: Any) -> tuple[str, int] | None:
     return name, analytic_parameter_count(name, classes)
 
 
-def estimate_spectrum(cfg: Any, ranks: int, memory_per_rank: float, found: Any) -> None:
+def estimate_spectrum(cfg: RunConfig, ranks: int, memory_per_rank: float, found: Preflight) -> None:
     """Lanczos basis bytes per rank (:func:`hpcqml.preflight.krylov_basis_bytes`, float32
     state, sharded over one probe group of ``ranks / groups`` ranks), and the CIFAR-100 files.
     """
@@ -92,7 +95,7 @@ def estimate_spectrum(cfg: Any, ranks: int, memory_per_rank: float, found: Any) 
                               "spectrum.lanczos_steps or use more ranks")
 
 
-def estimate_carleman(cfg: Any, _ranks: int, memory_per_rank: float, found: Any) -> None:
+def estimate_carleman(cfg: RunConfig, _ranks: int, memory_per_rank: float, found: Preflight) -> None:
     """Carleman rows Delta = sum_j n^j (eq. II.13) and the dense storage up to dense_limit."""
     from hpcqml.carleman.instance import carleman_dim
 
@@ -115,7 +118,7 @@ def estimate_carleman(cfg: Any, _ranks: int, memory_per_rank: float, found: Any)
                               f"{MEMORY_WARN_FRACTION:.0%} of the {gib(memory_per_rank)} a rank has")
 
 
-def check_hhl_network_model(cfg: Any, _ranks: int, _memory_per_rank: float, found: Any) -> None:
+def check_hhl_network_model(cfg: RunConfig, _ranks: int, _memory_per_rank: float, found: Preflight) -> None:
     """``[hhl] network_model`` when the cases include ``network``."""
     hhl = cfg.sections["hhl"]
     if "network" in hhl["cases"]:

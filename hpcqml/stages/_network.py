@@ -8,7 +8,7 @@ underscore: it is a helper of two stages, not a stage itself.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, overload
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,6 +16,14 @@ import scipy.sparse as sp
 from hpcqml.carleman.instance import PolynomialODE
 from hpcqml.errors import UserError
 from hpcqml.stages import StageContext
+
+
+@overload
+def network_checkpoint(ctx: StageContext, stage: str, required: Literal[True] = ...) -> tuple[Any, Path]: ...
+
+
+@overload
+def network_checkpoint(ctx: StageContext, stage: str, required: bool) -> tuple[Any, Path] | None: ...
 
 
 def network_checkpoint(ctx: StageContext, stage: str, required: bool = True) -> tuple[Any, Path] | None:

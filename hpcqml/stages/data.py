@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,13 @@ from hpcqml.parallel import decide_on_root
 from hpcqml.stages import Stage, StageContext, register
 from hpcqml.stages._estimates import check_cifar_root
 from hpcqml.store import write_dataset
+
+if TYPE_CHECKING:
+    from hpcqml.config import RunConfig
+    from hpcqml.preflight import Preflight
+    import h5py
+
+    from hpcqml.training.loop import Dataset
 
 SCHEMA = {
     "source": Field(str, "synthetic", choices=("synthetic", "cifar100"),
@@ -168,7 +175,7 @@ def ensure_data(ctx: StageContext) -> Path:
     return root
 
 
-def load_dataset(ctx: StageContext):
+def load_dataset(ctx: StageContext) -> Dataset:
     """Load the data set on every rank as a :class:`hpcqml.training.loop.Dataset`."""
     from hpcqml.training.loop import Dataset
 
@@ -197,7 +204,7 @@ def run(ctx: StageContext) -> None:
         ctx.log("already complete")
         return
     root = ensure_data(ctx)
-    info = None
+    info: dict[str, Any] | None = None
     if ctx.rank == 0:
         try:
             split = load_cifar100(root)
@@ -217,10 +224,12 @@ def run(ctx: StageContext) -> None:
         }
     if ctx.size > 1:
         info = ctx.comm.bcast(info, root=0)
+    if info is None:  # rank 0 always sets it, and the broadcast hands it to every rank
+        raise RuntimeError("data stage: rank 0's description of the data set did not arrive")
     if "error" in info:
         raise UserError(info["error"])
 
-    def write(g) -> None:
+    def write(g: h5py.Group) -> None:
         for key, (units, description) in DATASET_DOCS.items():
             write_dataset(g, key, info[key], units, description)
 
@@ -232,7 +241,7 @@ def run(ctx: StageContext) -> None:
             f"{info['num_classes']} classes")
 
 
-def estimate(cfg: Any, _ranks: int, _memory_per_rank: float, found: Any) -> None:
+def estimate(cfg: RunConfig, _ranks: int, _memory_per_rank: float, found: Preflight) -> None:
     """``hpcqml validate``: the CIFAR-100 files, or synthetic sizes that fit this node."""
     from hpcqml.preflight import machine_memory_bytes
 

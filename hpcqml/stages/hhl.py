@@ -33,6 +33,7 @@ import numpy as np
 
 from hpcqml.config import Field
 from hpcqml.errors import ConfigError, UserError
+from hpcqml.hhl.case import HHLCase, Part, TruncatedSweep
 from hpcqml.hhl.statevector import CLOCK_MAPPINGS
 from hpcqml.hhl.systems import FORMATS
 from hpcqml.stages import Stage, StageContext, register
@@ -103,14 +104,14 @@ SCHEMA = {
 
 # ---------------------------------------------------------------------------------------
 # instances
-def _random_instance(cfg: dict, seed: int):
+def _random_instance(cfg: dict, seed: int) -> tuple[Any, dict[str, Any]]:
     from hpcqml.carleman.cases import random_instance
 
     ode = random_instance("random", cfg["n"], cfg["f"], seed, eta=cfg["eta"], u_scale=cfg["u_scale"])
     return ode, {"generator": "random_quadratic", "f": cfg["f"], "instance_seed": seed}
 
 
-def _batch(ctx: StageContext, num_classes: int, size: int, seed: int):
+def _batch(ctx: StageContext, num_classes: int, size: int, seed: int) -> tuple[Any, Any, str]:
     """A fixed batch: CIFAR-100 (or the synthetic set) under [data] root. With
     ``[data] source = "synthetic"`` and no set written yet, an in-memory synthetic batch;
     with ``source = "cifar100"`` a missing or broken data set is an error, never replaced.
@@ -139,7 +140,7 @@ def _batch(ctx: StageContext, num_classes: int, size: int, seed: int):
     return to_tensor(x).double(), torch.as_tensor(y), source
 
 
-def _fresh_pruned(cfg: dict, seed: int):
+def _fresh_pruned(cfg: dict, seed: int) -> tuple[Any, Any, int, str]:
     """(model, mask, num_classes, source) of an untrained model magnitude-pruned to keep_fraction."""
     import torch
 
@@ -152,7 +153,7 @@ def _fresh_pruned(cfg: dict, seed: int):
     return model, mask, 100, f"fresh {cfg['network_model']} (untrained), magnitude-pruned to {cfg['keep_fraction']:g}"
 
 
-def _network_instance(ctx: StageContext, seed: int, found):
+def _network_instance(ctx: StageContext, seed: int, found: Any) -> tuple[Any, dict[str, Any]]:
     """Reduced instance (k parameters, Taylor-expanded GD map) of a pruned network: the
     checkpoint ``found`` (``(checkpoint, path)``), else a fresh pruned model.
     """
@@ -169,7 +170,7 @@ def _network_instance(ctx: StageContext, seed: int, found):
     return ode, {"generator": "network", "network_source": source, "data_source": data_source, "k": cfg["k"]}
 
 
-def _instance(ctx: StageContext, case: str, seed: int):
+def _instance(ctx: StageContext, case: str, seed: int) -> tuple[Any, dict[str, Any]]:
     """(ode, attrs), built on rank 0 and broadcast so every rank has the same instance."""
     from hpcqml.stages._network import network_checkpoint
     from hpcqml.parallel import bcast
@@ -178,7 +179,9 @@ def _instance(ctx: StageContext, case: str, seed: int):
     made = None
     if ctx.rank == 0:
         made = _random_instance(ctx.cfg, seed) if case == "random" else _network_instance(ctx, seed, found)
-    return bcast(ctx.comm, made, perf=ctx.perf)
+    made = bcast(ctx.comm, made, perf=ctx.perf)
+    assert made is not None   # rank 0 built it
+    return made
 
 
 @dataclass
@@ -273,7 +276,7 @@ def _check_size(cfg: dict, case: str, M: sp.csr_matrix) -> None:
                         'lower n, N or T, or use method = "krylov"')
 
 
-def _reference(ctx: StageContext, problem: _Problem):
+def _reference(ctx: StageContext, problem: _Problem) -> Any:
     """PETSc KSP solution of M X = B with options prefix ``hhl_`` (collective)."""
     from hpcqml.hhl.reference import reference_solution
 
@@ -287,14 +290,15 @@ def _units(cfg: dict, T: int | None) -> list[tuple[int, float | None]]:
     if T is None and 0.0 in cfg["kappa_a"]:
         raise ConfigError("[hhl] kappa_a = 0 stands for 2(T+1), which only Carleman cases define; "
                           "give explicit kappa_a values for a system_file")
-    kappas = list(dict.fromkeys(2.0 * (T + 1) if k == 0.0 else k for k in cfg["kappa_a"]))
+    paper = 2.0 * (T + 1) if T is not None else 0.0   # kappa_a = 0 with T None was refused above
+    kappas = list(dict.fromkeys(paper if k == 0.0 else k for k in cfg["kappa_a"]))
     clocks = list(dict.fromkeys(cfg["clock_qubits"]))
     units: list[tuple[int, float | None]] = [(c, None) for c in clocks]
     units += [(c, ka) for c in clocks for ka in kappas]
     return units
 
 
-def _clock_time(cfg: dict, system, c: int) -> tuple[float, bool]:
+def _clock_time(cfg: dict, system: Any, c: int) -> tuple[float, bool]:
     """``(t0, exact)`` of clock size ``c``: the configured t0, else the configured mapping."""
     from hpcqml.hhl.statevector import clock_t0, on_clock_grid
 
@@ -303,7 +307,7 @@ def _clock_time(cfg: dict, system, c: int) -> tuple[float, bool]:
     return clock_t0(system, c, cfg["clock_mapping"])
 
 
-def _run_unit(cfg: dict, system, x_emb: np.ndarray, unit: tuple[int, float | None]) -> dict[str, Any]:
+def _run_unit(cfg: dict, system: Any, x_emb: np.ndarray, unit: tuple[int, float | None]) -> dict[str, Any]:
     """One simulated HHL (``kappa_a`` None) or truncated HHL run and its figures of merit."""
     from hpcqml.hhl.statevector import estimate_solution_norm, simulate_hhl
     from hpcqml.hhl.truncated import measured_overlap
@@ -323,7 +327,7 @@ def _run_unit(cfg: dict, system, x_emb: np.ndarray, unit: tuple[int, float | Non
     return out
 
 
-def _sweep(ctx: StageContext, case: str, system, x_emb: np.ndarray,
+def _sweep(ctx: StageContext, case: str, system: Any, x_emb: np.ndarray,
            units: list[tuple[int, float | None]]) -> list[dict[str, Any]] | None:
     """Every sweep point, round-robin over the ranks; the sorted results on rank 0, None elsewhere."""
     mine = units[ctx.rank::ctx.size]
@@ -333,7 +337,7 @@ def _sweep(ctx: StageContext, case: str, system, x_emb: np.ndarray,
     ctx.perf.count("statevector_amplitudes", sum(2**u["c"] * system.dim for u in done))
     with ctx.perf.comm_timer():
         gathered = ctx.comm.gather(done, root=0) if ctx.size > 1 else [done]
-    if ctx.rank != 0:
+    if ctx.rank != 0 or gathered is None:
         return None
     return sorted([u for part in gathered for u in part], key=lambda u: units.index((u["c"], u["kappa_a"])))
 
@@ -346,6 +350,7 @@ def _carleman_facts(problem: _Problem, eps: float) -> dict[str, Any]:
     from hpcqml.modes import overlap_ii92, overlap_ii93
 
     ode, T = problem.ode, problem.sizes["T"]
+    assert problem.A is not None   # a Carleman case
     A_dense = problem.A.toarray()
     qcm_eigs = np.linalg.eigvals(A_dense).astype(np.complex128)
     d_plus, d_all, a_plus = dissipative_split(qcm_eigs)
@@ -375,7 +380,7 @@ def _split_attrs(d_plus: int, d_all: int, a_plus: float, overlap_ii92: float, ov
             "fidelity_ii92": overlap_ii92**2, "fidelity_ii93": overlap_ii93**2}
 
 
-def _readout(ctx: StageContext, case: str, best: dict[str, Any], seed: int):
+def _readout(ctx: StageContext, case: str, best: dict[str, Any], seed: int) -> Any:
     from hpcqml.hhl.readout import readout_trials
 
     rng = np.random.default_rng([ctx.run_cfg["seed"], seed, 0x4848])
@@ -410,17 +415,16 @@ def _case(ctx: StageContext, name: str, case: str, seed: int, T: int) -> None:
     embedding = {"embedded_dim": system.dim, "dilated": system.dilated, "scale": system.scale,
                  "scale_method": "numpy eigvalsh (dense, exact)", "method": "statevector"}
 
-    def write(g) -> None:
-        _write_instance(g.create_group("instance"), problem, ref, embedding, system.spectrum, facts)
-        _write_hhl(g.create_group("hhl"), plain)
-        _write_truncated(g.create_group("truncated"), trunc, system, facts)
-        _write_resources(g.create_group("resources"), ctx.cfg, problem, system.system_qubits, trunc, ro, facts,
-                         memory_estimate_bytes(system.dim, max(ctx.cfg["clock_qubits"]), truncated=True))
-        _write_readout(g.create_group("readout"), ro, best["c"])
-
-    ctx.store.commit(f"hhl/{name}", write, attrs={"case": name, "method": "statevector",
-                                                  "units": "probabilities and fidelities dimensionless; "
-                                                  "shots are counts"})
+    case_result = HHLCase(
+        attrs={"case": name, "method": "statevector",
+               "units": "probabilities and fidelities dimensionless; shots are counts"},
+        instance=_instance_part(problem, ref, embedding, system.spectrum, facts),
+        hhl=_hhl_part(plain),
+        truncated=_truncated_part(trunc, system, facts, problem.sizes.get("T")),
+        resources=_resources_part(ctx.cfg, problem, system.system_qubits, trunc, ro, facts,
+                                  memory_estimate_bytes(system.dim, max(ctx.cfg["clock_qubits"]), truncated=True)),
+        readout=_readout_part(ro, best["c"]))
+    ctx.store.commit(f"hhl/{name}", case_result.to_group)
     fid = ", ".join(f"c={u['c']}: {u['fidelity']:.6f}" for u in plain)
     ctx.log(f"{name}: dim {system.dim}, fidelity {fid}; read-out {ro.mean:.1f} shots (eq. II.99 {ro.expected:.1f})")
 
@@ -472,46 +476,44 @@ def _case_krylov(ctx: StageContext, name: str, problem: _Problem, ref: Any, seed
     ro = _readout(ctx, name, best, seed) if problem.M.shape[0] <= READOUT_MAX_ROWS else None
     facts = _carleman_facts(problem, ctx.cfg["eps"]) if problem.ode is not None else None
 
-    def write(g: Any) -> None:
-        _write_instance(g.create_group("instance"), problem, ref, embedding, None, facts)
-        _write_hhl(g.create_group("hhl"), plain)
-        _write_truncated(g.create_group("truncated"), trunc, None, facts)
-        _write_resources(g.create_group("resources"), ctx.cfg, problem, system_qubits, trunc, ro, facts, nbytes)
-        if ro is not None:
-            _write_readout(g.create_group("readout"), ro, best["c"])
-
     attrs = {"case": name, "method": "krylov", "units": "probabilities and fidelities dimensionless; shots are counts"}
     if ro is None:
         attrs["readout"] = f"not evaluated: {problem.M.shape[0]} unknowns, above {READOUT_MAX_ROWS}"
-    ctx.store.commit(f"hhl/{name}", write, attrs=attrs)
+    case_result = HHLCase(
+        attrs=attrs, instance=_instance_part(problem, ref, embedding, None, facts), hhl=_hhl_part(plain),
+        truncated=_truncated_part(trunc, None, facts, problem.sizes.get("T")),
+        resources=_resources_part(ctx.cfg, problem, system_qubits, trunc, ro, facts, nbytes),
+        readout=_readout_part(ro, best["c"]) if ro is not None else None)
+    ctx.store.commit(f"hhl/{name}", case_result.to_group)
     fid = ", ".join(f"c={u['c']}: {u['fidelity']:.6f}" for u in plain)
     ctx.log(f"{name}: {problem.M.shape[0]} unknowns, dim {embedding['embedded_dim']} (krylov), fidelity {fid}")
 
 
 # ---------------------------------------------------------------------------------------
-# writers (rank 0, inside the commit)
-def _write_instance(g, problem: _Problem, ref, embedding: dict[str, Any], spectrum: np.ndarray | None,
-                    facts: dict[str, Any] | None) -> None:
-    from hpcqml.store import write_dataset
-
+# the parts of a case (rank 0; written by HHLCase.to_group inside the commit)
+def _instance_part(problem: _Problem, ref: Any, embedding: dict[str, Any], spectrum: np.ndarray | None,
+                   facts: dict[str, Any] | None) -> Part:
+    """``instance/``: the reference solution, B, the spectra and the sizes and provenance of the system."""
+    g = Part()
     x_norm = float(np.linalg.norm(ref.x))
-    write_dataset(g, "x_ref", ref.x, "1", "reference solution x of M x = B (PETSc KSP, prefix hhl_; "
-                  "Carleman cases ordered t-major, eq. II.79)")
-    write_dataset(g, "rhs", problem.B, "1", "right-hand side B (Carleman cases: (y_in, b, ..., b), eq. II.79)")
+    g.add("x_ref", ref.x, "1", "reference solution x of M x = B (PETSc KSP, prefix hhl_; "
+          "Carleman cases ordered t-major, eq. II.79)")
+    g.add("rhs", problem.B, "1", "right-hand side B (Carleman cases: (y_in, b, ..., b), eq. II.79)")
     if spectrum is not None:  # the krylov method never computes it
-        write_dataset(g, "spectrum_H", spectrum, "1", "eigenvalues of the Hermitian embedding of M (dilation if "
-                      "M is not symmetric) over ||M||_2, unpadded")
+        g.add("spectrum_H", spectrum, "1", "eigenvalues of the Hermitian embedding of M (dilation if "
+              "M is not symmetric) over ||M||_2, unpadded")
     if facts is not None:
-        write_dataset(g, "qcm_eigenvalues", facts["qcm_eigenvalues"], "1",
-                      "eigenvalues a_mu of the Carleman matrix A (eq. II.3-II.6)")
+        g.add("qcm_eigenvalues", facts["qcm_eigenvalues"], "1",
+              "eigenvalues a_mu of the Carleman matrix A (eq. II.3-II.6)")
     size = problem.M.shape[0]
     g.attrs.update({**problem.sizes, "system_size": size, **embedding, "reference": ref.method,
                     "reference_rel_residual": ref.rel_residual,
                     "x_norm": x_norm,
                     **{k: (str(v) if not isinstance(v, (int, float)) else v) for k, v in problem.attrs.items()}})
+    return g
 
 
-def _column(units: list[dict[str, Any]], key: str, dtype) -> np.ndarray:
+def _column(units: list[dict[str, Any]], key: str, dtype: Any) -> np.ndarray:
     return np.array([u[key] for u in units], dtype=dtype)
 
 
@@ -538,58 +540,34 @@ _HHL_COLUMNS = {
 }
 
 
-def _write_hhl(g, plain: list[dict[str, Any]]) -> None:
-    from hpcqml.store import write_dataset
-
+def _hhl_part(plain: list[dict[str, Any]]) -> Part:
+    """``hhl/``: plain HHL, one entry per clock size."""
+    g = Part()
     for key, (name, dtype, units, description) in _HHL_COLUMNS.items():
         if key in plain[0]:  # clock_exact: statevector only; chebyshev_*: krylov only
-            write_dataset(g, name, _column(plain, key, dtype), units, description)
-    write_dataset(g, "states", np.stack([u["solution"] for u in plain]), "1",
-                  "x block of the post-selected state (normalised in the full embedded space), one row per c; "
-                  "complex128 (statevector) or float64 (krylov: the output g(H) b is real)")
+            g.add(name, _column(plain, key, dtype), units, description)
+    g.add("states", np.stack([u["solution"] for u in plain]), "1",
+          "x block of the post-selected state (normalised in the full embedded space), one row per c; "
+          "complex128 (statevector) or float64 (krylov: the output g(H) b is real)")
+    return g
 
 
-def _write_truncated(g, trunc: list[dict[str, Any]], system, facts: dict[str, Any] | None) -> None:
-    """Truncated-HHL columns; eq. II.87, the Haar estimate and the threshold margin need the
-    eigen-decomposition, so they are written only when ``system`` (the dense embedding) is given.
+def _truncated_part(trunc: list[dict[str, Any]], system: Any, facts: dict[str, Any] | None,
+                    T: int | None) -> TruncatedSweep:
+    """Truncated-HHL columns (:class:`hpcqml.hhl.case.TruncatedSweep`); eq. II.87, the Haar estimate and
+    the threshold margin need the eigen-decomposition, so they are there only when ``system`` (the dense
+    embedding) is given; eq. II.92 only for Carleman cases (``facts``).
     """
-    from hpcqml.hhl.truncated import (
-        closed_form_fidelity,
-        eigen_coefficients,
-        haar_average_fidelity,
-    )
-    from hpcqml.store import write_dataset
-
-    kappas = [u["kappa_a"] for u in trunc]
-    write_dataset(g, "clock_qubits", _column(trunc, "c", np.int64), "count", "clock register size c")
-    write_dataset(g, "kappa_a", np.array(kappas, dtype=np.float64), "1", "truncation parameter kappa_a (eq. II.86)")
-    write_dataset(g, "overlap", _column(trunc, "overlap", np.float64), "1",
-                  "measured |<x|<well|x~>| of the simulated state with the full solution (not squared)")
-    write_dataset(g, "fidelity", _column(trunc, "fidelity", np.float64), "1", "fidelity = overlap squared")
-    write_dataset(g, "p_success", _column(trunc, "p_success", np.float64), "1",
-                  "probability of ancilla 1 and clock 0, both flag branches")
-    write_dataset(g, "leakage", _column(trunc, "leakage", np.float64), "1", "1 - p_success/p_ancilla")
-    write_dataset(g, "resolution", _column(trunc, "resolution", np.float64), "1",
-                  "one clock bin 2 pi/(t0 2^c) in units of ||M||_2")
-    if facts is not None:
-        g.attrs.update(facts["split"])
-    if system is None:
-        return
-    lam, beta = eigen_coefficients(system)
-    write_dataset(g, "overlap_ii87", np.array([closed_form_fidelity(lam, beta, k) for k in kappas], dtype=np.float64),
-                  "1", "eq. II.87 from the exact eigen-decomposition")
-    write_dataset(g, "overlap_haar", np.array([haar_average_fidelity(system.spectrum, k) for k in kappas],
-                                              dtype=np.float64), "1", "annealed Haar estimate eq. II.89-II.91")
-    occupied = np.abs(lam[np.abs(beta) > 1e-12])
-    write_dataset(g, "threshold_margin", np.array([float(np.min(np.abs(occupied - 1.0 / k))) for k in kappas],
-                                                  dtype=np.float64), "1",
-                  "min over occupied eigenvalues of | |lambda| - 1/kappa_a |")
+    return TruncatedSweep.build(trunc, system, facts["split"] if facts is not None else None,
+                                T if facts is not None else None)
 
 
-def _write_resources(g, cfg: dict, problem: _Problem, system_qubits: int, trunc: list[dict[str, Any]], ro,
-                     facts: dict[str, Any] | None, memory_bytes: int) -> None:
+def _resources_part(cfg: dict, problem: _Problem, system_qubits: int, trunc: list[dict[str, Any]], ro: Any,
+                    facts: dict[str, Any] | None, memory_bytes: int) -> Part:
+    """``resources/``: resource estimates (eq. II.77, II.94, tomography, state preparation, eq. I.1/I.2)."""
     from hpcqml.hhl import resources as res
 
+    g = Part()
     size, eps = problem.M.shape[0], cfg["eps"]
     s_M = res.sparsity(problem.M)
     dense_ok = size <= DENSE_KAPPA_ROWS
@@ -610,17 +588,19 @@ def _write_resources(g, cfg: dict, problem: _Problem, system_qubits: int, trunc:
         "memory_model_bytes": memory_bytes,
         **(facts["resources"] if facts is not None else {}),
     })
+    return g
 
 
-def _write_readout(g, ro, clock_qubits: int) -> None:
-    from hpcqml.store import write_dataset
-
-    write_dataset(g, "shots", ro.shots, "count", "shots until every amplitude above delta was seen, per trial "
-                  "(eq. II.99)")
+def _readout_part(ro: Any, clock_qubits: int) -> Part:
+    """``readout/``: the sampling read-out of the final HHL state (eq. II.99)."""
+    g = Part()
+    g.add("shots", ro.shots, "count", "shots until every amplitude above delta was seen, per trial "
+          "(eq. II.99)")
     g.attrs.update({"delta": ro.delta, "r": ro.r, "mean": ro.mean, "std": ro.std, "sem": ro.sem,
                     "expected_ii99": ro.expected, "quadrature_error": ro.expected_err,
                     "r_log_r": ro.r_log_r, "uniform_r_H_r": ro.uniform, "magnitude_error": ro.magnitude_error,
                     "clock_qubits": clock_qubits, "trials": int(ro.shots.size)})
+    return g
 
 
 def _table(ctx: StageContext) -> None:
@@ -631,9 +611,10 @@ def _table(ctx: StageContext) -> None:
     rows = res.model_table(density=cfg["table_density"], N=cfg["table_N"], T=cfg["table_T"],
                            eps=cfg["eps"])
 
-    def write(g) -> None:
+    def write(g: Any) -> None:
         for key in rows[0]:
             vals = [r[key] for r in rows]
+            data: Any
             if isinstance(vals[0], str):
                 data, units = vals, "1"
             elif isinstance(vals[0], int) and max(abs(v) for v in vals) < 2**62:

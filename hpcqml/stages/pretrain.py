@@ -26,6 +26,12 @@ from hpcqml.training.progress import StepMeter
 from hpcqml.training.signals import StopFlag, interrupted_error
 
 if TYPE_CHECKING:
+    import h5py
+    import torch
+
+    from hpcqml.config import RunConfig
+    from hpcqml.preflight import Preflight
+    from hpcqml.training.loop import Dataset
     from hpcqml.training.loop import PretrainSettings
 
 SCHEMA = {
@@ -64,9 +70,9 @@ def check_sizes(cfg: dict[str, Any], n_train: int, ranks: int) -> None:
     check_batch_size("pretrain", cfg["batch_size"], n_train, ranks)
 
 
-def history_writer(hist: dict) -> Callable[[Any], None]:
+def history_writer(hist: dict) -> Callable[[h5py.Group], None]:
     """A store writer for the per-step pre-training log."""
-    def write(g: Any) -> None:
+    def write(g: h5py.Group) -> None:
         write_dataset(g, "step", np.asarray(hist["step"], dtype=np.int64), "count",
                       "update number t (1-based) of each logged step")
         write_dataset(g, "loss", np.asarray(hist["loss"], dtype=np.float64), "nat",
@@ -89,7 +95,7 @@ class Training:
     history: dict | None = None
 
 
-def start_training(ctx: StageContext, s: PretrainSettings, classes: int, device: Any) -> Training:
+def start_training(ctx: StageContext, s: PretrainSettings, classes: int, device: torch.device) -> Training:
     """The seeded model and optimizer, resumed from this run's state file when there is one."""
     import torch
 
@@ -114,7 +120,8 @@ def start_training(ctx: StageContext, s: PretrainSettings, classes: int, device:
     return tr
 
 
-def train_steps(ctx: StageContext, tr: Training, data: Any, s: PretrainSettings, device: Any) -> tuple[int, dict]:
+def train_steps(ctx: StageContext, tr: Training, data: Dataset, s: PretrainSettings,
+                device: torch.device) -> tuple[int, dict]:
     """Run the remaining steps, checkpointing on schedule; a stop signal saves and raises."""
     from hpcqml.training.checkpoint import save_checkpoint
     from hpcqml.training.loop import pretrain
@@ -148,7 +155,7 @@ def train_steps(ctx: StageContext, tr: Training, data: Any, s: PretrainSettings,
     return done, hist
 
 
-def finish(ctx: StageContext, tr: Training, data: Any, s: PretrainSettings, device: Any,
+def finish(ctx: StageContext, tr: Training, data: Dataset, s: PretrainSettings, device: torch.device,
            done: int, hist: dict) -> None:
     """Evaluate, write ``pretrained.pt`` and commit the ``pretrain`` group."""
     from hpcqml.training.checkpoint import save_checkpoint
@@ -181,7 +188,7 @@ def run(ctx: StageContext) -> None:
     finish(ctx, tr, data, s, device, done, hist)
 
 
-def estimate(cfg: Any, ranks: int, _memory_per_rank: float, found: Any) -> None:
+def estimate(cfg: RunConfig, ranks: int, _memory_per_rank: float, found: Preflight) -> None:
     """``hpcqml validate``: the CIFAR-100 files, the model name and a batch size the data and the ranks fill."""
     check_cifar_root(cfg, found)
     check_model_name("pretrain.model", cfg.sections["pretrain"]["model"], found)

@@ -11,7 +11,7 @@ that this run's pretrain stage did not make is refused (:mod:`hpcqml.training.or
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +22,13 @@ from hpcqml.stages._estimates import check_cifar_root
 from hpcqml.store import write_dataset
 from hpcqml.training.origin import begin, check_input, model_source, stamp
 from hpcqml.training.pruning import SCOPES, layer_sparsity, prunable_parameters, prune_
+
+if TYPE_CHECKING:
+    import h5py
+    import torch
+
+    from hpcqml.config import RunConfig
+    from hpcqml.preflight import Preflight
 
 SCHEMA = {
     "keep_fraction": Field(float, 0.1, min=1e-9, max=1.0, doc="fraction of prunable weights kept"),
@@ -41,9 +48,9 @@ def check_keep(keep_fraction: float, prunable: int) -> None:
                         f"weights; use at least {1.0 / prunable:.3g}")
 
 
-def mask_writer(rows: list[tuple[str, int, int]], masks: dict, store_mask: bool) -> Callable[[Any], None]:
+def mask_writer(rows: list[tuple[str, int, int]], masks: dict, store_mask: bool) -> Callable[[h5py.Group], None]:
     """A store writer for the per-layer pruning record (and the masks)."""
-    def write(g: Any) -> None:
+    def write(g: h5py.Group) -> None:
         write_dataset(g, "layer_names", [r[0] for r in rows], "1",
                       "parameter name of each prunable tensor (read with hpcqml.store.read_strings)")
         write_dataset(g, "numel", np.array([r[1] for r in rows], dtype=np.int64), "count",
@@ -60,7 +67,7 @@ def mask_writer(rows: list[tuple[str, int, int]], masks: dict, store_mask: bool)
     return write
 
 
-def _evaluate(ctx: StageContext, model: Any, device: Any) -> Callable[[], tuple[float, float]]:
+def _evaluate(ctx: StageContext, model: torch.nn.Module, device: torch.device) -> Callable[[], tuple[float, float]]:
     """Test loss and accuracy of ``model`` as it is when called (NaN when ``evaluate`` is off)."""
     if not ctx.cfg["evaluate"]:
         return lambda: (float("nan"), float("nan"))
@@ -108,7 +115,7 @@ def run(ctx: StageContext) -> None:
             f"{before[1]:.4f} -> {after[1]:.4f}")
 
 
-def estimate(cfg: Any, _ranks: int, _memory_per_rank: float, found: Any) -> None:
+def estimate(cfg: RunConfig, _ranks: int, _memory_per_rank: float, found: Preflight) -> None:
     """``hpcqml validate``: the CIFAR-100 files the pre-trained model's data come from."""
     check_cifar_root(cfg, found)
 

@@ -13,8 +13,12 @@ or both; the R number of Liu et al. (PNAS 2021) and eq. II.81 as printed are sto
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 from hpcqml.carleman import analysis
 from hpcqml.carleman.analysis import CaseReference
+from hpcqml.carleman.instance import PolynomialODE
 from hpcqml.config import Field
 from hpcqml.errors import UserError
 from hpcqml.stages import Stage, StageContext, register
@@ -83,7 +87,7 @@ def _order_key(label: str, N: int, lift_kind: str) -> str:
     return f"qcm/{label}/N_{N}" if lift_kind == "paper" else f"qcm/{label}/discrete_N_{N}"
 
 
-def _generated(ctx: StageContext) -> list[tuple[str, object, dict]]:
+def _generated(ctx: StageContext) -> list[tuple[str, PolynomialODE, dict[str, Any]]]:
     """(label, PolynomialODE, attrs) of the configured generator, before any F0 noise."""
     from hpcqml.carleman import generators as gen
     from hpcqml.carleman.cases import random_instance
@@ -107,7 +111,7 @@ def _generated(ctx: StageContext) -> list[tuple[str, object, dict]]:
     return [("network", _network_instance(ctx), {"k": cfg["k"], "eta": eta, "batchnorm": cfg["batchnorm"]})]
 
 
-def _make_instances(ctx: StageContext) -> list[tuple[str, object, dict]]:
+def _make_instances(ctx: StageContext) -> list[tuple[str, PolynomialODE, dict[str, Any]]]:
     """(label, PolynomialODE, attrs) for every case of the config, with F0 noise when set."""
     from hpcqml.carleman import generators as gen
 
@@ -127,7 +131,7 @@ def _make_instances(ctx: StageContext) -> list[tuple[str, object, dict]]:
     return noisy
 
 
-def _network_instance(ctx: StageContext):
+def _network_instance(ctx: StageContext) -> PolynomialODE:
     """Reduced instance of the pruned model on a fixed training batch."""
     import torch
 
@@ -166,7 +170,7 @@ def run(ctx: StageContext) -> None:
             scaling = (ts.discreteness_scaling(ode, case.N_ref, float(case.T), cfg["step_sizes"])
                        if cfg["step_sizes"] else None)
             rates = analysis.late_rates(case, cfg["N"], cfg["late_fraction"])
-            ctx.store.commit(base, lambda g, c=case, s=scaling, r=rates: analysis.write_case_group(g, c, s, r),
+            ctx.store.commit(base, partial(analysis.write_case_group, case=case, scaling=scaling, rates=rates),
                              attrs=analysis.case_attributes(case, cfg["generator"], cfg["eta"]))
         if ctx.store.is_complete(key):
             continue

@@ -19,10 +19,15 @@ Model states (``source``):
   ``file``       the checkpoint named by ``model_file``.
 Adaptive stopping (:func:`adapt`): the stored probes are evaluated in rounds; while a
 requested estimate's proven quadrature bracket dominates its combined interval the Lanczos
-steps double (up to ``max_lanczos_steps``), while its sampling interval dominates probes are
-added (up to ``max_probes``), until every estimate in ``resolve`` is resolved or the budget
-ends; the result records which (``stop_reason``).  The probe count, budgets and tolerances
-are *extendable* settings: a rerun with other values keeps every stored probe and runs only
+steps double (up to ``max_lanczos_steps``; each probe's recurrence is kept in memory within
+the run and extended, so m -> 2m costs m products per probe), while its sampling interval
+dominates probes are added (up to ``max_probes``), until every estimate in ``resolve`` is
+resolved or the budget ends; the result records which (``stop_reason``).  Probes run
+``lockstep`` at a time: one block product per Lanczos step for all of them
+(:mod:`hpcqml.hessian.lockstep`).  A snapshot that ``/train/snapshot_steps`` lists (or
+``steps`` names) but whose file is gone is reported after every present state is measured:
+the stage then fails with one line naming it.  The probe count, budgets and tolerances are
+*extendable* settings: a rerun with other values keeps every stored probe and runs only
 what is missing.  ``top_k`` adds the extreme eigenpairs by restarted Lanczos.
 Every probe is committed as soon as it finishes, so an interrupted run resumes at the next
 unfinished probe.  SIGTERM/SIGUSR1 stop the stage after the current Lanczos step: the
@@ -33,8 +38,10 @@ probe, so a resumed run keeps it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -72,15 +79,23 @@ SCHEMA = {
                         doc="probe budget of adaptive stopping: probes are added (stored ones kept) while a "
                             "requested estimate's sampling interval is wider than the tolerance; 0 = probes"),
     "max_lanczos_steps": Field(int, 0, min=0, extendable=True,
-                               doc="step budget of adaptive stopping: steps double (every probe is rerun: the "
-                                   "Krylov basis is not kept) while a requested estimate's quadrature bracket "
-                                   "is wider than the tolerance; 0 = lanczos_steps; at most n are taken"),
+                               doc="step budget of adaptive stopping: steps double while a requested estimate's "
+                                   "quadrature bracket is wider than the tolerance (each probe's recurrence is "
+                                   "kept in memory and extended, so m -> 2m costs m products per probe; a later "
+                                   "run with a larger budget reruns the stored probes); 0 = lanczos_steps; at "
+                                   "most n are taken"),
+    "lockstep": Field(int, 0, min=0, affects_results=False,
+                      doc="probes advanced together, one block product per Lanczos step for all of them: "
+                          "1 = one after another, k = k at a time, 0 = as many as have Krylov bases fitting in "
+                          "half the memory (at most 8); results equal one-at-a-time up to the product's rounding"),
     "resolve": Field(list, ["negative_mass", "dissipative_fraction", "error_proxy"], item=str,
-                     choices=("trace", "negative_mass", "dissipative_fraction", "overlap_ii93", "error_proxy"),
+                     choices=("trace", "negative_mass", "dissipative_fraction", "overlap_ii93", "error_proxy",
+                              "error_proxy_no_cutoff"),
                      extendable=True,
                      doc="estimates adaptive stopping must resolve, in the primary convention: trace, "
                          "negative_mass, dissipative_fraction (Delta+/Delta with the cutoff), overlap_ii93, "
-                         "error_proxy (E(t) at every proxy_t)"),
+                         "error_proxy (E(t) at every proxy_t), error_proxy_no_cutoff (E(t) of eq. III.11 "
+                         "without the cutoff, at every proxy_t)"),
     "groups": Field(int, 1, min=1, affects_results=False,
                     doc="probe groups running different probes at once (<= ranks)"),
     "reorth": Field(str, "full", choices=("full", "none"), doc="reorthogonalisation against the sharded basis"),
@@ -139,15 +154,60 @@ BASIS_MEMORY_FRACTION = MEMORY_WARN_FRACTION
 _SNAP = re.compile(r"^step_(\d{6,})\.pt$")
 
 
-def _states(ctx: StageContext) -> list[tuple[str, Path]]:
-    """The model states to measure, as rank 0 sees them (see ``decide_on_root``)."""
-    from hpcqml.parallel import decide_on_root
+def _states(ctx: StageContext) -> tuple[list[tuple[str, Path]], list[Path]]:
+    """The model states to measure, as rank 0 sees them, and the snapshot files that are
+    missing (collective).
 
-    return decide_on_root(ctx.comm, lambda: _find_states(ctx))
+    With ``source = "snapshots"`` the steps are ``[spectrum] steps``, else every step that
+    ``/train/snapshot_steps`` lists or that has a snapshot file.  A step whose file is gone
+    but whose result is stored is kept (it needs no file); one with neither is missing.
+    """
+    from hpcqml.parallel import decide_on_root
+    from hpcqml.stages.train import snapshot_path
+
+    if ctx.cfg["source"] != "snapshots":
+        return decide_on_root(ctx.comm, lambda: _find_states(ctx)), []
+    listed = ctx.store.read(lambda fh: [int(t) for t in fh["train/snapshot_steps"][()]]
+                            if "train/snapshot_steps" in fh else [], default=[])
+    found: dict[int, Path] = decide_on_root(ctx.comm, lambda: _snapshot_files(ctx.workdir / "snapshots"))
+    wanted = list(ctx.cfg["steps"]) or sorted(set(listed) | set(found))
+    states, missing = [], []
+    for step in wanted:
+        label = f"step_{step:06d}"
+        if step in found:
+            states.append((label, found[step]))
+        elif _state_done(ctx, label):
+            states.append((label, snapshot_path(ctx.workdir, step)))
+        else:
+            missing.append(snapshot_path(ctx.workdir, step))
+    if not wanted:
+        raise UserError(f"[spectrum] no snapshots in {ctx.workdir / 'snapshots'} (run the train stage first)")
+    if not states:
+        raise UserError(_missing_message(missing, 0))
+    return states, missing
+
+
+def _missing_message(missing: list[Path], measured: int) -> str:
+    """One line naming the missing snapshot files (and how many states were measured)."""
+    done = f"; the {measured} present model state(s) were measured and committed" if measured else ""
+    return (f"[spectrum] snapshot {missing[0]} is missing ({len(missing)} missing: "
+            f"{', '.join(p.name for p in missing)}){done}; restore it, or name the steps present in "
+            "[spectrum] steps")
+
+
+def _snapshot_files(snapdir: Path) -> dict[int, Path]:
+    """Step -> snapshot file of every ``step_XXXXXX.pt`` in ``snapdir``."""
+    found = {}
+    if snapdir.is_dir():
+        for p in snapdir.iterdir():
+            m = _SNAP.match(p.name)
+            if m:
+                found[int(m.group(1))] = p
+    return found
 
 
 def _find_states(ctx: StageContext) -> list[tuple[str, Path]]:
-    """(label, checkpoint path) of every model state to measure, in order."""
+    """(label, checkpoint path) of the model state of a ``file``, ``pruned`` or ``pretrained`` source."""
     cfg = ctx.cfg
     src = cfg["source"]
     if src == "file":
@@ -157,26 +217,11 @@ def _find_states(ctx: StageContext) -> list[tuple[str, Path]]:
         if not path.is_file():
             raise UserError(f"[spectrum] model_file {path}: not found")
         return [(re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem), path)]
-    if src in ("pruned", "pretrained"):
-        path = ctx.workdir / f"{src}.pt"
-        if not path.is_file():
-            before = "prune" if src == "pruned" else "pretrain"
-            raise UserError(f"[spectrum] {path}: not found (run the {before} stage first)")
-        return [(src, path)]
-    snapdir = ctx.workdir / "snapshots"
-    found = {}
-    if snapdir.is_dir():
-        for p in snapdir.iterdir():
-            m = _SNAP.match(p.name)
-            if m:
-                found[int(m.group(1))] = p
-    wanted = cfg["steps"] or sorted(found)
-    missing = [s for s in wanted if s not in found]
-    if missing:
-        raise UserError(f"[spectrum] no snapshot for step {missing[0]} in {snapdir} (run the train stage first)")
-    if not wanted:
-        raise UserError(f"[spectrum] no snapshots in {snapdir} (run the train stage first)")
-    return [(f"step_{s:06d}", found[s]) for s in wanted]
+    path = ctx.workdir / f"{src}.pt"
+    if not path.is_file():
+        before = "prune" if src == "pruned" else "pretrain"
+        raise UserError(f"[spectrum] {path}: not found (run the {before} stage first)")
+    return [(src, path)]
 
 
 def _data_root(ctx: StageContext) -> Path:
@@ -258,10 +303,12 @@ class StepProgress:
         self.show = ctx.rank == 0 and not ctx.quiet
         self.label = label
         self.bar: Any = None
-        self.probe: int | None = None
+        self.probe: int | str | None = None
 
-    def __call__(self, probe: int, done: int, total: int) -> None:
-        """Advance the bar of ``probe`` to ``done`` of ``total`` steps (a new bar per probe)."""
+    def __call__(self, probe: int | str, done: int, total: int) -> None:
+        """Advance the bar of ``probe`` to ``done`` of ``total`` steps (a new bar per probe, or
+        per block of probes in lockstep, ``probe`` then naming them as text such as ``0-3``).
+        """
         if not self.show:
             return
         from tqdm import tqdm
@@ -269,7 +316,8 @@ class StepProgress:
         if probe != self.probe:
             self.close()
             interactive = sys.stderr.isatty()
-            self.bar = tqdm(total=total, desc=f"{self.label} probe {probe}", unit="step", file=sys.stderr,
+            what = f"probes {probe}" if isinstance(probe, str) else f"probe {probe}"
+            self.bar = tqdm(total=total, desc=f"{self.label} {what}", unit="step", file=sys.stderr,
                             mininterval=0.5 if interactive else 10.0, dynamic_ncols=interactive, leave=True)
             self.probe = probe
         self.bar.update(done - self.bar.n)
@@ -299,7 +347,8 @@ def decide_route(ctx: StageContext, st: "Prepared") -> str:
     return route
 
 
-def run_decisions(ctx: StageContext, ops: dict[str, "Prepared"], precision: str) -> str:
+def run_decisions(ctx: StageContext, ops: dict[str, "Prepared"], precision: str,
+                  expected_products: int | None = None) -> str:
     """The Hessian product route of this run, fixed once per results file before its first probe.
 
     The route (``auto`` timed once on the first Hessian operator, :func:`decide_route`; the
@@ -307,12 +356,19 @@ def run_decisions(ctx: StageContext, ops: dict[str, "Prepared"], precision: str)
     the device type are committed to ``spectrum/decisions`` the first time and read back on
     every resume, so a timing-based choice never flips between invocations (collective).
 
+    ``expected_products`` (the products this run will ask for at least) is handed to the
+    Hessian operators, so ``auto`` times a route with a compile cost only when it pays back.
+
     Returns:
         The stored route when ``route = "auto"``, else the configured route.
     """
     from hpcqml.hessian.hvp import default_route
 
     hessians = [st for st in ops.values() if st.hessian is not None]
+    if expected_products is not None:
+        for st in hessians:
+            if hasattr(st.hessian, "expected_products"):
+                st.hessian.expected_products = int(expected_products)
 
     def choose() -> dict[str, Any]:
         route = decide_route(ctx, hessians[0]) if hessians else default_route(ctx.device())
@@ -325,14 +381,12 @@ def run_decisions(ctx: StageContext, ops: dict[str, "Prepared"], precision: str)
 
 
 def check_sizes(ctx: StageContext, label: str, n: int, layout: Any, dtype: torch.dtype, basis_device: Any,
-                steps: int, block: bool = False) -> None:
+                steps: int, block: bool = False, bases: int = 1) -> None:
     """Refuse more Lanczos steps than dimensions (a diagonal block, ``block``, smaller than
-    ``lanczos_steps`` is measured with ``n`` steps instead); warn when a basis of ``steps``
-    vectors may not fit in memory.
+    ``lanczos_steps`` is measured with ``n`` steps instead); warn when ``bases`` Krylov
+    bases of ``steps`` vectors (the probes held at once) may not fit in memory.
     """
     import torch
-
-    from hpcqml.parallel import node_rank_and_size
 
     if ctx.cfg["lanczos_steps"] > n and not block:
         steps = ctx.cfg["lanczos_steps"]
@@ -341,18 +395,14 @@ def check_sizes(ctx: StageContext, label: str, n: int, layout: Any, dtype: torch
     if ctx.cfg["reorth"] != "full":
         return
     gsize = 1 if layout.comm is None else layout.comm.Get_size()
-    per_rank = krylov_basis_bytes(steps, n, gsize, torch.empty((), dtype=dtype).element_size())
-    dev = torch.device(basis_device)
-    if dev.type == "cuda":
-        available = torch.cuda.mem_get_info(dev)[1]
-        where = f"{torch.cuda.get_device_name(dev)} memory"
-    else:
-        available = machine_memory_bytes() // node_rank_and_size(ctx.comm)[1]
-        where = "host memory per rank on this node"
+    per_rank = bases * krylov_basis_bytes(steps, n, gsize, torch.empty((), dtype=dtype).element_size())
+    available, where = _memory_per_rank(ctx, basis_device)
     if per_rank > BASIS_MEMORY_FRACTION * available:
-        ctx.log(f"warning: {label}: the Krylov basis needs {per_rank / 2**30:.2f} GiB per rank "
-                f"({steps} steps x {-(-n // gsize):,} values), more than {BASIS_MEMORY_FRACTION:.0%} of the "
-                f"{available / 2**30:.1f} GiB of {where}; use more ranks, basis_device = 'cpu' or fewer steps")
+        what = "the Krylov basis needs" if bases == 1 else f"the Krylov bases of {bases} probes held at once need"
+        ctx.log(f"warning: {label}: {what} {per_rank / 2**30:.2f} GiB per rank "
+                f"({steps} steps x {-(-n // gsize):,} values each), more than {BASIS_MEMORY_FRACTION:.0%} of the "
+                f"{available / 2**30:.1f} GiB of {where}; use more ranks, basis_device = 'cpu', fewer steps "
+                "or a smaller [spectrum] lockstep")
 
 
 #: the stage that writes each work-directory source of model states
@@ -374,7 +424,7 @@ def _check_origins(ctx: StageContext, states: list[tuple[str, Path]]) -> None:
     for label, path in states:
         if _state_done(ctx, label):
             continue
-        origin = decide_on_root(ctx.comm, lambda p=path: read_origin(p))
+        origin = decide_on_root(ctx.comm, functools.partial(read_origin, path))
         if origin is not None:
             check_input(ctx, path, producer, *origin)
 
@@ -461,7 +511,7 @@ def prepare_state(ctx: StageContext, path: Path, layout: Any, data: Any, route: 
     device = ctx.device()
     ck = load_checkpoint(path, device=device)
     fmt = memory_format(cfg["memory_format"], device)
-    model = ck.model.to(memory_format=fmt)
+    model = ck.model.to(memory_format=fmt)  # type: ignore[call-overload]  # Module.to takes memory_format
     space = param_space(model, cfg["wrt"], ck.mask)
     if cfg["batch_size"] > len(data.train_y):
         raise UserError(f"[spectrum] batch_size = {cfg['batch_size']}: only {len(data.train_y)} training samples")
@@ -487,10 +537,12 @@ def prepare_state(ctx: StageContext, path: Path, layout: Any, data: Any, route: 
 
 
 def run_probe_list(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, pseed: int,
-                   route: str, todo: list[int], steps: int) -> None:
-    """Run the probes ``todo`` of ``label`` with ``steps`` Lanczos steps, committing each round as it
-    finishes (a stored probe of the same number is replaced).
+                   route: str, todo: list[int], steps: int, engine: Any = None, width: int = 1) -> None:
+    """Run the probes ``todo`` of ``label`` with ``steps`` Lanczos steps, ``width`` at a time in
+    lockstep, committing each round as it finishes (a stored probe of the same number is
+    replaced).  A probe ``engine`` holds from an earlier round is extended, not rerun.
     """
+    from hpcqml.hessian.lockstep import block_product
     from hpcqml.hessian.slq import ProbesInterrupted, run_probes
     from hpcqml.training.signals import StoppedBySignal, stop_message
 
@@ -499,22 +551,28 @@ def run_probe_list(ctx: StageContext, label: str, st: Prepared, layout: Any, sto
         return
 
     def commit(done: list) -> None:
+        t0 = time.perf_counter()
         for res in done:
             ctx.perf.count("lanczos_steps", res.steps)
             ctx.store.commit(f"spectrum/{label}/probe_{res.probe:03d}", _write_probe(res),
                              attrs={"probe": res.probe, "steps": res.steps, "steps_requested": steps,
                                     "breakdown": res.breakdown, "quad_form": res.quad_form,
                                     "start_norm2": res.start_norm2, "probe_seed": pseed, "route": route})
+        ctx.perf.count("commit_seconds", time.perf_counter() - t0)  # results-file I/O of the probes
         ctx.log(f"{label}: probes {[r.probe for r in done]} done ({st.op.products} products on this group)")
 
     device = ctx.device()
     basis_device = "cpu" if cfg["basis_device"] == "cpu" else device
-    ctx.log(f"{label}: n = {st.n:,}, B = {cfg['batch_size']}, route {route}, {steps} steps, probes to run {todo}")
+    held = [p for p in todo if engine is not None and engine.holds(p)]
+    ctx.log(f"{label}: n = {st.n:,}, B = {cfg['batch_size']}, route {route}, {steps} steps, probes to run {todo}"
+            + (f" ({width} in lockstep)" if width > 1 else "")
+            + (f"; probes {held} extended from {min(engine.steps(p) for p in held)} steps" if held else ""))
     bar = StepProgress(ctx, label)
     try:
         run_probes(st.op.matvec, st.n, layout, todo, pseed, steps=steps, reorth=cfg["reorth"],
                    state_dtype=st.dtype, device=device, basis_device=basis_device, label=label,
-                   on_round=commit, perf=ctx.perf, on_step=bar, should_stop=stop.requested)
+                   on_round=commit, perf=ctx.perf, on_step=bar, should_stop=stop.requested,
+                   width=width, matmat=block_product(st.op), engine=engine)
     except ProbesInterrupted as why:
         bar.close()
         kept = sorted(set(_stored_probes(ctx, label)) - set(why.remaining))
@@ -608,6 +666,9 @@ def requested_estimates(spec: Any, cfg: dict[str, Any], eta: float) -> dict[str,
         elif name == "error_proxy":
             for t in cfg["proxy_t"]:
                 out[f"E({t}) ({conv})"] = spec.error_proxy(t, conv, eta, cutoff)
+        elif name == "error_proxy_no_cutoff":
+            for t in cfg["proxy_t"]:
+                out[f"E({t}) no cutoff ({conv})"] = spec.error_proxy(t, conv, eta, 0.0)
     return out
 
 
@@ -705,9 +766,11 @@ def adapt(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, p
 
     Each round evaluates the stored probes ``0..n_v-1`` (all with ``m`` steps): while a
     quadrature bracket is too wide and the step budget allows, ``m`` doubles and every probe
-    is rerun; else while a sampling interval is too wide and the probe budget allows, probes
-    are added.  Finished probes are committed as they end, so a killed run resumes where it
-    stopped and a rerun with a larger budget starts from what is stored.
+    is extended to it (its recurrence is held in memory, :func:`plan_engine`; a probe not
+    held, e.g. one stored by an earlier run, is rerun); else while a sampling interval is
+    too wide and the probe budget allows, probes are added.  Finished probes are committed
+    as they end, so a killed run resumes where it stopped and a rerun with a larger budget
+    starts from what is stored.
 
     Returns:
         The outcome and the product route used.
@@ -717,15 +780,18 @@ def adapt(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, p
     stored = _stored_probes(ctx, label)
     nv, m = budget.start(stored)
     rounds: list[tuple[int, int, int]] = []
-    decided = False
+    engine: Any = None
+    width = 1
     while True:
         todo = [p for p in range(nv) if stored.get(p) != m]
         if todo:
-            if not decided:
-                basis_device = "cpu" if cfg["basis_device"] == "cpu" else ctx.device()
-                check_sizes(ctx, label, st.n, layout, st.dtype, basis_device, budget.max_steps, bool(st.block))
-                decided = True
-            run_probe_list(ctx, label, st, layout, stop, pseed, route, todo, m)
+            if engine is None:
+                engine, width = plan_engine(ctx, label, st, layout, budget)
+            rerun = [p for p in todo if p in stored and stored[p] < m and not engine.holds(p)]
+            if rerun:
+                ctx.log(f"{label}: probes {rerun} stored with fewer steps are rerun with {m} (a recurrence is "
+                        "kept in memory only within one run)")
+            run_probe_list(ctx, label, st, layout, stop, pseed, route, todo, m, engine=engine, width=width)
             stored.update({p: m for p in todo})
         spec = _read_spectrum(ctx, label, nv, st.n, pseed, precision)
         decision = decide(requested_estimates(spec, cfg, eta))
@@ -744,6 +810,59 @@ def adapt(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, p
         else:
             spec.stop_reason = stop_reason(decision, steps_left, probes_left)
             return Outcome(spec, nv, m, spec.stop_reason, decision.unresolved, rounds), route
+
+
+def plan_engine(ctx: StageContext, label: str, st: Prepared, layout: Any, budget: Budget) -> tuple[Any, int]:
+    """The Lanczos engine of one operator and its lockstep width, from the settings and memory.
+
+    The width is ``[spectrum] lockstep``, or with 0 as many probes as have Krylov bases of
+    ``max_lanczos_steps`` vectors fitting in half the memory per rank (at most
+    :data:`hpcqml.hessian.lockstep.MAX_AUTO_WIDTH`, and at most the probes of one group).
+    When the steps may grow, the engine keeps every probe's recurrence for extension if the
+    bases of all ``max_probes`` probes of a group fit in that memory; otherwise a step growth
+    reruns the probes, and one line says so.  The basis-memory warning
+    (:func:`check_sizes`) counts the bases held at once.
+    """
+    import torch
+
+    from hpcqml.hessian.lockstep import LanczosEngine, auto_width
+
+    cfg = ctx.cfg
+    basis_device = "cpu" if cfg["basis_device"] == "cpu" else ctx.device()
+    gsize = 1 if layout.comm is None else layout.comm.Get_size()
+    itemsize = torch.empty((), dtype=st.dtype).element_size()
+    steps = budget.max_steps if cfg["reorth"] == "full" else 2
+    available = _memory_per_rank(ctx, basis_device)[0]
+    per_group = -(-budget.max_probes // layout.count)
+    width = int(cfg["lockstep"]) or auto_width(per_group, steps, st.n, gsize, itemsize, available,
+                                               BASIS_MEMORY_FRACTION)
+    width = min(width, per_group)
+    keep = budget.max_steps > budget.steps
+    bases = width
+    if keep:
+        need = per_group * krylov_basis_bytes(steps, st.n, gsize, itemsize)
+        if available > 0 and need > BASIS_MEMORY_FRACTION * available:
+            keep = False
+            ctx.log(f"{label}: a step growth reruns the probes: keeping the Krylov bases of {per_group} probes "
+                    f"for extension would need {need / 2**30:.2f} GiB per rank")
+        else:
+            bases = max(width, per_group)
+    check_sizes(ctx, label, st.n, layout, st.dtype, basis_device, budget.max_steps, bool(st.block), bases=bases)
+    engine = LanczosEngine(st.n, layout.comm, reorth=cfg["reorth"], state_dtype=st.dtype, device=ctx.device(),
+                           basis_device=basis_device, label=label, perf=ctx.perf, keep=keep)
+    return engine, width
+
+
+def _memory_per_rank(ctx: StageContext, basis_device: Any) -> tuple[int, str]:
+    """Bytes of memory a rank's Krylov bases may use on ``basis_device``, and what it is."""
+    import torch
+
+    from hpcqml.parallel import node_rank_and_size
+
+    dev = torch.device(basis_device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[1]), f"{torch.cuda.get_device_name(dev)} memory"
+    return machine_memory_bytes() // node_rank_and_size(ctx.comm)[1], "host memory per rank on this node"
 
 
 def train_eta(ctx: StageContext) -> tuple[float, str]:
@@ -765,6 +884,8 @@ def _write_estimate(group: Any, name: str, est: Any, units: str, description: st
                       units, description)
     d.attrs.update({"columns": "value, stderr, ci_low, ci_high", "resolved": bool(est.resolved),
                     "note": est.note, "tolerance": float(est.tolerance), "ambiguous_mass": float(est.ambiguous_mass),
+                    "threshold": float("nan") if est.threshold is None else float(est.threshold),
+                    "threshold_mass": float(est.threshold_mass), "threshold_share": float(est.threshold_share),
                     "uncertainty": "standard error over probes (jackknife for ratios); ci: Student t sampling "
                                    "interval over probes (NaN below 2 probes)"})
     write_dataset(group, f"{name}_per_probe", np.asarray(est.per_probe, dtype=f8), units,
@@ -803,6 +924,8 @@ def write_convention(g: Any, spec: Any, convention: str, eta: float, cfg: dict[s
     est = g.create_group("estimates")
     for tt in cfg["proxy_t"]:
         _write_estimate(est, f"error_proxy_t{tt}", spec.error_proxy(tt, **k), "1", f"error proxy E({tt}) ({eq})")
+        _write_estimate(est, f"error_proxy_no_cutoff_t{tt}", spec.error_proxy(tt, convention, eta, 0.0), "1",
+                        f"error proxy E({tt}) without the cutoff (eq. III.11, not renormalised)")
     frac = "Delta_+/Delta among modes with |lambda| >= cutoff (eq. II.28)"
     _write_estimate(est, "dissipative_fraction_nodes", spec.dissipative_fraction(**k), "1", f"{frac}, Ritz nodes")
     for tag, f in (("grid", 1.0), ("grid_half_width", 0.5), ("grid_double_width", 2.0)):
@@ -851,9 +974,10 @@ def result_writer(spec: Any, cfg: dict[str, Any], eta: float,
 
 
 def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: Any, route: str,
-                  stop: Any) -> str:
+                  stop: Any, expected_products: int | None = None) -> str:
     """Run (or resume, or extend) SLQ for every curvature operator of one model state and
-    commit their probes and results (each under :func:`operator_label`).
+    commit their probes and results (each under :func:`operator_label`).  ``expected_products``:
+    the products the run will take at least (for the ``auto`` route decision).
 
     Returns:
         The Hessian product route (decided here once per results file when ``route`` is ``auto``).
@@ -862,7 +986,7 @@ def measure_state(ctx: StageContext, label: str, path: Path, layout: Any, data: 
     ops = prepare_state(ctx, path, layout, data, route)
     eta, eta_source = train_eta(ctx)
     with matmul_precision(cfg["precision"], ctx.device(), next(iter(ops.values())).dtype) as precision:
-        route = run_decisions(ctx, ops, precision)
+        route = run_decisions(ctx, ops, precision, expected_products)
         for name, st in ops.items():
             sub = operator_label(label, name)
             if not _up_to_date(ctx, sub):
@@ -1025,42 +1149,27 @@ def run(ctx: StageContext) -> None:
     from hpcqml.hessian.slq import probe_groups
     from hpcqml.training.signals import StopFlag, StoppedBySignal, stop_message
 
-    states = _states(ctx)
+    states, missing = _states(ctx)
     _check_origins(ctx, states)
     layout = probe_groups(ctx.comm, ctx.cfg["groups"])
     route = ctx.cfg["route"]
     data = None
+    todo = [label for label, _ in states if not _state_done(ctx, label)]
+    expected = len(todo) * len(ctx.cfg["curvature"]) * ctx.cfg["probes"] * ctx.cfg["lanczos_steps"]
     with StopFlag() as stop:
         for i, (label, path) in enumerate(states):
-            if not _state_done(ctx, label):
+            if label in todo:
                 if data is None:
                     data = load_cifar100(_data_root(ctx))
-                route = measure_state(ctx, label, path, layout, data, route, stop)
+                route = measure_state(ctx, label, path, layout, data, route, stop, expected)
             if i + 1 < len(states) and stop.requested(ctx.comm):
                 raise StoppedBySignal(stop_message(
                     stop.signum, f"spectrum after {i + 1} of {len(states)} model states",
                     f"results of {[lab for lab, _ in states[:i + 1]]} in {ctx.store.path}", None))
-    ctx.log(f"{len(states)} model state(s) measured")
-
-
-def check_snapshots_present(ctx: StageContext) -> None:
-    """Pre-run check (``source = "snapshots"``): every step to measure, those ``[spectrum]
-    steps`` names or else every step ``/train/snapshot_steps`` lists, has its snapshot file
-    or a stored result, so a purged snapshot is named instead of skipped in silence.
-    """
-    from hpcqml.stages.train import snapshot_path
-
-    if ctx.cfg["source"] != "snapshots" or "train" in ctx.pending:
-        return  # the train stage runs first in this invocation: checked again after it
-    listed = ctx.store.read(lambda fh: [int(t) for t in fh["train/snapshot_steps"][()]]
-                            if "train/snapshot_steps" in fh else [], default=[])
-    missing = [t for t in (ctx.cfg["steps"] or listed)
-               if not ctx.store.is_complete(f"spectrum/step_{t:06d}/result")
-               and not snapshot_path(ctx.workdir, t).is_file()]
     if missing:
-        raise UserError(f"[spectrum] snapshot {snapshot_path(ctx.workdir, missing[0])} is missing "
-                        f"({len(missing)} of the steps to measure: {', '.join(map(str, missing))}); "
-                        "restore it, or name the steps present in [spectrum] steps")
+        # every present state is committed; the stage fails instead of reporting a hole as complete
+        raise UserError(_missing_message(missing, len(states)))
+    ctx.log(f"{len(states)} model state(s) measured")
 
 
 def check_data_present(ctx: StageContext) -> None:
@@ -1079,4 +1188,4 @@ def check_data_present(ctx: StageContext) -> None:
 
 register(Stage(name="spectrum", schema=SCHEMA, run=run, order=50, reads=spectrum_reads, estimate=estimate_spectrum,
                doc="Hessian spectral densities by distributed SLQ and the error proxy (eq. III.10-III.13)",
-               checks=(check_curvature, check_snapshots_present, check_data_present)))
+               checks=(check_curvature, check_data_present)))

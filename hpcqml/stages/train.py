@@ -13,12 +13,10 @@ group ``train`` (per-step log), ``train_log`` (the log so far, at each checkpoin
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from hpcqml.config import Field
 from hpcqml.errors import UserError
@@ -27,7 +25,7 @@ from hpcqml.parallel import decide_on_root
 from hpcqml.stages import Stage, StageContext, fixed_reads, register
 from hpcqml.stages._estimates import check_cifar_root, training_images
 from hpcqml.stages.data import check_batch_size, load_dataset
-from hpcqml.store import write_dataset
+from hpcqml.training.log import TrainingLog
 from hpcqml.training.origin import (
     begin,
     check_input,
@@ -41,6 +39,13 @@ from hpcqml.training.pruning import SCOPES
 from hpcqml.training.signals import StopFlag, interrupted_error
 
 if TYPE_CHECKING:
+    import torch
+
+    from hpcqml.config import RunConfig
+    from hpcqml.preflight import Preflight
+    from hpcqml.training.loop import Dataset
+    import h5py
+
     from hpcqml.training.loop import SparseSettings
 
 SCHEMA = {
@@ -64,20 +69,6 @@ STATE = "train_state.pt"
 OUTPUT = "trained.pt"
 #: a progress line every this many steps (and at least once a minute)
 LOG_EVERY = 10
-
-#: (units, description) of each per-step history dataset
-HISTORY_DOCS = {
-    "step": ("count", "update number t (1-based)"),
-    "loss": ("nat", "mean cross-entropy over the batch of update t, before the update"),
-    "batch_accuracy": ("1", "fraction of the batch of update t classified correctly, before the update"),
-    "test_loss": ("nat", "mean cross-entropy over the test set after update t (NaN = not measured)"),
-    "test_accuracy": ("1", "fraction of the test set classified correctly after update t (NaN = not measured)"),
-    "sparsity": ("1", "fraction of prunable weights equal to zero after update t and its download"),
-    "sparsity_before_download": ("1", "fraction of prunable weights equal to zero after update t, before a download"),
-    "download": ("1", "True where the weights were re-pruned to keep_fraction after update t"),
-    "quantum_eligible": ("1", "True where update t is not among the classical steps after a download"),
-}
-
 
 def snapshot_path(workdir: Path, step: int) -> Path:
     """Where the model state after step ``step`` is kept."""
@@ -113,27 +104,19 @@ def check_sizes(cfg: dict[str, Any], n_train: int, ranks: int) -> None:
                         f"no such snapshot would be written")
 
 
-def history_writer(hist: dict, snap: set[int], done: int) -> Callable[[Any], None]:
-    """A store writer for the per-step training log after ``done`` steps."""
-    dtypes = {"step": np.int64, "download": bool, "quantum_eligible": bool}
-
-    def write(g: Any) -> None:
-        for k in HISTORY_DOCS:
-            units, description = HISTORY_DOCS[k]
-            write_dataset(g, k, np.asarray(hist[k], dtype=dtypes.get(k, np.float64)), units, description)
-        write_dataset(g, "snapshot_steps", np.array(sorted(t for t in snap if t <= done), dtype=np.int64),
-                      "count", "steps t whose model state is in <workdir>/snapshots/step_t.pt")
-    return write
+def history_writer(hist: Mapping[str, Sequence[Any]], snap: set[int], done: int) -> Callable[[h5py.Group], None]:
+    """A store writer for the per-step training log after ``done`` steps (:meth:`TrainingLog.to_group`)."""
+    return TrainingLog.from_history(hist, snap, done).to_group
 
 
 @dataclass
 class Training:
     """The model being trained, its masks, the snapshot steps and where it stands."""
 
-    model: Any
+    model: torch.nn.Module
     name: str
     classes: int
-    masks: Any
+    masks: dict[str, torch.Tensor] | None
     source: Path
     snap: set[int] = field(default_factory=set)
     start: int = 0
@@ -141,7 +124,7 @@ class Training:
 
 
 def start_training(ctx: StageContext, src: Path, own: bool, s: SparseSettings, classes: int,
-                   device: Any) -> Training:
+                   device: torch.device) -> Training:
     """The starting model (refused if another run made it), resumed from this run's state."""
     from hpcqml.training.checkpoint import load_checkpoint
     from hpcqml.training.loop import broadcast_model_, empty_history
@@ -199,7 +182,8 @@ class Saver:
                             **stamp(ctx))
 
 
-def train_steps(ctx: StageContext, tr: Training, data: Any, s: SparseSettings, device: Any) -> tuple[int, dict]:
+def train_steps(ctx: StageContext, tr: Training, data: Dataset, s: SparseSettings,
+                device: torch.device) -> tuple[int, dict]:
     """Run the remaining steps with snapshots and checkpoints; a stop signal saves and raises."""
     from hpcqml.training.loop import sparse_train
 
@@ -208,7 +192,7 @@ def train_steps(ctx: StageContext, tr: Training, data: Any, s: SparseSettings, d
             f"on {ctx.size} rank(s), {device}")
     meter = StepMeter(s.steps, tr.start, every=LOG_EVERY)
 
-    def after_step(t: int, h: dict, new_masks: Any) -> None:
+    def after_step(t: int, h: dict, new_masks: dict[str, torch.Tensor] | None) -> None:
         if new_masks is not None:
             tr.masks = new_masks
         ctx.perf.count("train_steps", 1)
@@ -235,7 +219,7 @@ def train_steps(ctx: StageContext, tr: Training, data: Any, s: SparseSettings, d
     return done, hist
 
 
-def finish(ctx: StageContext, tr: Training, s: SparseSettings, device: Any, done: int, hist: dict) -> None:
+def finish(ctx: StageContext, tr: Training, s: SparseSettings, device: torch.device, done: int, hist: dict) -> None:
     """Write ``trained.pt`` and commit the ``train`` group."""
     from hpcqml.training.checkpoint import save_checkpoint
 
@@ -271,7 +255,7 @@ def run(ctx: StageContext) -> None:
     finish(ctx, tr, s, device, done, hist)
 
 
-def estimate(cfg: Any, ranks: int, _memory_per_rank: float, found: Any) -> None:
+def estimate(cfg: RunConfig, ranks: int, _memory_per_rank: float, found: Preflight) -> None:
     """``hpcqml validate``: the CIFAR-100 files and a batch size the data and the ranks fill."""
     check_cifar_root(cfg, found)
     try:

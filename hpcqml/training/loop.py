@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from hpcqml.data.batches import augment, augment_params, batch_indices, epoch_batches, to_tensor
 from hpcqml.errors import UserError
 from hpcqml.parallel import allreduce_sum, block_bounds
+from hpcqml.protocols import Comm, PerfTimer
+from hpcqml.training.log import HISTORY_KEYS
 from hpcqml.training.pruning import prune_, sparsity
 from hpcqml.training.syncbn import global_batchnorm
 
@@ -45,13 +47,13 @@ class Dataset:
     num_classes: int
 
 
-def _check_batch(comm, batch_size: int) -> None:
+def _check_batch(comm: Comm, batch_size: int) -> None:
     if batch_size < comm.Get_size():
         raise UserError(f"batch size {batch_size} is smaller than the {comm.Get_size()} ranks")
 
 
-def train_step(model: nn.Module, comm, x: torch.Tensor, y: torch.Tensor, global_batch: int,
-               optimizer: torch.optim.Optimizer, perf=None) -> tuple[float, float]:
+def train_step(model: nn.Module, comm: Comm, x: torch.Tensor, y: torch.Tensor, global_batch: int,
+               optimizer: torch.optim.Optimizer, perf: PerfTimer | None = None) -> tuple[float, float]:
     """One data-parallel SGD step on this rank's shard (x, y) of a global batch of size B.
 
     Returns the global-batch mean loss and accuracy (before the update), same on all ranks.
@@ -63,15 +65,17 @@ def train_step(model: nn.Module, comm, x: torch.Tensor, y: torch.Tensor, global_
         loss_sum = F.cross_entropy(logits, y, reduction="sum")
         (loss_sum / global_batch).backward()
     params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
     allreduce_sum(comm, flat, perf)
     off = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[off:off + n].view_as(p))
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[off:off + n].view_as(g))
         off += n
     stats = torch.tensor([float(loss_sum.detach()), float((logits.argmax(1) == y).sum())],
                          dtype=torch.float64)
@@ -81,8 +85,8 @@ def train_step(model: nn.Module, comm, x: torch.Tensor, y: torch.Tensor, global_
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, comm, images: np.ndarray, labels: np.ndarray, device: torch.device,
-             chunk: int = 500, perf=None) -> tuple[float, float]:
+def evaluate(model: nn.Module, comm: Comm, images: np.ndarray, labels: np.ndarray, device: torch.device,
+             chunk: int = 500, perf: PerfTimer | None = None) -> tuple[float, float]:
     """Mean loss and accuracy over (images, labels), eval-mode BN; ranks split the set."""
     model.eval()
     a, b = block_bounds(len(labels), comm.Get_rank(), comm.Get_size())
@@ -98,7 +102,8 @@ def evaluate(model: nn.Module, comm, images: np.ndarray, labels: np.ndarray, dev
     return float(acc[0]) / len(labels), float(acc[1]) / len(labels)
 
 
-def _shard_tensors(data: Dataset, idx: np.ndarray, comm, device, aug: tuple | None = None):
+def _shard_tensors(data: Dataset, idx: np.ndarray, comm: Comm, device: torch.device,
+                   aug: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = block_bounds(len(idx), comm.Get_rank(), comm.Get_size())
     mine = idx[a:b]
     imgs = data.train_x[mine]
@@ -140,10 +145,10 @@ def make_pretrain_optimizer(model: nn.Module, s: PretrainSettings) -> torch.opti
     return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
-def pretrain(model: nn.Module, comm, data: Dataset, s: PretrainSettings, device: torch.device,
+def pretrain(model: nn.Module, comm: Comm, data: Dataset, s: PretrainSettings, device: torch.device,
              optimizer: torch.optim.SGD, start_step: int = 0, history: dict | None = None,
              after_step: Callable[[int, dict], None] | None = None,
-             stop: Callable[[], bool] | None = None, perf=None) -> tuple[int, dict]:
+             stop: Callable[[], bool] | None = None, perf: PerfTimer | None = None) -> tuple[int, dict]:
     """Dense SGD with momentum for ``s.epochs`` epochs; returns (steps done, history).
 
     Epoch e visits a seeded permutation of the training set in batches of B (last partial
@@ -196,8 +201,6 @@ class SparseSettings:
     seed: int = 0
 
 
-HISTORY_KEYS = ("step", "loss", "batch_accuracy", "test_loss", "test_accuracy", "sparsity",
-                "sparsity_before_download", "download", "quantum_eligible")
 
 
 def is_classical(t: int, download_every: int, classical_steps: int) -> bool:
@@ -219,10 +222,10 @@ def empty_history() -> dict[str, list]:
     return {k: [] for k in HISTORY_KEYS}
 
 
-def sparse_train(model: nn.Module, comm, data: Dataset, s: SparseSettings, device: torch.device,
+def sparse_train(model: nn.Module, comm: Comm, data: Dataset, s: SparseSettings, device: torch.device,
                  start_step: int = 0, history: dict | None = None,
                  after_step: Callable[[int, dict, dict | None], None] | None = None,
-                 stop: Callable[[], bool] | None = None, perf=None) -> tuple[int, dict]:
+                 stop: Callable[[], bool] | None = None, perf: PerfTimer | None = None) -> tuple[int, dict]:
     """Run updates start_step+1 .. s.steps of the sparse-training protocol.
 
     ``history`` (one list per key of HISTORY_KEYS, one entry per update; test metrics are
@@ -262,7 +265,7 @@ def sparse_train(model: nn.Module, comm, data: Dataset, s: SparseSettings, devic
 
 
 @torch.no_grad()
-def broadcast_model_(model: nn.Module, comm) -> None:
+def broadcast_model_(model: nn.Module, comm: Comm) -> None:
     """Copy rank 0's parameters and buffers to every rank (float/int tensors, in place)."""
     if comm.Get_size() == 1:
         return

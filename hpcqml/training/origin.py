@@ -27,17 +27,28 @@ made it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from hpcqml.errors import UserError
+from hpcqml.protocols import StageRun
+
+if TYPE_CHECKING:
+    import h5py
 
 
-def this_results(ctx: Any) -> str:
+def this_results(ctx: StageRun) -> str:
     """The absolute path of this run's results file (the run's identity in a stamp)."""
     return str(Path(ctx.store.path).resolve())
 
 
-def stamp(ctx: Any) -> dict[str, str]:
+class Stamp(TypedDict):
+    """The origin keyword arguments of :func:`~hpcqml.training.checkpoint.save_checkpoint`."""
+
+    fingerprint: str
+    results: str
+
+
+def stamp(ctx: StageRun) -> Stamp:
     """Keyword arguments for :func:`~hpcqml.training.checkpoint.save_checkpoint`."""
     return {"fingerprint": ctx.fingerprint, "results": this_results(ctx)}
 
@@ -53,9 +64,9 @@ def describe_run(fingerprint: str, results: str) -> str:
     return f"the run writing {results or 'an unrecorded results file'} (fingerprint {_short(fingerprint)})"
 
 
-def recorded_fingerprint(ctx: Any, stage: str) -> str | None:
+def recorded_fingerprint(ctx: StageRun, stage: str) -> str | None:
     """The fingerprint stage ``stage`` recorded in this results file (None: no record)."""
-    def read(fh) -> str | None:
+    def read(fh: h5py.File) -> str | None:
         group = fh.get(stage)
         if group is None or "fingerprint" not in group.attrs:
             return None
@@ -65,7 +76,7 @@ def recorded_fingerprint(ctx: Any, stage: str) -> str | None:
     return ctx.store.read(read, default=None)
 
 
-def may_resume(ctx: Any, path: Path, fingerprint: str, results: str) -> bool:
+def may_resume(ctx: StageRun, path: Path, fingerprint: str, results: str) -> bool:
     """Whether the stage's own resume state at ``path`` may be resumed (run on rank 0).
 
     Returns True when the fingerprints agree (or no fingerprint is checked), False for a
@@ -85,7 +96,7 @@ def may_resume(ctx: Any, path: Path, fingerprint: str, results: str) -> bool:
                     f"give this config its own [run] workdir")
 
 
-def check_input(ctx: Any, path: Path, producer: str, fingerprint: str, results: str) -> None:
+def check_input(ctx: StageRun, path: Path, producer: str, fingerprint: str, results: str) -> None:
     """Refuse an upstream artifact that this run's ``producer`` stage did not make.
 
     Raises:
@@ -106,7 +117,7 @@ def check_input(ctx: Any, path: Path, producer: str, fingerprint: str, results: 
                         f"or give this config its own [run] workdir")
 
 
-def check_overwrite(ctx: Any, *paths: Path) -> None:
+def check_overwrite(ctx: StageRun, *paths: Path) -> None:
     """Refuse to replace any of ``paths`` that another run made (run on rank 0).
 
     Raises:
@@ -127,7 +138,7 @@ def check_overwrite(ctx: Any, *paths: Path) -> None:
                         f"run's file: give this config its own [run] workdir")
 
 
-def clear_stale(ctx: Any, paths: list[Path]) -> list[Path]:
+def clear_stale(ctx: StageRun, paths: list[Path]) -> list[Path]:
     """Before a stage starts over: delete those of ``paths`` this run made with other
     settings; refuse if another run made one (run on rank 0).
 
@@ -151,7 +162,7 @@ def clear_stale(ctx: Any, paths: list[Path]) -> list[Path]:
     return removed
 
 
-def prepare_outputs(ctx: Any, output: Path, state: Path | None = None) -> None:
+def prepare_outputs(ctx: StageRun, output: Path, state: Path | None = None) -> None:
     """Before a stage writes its ``output`` (and its resume ``state``); collective.
 
     When the runner recomputes the stage because its settings changed (``ctx.fresh``),
@@ -176,7 +187,7 @@ def prepare_outputs(ctx: Any, output: Path, state: Path | None = None) -> None:
         ctx.log(f"settings changed: deleted {', '.join(p.name for p in removed)} made with the old settings")
 
 
-def model_source(ctx: Any, default: str) -> tuple[Path, bool]:
+def model_source(ctx: StageRun, default: str) -> tuple[Path, bool]:
     """The model a stage starts from: ``[stage] model_file`` when set, else ``<workdir>/default``;
     and whether it is this run's own upstream output (checked with :func:`check_input`).
     """
@@ -185,7 +196,7 @@ def model_source(ctx: Any, default: str) -> tuple[Path, bool]:
     return ctx.workdir / default, True
 
 
-def begin(ctx: Any, output: Path, state: Path | None = None, source: Path | None = None,
+def begin(ctx: StageRun, output: Path, state: Path | None = None, source: Path | None = None,
           missing: str = "") -> bool:
     """The common start of a training stage (collective): False when it is already complete;
     else the starting model ``source`` must exist and the outputs are prepared
@@ -206,7 +217,7 @@ def begin(ctx: Any, output: Path, state: Path | None = None, source: Path | None
     return True
 
 
-def stage_complete(ctx: Any, output: Path) -> bool:
+def stage_complete(ctx: StageRun, output: Path) -> bool:
     """Whether the stage's group is complete, made with this fingerprint, and ``output`` exists.
 
     A complete group with another fingerprint (the runner reruns a stage whose settings
@@ -225,7 +236,7 @@ def stage_complete(ctx: Any, output: Path) -> bool:
     return bool(decide_on_root(ctx.comm, output.is_file))
 
 
-def load_resume_state(ctx: Any, path: Path, device: Any) -> Any:
+def load_resume_state(ctx: StageRun, path: Path, device: Any) -> Any:
     """The stage's own resume checkpoint at ``path`` when it may be resumed, else None.
 
     Collective: rank 0 decides from the file's origin (:func:`may_resume`), then every

@@ -15,6 +15,7 @@ torch is imported inside the functions: the stage schemas read :data:`SCOPES` wi
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from hpcqml.errors import UserError
@@ -48,7 +49,7 @@ def prunable_parameters(model: nn.Module, scope: str = SCOPES[0]) -> list[tuple[
     return [(n, p) for n, p in named.items() if n in keep]
 
 
-def global_magnitude_mask(tensors: list[tuple[str, torch.Tensor]], keep_fraction: float) -> dict[str, torch.Tensor]:
+def global_magnitude_mask(tensors: Sequence[tuple[str, torch.Tensor]], keep_fraction: float) -> dict[str, torch.Tensor]:
     """Bool masks (CPU) keeping exactly round(keep_fraction * n) largest-|w| entries overall."""
     if not 0.0 < keep_fraction <= 1.0:
         raise UserError(f"keep fraction {keep_fraction}: must be in (0, 1]")

@@ -22,24 +22,33 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 
 from hpcqml.errors import StoppedBySignal
 from hpcqml.io import read_limited
+from hpcqml.protocols import Comm
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 #: bytes the stop note may have (it holds one signal name)
 STOP_NOTE_LIMIT = 64
 
 #: collective codes: a larger code wins the max-allreduce, so a cancel beats the warning
-_CODE = {signal.SIGUSR1: 1, signal.SIGTERM: 2}
-_SIGNUM = {code: signum for signum, code in _CODE.items()}
+_CODE: dict[int, int] = {signal.SIGUSR1: 1, signal.SIGTERM: 2}
+_SIGNUM: dict[int, int] = {code: signum for signum, code in _CODE.items()}
+
+
+def _code(signum: int | None) -> int:
+    """The rank of a stop signal (0: none; a cancel outranks a wall-time warning)."""
+    return 0 if signum is None else _CODE.get(signum, 0)
 
 #: what each signal means to a batch job
-MEANING = {signal.SIGUSR1: "wall-time warning", signal.SIGTERM: "cancel"}
+MEANING: dict[int, str] = {signal.SIGUSR1: "wall-time warning", signal.SIGTERM: "cancel"}
 
 
 class StopFlag:
@@ -49,10 +58,10 @@ class StopFlag:
     :meth:`requested` returned True it is the same on every rank.
     """
 
-    def __init__(self, signals=SIGNALS) -> None:
+    def __init__(self, signals: Iterable[int] = SIGNALS) -> None:
         self.signals = tuple(signals)
         self.signum: int | None = None
-        self._old: dict = {}
+        self._old: dict[int, Any] = {}
 
     @property
     def flag(self) -> bool:
@@ -60,7 +69,7 @@ class StopFlag:
         return self.signum is not None
 
     def _handler(self, signum: int, frame: object) -> None:  # noqa: ARG002 - signal handler signature
-        if _CODE.get(signum, 0) >= _CODE.get(self.signum, 0):
+        if _code(signum) >= _code(self.signum):
             self.signum = signum
 
     def __enter__(self) -> StopFlag:
@@ -69,18 +78,18 @@ class StopFlag:
                 self._old[s] = signal.signal(s, self._handler)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old.clear()
 
-    def requested(self, comm) -> bool:
+    def requested(self, comm: Comm | None) -> bool:
         """True on every rank if any rank has received a stop signal (collective)."""
-        if comm.Get_size() == 1:
+        if comm is None or comm.Get_size() == 1:
             return self.flag
         from mpi4py import MPI
 
-        buf = np.array([_CODE.get(self.signum, 0)], dtype=np.int32)
+        buf = np.array([_code(self.signum)], dtype=np.int32)
         comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
         if buf[0]:
             self.signum = _SIGNUM.get(int(buf[0]), signal.SIGTERM)
@@ -141,7 +150,7 @@ def stop_message(signum: int | None, stopped: str, saved: str,
     return f"stopped by {cause}: {stopped}; saved {saved}; {after}"
 
 
-def interrupted_error(signum: int | None, step: int, path, total: int | None = None,
+def interrupted_error(signum: int | None, step: int, path: str | os.PathLike[str], total: int | None = None,
                       stage: str = "", env: Mapping[str, str] | None = None) -> StoppedBySignal:
     """The one-line error after a stop signal, naming the step and the checkpoint saved."""
     where = f"{stage} after step {step}" if stage else f"after step {step}"
@@ -159,3 +168,127 @@ def stopped_error(signum: int | None, stopped: str, saved: str,
     def compose() -> str:
         return stop_message(signum, stopped, saved, env)
     return StoppedBySignal(compose(), recompose=compose)
+
+
+#: seconds the ranks wait for each other before an orderly exit after a stop; a rank that
+#: does not arrive (it never saw the stop) makes them fall back to MPI_Abort
+ORDERLY_EXIT_WAIT = 30.0
+#: seconds rank 0 waits for the other ranks on its node to be reaped by their launcher
+PEERS_GONE_WAIT = 10.0
+#: seconds rank 0 gives ranks on other nodes to be reaped before it exits itself
+REMOTE_GRACE = 0.5
+#: exit status of a stop by signal, as of any UserError, unless HPCQML_STOP_STATUS says otherwise
+STOP_STATUS = 2
+
+
+def stop_status(env: Mapping[str, str] | None = None) -> int | None:
+    """The exit status a job script asks of a stop by signal (``HPCQML_STOP_STATUS``, 0 to
+    255), or None when it asks none (then the stop exits with :data:`STOP_STATUS`).
+
+    The job scripts ask for 0: they know from the signal they received what the stop means
+    and whether to requeue, and under Open MPI's ``mpirun`` any non-zero status of a rank
+    starts the launcher's kill sequence (see :func:`leave_after_stop`).
+    """
+    env = os.environ if env is None else env
+    text = env.get("HPCQML_STOP_STATUS", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) > 255:
+        return None
+    return int(text)
+
+
+def _process_identity() -> tuple[str, int, str]:
+    """(boot id, pid, start time) of this process: names it exactly among the processes of
+    its machine, so that a reused pid or another pid namespace is not taken for it.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        boot = ""
+    return boot, os.getpid(), _start_time(os.getpid())
+
+
+def _start_time(pid: int) -> str:
+    """The start time of process ``pid`` (field 22 of /proc/PID/stat); ``"zombie"`` for a
+    process that exited and is not yet reaped; ``""`` when there is no such process.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    if not fields or fields[0] in ("Z", "X"):
+        return "zombie"
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _wait_until_reaped(peers: Sequence[tuple[str, int, str]], timeout: float) -> None:
+    """Wait (at most ``timeout`` s) until none of ``peers`` exists any more: gone from /proc,
+    that is reaped by the launcher that started it (a zombie still counts as there).
+    """
+    deadline = time.monotonic() + timeout
+    left = list(peers)
+    while left and time.monotonic() < deadline:
+        left = [p for p in left if _start_time(p[1]) in (p[2], "zombie")]
+        if left:
+            time.sleep(0.02)
+
+
+def leave_after_stop(comm: Any, message: str, code: int = STOP_STATUS) -> NoReturn:
+    """End every rank in order after a stop by signal that all ranks agreed on.
+
+    A stop by signal is raised on every rank together (:meth:`StopFlag.requested` is
+    collective), after the resume state reached disk.  Ending it as an error ends, with
+    ``MPI_Abort``, cost a minute under Open MPI's ``mpirun``: the aborting ranks wait to be
+    killed, and the launcher kills them by sending SIGCONT, waiting
+    ``odls_base_sigkill_timeout``, sending SIGTERM, waiting again and sending SIGKILL,
+    whether or not they are still alive.  The job scripts set that timeout to 30 s (a
+    checkpoint must fit between a cancel's SIGTERM and the SIGKILL), so ``mpirun``
+    returned about 60 s after the stop.  ``mpirun`` runs the same sequence, over the
+    exiting rank itself, when a rank exits with a non-zero status after ``MPI_Finalize``.
+
+    So here the ranks leave in order: they meet (a non-blocking barrier, at most
+    :data:`ORDERLY_EXIT_WAIT` s; a rank that never arrives makes the others abort as
+    before), rank 0 prints the one line ``hpcqml: error (rank 0 of N): MESSAGE``, every rank
+    calls ``MPI_Finalize``, the other ranks exit with status 0, and rank 0 exits last with
+    ``code`` once the other ranks on its node are reaped (at most :data:`PEERS_GONE_WAIT`
+    s) and, when some ranks run on other nodes, :data:`REMOTE_GRACE` s later.  With
+    ``code`` 0 (what the job scripts ask through ``HPCQML_STOP_STATUS``) ``mpirun`` returns
+    at once; with a non-zero ``code`` it still runs its kill sequence on rank 0.
+
+    Args:
+        comm: the communicator of every rank (``MPI.COMM_WORLD``).
+        message: the stop's one-line message (:meth:`StoppedBySignal.final`).
+        code: the exit status of rank 0, which the launcher reports.
+    """
+    from mpi4py import MPI
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    where = f" (rank {rank} of {size})" if size > 1 else ""
+    first = message.splitlines()[0] if message else "stopped by a signal"
+    line = f"hpcqml: error{where}: {first}\n".encode(errors="replace")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    request = comm.Ibarrier()
+    deadline = time.monotonic() + ORDERLY_EXIT_WAIT
+    while not request.Test():
+        if time.monotonic() > deadline:
+            if rank == 0:
+                os.write(2, line)
+            comm.Abort(code or STOP_STATUS)
+            os._exit(code or STOP_STATUS)
+        time.sleep(0.01)
+    me = _process_identity()
+    peers = comm.allgather(me)
+    if rank == 0:
+        os.write(2, line)
+    MPI.Finalize()
+    if rank != 0:
+        os._exit(0)
+    local = [p for p in peers[1:] if p[0] and p[0] == me[0] and p[2]]
+    _wait_until_reaped(local, PEERS_GONE_WAIT)
+    if len(local) < size - 1:
+        time.sleep(REMOTE_GRACE)
+    os._exit(code)

@@ -21,17 +21,18 @@ order on every rank because every rank runs the same graph.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator, cast
 
 import torch
 from torch import nn
 
 from hpcqml.parallel import allreduce_sum
+from hpcqml.protocols import Comm
 
 _RED = (0, 2, 3)
 
 
-def _global_sum(comm, t: torch.Tensor) -> torch.Tensor:
+def _global_sum(comm: Comm, t: torch.Tensor) -> torch.Tensor:
     """Sum a small tensor over ranks in float64 (returns a new float64 tensor)."""
     if comm.Get_size() == 1:
         return t.detach().to(torch.float64).clone()
@@ -42,7 +43,8 @@ def _global_sum(comm, t: torch.Tensor) -> torch.Tensor:
 
 class _GlobalBN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, comm, eps, stats_out):
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, comm: Comm,
+                eps: float, stats_out: list[Any]) -> torch.Tensor:
         n_local = x.shape[0] * x.shape[2] * x.shape[3]
         s1 = x.sum(dim=_RED, dtype=torch.float64)
         head = _global_sum(comm, torch.cat([s1, s1.new_tensor([float(n_local)])]))
@@ -60,7 +62,7 @@ class _GlobalBN(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xhat, weight, invstd = ctx.saved_tensors
         sdy = dy.sum(dim=_RED, dtype=torch.float64)
         sdyx = (dy * xhat).sum(dim=_RED, dtype=torch.float64)
@@ -80,7 +82,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     Instances are made by :func:`global_batchnorm`, which swaps the class temporarily.
     """
 
-    comm = None
+    comm: Comm | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.comm is None:
@@ -90,23 +92,27 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         stats: list = []
         y = _GlobalBN.apply(x, self.weight, self.bias, self.comm, self.eps, stats)
         mean, var, count = stats
+        # track_running_stats (checked above) means the three buffers exist
+        tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if tracked is None or running_mean is None or running_var is None:
+            raise NotImplementedError("GlobalBatchNorm2d needs its running statistics")
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
             unbiased = var * (count / max(count - 1.0, 1.0))
-            self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-            self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+            running_mean.mul_(1 - m).add_(mean.to(running_mean.dtype), alpha=m)
+            running_var.mul_(1 - m).add_(unbiased.to(running_var.dtype), alpha=m)
         return y
 
 
 @contextmanager
-def global_batchnorm(model: nn.Module, comm) -> Iterator[nn.Module]:
+def global_batchnorm(model: nn.Module, comm: Comm) -> Iterator[nn.Module]:
     """Within the block, every nn.BatchNorm2d of ``model`` uses global-batch statistics over ``comm``."""
-    swapped = []
+    swapped: list[nn.Module] = []
     for m in model.modules():
         if type(m) is nn.BatchNorm2d:
             m.__class__ = GlobalBatchNorm2d
-            m.comm = comm
+            cast(GlobalBatchNorm2d, m).comm = comm
             swapped.append(m)
     try:
         yield model

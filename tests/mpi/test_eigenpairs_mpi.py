@@ -12,7 +12,7 @@ import torch
 from mpi4py import MPI
 
 from hpcqml.hessian.eigenpairs import deflated_slq, top_eigenpairs
-from hpcqml.hessian.hvp import HessianOperator
+from hpcqml.hessian.hvp import HessianLinearOperator
 from hpcqml.parallel import block_bounds
 
 torch.set_num_threads(1)
@@ -31,9 +31,11 @@ def net_and_batch():
 def operator(comm):
     net, x, y = net_and_batch()
     if comm is None:
-        return HessianOperator(net, x, y, len(y), comm=None, micro_batch=len(y), route="double-backward")
+        return HessianLinearOperator(net, (x, y), num_data=len(y), comm=None, micro_batch=len(y),
+                                     route="double-backward")
     lo, hi = block_bounds(len(y), comm.Get_rank(), comm.Get_size())
-    return HessianOperator(net, x[lo:hi], y[lo:hi], len(y), comm=comm, micro_batch=4, route="double-backward")
+    return HessianLinearOperator(net, (x[lo:hi], y[lo:hi]), num_data=len(y), comm=comm, micro_batch=4,
+                                 route="double-backward")
 
 
 @pytest.mark.timeout(300)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from hpcqml.hessian.hvp import HessianOperator
+from hpcqml.hessian.hvp import HessianLinearOperator
 from hpcqml.hessian.lanczos import lanczos, rademacher_slice
 from hpcqml.parallel import block_bounds
 from hpcqml.hessian.slq import probe_groups, run_probes
@@ -36,13 +36,13 @@ def sharded_operator(comm, micro=4):
     net, x, y = net_and_batch()
     size, rank = comm.Get_size(), comm.Get_rank()
     lo, hi = block_bounds(len(y), rank, size)
-    return HessianOperator(net, x[lo:hi], y[lo:hi], len(y), comm=comm, micro_batch=micro,
+    return HessianLinearOperator(net, (x[lo:hi], y[lo:hi]), num_data=len(y), comm=comm, micro_batch=micro,
                            route="double-backward")
 
 
 def serial_operator():
     net, x, y = net_and_batch()
-    return HessianOperator(net, x, y, len(y), comm=None, micro_batch=len(y), route="double-backward")
+    return HessianLinearOperator(net, (x, y), num_data=len(y), comm=None, micro_batch=len(y), route="double-backward")
 
 
 @pytest.mark.timeout(120)

@@ -4,7 +4,8 @@ the same rounds and gives the same numbers as one rank.
 The tolerances are 0, so the rounds are set by the budgets alone (no decision sits on a
 borderline): steps double 4 -> 8 for E(100) in the paper convention, whose quadrature
 bracket is orders of magnitude wider than its sampling interval, then probes grow 3 -> 4
-for the trace, whose quadrature is exact.
+for the trace, whose quadrature is exact.  Probes run in lockstep (the default) and the
+step growth extends each probe's recurrence on the group that holds it.
 """
 from __future__ import annotations
 
@@ -68,3 +69,7 @@ def compare(serial: Path, par: Path, groups: int) -> None:
         assert gb.attrs["groups"] == groups and gb.attrs["ranks"] == COMM.Get_size()
         steps = [b[f"spectrum/step_000000/probe_{p:03d}"].attrs["steps_requested"] for p in range(4)]
         assert steps == [8, 8, 8, 8]
+        # probes in lockstep (the default) and extended 4 -> 8, never rerun: 4 probes x 8 steps
+        # in all, each group running its half (a rerun would cost 3 x 4 more)
+        assert a["perf/spectrum/counters/hvp_products"][()].tolist() == [32.0]
+        assert set(b["perf/spectrum/counters/hvp_products"][()].tolist()) == {32.0 / groups}
