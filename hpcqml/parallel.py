@@ -119,6 +119,29 @@ def machine_memory_bytes() -> int:
         return 0
 
 
+def memory_per_rank(comm: Comm | None, device: Any) -> tuple[int, str]:
+    """Bytes of memory one rank may use on ``device``, and what that memory is (words).
+
+    The single rule for every memory-based choice of the engine (the lockstep width, the
+    basis warning): on CUDA the device's free memory now (``torch.cuda.mem_get_info``),
+    shared by the ranks of this node that use the same device (ranks go to devices as
+    ``local rank % device count``); elsewhere the machine's physical memory divided by the
+    ranks on this node.  ``comm`` None (or of one rank) counts this process alone; with more
+    ranks the call is collective over ``comm``.  0 bytes means unknown.
+    """
+    import torch
+
+    dev = torch.device(device)
+    rank, ranks = (0, 1) if comm is None or comm.Get_size() == 1 else node_rank_and_size(comm)
+    if dev.type == "cuda":
+        count = max(1, torch.cuda.device_count())
+        index = dev.index if dev.index is not None else rank % count
+        sharing = max(1, sum(1 for r in range(ranks) if r % count == index % count))
+        free = int(torch.cuda.mem_get_info(dev)[0])
+        return free // sharing, f"free {torch.cuda.get_device_name(dev)} memory / {sharing} rank(s)"
+    return machine_memory_bytes() // max(1, ranks), f"host memory / {ranks} rank(s) on this node"
+
+
 def block_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     """``[lo, hi)`` of ``rank``'s contiguous near-equal block of ``range(n)`` over ``size``
     ranks (the first ``n % size`` blocks are one longer). Used to shard batches and the

@@ -151,6 +151,66 @@ def krylov_basis_bytes(steps: int, n: int, shards: int, itemsize: int = STATE_IT
     return int(steps) * (-(-int(n) // max(int(shards), 1))) * int(itemsize)
 
 
+@dataclass(frozen=True)
+class BasisPlan:
+    """How many Krylov bases one rank of a spectrum run holds at once (:func:`basis_plan`)."""
+
+    #: probes advanced together in lockstep
+    width: int
+    #: every probe's recurrence is kept so that a step growth extends it
+    keep: bool
+    #: bases held at once per rank: ``width``, or a group's probes when they are kept
+    bases: int
+    #: bytes of one basis per rank
+    per_basis: int
+    #: bytes per rank that keeping every probe of a group would need (0: no step growth)
+    keep_bytes: int
+
+    @property
+    def total(self) -> int:
+        """Bytes of all bases held at once per rank."""
+        return self.bases * self.per_basis
+
+
+def basis_plan(probes_per_group: int, steps: int, max_steps: int, n: int, shards: int, itemsize: int,
+               available: float, lockstep: int = 0, reorth: str = "full",
+               fraction: float = MEMORY_WARN_FRACTION) -> BasisPlan:
+    """The Krylov bases a spectrum run holds per rank; the one rule of the stage and of ``validate``.
+
+    The lockstep width is ``lockstep``, or with 0 as many probes as have bases of
+    ``max_steps`` vectors fitting in ``fraction`` of ``available``
+    (:func:`hpcqml.hessian.lockstep.auto_width`), at most a group's probes.  When the steps
+    may grow (``max_steps > steps``) every probe of a group is kept for extension if all
+    their bases fit in that fraction (or ``available`` is unknown, 0); the bases held at
+    once are then ``max(width, probes_per_group)``, else ``width``.
+
+    Args:
+        probes_per_group: probes one group runs at most (``ceil(max_probes / groups)``).
+        steps: starting Lanczos steps.
+        max_steps: step budget (each basis holds up to this many vectors).
+        n: operator dimension.
+        shards: ranks one basis is split over (a group's size).
+        itemsize: bytes per value of the basis.
+        available: bytes a rank may use (0: unknown).
+        lockstep: ``[spectrum] lockstep`` (0 = from memory).
+        reorth: ``full`` (a basis of ``max_steps`` vectors) or ``none`` (two vectors).
+        fraction: share of ``available`` the bases may take.
+    """
+    from hpcqml.hessian.lockstep import auto_width
+
+    per_group = max(1, int(probes_per_group))
+    vectors = int(max_steps) if reorth == "full" else 2
+    per_basis = krylov_basis_bytes(vectors, n, shards, itemsize)
+    width = int(lockstep) or auto_width(per_group, vectors, n, shards, itemsize, int(available), fraction)
+    width = max(1, min(width, per_group))
+    keep = int(max_steps) > int(steps)
+    keep_bytes = per_group * per_basis if keep else 0
+    if keep and available > 0 and keep_bytes > fraction * available:
+        keep = False
+    bases = max(width, per_group) if keep else width
+    return BasisPlan(width, keep, bases, per_basis, keep_bytes)
+
+
 #: a stage's declared validate-time hook (``Stage.estimate``): ``(config, ranks,
 #: memory_per_rank, found)``, appending to ``found.errors``, ``.warnings`` and ``.estimates``
 Estimate = Callable[[RunConfig, int, float, Preflight], None]

@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from scipy.linalg import eigh_tridiagonal, solve_banded
 
 from hpcqml.hessian.lanczos import rademacher_slice
 from hpcqml.hessian.quadrature import ProbeQuadrature, jacobi_from_measure, quantile_bounds, ratio_pieces
@@ -102,19 +103,46 @@ def test_cutoff_in_a_gap_is_not_blamed():
     assert loose.resolved
 
 
-def test_negative_mass_width_is_the_undecided_mass():
-    """For a mass below one threshold the bracket width is the mean CMS width at -delta, so
-    the share is 1 (to rounding) and the undecided mass is that width: a delta in the gap
-    below the bulk resolves it, a delta inside the bulk (the near spectrum at -0.4) names the
-    threshold."""
-    far = one_probe_three_times(Dense(far_spectrum(), seed=1), steps=12)
-    est = far.negative_mass(1.0, tol_abs=0.05)
-    assert est.resolved
-    assert est.threshold_share == pytest.approx(1.0, abs=1e-9)
-    assert est.threshold_mass == pytest.approx(est.res_high - est.res_low, abs=1e-12)
-    near = one_probe_three_times(Dense(near_spectrum(), seed=1), steps=12)
-    bad = near.negative_mass(CUT, tol_abs=0.001)
-    assert bad.note == f"quadrature: mass at threshold {-CUT:g}"
+def radau_weight(alpha: np.ndarray, beta: np.ndarray, x: float) -> float:
+    """The weight of the Gauss-Radau node prescribed at ``x`` for the Jacobi matrix of one
+    Lanczos run (``alpha`` its diagonal, ``beta`` its off-diagonals, the last the residual
+    norm), built from scratch with scipy: ``T_m`` is extended by one row whose diagonal
+    entry ``x + d_m``, ``(T_m - x I) d = beta_m^2 e_m``, puts an eigenvalue at ``x``; the
+    weight is the squared first component of its eigenvector (Golub's construction)."""
+    m = int(np.count_nonzero(np.isfinite(alpha)))
+    a, b = alpha[:m], beta[:m]
+    banded = np.zeros((3, m))
+    banded[0, 1:], banded[1], banded[2, :-1] = b[:-1], a - x, b[:-1]
+    rhs = np.zeros(m)
+    rhs[-1] = b[-1] ** 2
+    d = solve_banded((1, 1), banded, rhs)
+    theta, vectors = eigh_tridiagonal(np.append(a, x + d[-1]), b)
+    i = int(np.argmin(np.abs(theta - x)))
+    assert abs(theta[i] - x) < 1e-9
+    return float(vectors[0, i] ** 2)
+
+
+@pytest.mark.parametrize(("spectrum", "delta", "tol", "resolved"),
+                         [(far_spectrum, 1.0, 0.05, True), (near_spectrum, CUT, 0.001, False)])
+def test_negative_mass_bracket_is_the_radau_weight_at_minus_delta(spectrum, delta, tol, resolved):
+    """The mass below -delta has one decision point, -delta: its proven bracket contains the
+    probe-exact mass (from the dense eigen-decomposition), and both its width and the
+    undecided mass stored with it equal the Gauss-Radau weight at -delta built from the
+    Lanczos coefficients with scipy (to 1e-10; they agree to about 1e-14).  With delta in the
+    gap below the bulk (far spectrum, delta = 1) the estimate is resolved; with delta inside
+    the mass near -0.4 the reason names that threshold."""
+    op = Dense(spectrum(), seed=1)
+    spec = one_probe_three_times(op, steps=12)
+    est = spec.negative_mass(delta, tol_abs=tol)
+    exact = float(np.sum(op.measure(0, 2)[op.lam < -delta]))
+    assert est.res_low <= exact <= est.res_high
+    radau = radau_weight(spec.alpha[0], spec.beta[0], -delta)
+    assert radau > 1e-3                       # a real width, not a rounding-level one
+    assert est.threshold == -delta and est.threshold_mass == pytest.approx(radau, abs=1e-10)
+    assert est.res_high - est.res_low == pytest.approx(radau, abs=1e-10)
+    assert est.resolved is resolved
+    if not resolved:
+        assert est.note == f"quadrature: mass at threshold {-delta:g}"
 
 
 def test_joint_ratio_bracket_is_exact_for_an_exact_measure():
@@ -209,3 +237,16 @@ def test_atom_on_the_cutoff_stays_undecided_in_the_joint_bracket():
     with_atoms = float(np.sum(w[kept] * f(lam[kept])) / w[kept].sum())
     without = float(np.sum(w[strict] * f(lam[strict])) / w[strict].sum())
     assert lo <= min(with_atoms, without) and hi >= max(with_atoms, without)
+
+
+def test_crossed_brackets_collapse_only_within_rounding():
+    """Two proven brackets of one value overlap; a crossing of a few ulps is rounding and is
+    collapsed, a real gap is an error, never a reported value."""
+    from hpcqml.errors import NumericalError
+    from hpcqml.hessian.spectrum import _overlap
+
+    assert _overlap(0.2, 0.7) == (0.2, 0.7)
+    lo, hi = _overlap(0.5 + 4e-16, 0.5)
+    assert lo == hi and abs(lo - 0.5) < 1e-15
+    with pytest.raises(NumericalError, match="do not overlap"):
+        _overlap(0.52, 0.5)

@@ -163,3 +163,74 @@ def test_auto_width_follows_memory():
 def test_bad_lockstep_is_refused():
     with pytest.raises(ValueError, match="lockstep = -1"):
         slq(Counted(_matrix(6, 0)), probes=2, steps=3, lockstep=-1)
+
+
+def test_repeated_probe_numbers_are_refused():
+    """A probe listed twice would be advanced twice per block step (its nodes silently wrong):
+    slq, run_probes and the engine refuse it, naming the probe."""
+    from hpcqml.hessian.slq import probe_groups, run_probes
+
+    op = Counted(_matrix(12, 0))
+    with pytest.raises(ValueError, match="probe 0 is listed more than once"):
+        slq(op, probes=[0, 0], steps=6, lockstep=2)
+    with pytest.raises(ValueError, match="probe 3 is listed more than once"):
+        run_probes(op.matvec, 12, probe_groups(None, 1), [1, 3, 2, 3], seed=0, steps=4, width=2,
+                   matmat=op.matmat)
+    engine = LanczosEngine(12, None, state_dtype=torch.float64)
+    engine.start(0, rademacher_slice(12, 0, 12, seed=0, probe=0), 4)
+    with pytest.raises(AssertionError, match="repeated"):
+        engine.advance(op.matmat, [0, 0], 4)
+    assert op.products == 0                                   # refused before any product
+
+
+def test_chunk_width_follows_the_step_budget(monkeypatch):
+    """The reorthogonalisation sums run over column chunks of 2^24 // chunk_steps coordinates,
+    the same at every step count: a recurrence advanced to 5 steps and extended to 12 takes
+    the chunks a fresh 12-step run takes, and gives its numbers bit for bit."""
+    import hpcqml.hessian.lanczos as lz
+
+    n, chunk_steps = 60, (1 << 24) // 7                        # chunks of 7 coordinates
+    widths: list[int] = []
+    original = lz._project
+
+    def recording(V, w, cols):
+        widths.append(cols)
+        return original(V, w, cols)
+
+    monkeypatch.setattr(lz, "_project", recording)
+    op = Counted(_matrix(n, 1))
+    z = rademacher_slice(n, 0, n, seed=5, probe=0)
+    extended = LanczosEngine(n, None, state_dtype=torch.float64, chunk_steps=chunk_steps)
+    extended.start(0, z, 5)
+    extended.advance(op.matmat, [0], 5)
+    grown = extended.advance(op.matmat, [0], 12)[0]
+    fresh = LanczosEngine(n, None, state_dtype=torch.float64, chunk_steps=chunk_steps)
+    fresh.start(0, z, 12)
+    once = fresh.advance(op.matmat, [0], 12)[0]
+    assert widths and set(widths) == {7}
+    assert np.array_equal(grown.alpha, once.alpha) and np.array_equal(grown.beta, once.beta)
+
+
+def test_basis_plan_counts_the_bases_held():
+    """The one memory rule of the stage and of validate: bases of max_steps vectors,
+    ``width`` at once, or a group's probes when they are kept for a step growth."""
+    from hpcqml.preflight import basis_plan
+
+    per_basis = 40 * 1000 * 4                                  # 40 vectors x 1000 values x 4 bytes
+    roomy = basis_plan(6, 10, 40, 1000, 1, 4, 10**9)
+    assert (roomy.width, roomy.keep, roomy.bases, roomy.per_basis) == (6, True, 6, per_basis)
+    assert roomy.total == 6 * per_basis and roomy.keep_bytes == 6 * per_basis
+    # half of 5 bases' bytes holds 2 bases: width 2, and the 6 probes are not kept
+    tight = basis_plan(6, 10, 40, 1000, 1, 4, 5 * per_basis)
+    assert (tight.width, tight.keep, tight.bases) == (2, False, 2)
+    fixed = basis_plan(6, 10, 10, 1000, 2, 4, 10**9, lockstep=3)       # no step growth, 2 shards
+    assert (fixed.width, fixed.keep, fixed.bases, fixed.per_basis) == (3, False, 3, 10 * 500 * 4)
+    assert basis_plan(2, 10, 10, 1000, 1, 4, 10**9, lockstep=5).width == 2   # at most a group's probes
+
+
+def test_memory_per_rank_divides_the_node():
+    """The host memory of this node over its ranks (one process here)."""
+    from hpcqml.parallel import machine_memory_bytes, memory_per_rank
+
+    got, where = memory_per_rank(None, "cpu")
+    assert got == machine_memory_bytes() and "host memory / 1 rank" in where

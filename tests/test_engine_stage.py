@@ -24,20 +24,32 @@ torch.set_num_threads(1)
 
 
 def test_lockstep_stage_equals_sequential_stage(tmp_path):
+    """One probe at a time (lockstep = 1), all 3 together (lockstep = 3) and the width chosen
+    from memory (lockstep = 0) give the same numbers; the chosen width is recorded once in
+    spectrum/decisions, and the negative mass names its delta."""
     out = {}
-    for k in (1, 3):
+    for k in (1, 3, 0):
         make_workdir(tmp_path, steps=(0,), name=f"k{k}")
-        path = run_pipeline(config(tmp_path, name=f"k{k}", probes=3, lockstep=k), world(), quiet=True)
+        path = run_pipeline(config(tmp_path, name=f"k{k}", probes=3, lockstep=k, negative_delta=0.5), world(),
+                            quiet=True)
         with h5py.File(path, "r") as fh:
             g = fh["spectrum/step_000000"]
             out[k] = (g["result/nodes"][()], g["result/estimates/trace"][0],
                       fh["perf/spectrum/counters/hvp_products"][()].tolist(),
                       [g[f"probe_00{p}"].attrs["steps"] for p in range(3)])
-    (n1, t1, p1, s1), (n3, t3, p3, s3) = out[1], out[3]
-    assert p1 == p3 == [12.0] and s1 == s3 == [4, 4, 4]
+            neg = g["result/estimates/negative_mass"]
+            assert neg.attrs["delta"] == 0.5 and "below -delta (delta = 0.5)" in neg.attrs["description"]
+            decided = fh["spectrum/decisions"].get("lockstep/step_000000")
+            # the memory's width before the cap at a group's probes: a few KiB per basis fit 8
+            assert (decided is None) if k else (decided.attrs["lockstep"] == 8)
+    n1, t1, p1, s1 = out[1]
+    assert p1 == [12.0] and s1 == [4, 4, 4]
     scale = float(np.max(np.abs(n1)))
-    np.testing.assert_allclose(n3, n1, rtol=0, atol=1e-4 * scale)
-    assert abs(t3 - t1) <= 1e-4 * abs(t1)
+    for k in (3, 0):
+        nk, tk, pk, sk = out[k]
+        assert pk == p1 and sk == s1
+        np.testing.assert_allclose(nk, n1, rtol=0, atol=1e-4 * scale)
+        assert abs(tk - t1) <= 1e-4 * abs(t1)
 
 
 def test_snapshot_listed_by_train_but_purged_is_named_after_the_rest(tmp_path):

@@ -215,8 +215,16 @@ def test_krylov_method_stores_the_statevector_numbers(tmp_path):
             assert np.allclose(a["hhl/states"][()], b["hhl/states"][()], rtol=0, atol=1e-10)
             for key in ("overlap", "fidelity", "p_success", "leakage"):
                 assert np.allclose(a[f"truncated/{key}"][()], b[f"truncated/{key}"][()], rtol=0, atol=1e-10), key
-            assert np.allclose(b["truncated/fidelity"][()], b["truncated/overlap"][()] ** 2, rtol=1e-12)
-            assert b["truncated"].attrs["fidelity_ii93"] == pytest.approx(b["truncated"].attrs["overlap_ii93"] ** 2)
+            for g in (a, b):
+                # fidelity |<x_ref|x>|^2 from the stored x blocks and the PETSc reference solution
+                x_ref = g["instance/x_ref"][()] / np.linalg.norm(g["instance/x_ref"][()])
+                want = np.abs(g["hhl/states"][()] @ x_ref) ** 2
+                assert np.allclose(g["hhl/fidelity"][()], want, rtol=0, atol=1e-10)
+                # eq. II.93 squared, from the modes of A counted here (|1 + a| < 1, eq. II.28)
+                qcm = g["instance/qcm_eigenvalues"][()]
+                assert np.min(np.abs(np.abs(1 + qcm) - 1)) > 1e-6    # no mode on the boundary
+                share = np.count_nonzero(np.abs(1 + qcm) < 1) / qcm.size
+                assert 0 < share < 1 and g["truncated"].attrs["fidelity_ii93"] == pytest.approx(share**2, rel=1e-12)
             assert "spectrum_H" not in b["instance"] and "overlap_ii87" not in b["truncated"]
             assert np.all(b["hhl/chebyshev_error_bound"][()] <= 1e-13)
             assert np.all(b["hhl/chebyshev_degree"][()] > 0)

@@ -43,6 +43,8 @@ echo "env: HPCQML_BATCH=${HPCQML_BATCH:-} HPCQML_REQUEUE=${HPCQML_REQUEUE:-}" >>
 echo "note-file: ${HPCQML_STOP_NOTE:-}" >> "$FAKE_LOG"
 trap 'echo "got USR1" >> "$FAKE_LOG"; echo "note: $(cat "$HPCQML_STOP_NOTE")" >> "$FAKE_LOG"; exit 0' USR1
 trap 'echo "got TERM" >> "$FAKE_LOG"; exit 0' TERM
+# the real ranks write "stopped" to the note when they leave unfinished, and exit 0
+trap '[ -n "${HPCQML_STOP_NOTE:-}" ] && echo stopped >> "$HPCQML_STOP_NOTE"' EXIT
 for i in $(seq 1 200); do sleep 0.1; done
 echo "no signal" >> "$FAKE_LOG"
 exit 3
@@ -224,7 +226,8 @@ def test_slurm_batch_shell_forwards_usr1_and_requeues(tmp_path, tiny, fakes, req
     proc = _run_until_launched(out, env, fakes["log"])
     os.kill(proc.pid, signal.SIGUSR1)
     stdout, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stdout
+    # unfinished and not requeued: the job fails (afterok dependencies must not start)
+    assert proc.returncode == (0 if requeue == "1" else 2), stdout
     log = fakes["log"].read_text().splitlines()
     assert "got USR1" in log
     assert ("scontrol requeue 42" in log) == (requeue == "1"), log
@@ -240,7 +243,7 @@ def test_slurm_sigterm_stops_without_requeue(tmp_path, tiny, fakes):
     proc = _run_until_launched(out, env, fakes["log"])
     os.kill(proc.pid, signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stdout
+    assert proc.returncode == 2, stdout         # cancelled unfinished: the job fails
     log = fakes["log"].read_text().splitlines()
     # the ranks are asked with SIGUSR1 (mpirun aborts on a second SIGTERM) and read the cancel
     assert "got USR1" in log and "note: TERM" in log and "env: HPCQML_BATCH=slurm HPCQML_REQUEUE=1" in log
@@ -298,7 +301,7 @@ def test_pbs_signals_and_no_leftover_timer(tmp_path, tiny, fakes, sig, requeued)
     for pid in leftover:                     # ours (unique length): clean up, then fail
         os.kill(pid, signal.SIGKILL)
     assert not leftover, f"timer sleep left behind: {leftover}"
-    assert proc.returncode == 0, stdout
+    assert proc.returncode == (0 if requeued else 2), stdout
     log = fakes["log"].read_text().splitlines()
     qsubs = [line for line in log if line.startswith("qsub")]
     assert "got USR1" in log and ("note: USR1" if requeued else "note: TERM") in log

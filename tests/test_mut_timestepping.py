@@ -25,20 +25,24 @@ def _diag_ode(f1: list[float]) -> PolynomialODE:
                          u_in=np.full(n, 0.1))
 
 
-def test_stability_number_and_its_threshold_at_exactly_one():
-    """N ||F1||_2 with ||diag(0.5, -0.25)||_2 = 0.5: N = 2 gives exactly 1 (stable, no warning),
-    N = 3 gives 1.5 (a RuntimeWarning naming the value, and False)."""
-    ode = _diag_ode([0.5, -0.25])
-    assert ts.stability_number(ode, 2) == 1.0
+def test_stability_number_and_its_threshold_on_either_side_of_one():
+    """N ||F1||_2 with ||diag(f, -0.25)||_2 = f: at N = 2, f = 0.495 gives 0.99 (stable, no
+    warning) and f = 0.505 gives 1.01 (a RuntimeWarning naming the value, and False); f = 0.5
+    at N = 3 gives 1.5.  Each value is 1 % or more from the threshold, far beyond the rounding
+    of the 2-norm (a few units in 1e-16), so no check depends on it."""
+    below, above = _diag_ode([0.495, -0.25]), _diag_ode([0.505, -0.25])
+    assert ts.stability_number(below, 2) == pytest.approx(0.99, rel=1e-12)
+    assert ts.stability_number(above, 2) == pytest.approx(1.01, rel=1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ts.check_stability(ode, 2) is True
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert ts.check_stability(ode, 3) is False
-    assert len(caught) == 1 and caught[0].category is RuntimeWarning
-    assert str(caught[0].message) == "Carleman stepping may be unstable: N*||F1||_2 = 1.5 > 1"
-    assert caught[0].filename == __file__   # attributed to the caller (stacklevel 2)
+        assert ts.check_stability(below, 2) is True
+    for ode, N, text in ((above, 2, "1.01"), (_diag_ode([0.5, -0.25]), 3, "1.5")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert ts.check_stability(ode, N) is False
+        assert len(caught) == 1 and caught[0].category is RuntimeWarning
+        assert str(caught[0].message) == f"Carleman stepping may be unstable: N*||F1||_2 = {text} > 1"
+        assert caught[0].filename == __file__   # attributed to the caller (stacklevel 2)
 
 
 def test_bound_II57_by_hand():  # noqa: N802 - eq. II.57

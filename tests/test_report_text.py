@@ -23,6 +23,8 @@ from hpcqml.store import SCHEMA_VERSION
 LAMBDA_MAX = 49.0
 STEPS = np.arange(21)          # a 0-20-step run
 MEASURED = (0, 10, 20)
+DELTA = 1.0                    # negative mass: the mass of the eigenvalues below -DELTA
+NO_CUTOFF = (0.8125, 0.01, 0.7875, 0.8375)   # eq. III.11 proxy at t = 10: value, s.e., combined interval
 
 
 @pytest.fixture
@@ -52,6 +54,7 @@ def _spectrum(fh: h5py.File, label: str) -> None:
     e = r.create_group("estimates")
     _estimate(e, "trace", 123.0, 4.5)
     _estimate(e, "negative_mass", 0.02, np.nan)   # two probes: no standard error
+    e["negative_mass"].attrs["delta"] = DELTA
     p = r.create_group("proxy")
     p.attrs["primary"] = "eta"
     for conv in ("eta", "paper"):
@@ -60,6 +63,9 @@ def _spectrum(fh: h5py.File, label: str) -> None:
         pe = p.create_group(f"{conv}/estimates")
         _estimate(pe, "error_proxy_t10", 1.5, 0.1, resolved=conv != "eta",
                   note="" if conv != "eta" else "quadrature: bracket wider than tolerance")
+        _estimate(pe, "error_proxy_no_cutoff_t10", *NO_CUTOFF[:2])          # eq. III.11, with its interval
+        pe["error_proxy_no_cutoff_t10_resolution"] = np.array(NO_CUTOFF[2:])
+        pe["error_proxy_no_cutoff_t10_combined"] = np.array(NO_CUTOFF[2:])
 
 
 def _hhl(fh: h5py.File) -> None:
@@ -277,3 +283,52 @@ def test_validate_explain_from_the_command_line():
     assert res.returncode == 0, res.stderr
     assert "  T: value 30; integer;" in res.stdout and "(not in the fingerprint)" in res.stdout
     assert res.stdout.index("[data]") < res.stdout.index("[train]") < res.stdout.index("[hhl]")
+
+
+# ---------------------------------------------------------------- negative mass and eq. III.11
+
+
+def _table(text: str, heading: str) -> list[str]:
+    """The rows of the first table after ``heading``."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def test_negative_mass_column_names_its_threshold(hand_file, tmp_path):
+    rows = _table(_report(hand_file, tmp_path), "### Hessian spectra (SLQ)")
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header[5] == "negative mass (λ < −δ, δ = 1)"
+    assert "negative mass" not in " ".join(header[:5] + header[6:])
+    for s in MEASURED:
+        (row,) = [r for r in rows if r.startswith(f"| step_{s:06d} |")]
+        assert [c.strip() for c in row.strip("|").split("|")][5].startswith("0.020")   # no δ of its own
+
+
+def test_each_negative_mass_names_its_own_threshold_when_they_differ(tmp_path):
+    """δ from the estimate's ``delta``, from the result group of a file without it, or 'not stored'."""
+    path = tmp_path / "mixed.h5"
+    with h5py.File(path, "w") as fh:
+        fh.attrs["schema_version"] = SCHEMA_VERSION
+        for s in MEASURED:
+            _spectrum(fh, f"step_{s:06d}")
+        del fh["spectrum/step_000010/result/estimates/negative_mass"].attrs["delta"]
+        fh["spectrum/step_000010/result"].attrs["negative_delta"] = 0.5
+        del fh["spectrum/step_000020/result/estimates/negative_mass"].attrs["delta"]
+    rows = _table(_report(path, tmp_path / "out"), "### Hessian spectra (SLQ)")
+    assert [c.strip() for c in rows[0].strip("|").split("|")][5] == "negative mass (λ < −δ)"
+    cells = {s: [c.strip() for c in r.strip("|").split("|")][5]
+             for s in MEASURED for r in rows if r.startswith(f"| step_{s:06d} |")}
+    assert cells[0].startswith("δ = 1: 0.020") and cells[10].startswith("δ = 0.5: 0.020")
+    assert cells[20].startswith("δ not stored: 0.020")
+
+
+def test_convention_table_prints_the_eq_iii11_proxy_with_its_interval(hand_file, tmp_path):
+    rows = _table(_report(hand_file, tmp_path), "Both mode conventions")
+    value, _, low, high = NO_CUTOFF
+    want = f"no cutoff (eq. III.11): E(10) = {value:.4g} [{low:.4g}–{high:.4g}]"
+    for s in MEASURED:
+        conv = [r for r in rows if r.startswith(f"| step_{s:06d} |")]
+        assert len(conv) == 2 and all(want in r for r in conv), conv
+        assert all(r.index("E(10) = 1.5") < r.index(want) for r in conv)     # after the proxy with cutoff

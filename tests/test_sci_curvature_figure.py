@@ -18,6 +18,7 @@ from hpcqml.runner import run_pipeline
 torch.set_num_threads(1)
 
 BLOCK = "fc*"   # the head: weight and bias of the last layer
+DELTA = 0.5     # negative mass: the mass of the eigenvalues below -DELTA
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def curvature_file(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("curv")
     make_workdir(tmp, steps=(0,))
     cfg = config(tmp, curvature=["hessian", "ggn"], blocks=[BLOCK], lanczos_steps=4, probes=1,
-                 batch_size=8, micro_batch=8)
+                 batch_size=8, micro_batch=8, negative_delta=DELTA)
     return run_pipeline(cfg, world(), quiet=True)
 
 
@@ -56,6 +57,7 @@ def test_small_multiples_draw_each_kind_and_block_from_the_file(curvature_file, 
         want = {k: (fh[g]["density/grid"][()], fh[g]["density/rho"][()], dict(fh[g].attrs)) for k, g in groups.items()}
         negative = {k: (fh[g]["estimates/negative_mass"][0], *fh[g]["estimates/negative_mass_combined"][()])
                     for k, g in groups.items()}
+        assert all(fh[g]["estimates/negative_mass"].attrs["delta"] == DELTA for g in groups.values())
     fig = drawn["curvature_spectra.png"]
     axes = np.array(fig.axes).reshape(2, 2)     # rows: hessian, ggn; columns: whole support, the block
     assert fig._suptitle.get_text().startswith("Spectra per curvature kind (rows) and diagonal block (columns)")
@@ -75,8 +77,8 @@ def test_small_multiples_draw_each_kind_and_block_from_the_file(curvature_file, 
             assert lmin.get_xdata()[0] == attrs["lambda_min"] and lmax.get_xdata()[0] == attrs["lambda_max"]
             assert ax.get_xlabel() == "eigenvalue λ" and ax.get_yscale() == "log"
             value, low, high = negative[(kind, block)]
-            (note,) = [t.get_text() for t in ax.texts]
-            assert note.startswith(f"negative mass {value:.3g}, interval [{low:.3g}, {high:.3g}]")
+            note = ax.get_legend().get_title().get_text()
+            assert note.startswith(f"negative mass (λ < −δ, δ = 0.5):\n{value:.3g}, interval [{low:.3g}, {high:.3g}]")
     # the block is a strict part of the support, and the GGN is positive semidefinite up to Ritz error
     assert want[("hessian", BLOCK)][2]["n"] < want[("hessian", "")][2]["n"]
     assert want[("ggn", "")][2]["lambda_min"] > -1e-6 * want[("ggn", "")][2]["lambda_max"]
@@ -89,6 +91,8 @@ def test_report_names_the_small_multiples_and_tabulates_each_spectrum(curvature_
     text = summary.markdown.read_text()
     table = text.split("### Spectra per curvature kind and block", 1)[1].split("###", 1)[0]
     rows = [ln for ln in table.splitlines() if ln.startswith("| step_000000 |")]
+    (header,) = [ln for ln in table.splitlines() if ln.startswith("| state |")]
+    assert header.rstrip().endswith("| trace | negative mass (λ < −δ, δ = 0.5) |")
     with h5py.File(curvature_file, "r") as fh:
         want = [("hessian", "all kept parameters", fh["spectrum/step_000000/result"].attrs),
                 ("hessian", BLOCK, fh[f"spectrum/step_000000/hessian/{BLOCK}/result"].attrs),

@@ -11,9 +11,10 @@ alone up to the rounding of the product itself (a block product may sum in anoth
 :class:`LanczosEngine` holds each probe's running state (its basis slice, the next Lanczos
 vector and the coefficients so far) between calls.  Asking for more steps later *extends*
 the recurrence: going from m to m' steps costs m' - m products, and the extended recurrence
-is the one a fresh m'-step run computes (the same operations in the same order; only the
-column-chunk width of the reorthogonalisation sums, which depends on the step count, may
-differ, and only when a rank holds more than 2^24 / m' coordinates).  The m-step result of
+is the one a fresh m'-step run of the same engine settings computes, bit for bit (the same
+operations in the same order: the column-chunk width of the reorthogonalisation sums is
+fixed by the engine's ``chunk_steps``, the step budget, not by the steps taken so far, so an
+extended run and a resumed one that reruns its probes round alike).  The m-step result of
 a longer recurrence is its leading part: ``alpha[:m]``, ``beta[:m]`` (``beta[m-1]`` is the
 m-step residual norm).
 
@@ -71,7 +72,7 @@ def block_product(operator: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     matmat = getattr(operator, "matmat", None)
     if matmat is not None:
         return matmat
-    return lambda V: torch.stack([operator.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+    return column_product(operator.matvec)
 
 
 def column_product(matvec: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -108,6 +109,10 @@ class LanczosEngine:
         perf: optional timer/counter object charged with communication time.
         keep: keep each probe's state after its result is returned (so it can be extended);
             False frees it at once.
+        chunk_steps: the step count the reorthogonalisation's column-chunk width is derived
+            from (``2^24 // chunk_steps`` coordinates per chunk, so the float64 temporaries stay
+            near 128 MiB); give the step budget, so every call rounds alike however the steps
+            were reached.  None: the steps of each :meth:`advance` call.
 
     Memory: with ``reorth = "full"`` each held probe keeps ``m`` vectors of this rank's
     ``ceil(n / P)`` coordinates in ``state_dtype`` (m its step count so far).
@@ -115,8 +120,11 @@ class LanczosEngine:
 
     def __init__(self, n: int, comm: Any, reorth: str = "full", state_dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", basis_device: torch.device | str | None = None,
-                 rtol: float | None = None, label: str = "", perf: Any = None, keep: bool = True) -> None:
+                 rtol: float | None = None, label: str = "", perf: Any = None, keep: bool = True,
+                 chunk_steps: int | None = None) -> None:
         _check_arguments(reorth, 1)
+        if chunk_steps is not None and int(chunk_steps) < 1:
+            raise ValueError(f"chunk_steps = {chunk_steps}: must be >= 1")
         self.n = int(n)
         self.reorth = reorth
         self.state_dtype = state_dtype
@@ -126,9 +134,8 @@ class LanczosEngine:
         self.rtol = 100.0 * float(torch.finfo(state_dtype).eps) if rtol is None else float(rtol)
         self.label = label
         self.keep = keep
+        self.chunk_steps = None if chunk_steps is None else int(chunk_steps)
         self.states: dict[int, _Probe] = {}
-        #: products taken (block columns), counted on every rank
-        self.products = 0
 
     def holds(self, number: int) -> bool:
         """Whether probe ``number`` is held (started and not released)."""
@@ -155,10 +162,6 @@ class LanczosEngine:
         """Free probe ``number``'s state (it cannot be extended afterwards)."""
         self.states.pop(int(number), None)
 
-    def held_bytes(self) -> int:
-        """Bytes of basis this rank holds over every held probe."""
-        return sum(0 if p.basis is None else p.basis.numel() * p.basis.element_size() for p in self.states.values())
-
     def _room(self, p: _Probe, m: int) -> None:
         """Grow ``p``'s basis to ``m`` rows, keeping its vectors and the pending ``v``."""
         if p.basis is None or p.basis.shape[0] >= m:
@@ -178,7 +181,8 @@ class LanczosEngine:
 
         Args:
             product: ``V -> H V`` on full (n, k) tensors on ``device``; collective over ``comm``.
-            numbers: probes to advance (each started with :meth:`start` or held from before).
+            numbers: probes to advance (each started with :meth:`start` or held from before),
+                no number twice.
             steps: the step count m to reach (at most n).  A probe already past ``m`` takes no
                 step and gives its leading m-step result.
             on_step: ``on_step(done, total)`` after every block step.
@@ -190,8 +194,9 @@ class LanczosEngine:
         """
         _check_arguments(self.reorth, steps)
         m = min(int(steps), self.n)
+        assert len({int(k) for k in numbers}) == len(numbers), f"probe numbers repeated in {list(numbers)}"
         probes = [self.states[int(k)] for k in numbers]
-        cols = max(1, (1 << 24) // max(1, m))
+        cols = max(1, (1 << 24) // max(1, self.chunk_steps or m))
         for p in probes:
             self._room(p, m)
         dist, bdev, label = self.dist, self.bdev, self.label
@@ -201,7 +206,6 @@ class LanczosEngine:
                 break
             block = torch.stack([dist.gather(p.v, self.device) for p in active], dim=1)  # type: ignore[arg-type]
             products = product(block)
-            self.products += len(active)
             del block
             for i, p in enumerate(active):
                 j = len(p.alphas)
@@ -282,7 +286,8 @@ def lanczos_lockstep(matmat: Callable[[torch.Tensor], torch.Tensor], n: int, com
     if len(set(int(p) for p in probes)) != len(probes):
         raise ValueError(f"lockstep Lanczos probes {list(probes)}: a probe number is repeated")
     engine = LanczosEngine(n, comm, reorth=reorth, state_dtype=state_dtype, device=device,
-                           basis_device=basis_device, rtol=rtol, label=label, perf=perf, keep=False)
+                           basis_device=basis_device, rtol=rtol, label=label, perf=perf, keep=False,
+                           chunk_steps=min(int(steps), int(n)))
     for number, z in zip(probes, starts, strict=True):
         engine.start(number, z, steps)
     return engine.advance(matmat, probes, steps, on_step=on_step, interrupt=interrupt)

@@ -31,7 +31,7 @@ from hpcqml.errors import UserError
 from hpcqml.hessian.lanczos import Interrupted, LanczosResult, rademacher_slice
 from hpcqml.hessian.lockstep import LanczosEngine, auto_width, block_product, column_product
 from hpcqml.hessian.spectrum import GROW_STEPS, Estimate, Spectrum, next_growth, pad  # noqa: F401  (pad re-exported)
-from hpcqml.parallel import block_bounds
+from hpcqml.parallel import block_bounds, memory_per_rank
 
 
 @dataclass
@@ -118,14 +118,17 @@ def run_probes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, layout: G
         All results, sorted by probe.
 
     Raises:
+        ValueError: a probe number listed twice.
         ProbesInterrupted: ``should_stop`` said so; finished probes went to ``on_round`` first.
     """
     probes = [int(p) for p in probes]
+    _check_unique(probes)
     if int(width) < 1:
         raise UserError(f"lockstep width = {width}: must be >= 1")
     if engine is None:
         engine = LanczosEngine(n, layout.comm, reorth=reorth, state_dtype=state_dtype, device=device,
-                               basis_device=basis_device, label=label, perf=perf, keep=False)
+                               basis_device=basis_device, label=label, perf=perf, keep=False,
+                               chunk_steps=min(int(steps), int(n)))
     product = column_product(matvec) if width == 1 or matmat is None else matmat
     out: list[LanczosResult] = []
     G, k = layout.count, int(width)
@@ -169,16 +172,13 @@ def _names(block: Sequence[int]) -> str:
     return ",".join(map(str, block))
 
 
-def memory_available(device: torch.device | str) -> int:
-    """Bytes a Krylov basis may use on ``device``: the device's total memory for CUDA, else
-    the machine's physical memory (0 when unknown).
-    """
-    from hpcqml.parallel import machine_memory_bytes
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.mem_get_info(dev)[1])
-    return machine_memory_bytes()
+def _check_unique(probes: Sequence[int]) -> None:
+    """Refuse a probe number listed twice (its recurrence would be advanced twice per step)."""
+    seen: set[int] = set()
+    for p in probes:
+        if p in seen:
+            raise ValueError(f"probe {p} is listed more than once in {list(probes)}; give each probe number once")
+        seen.add(p)
 
 
 def operator_size(operator: Any) -> int:
@@ -206,8 +206,10 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
     Args:
         operator: anything with an int ``n`` (or ``shape == (n, n)``) and
             ``matvec(v: torch.Tensor) -> torch.Tensor`` on full length-n vectors;
-            collective over ``comm`` when one is given (e.g. :class:`HessianOperator`).
-        probes: number of Rademacher probes (numbered 0..probes-1), or the probe numbers.
+            collective over ``comm`` when one is given (e.g.
+            :class:`hpcqml.hessian.hvp.HessianLinearOperator`).
+        probes: number of Rademacher probes (numbered 0..probes-1), or the probe numbers
+            (each at most once).
         steps: Lanczos steps per probe (at most n).
         seed: probe seed; probe ``l`` is ``rademacher_slice(n, .., seed, l)``.
         comm: MPI communicator the operator is collective over (None: one process); the
@@ -221,7 +223,8 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
             number, or the block's numbers as text in lockstep).
         lockstep: probes advanced together, one ``matmat`` per Lanczos step for all of them
             (1 = one after another, each product a ``matvec``); None or 0 = as many as fit
-            in half the memory for their Krylov bases, at most
+            in half the memory per rank for their Krylov bases
+            (:func:`hpcqml.parallel.memory_per_rank`), at most
             :data:`hpcqml.hessian.lockstep.MAX_AUTO_WIDTH`.  The results equal those of
             probes run one after another up to the rounding of the block product.
         requests: the estimates an adaptive run must resolve, each a function of the
@@ -242,8 +245,8 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
         costs m' - m products per probe.
 
     Raises:
-        ValueError: ``steps`` larger than ``n`` or below 1, no probes, a budget below the
-            start, or adaptive options without ``requests``.
+        ValueError: ``steps`` larger than ``n`` or below 1, no probes, a repeated probe
+            number, a budget below the start, or adaptive options without ``requests``.
     """
     n = operator_size(operator)
     if not 1 <= int(steps) <= n:
@@ -251,6 +254,7 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
     numbers = list(range(int(probes))) if isinstance(probes, (int, np.integer)) else [int(p) for p in probes]
     if not numbers:
         raise ValueError("slq needs at least one probe")
+    _check_unique(numbers)
     state_dtype = dtype or getattr(operator, "dtype", None) or torch.float64
     dev = device if device is not None else getattr(operator, "device", "cpu")
     settings.setdefault("unit_roundoff", float(torch.finfo(state_dtype).eps) / 2.0)
@@ -265,9 +269,12 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
         shards = 1 if comm is None else comm.Get_size()
         itemsize = torch.empty((), dtype=state_dtype).element_size()
         top = max(int(steps), int(max_steps or steps)) if reorth == "full" else 2
-        width = auto_width(len(numbers), min(top, n), n, shards, itemsize, memory_available(basis_device or dev))
+        available = memory_per_rank(comm, basis_device or dev)[0]
+        width = auto_width(max(len(numbers), int(max_probes or 0)), min(top, n), n, shards, itemsize, available)
+    # the chunk width of the reorthogonalisation follows the step budget, so a recurrence
+    # extended to m steps rounds as one run with m steps from the start
     engine = LanczosEngine(n, comm, reorth=reorth, state_dtype=state_dtype, device=dev, basis_device=basis_device,
-                           keep=adaptive)
+                           keep=adaptive, chunk_steps=min(max(int(steps), int(max_steps or steps)), n))
     matmat = block_product(operator)
 
     def run(nums: list[int], k: int) -> list[LanczosResult]:

@@ -64,6 +64,7 @@ from hpcqml.hessian.density import Density, density_on_grid, gaussian_density, k
 from hpcqml.hessian.proxy import CONVENTIONS, log_error_proxy, modes
 from hpcqml.hessian.quadrature import (ProbeQuadrature, RatioPieces, jacobi_from_measure, power_derivative_sign,
                                        ratio_pieces, student_quantile)
+from hpcqml.errors import NumericalError
 from hpcqml.modes import overlap_ii93, is_dissipative
 
 if TYPE_CHECKING:  # the torch-side type only; this module imports no torch
@@ -197,6 +198,25 @@ def _modes(convention: str, eta: float | None, cutoff: float) -> Modes:
     if not cutoff >= 0:
         raise ValueError(f"error proxy cutoff = {cutoff}: must be >= 0")
     return Modes(convention, None if eta is None else float(eta), float(cutoff))
+
+
+def _overlap(lo: float, hi: float) -> tuple[float, float]:
+    """The intersection ``[lo, hi]`` of two proven brackets of one value.
+
+    Two valid brackets always overlap. Where both are tight, rounding can cross them by a few
+    ulps; that is collapsed to the midpoint. A wider gap means a bound does not hold here, and
+    is never reported as a value.
+
+    Raises:
+        NumericalError: the brackets miss each other by more than rounding.
+    """
+    if lo <= hi or not (np.isfinite(lo) and np.isfinite(hi)):
+        return lo, hi
+    if lo - hi > 1e-9 * max(1.0, abs(lo), abs(hi)):
+        raise NumericalError(f"the joint and the separate bracket of a ratio do not overlap "
+                             f"(lower {lo:.9g} > upper {hi:.9g}): a quadrature bound does not hold here")
+    mid = 0.5 * (lo + hi)
+    return mid, mid
 
 
 @dataclass(frozen=True)
@@ -457,6 +477,9 @@ class Spectrum:
                 lo, hi = max(lo, parts.joint[0]), min(hi, parts.joint[1])
                 lo_p = np.maximum(lo_p, parts.joint_per_probe[0])
                 hi_p = np.minimum(hi_p, parts.joint_per_probe[1])
+                lo, hi = _overlap(float(lo), float(hi))
+                pairs = [_overlap(float(a), float(b)) for a, b in zip(lo_p, hi_p, strict=True)]
+                lo_p, hi_p = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
         return float(lo), float(hi), tuple(map(float, lo_p)), tuple(map(float, hi_p))
 
     def _sampling(self, stat: Callable[[np.ndarray], np.ndarray], kind: str) -> tuple[float, float]:

@@ -31,6 +31,10 @@ import numpy as np
 #: |eq. II.92 - eq. II.87| above this counts as a disagreement (absolute, on unsquared overlaps).
 II92_TOLERANCE = 0.02
 
+#: weight of |b> below 1/kappa_a (a sum of squared eigen-coefficients of a unit vector) at or
+#: under this counts as none: rounding of the eigen-decomposition leaves about 1e-16 per term
+ILL_WEIGHT_ZERO = 1e-14
+
 
 def _plain(value: Any) -> Any:
     """An HDF5 attribute as a Python value (bytes decoded, numpy scalars unwrapped)."""
@@ -95,7 +99,7 @@ class TruncatedSweep(Part):
                 ``overlap_ii93`` (and their fidelities), stored as attributes and eq. II.92 per row.
             T: Carleman cases: the number of steps (eq. II.92 applies at kappa_a = 2(T+1)).
         """
-        from hpcqml.hhl.truncated import closed_form_fidelity, eigen_coefficients, haar_average_fidelity
+        from hpcqml.hhl.truncated import closed_form_overlap, eigen_coefficients, haar_average_overlap
 
         def col(key: str, dtype: Any) -> np.ndarray:
             return np.array([r[key] for r in rows], dtype=dtype)
@@ -114,8 +118,8 @@ class TruncatedSweep(Part):
         out.add("resolution", col("resolution", np.float64), "1", "one clock bin 2 pi/(t0 2^c) in units of ||M||_2")
         if system is not None:
             lam, beta = eigen_coefficients(system)
-            ii87 = np.array([closed_form_fidelity(lam, beta, k) for k in kappas], dtype=np.float64)
-            haar = np.array([haar_average_fidelity(system.spectrum, k) for k in kappas], dtype=np.float64)
+            ii87 = np.array([closed_form_overlap(lam, beta, k) for k in kappas], dtype=np.float64)
+            haar = np.array([haar_average_overlap(system.spectrum, k) for k in kappas], dtype=np.float64)
             out.add("overlap_ii87", ii87, "1", "eq. II.87 from the exact eigen-decomposition (unsquared overlap)")
             out.add("fidelity_ii87", ii87**2, "1", "eq. II.87 squared (fidelity)")
             out.add("overlap_haar", haar, "1", "annealed Haar estimate eq. II.89-II.91 (unsquared overlap)")
@@ -170,8 +174,11 @@ class TruncatedSweep(Part):
         d_plus, d_all, a_plus = int(a.get("Delta_plus", 0)), int(a.get("Delta", 0)), float(a.get("a_plus", np.nan))
         ill = float(self["ill_weight"][i]) if "ill_weight" in self else float("nan")
         counts = f"Δ₊ = {d_plus} of Δ = {d_all} modes of A dissipative, a₊ = {a_plus:.3g}"
-        # no '|' in these texts: the report puts them in markdown table cells
-        if ill == 0.0:
+        # no '|' in these texts: the report puts them in markdown table cells.  The weight below
+        # the threshold is a sum of |beta_j|^2 from an eigen-decomposition: a coefficient that is
+        # zero in exact arithmetic comes out at rounding level, so "nothing truncated" is a
+        # weight within a few units of rounding of 0, not an exact 0.0
+        if abs(ill) <= ILL_WEIGHT_ZERO:
             rest = d_all - d_plus
             what = ("II.92 counts the decay of the dissipative modes as lost overlap"
                     if rest == 0 else

@@ -14,7 +14,7 @@ taken as ``<x| <well| |x~>``, is eq. II.87::
     P_ill = sum_{ill} |beta_j|^2.
 
 For Haar-random ``|b>`` each ``|beta_j|^2`` averages to ``1/D`` (eq. II.89-II.91), which
-gives the annealed estimate :func:`haar_average_fidelity` over the actual spectrum of the
+gives the annealed estimate :func:`haar_average_overlap` over the actual spectrum of the
 embedded system.  The paper's eq. II.92 (and its limit ``a_+ -> 0^-``, eq. II.93: ``Delta_+ / Delta``)
 is a different quantity: it is built from the Carleman mode counts, not from the spectrum of M,
 and it does not follow from eq. II.89-II.91.  With ``Delta_- = 0`` it reduces to ``sqrt(G/(T+1)) < 1``
@@ -45,8 +45,10 @@ def eigen_coefficients(system: HermitianSystem) -> tuple[np.ndarray, np.ndarray]
     return system.eigenvalues.copy(), system.eigenvectors.T @ b
 
 
-def closed_form_fidelity(eigenvalues: np.ndarray, beta: np.ndarray, kappa_a: float) -> float:
-    """Eq. II.87: ``<x|x~>`` from the eigenvalues ``lambda_j`` and coefficients ``beta_j`` (float)."""
+def closed_form_overlap(eigenvalues: np.ndarray, beta: np.ndarray, kappa_a: float) -> float:
+    """Eq. II.87: the unsquared overlap ``<x|x~>`` from the eigenvalues ``lambda_j`` and
+    coefficients ``beta_j`` (float; the fidelity is its square).
+    """
     kappa_a = _check_kappa(kappa_a)
     lam = np.asarray(eigenvalues, dtype=np.float64)
     w2 = np.abs(np.asarray(beta)) ** 2
@@ -77,8 +79,9 @@ def measured_overlap(result: HHLResult, x_full: np.ndarray) -> float:
     return float(abs(np.vdot(x, result.state_well)) / np.linalg.norm(x))
 
 
-def haar_average_fidelity(eigenvalues: np.ndarray, kappa_a: float) -> float:
-    """Annealed Haar average of eq. II.87 using eq. II.89-II.91 (``|beta_j|^2 -> 1/D``).
+def haar_average_overlap(eigenvalues: np.ndarray, kappa_a: float) -> float:
+    """Annealed Haar average of the eq. II.87 overlap using eq. II.89-II.91 (``|beta_j|^2 -> 1/D``),
+    unsquared like eq. II.87.
 
     ``Tr(Lbar^-2) / ( Tr(L^-2)^{1/2} (Tr(Lbar^-2) + #ill)^{1/2} )`` over the given spectrum
     (the ``1/D`` factors cancel).
@@ -95,6 +98,12 @@ def haar_average_fidelity(eigenvalues: np.ndarray, kappa_a: float) -> float:
     if tr_bar == 0.0:
         return 0.0
     return tr_bar / (np.sqrt(tr_all) * np.sqrt(tr_bar + n_ill))
+
+
+#: older names of :func:`closed_form_overlap` and :func:`haar_average_overlap`, kept for
+#: callers outside the package; both return the unsquared overlap, not a fidelity
+closed_form_fidelity = closed_form_overlap
+haar_average_fidelity = haar_average_overlap
 
 
 def dissipative_split(qcm_eigenvalues: np.ndarray) -> tuple[int, int, float]:
@@ -118,7 +127,7 @@ def ii92_against_ii87(M: np.ndarray, B: np.ndarray, carleman_eigenvalues: np.nda
     Eq. II.92 is the paper's estimate of the truncated-HHL overlap from the Carleman mode counts
     (Delta_+, Delta, a_+) with kappa_a = 2(T+1); eq. II.87 is the overlap itself for the actual
     Hermitian embedding of M x = B (:func:`hpcqml.hhl.statevector.embed`, unit norm), and
-    :func:`haar_average_fidelity` its annealed average over |b> (eq. II.89-II.91).  The two do not
+    :func:`haar_average_overlap` its annealed average over |b> (eq. II.89-II.91).  The two do not
     describe the same thing: with Delta_- = 0 eq. II.92 reduces to sqrt(G / (T+1)) < 1,
     G = sum_t (1 + a_+)^t, although nothing is truncated whenever kappa(M) <= kappa_a (then eq. II.87
     is exactly 1).  They agree in the limit a_+ -> 0 with Delta_- = 0.
@@ -143,8 +152,8 @@ def ii92_against_ii87(M: np.ndarray, B: np.ndarray, carleman_eigenvalues: np.nda
     d_plus, d_all, a_plus = dissipative_split(carleman_eigenvalues)
     spec = np.asarray(system.spectrum)
     return {
-        "overlap_ii87": closed_form_fidelity(lam, beta, kappa),
-        "overlap_haar": haar_average_fidelity(spec, kappa),
+        "overlap_ii87": closed_form_overlap(lam, beta, kappa),
+        "overlap_haar": haar_average_overlap(spec, kappa),
         "overlap_ii92": overlap_ii92(d_plus, d_all, a_plus, T) if d_plus else 0.0,
         "overlap_ii93": float(overlap_ii93(d_plus, d_all)),
         "Delta_plus": float(d_plus), "Delta": float(d_all), "a_plus": a_plus, "kappa_a": kappa,

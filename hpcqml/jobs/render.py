@@ -327,6 +327,9 @@ while :; do
   if [ "$rc" -gt 128 ] && kill -0 "$launcher_pid" 2>/dev/null; then continue; fi
   break
 done
+# the ranks write "stopped" to the note when they left unfinished (their status is 0 then)
+stopped=""
+grep -qx stopped "$HPCQML_STOP_NOTE" 2>/dev/null && stopped=1
 cleanup
 log "launcher exited with status $rc"
 SAVED="the checkpoints in __OUTPUT__ and its work directory"
@@ -335,12 +338,15 @@ case "$SIGNALLED" in
     if [ "$HPCQML_REQUEUE" = 1 ]; then
       log "stopped at the wall-time warning; saved $SAVED; requeueing: the next run resumes from them"
       requeue
+      stopped=""                  # a later segment finishes the work
     else
       log "stopped at the wall-time warning; saved $SAVED; not requeued (HPCQML_REQUEUE=0): submit again to resume"
     fi ;;
   TERM)
     log "cancelled (SIGTERM); saved $SAVED; not requeued: submit again to resume" ;;
 esac
+# unfinished and not requeued: fail the job, so that afterok dependencies do not start
+if [ -n "$stopped" ] && [ "$rc" = 0 ]; then rc=2; fi
 exit "$rc"
 '''
 

@@ -12,7 +12,8 @@ import h5py
 import numpy as np
 
 from hpcqml.errors import UserError
-from hpcqml.report.figures import FIGURES, Skip, curvature_results, fig_scaling, proxy_over_training
+from hpcqml.report.figures import (FIGURES, Skip, curvature_results, delta_text, fig_scaling, negative_mass_delta,
+                                   negative_mass_name, proxy_over_training)
 from hpcqml import results
 from hpcqml.results import Fact, Results, provenance_facts
 from hpcqml.store import DAMAGE_ERRORS, damage_error
@@ -196,12 +197,29 @@ def _adaptive_md(rows: list[tuple[str, h5py.Group]]) -> list[str]:
     return ["", "Adaptive stopping (requested estimates, primary convention):", ""] + lines if lines else []
 
 
+def _negative_mass_column(results: list[h5py.Group]) -> tuple[str, bool]:
+    """The header of a table's negative-mass column, which names the threshold δ of μ((−∞, −δ)),
+    and whether each cell must name its own δ (the rows were measured with different thresholds).
+    """
+    deltas = {negative_mass_delta(res) for res in results}
+    if len(deltas) == 1:
+        return negative_mass_name(deltas.pop()), False
+    return "negative mass (λ < −δ)", True
+
+
+def _negative_mass_cell(res: h5py.Group, e: h5py.Group, own_delta: bool) -> str:
+    """The negative-mass estimate of one result, preceded by its δ where the column has none."""
+    return (f"{delta_text(negative_mass_delta(res))}: " if own_delta else "") + \
+        _estimate_text(e, "negative_mass", "{:.3f}")
+
+
 def _spectrum_md(fh: h5py.File) -> list[str]:
     if "spectrum" not in fh:
         return []
     rows = _spectrum_rows(fh)
     if not rows:
         return []
+    negative, own_delta = _negative_mass_column([res for _, res in rows])
     lines = ["### Hessian spectra (SLQ)", "",
              "Each estimate prints its value and [combined interval]: the proven quadrature bracket of the "
              "probe-exact value widened by the 95 % Student t sampling interval over probes; 'resolved' when "
@@ -211,14 +229,14 @@ def _spectrum_md(fh: h5py.File) -> list[str]:
              "bracket) or 'sampling: …' (more probes narrow it). Definitions: docs/science.md. "
              "Files written by older versions carry no proven bracket: their values print with the "
              "jackknife standard error and 'not certified'.", "",
-             "| state | n | λ_min ± res | λ_max ± res | trace | negative mass | precision | route |",
+             f"| state | n | λ_min ± res | λ_max ± res | trace | {negative} | precision | route |",
              "|---|---|---|---|---|---|---|---|"]
     for label, res in rows:
         a, e = res.attrs, res["estimates"]
         lines.append(f"| {label} | {_attr(a, 'n', '{:,}')} | {_attr(a, 'lambda_min', '{:.4g}')} ± "
                      f"{_attr(a, 'lambda_min_residual', '{:.2g}')} | {_attr(a, 'lambda_max', '{:.4g}')} ± "
                      f"{_attr(a, 'lambda_max_residual', '{:.2g}')} | {_estimate_text(e, 'trace')} | "
-                     f"{_estimate_text(e, 'negative_mass', '{:.3f}')} | {_attr(a, 'precision')} | "
+                     f"{_negative_mass_cell(res, e, own_delta)} | {_attr(a, 'precision')} | "
                      f"{_attr(a, 'route')} |")
     lines += _adaptive_md(rows)
     lines += ["", "Both mode conventions, cutoff |λ| ≥ c as stored (eq. III.12/III.13); "
@@ -237,11 +255,12 @@ def _curvature_md(fh: h5py.File) -> list[str]:
     states = curvature_results(fh)
     if not states:
         return []
+    negative, own_delta = _negative_mass_column([res for found in states.values() for res in found.values()])
     lines = ["### Spectra per curvature kind and block", "",
              "Every spectrum stored for one model state ([spectrum] curvature and blocks; figure "
              "curvature_spectra.png). Eigenvalues are those of the curvature matrix of the batch-mean loss "
              "with respect to the block's n parameters; estimates print as in the table above.", "",
-             "| state | curvature | block | n | λ_min ± res | λ_max ± res | trace | negative mass |",
+             f"| state | curvature | block | n | λ_min ± res | λ_max ± res | trace | {negative} |",
              "|---|---|---|---|---|---|---|---|"]
     for label, found in states.items():
         for (kind, block), res in sorted(found.items(), key=lambda kv: (kv[0][0] != "hessian", kv[0])):
@@ -251,7 +270,7 @@ def _curvature_md(fh: h5py.File) -> list[str]:
                          f"{_attr(a, 'lambda_min', '{:.4g}')} ± {_attr(a, 'lambda_min_residual', '{:.2g}')} | "
                          f"{_attr(a, 'lambda_max', '{:.4g}')} ± {_attr(a, 'lambda_max_residual', '{:.2g}')} | "
                          f"{_estimate_text(e, 'trace') if e else '–'} | "
-                         f"{_estimate_text(e, 'negative_mass', '{:.3f}') if e else '–'} |")
+                         f"{_negative_mass_cell(res, e, own_delta) if e else '–'} |")
     return lines + [""]
 
 

@@ -468,15 +468,40 @@ def curvature_results(fh: h5py.File) -> dict[str, dict[tuple[str, str], h5py.Gro
     return out
 
 
+def negative_mass_delta(res: h5py.Group) -> float | None:
+    """The threshold δ of a result's stored negative mass μ((−∞, −δ)): the ``delta`` attribute of
+    ``estimates/negative_mass`` (docs/schema/spectrum.md), else the result group's ``negative_delta``
+    or ``delta`` attribute; None when none is stored (files of older versions).
+    """
+    e = res.get("estimates")
+    places = [e["negative_mass"].attrs] if e is not None and "negative_mass" in e else []
+    for attrs, key in [(a, "delta") for a in places] + [(res.attrs, "negative_delta"), (res.attrs, "delta")]:
+        if key in attrs:
+            value = float(np.asarray(attrs[key]).reshape(-1)[0])
+            if np.isfinite(value):
+                return value
+    return None
+
+
+def delta_text(delta: float | None) -> str:
+    """``δ = 1`` for a stored threshold, ``δ not stored`` for an older file."""
+    return "δ not stored" if delta is None else f"δ = {delta:g}"
+
+
+def negative_mass_name(delta: float | None) -> str:
+    """The name of the negative mass with its threshold: ``negative mass (λ < −δ, δ = 1)``."""
+    return f"negative mass (λ < −δ, {delta_text(delta)})"
+
+
 def _negative_mass_text(res: h5py.Group) -> str:
-    """The SLQ estimate of the negative mass of one result: value, combined interval (where stored)
-    and whether it is resolved, as docs/schema/spectrum.md stores it.
+    """The SLQ estimate of the negative mass of one result with its threshold δ: value, combined
+    interval (where stored) and whether it is resolved, as docs/schema/spectrum.md stores it.
     """
     e = res.get("estimates")
     if e is None or "negative_mass" not in e:
         return "negative mass: not stored"
     d = e["negative_mass"]
-    text = f"negative mass {float(d[0]):.3g}"
+    text = f"{negative_mass_name(negative_mass_delta(res))}:\n{float(d[0]):.3g}"   # two lines: the panel is narrow
     if "negative_mass_combined" in e:
         low, high = (float(v) for v in e["negative_mass_combined"][()])
         text += f", interval [{low:.3g}, {high:.3g}]"
@@ -487,7 +512,7 @@ def fig_curvature_spectra(fh: h5py.File, out: Path) -> Path:
     """Small multiples of the spectra of one model state: one row per curvature kind (and state),
     one column per diagonal block (first: all kept parameters), each panel the smoothed density
     ρ(λ) of its SLQ result with its extreme Ritz values λ_min, λ_max, the trace estimate and the
-    negative-mass estimate with its combined interval.
+    negative-mass estimate μ((−∞, −δ)) with its threshold δ and combined interval (the legend's title).
     Axes are not shared: the kinds differ by orders of magnitude.
     """
     states = curvature_results(fh)
@@ -519,12 +544,12 @@ def fig_curvature_spectra(fh: h5py.File, out: Path) -> Path:
             ax.axvline(lmax, color="0.3", ls=":", lw=0.8, label=f"λ_max = {lmax:.3g}")
             ax.set_yscale("log")
             ax.set_ylim(bottom=max(1e-8, float(np.max(rho)) * 1e-6))
-            ax.text(0.02, 0.02, _negative_mass_text(res), transform=ax.transAxes, fontsize=6, color="0.25")
             ax.set_title(f"{human_label(label)}: {kind} — {where}", fontsize=8)
             ax.set_xlabel("eigenvalue λ", fontsize=8)
             ax.set_ylabel("density ρ(λ)", fontsize=8)
             ax.tick_params(labelsize=7)
-            ax.legend(fontsize=6)
+            # the negative mass heads the legend, which the legend placement then keeps off the curves
+            ax.legend(fontsize=6, title=_negative_mass_text(res), title_fontsize=6, alignment="left")
     fig.suptitle("Spectra per curvature kind (rows) and diagonal block (columns), SLQ", fontsize=10)
     return _save(fig, out, "curvature_spectra.png")
 

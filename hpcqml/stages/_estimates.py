@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from hpcqml.errors import UserError
-from hpcqml.preflight import MEMORY_WARN_FRACTION, STATE_ITEMSIZE, Preflight, gib, krylov_basis_bytes
+from hpcqml.preflight import MEMORY_WARN_FRACTION, STATE_ITEMSIZE, Preflight, basis_plan, gib
 
 if TYPE_CHECKING:
     from hpcqml.config import RunConfig
@@ -76,23 +76,37 @@ def parameters_of(cfg: RunConfig) -> tuple[str, int] | None:
 
 
 def estimate_spectrum(cfg: RunConfig, ranks: int, memory_per_rank: float, found: Preflight) -> None:
-    """Lanczos basis bytes per rank (:func:`hpcqml.preflight.krylov_basis_bytes`, float32
-    state, sharded over one probe group of ``ranks / groups`` ranks), and the CIFAR-100 files.
+    """Lanczos basis bytes per rank, counted as the stage holds them
+    (:func:`hpcqml.preflight.basis_plan`, the rule of
+    :func:`hpcqml.stages.spectrum.plan_engine`): float32 bases of ``max_lanczos_steps``
+    vectors sharded over one probe group of ``ranks / groups`` ranks, ``lockstep`` of them at
+    once, or all of a group's ``max_probes`` when the steps may grow and they fit; and the
+    CIFAR-100 files.
     """
     check_cifar_root(cfg, found)
     model = parameters_of(cfg)
     if model is None:
         return
     name, n = model
-    steps = cfg.sections["spectrum"]["lanczos_steps"]
-    shards = max(ranks // max(cfg.sections["spectrum"]["groups"], 1), 1)
-    per_rank = krylov_basis_bytes(steps, n, shards)
-    found.estimates.append(f"spectrum: Lanczos basis {steps} x {n:,} parameters ({name}) x {STATE_ITEMSIZE} bytes / "
-                           f"{shards} rank(s) = {gib(per_rank)} per rank")
-    if memory_per_rank and per_rank > MEMORY_WARN_FRACTION * memory_per_rank:
-        found.warnings.append(f"spectrum: the Lanczos basis needs {gib(per_rank)} per rank, more than "
+    sp = cfg.sections["spectrum"]
+    groups = max(int(sp["groups"]), 1)
+    shards = max(ranks // groups, 1)
+    # not capped at n: a step count above n is refused when the stage runs
+    steps = int(sp["lanczos_steps"])
+    max_steps = max(steps, int(sp["max_lanczos_steps"]))
+    per_group = -(-max(int(sp["probes"]), int(sp["max_probes"])) // groups)
+    plan = basis_plan(per_group, steps, max_steps, n, shards, STATE_ITEMSIZE, memory_per_rank,
+                      lockstep=int(sp["lockstep"]), reorth=sp["reorth"])
+    held = f"{plan.bases} basis(es) held at once ({plan.width} in lockstep" + \
+        (f", {per_group} kept for step growth)" if plan.keep else ")")
+    vectors = max_steps if sp["reorth"] == "full" else 2
+    found.estimates.append(f"spectrum: Lanczos basis {vectors} x {n:,} parameters ({name}) x {STATE_ITEMSIZE} bytes / "
+                           f"{shards} rank(s) = {gib(plan.per_basis)} per rank; {held} = {gib(plan.total)} per rank")
+    if memory_per_rank and plan.total > MEMORY_WARN_FRACTION * memory_per_rank:
+        what = "basis needs" if plan.bases == 1 else f"bases of {plan.bases} probes held at once need"
+        found.warnings.append(f"spectrum: the Lanczos {what} {gib(plan.total)} per rank, more than "
                               f"{MEMORY_WARN_FRACTION:.0%} of the {gib(memory_per_rank)} a rank has; lower "
-                              "spectrum.lanczos_steps or use more ranks")
+                              "spectrum.max_lanczos_steps or spectrum.lockstep, or use more ranks")
 
 
 def estimate_carleman(cfg: RunConfig, _ranks: int, memory_per_rank: float, found: Preflight) -> None:

@@ -50,7 +50,7 @@ import numpy as np
 
 from hpcqml.config import Field
 from hpcqml.errors import UserError
-from hpcqml.preflight import MEMORY_WARN_FRACTION, krylov_basis_bytes, machine_memory_bytes
+from hpcqml.preflight import MEMORY_WARN_FRACTION, krylov_basis_bytes
 from hpcqml.stages import Stage, StageContext, register
 from hpcqml.stages._estimates import estimate_spectrum, spectrum_reads
 
@@ -388,6 +388,8 @@ def check_sizes(ctx: StageContext, label: str, n: int, layout: Any, dtype: torch
     """
     import torch
 
+    from hpcqml.parallel import memory_per_rank
+
     if ctx.cfg["lanczos_steps"] > n and not block:
         steps = ctx.cfg["lanczos_steps"]
         raise UserError(f"[spectrum] lanczos_steps = {steps} exceeds the dimension n = {n} of {label}'s "
@@ -396,8 +398,8 @@ def check_sizes(ctx: StageContext, label: str, n: int, layout: Any, dtype: torch
         return
     gsize = 1 if layout.comm is None else layout.comm.Get_size()
     per_rank = bases * krylov_basis_bytes(steps, n, gsize, torch.empty((), dtype=dtype).element_size())
-    available, where = _memory_per_rank(ctx, basis_device)
-    if per_rank > BASIS_MEMORY_FRACTION * available:
+    available, where = memory_per_rank(ctx.comm, basis_device)
+    if available > 0 and per_rank > BASIS_MEMORY_FRACTION * available:
         what = "the Krylov basis needs" if bases == 1 else f"the Krylov bases of {bases} probes held at once need"
         ctx.log(f"warning: {label}: {what} {per_rank / 2**30:.2f} GiB per rank "
                 f"({steps} steps x {-(-n // gsize):,} values each), more than {BASIS_MEMORY_FRACTION:.0%} of the "
@@ -815,54 +817,56 @@ def adapt(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, p
 def plan_engine(ctx: StageContext, label: str, st: Prepared, layout: Any, budget: Budget) -> tuple[Any, int]:
     """The Lanczos engine of one operator and its lockstep width, from the settings and memory.
 
-    The width is ``[spectrum] lockstep``, or with 0 as many probes as have Krylov bases of
-    ``max_lanczos_steps`` vectors fitting in half the memory per rank (at most
+    The bases held follow :func:`hpcqml.preflight.basis_plan`, the rule ``hpcqml validate``
+    estimates with: the width is ``[spectrum] lockstep``, or with 0 as many probes as have
+    Krylov bases of ``max_lanczos_steps`` vectors fitting in half the memory per rank
+    (:func:`hpcqml.parallel.memory_per_rank`; at most
     :data:`hpcqml.hessian.lockstep.MAX_AUTO_WIDTH`, and at most the probes of one group).
-    When the steps may grow, the engine keeps every probe's recurrence for extension if the
-    bases of all ``max_probes`` probes of a group fit in that memory; otherwise a step growth
-    reruns the probes, and one line says so.  The basis-memory warning
+    A width chosen from memory is decided once per operator and results file
+    (``spectrum/decisions/lockstep/LABEL``, ``/`` in the label written ``:``) and reused
+    on every resume, so job segments on nodes with different memory advance the same
+    blocks.  When the steps may grow, the engine keeps every probe's recurrence for
+    extension if the bases of all ``max_probes`` probes of a group fit in that memory;
+    otherwise a step growth reruns the probes, and one line says so.  The
+    reorthogonalisation's chunk width follows ``max_lanczos_steps``, so an extended probe
+    and a rerun one give the same numbers.  The basis-memory warning
     (:func:`check_sizes`) counts the bases held at once.
     """
     import torch
 
-    from hpcqml.hessian.lockstep import LanczosEngine, auto_width
+    from hpcqml.hessian.lockstep import MAX_AUTO_WIDTH, LanczosEngine
+    from hpcqml.parallel import memory_per_rank
+    from hpcqml.preflight import basis_plan
 
     cfg = ctx.cfg
     basis_device = "cpu" if cfg["basis_device"] == "cpu" else ctx.device()
     gsize = 1 if layout.comm is None else layout.comm.Get_size()
     itemsize = torch.empty((), dtype=st.dtype).element_size()
-    steps = budget.max_steps if cfg["reorth"] == "full" else 2
-    available = _memory_per_rank(ctx, basis_device)[0]
+    available = memory_per_rank(ctx.comm, basis_device)[0]
     per_group = -(-budget.max_probes // layout.count)
-    width = int(cfg["lockstep"]) or auto_width(per_group, steps, st.n, gsize, itemsize, available,
-                                               BASIS_MEMORY_FRACTION)
-    width = min(width, per_group)
-    keep = budget.max_steps > budget.steps
-    bases = width
-    if keep:
-        need = per_group * krylov_basis_bytes(steps, st.n, gsize, itemsize)
-        if available > 0 and need > BASIS_MEMORY_FRACTION * available:
-            keep = False
-            ctx.log(f"{label}: a step growth reruns the probes: keeping the Krylov bases of {per_group} probes "
-                    f"for extension would need {need / 2**30:.2f} GiB per rank")
-        else:
-            bases = max(width, per_group)
-    check_sizes(ctx, label, st.n, layout, st.dtype, basis_device, budget.max_steps, bool(st.block), bases=bases)
+
+    def plan(lockstep: int, probes: int) -> Any:
+        return basis_plan(probes, budget.steps, budget.max_steps, st.n, gsize, itemsize, available,
+                          lockstep=lockstep, reorth=cfg["reorth"], fraction=BASIS_MEMORY_FRACTION)
+
+    lockstep = int(cfg["lockstep"])
+    if lockstep == 0:
+        # the memory's width for the largest block, whatever the probe count: capped by the
+        # probes of a group below, so an extension with more probes sees the same choice;
+        # one flat group per operator (a nested one would be deleted with its parent's commit)
+        chosen = ctx.store.decide_once(f"spectrum/decisions/lockstep/{label.replace('/', ':')}",
+                                       lambda: {"lockstep": plan(0, MAX_AUTO_WIDTH).width})
+        lockstep = int(chosen["lockstep"])
+    chosen_plan = plan(lockstep, per_group)
+    if chosen_plan.keep_bytes and not chosen_plan.keep:
+        ctx.log(f"{label}: a step growth reruns the probes: keeping the Krylov bases of {per_group} probes "
+                f"for extension would need {chosen_plan.keep_bytes / 2**30:.2f} GiB per rank")
+    check_sizes(ctx, label, st.n, layout, st.dtype, basis_device, budget.max_steps, bool(st.block),
+                bases=chosen_plan.bases)
     engine = LanczosEngine(st.n, layout.comm, reorth=cfg["reorth"], state_dtype=st.dtype, device=ctx.device(),
-                           basis_device=basis_device, label=label, perf=ctx.perf, keep=keep)
-    return engine, width
-
-
-def _memory_per_rank(ctx: StageContext, basis_device: Any) -> tuple[int, str]:
-    """Bytes of memory a rank's Krylov bases may use on ``basis_device``, and what it is."""
-    import torch
-
-    from hpcqml.parallel import node_rank_and_size
-
-    dev = torch.device(basis_device)
-    if dev.type == "cuda":
-        return int(torch.cuda.mem_get_info(dev)[1]), f"{torch.cuda.get_device_name(dev)} memory"
-    return machine_memory_bytes() // node_rank_and_size(ctx.comm)[1], "host memory per rank on this node"
+                           basis_device=basis_device, label=label, perf=ctx.perf, keep=chosen_plan.keep,
+                           chunk_steps=budget.max_steps)
+    return engine, chosen_plan.width
 
 
 def train_eta(ctx: StageContext) -> tuple[float, str]:
@@ -872,10 +876,12 @@ def train_eta(ctx: StageContext) -> tuple[float, str]:
     return float(ctx.section("train")["lr"]), "[train] lr"
 
 
-def _write_estimate(group: Any, name: str, est: Any, units: str, description: str) -> None:
+def _write_estimate(group: Any, name: str, est: Any, units: str, description: str,
+                    attrs: dict[str, Any] | None = None) -> None:
     """One estimate: ``[value, stderr, ci_low, ci_high]`` with its resolution and reason,
     the per-probe values, the proven quadrature bracket (pooled and per probe) and the
-    combined interval (docs/schema/spectrum.md).
+    combined interval (docs/schema/spectrum.md); ``attrs``: more attributes of the main
+    dataset (e.g. the threshold ``delta`` the estimate is defined with).
     """
     from hpcqml.store import write_dataset
 
@@ -887,7 +893,7 @@ def _write_estimate(group: Any, name: str, est: Any, units: str, description: st
                     "threshold": float("nan") if est.threshold is None else float(est.threshold),
                     "threshold_mass": float(est.threshold_mass), "threshold_share": float(est.threshold_share),
                     "uncertainty": "standard error over probes (jackknife for ratios); ci: Student t sampling "
-                                   "interval over probes (NaN below 2 probes)"})
+                                   "interval over probes (NaN below 2 probes)", **(attrs or {})})
     write_dataset(group, f"{name}_per_probe", np.asarray(est.per_probe, dtype=f8), units,
                   f"{description}: the Gauss value from each probe alone")
     write_dataset(group, f"{name}_resolution", np.array([est.res_low, est.res_high], dtype=f8), units,
@@ -963,8 +969,10 @@ def result_writer(spec: Any, cfg: dict[str, Any], eta: float,
                         "width_rule": dens.rule, "kernel": "gaussian"})
         est = g.create_group("estimates")
         _write_estimate(est, "trace", spec.trace(), "nat", "Hutchinson trace of H (mean of z^T H z)")
-        _write_estimate(est, "negative_mass", spec.negative_mass(cfg["negative_delta"]), "1",
-                        "mass of the eigenvalues below -negative_delta (SLQ value; proven bracket in _resolution)")
+        delta = float(cfg["negative_delta"])
+        _write_estimate(est, "negative_mass", spec.negative_mass(delta), "1",
+                        f"mass of eigenvalues below -delta (delta = {delta:g}); SLQ value, proven bracket in "
+                        "_resolution", attrs={"delta": delta})
         p = g.create_group("proxy")
         write_dataset(p, "t", np.arange(cfg["t_max"] + 1, dtype=np.float64), "count", "iteration t")
         p.attrs["primary"] = cfg["convention"]

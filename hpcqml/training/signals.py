@@ -236,6 +236,21 @@ def _wait_until_reaped(peers: Sequence[tuple[str, int, str]], timeout: float) ->
             time.sleep(0.02)
 
 
+def _note_stopped() -> None:
+    """Tell the job script that the ranks stopped before finishing (a line ``stopped`` in the
+    file ``HPCQML_STOP_NOTE`` names), so that it exits non-zero when no requeue follows, even
+    though the launcher returns 0.
+    """
+    note = os.environ.get("HPCQML_STOP_NOTE")
+    if not note:
+        return
+    try:
+        with open(note, "a", encoding="utf-8") as fh:
+            fh.write("stopped\n")
+    except OSError:
+        pass
+
+
 def leave_after_stop(comm: Any, message: str, code: int = STOP_STATUS) -> NoReturn:
     """End every rank in order after a stop by signal that all ranks agreed on.
 
@@ -263,14 +278,19 @@ def leave_after_stop(comm: Any, message: str, code: int = STOP_STATUS) -> NoRetu
         message: the stop's one-line message (:meth:`StoppedBySignal.final`).
         code: the exit status of rank 0, which the launcher reports.
     """
-    from mpi4py import MPI
-
     size, rank = comm.Get_size(), comm.Get_rank()
     where = f" (rank {rank} of {size})" if size > 1 else ""
     first = message.splitlines()[0] if message else "stopped by a signal"
     line = f"hpcqml: error{where}: {first}\n".encode(errors="replace")
     sys.stdout.flush()
     sys.stderr.flush()
+    if rank == 0:
+        _note_stopped()
+    if size == 1:                       # nothing to meet: no barrier, no MPI calls at all
+        os.write(2, line)
+        sys.exit(code)
+    from mpi4py import MPI
+
     request = comm.Ibarrier()
     deadline = time.monotonic() + ORDERLY_EXIT_WAIT
     while not request.Test():
