@@ -102,3 +102,30 @@ def undocumented_datasets(path: Path) -> list[str]:
     with h5py.File(path, "r") as fh:
         fh.visititems(visit)
     return missing
+
+
+#: a training run long enough to be stopped by a signal mid-way (job-script and orderly-stop tests)
+TRAINING = """[run]
+output = "{out}"
+stages = ["data", "pretrain", "prune", "train"]
+seed = 2
+threads = 1
+device = "cpu"
+[data]
+synth_train = 64
+synth_test = 8
+synth_classes = 4
+[pretrain]
+model = "resnet8-w1"
+epochs = 1
+batch_size = 16
+[prune]
+keep_fraction = 0.2
+evaluate = false
+[train]
+steps = 5000
+batch_size = 8
+test_interval = 0
+snapshot_every = 3
+checkpoint_every = 1000
+"""

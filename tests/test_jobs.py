@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, TRAINING, run_cli
 from hpcqml.errors import UserError
 from hpcqml.jobs import add_arguments, cli_main
 from hpcqml.jobs.render import STANDARD, standard_specs
@@ -435,30 +435,6 @@ def test_checked_in_pbs_script_dry_run(tmp_path):
                      r"--output results/resnet56-w11-cifar100.h5$", res.stdout.strip()), res.stdout
 
 
-TRAINING = """[run]
-output = "{out}"
-stages = ["data", "pretrain", "prune", "train"]
-seed = 2
-threads = 1
-device = "cpu"
-[data]
-synth_train = 64
-synth_test = 8
-synth_classes = 4
-[pretrain]
-model = "resnet8-w1"
-epochs = 1
-batch_size = 16
-[prune]
-keep_fraction = 0.2
-evaluate = false
-[train]
-steps = 5000
-batch_size = 8
-test_interval = 0
-snapshot_every = 3
-checkpoint_every = 1000
-"""
 
 
 def _signal_session(sid: int, sig: int) -> list[int]:

@@ -17,35 +17,11 @@ import time
 
 import h5py
 import pytest
-from conftest import PYTHON, REPO, child_env, mpiexec
+from conftest import PYTHON, REPO, TRAINING, child_env, mpiexec
 
 from hpcqml.training.checkpoint import load_checkpoint
 from hpcqml.training.signals import stop_status
 
-TRAINING = """[run]
-output = "{out}"
-stages = ["data", "pretrain", "prune", "train"]
-seed = 2
-threads = 1
-device = "cpu"
-[data]
-synth_train = 64
-synth_test = 8
-synth_classes = 4
-[pretrain]
-model = "resnet8-w1"
-epochs = 1
-batch_size = 16
-[prune]
-keep_fraction = 0.2
-evaluate = false
-[train]
-steps = 5000
-batch_size = 8
-test_interval = 0
-snapshot_every = 3
-checkpoint_every = 1000
-"""
 
 
 def test_stop_status_reads_only_a_valid_status():
