@@ -142,6 +142,23 @@ def memory_per_rank(comm: Comm | None, device: Any) -> tuple[int, str]:
     return machine_memory_bytes() // max(1, ranks), f"host memory / {ranks} rank(s) on this node"
 
 
+#: the largest block width chosen automatically: a block product's cost per column stops
+#: falling at about 8 columns on a CPU (BENCHMARKS.md, lockstep probes)
+MAX_AUTO_WIDTH = 8
+
+
+def auto_width(probes: int, steps: int, n: int, shards: int, itemsize: int, available: int,
+               fraction: float = 0.5) -> int:
+    """Block width chosen from memory: as many probes (at most :data:`MAX_AUTO_WIDTH` and
+    ``probes``) as have Krylov bases of ``steps`` vectors of ``ceil(n / shards)`` values that
+    fit in ``fraction`` of ``available`` bytes; at least 1.  ``available = 0`` (unknown)
+    gives the largest width.
+    """
+    per_probe = max(1, int(steps) * -(-int(n) // max(1, int(shards))) * int(itemsize))
+    fit = MAX_AUTO_WIDTH if available <= 0 else int(fraction * available // per_probe)
+    return max(1, min(MAX_AUTO_WIDTH, int(probes), fit))
+
+
 def block_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     """``[lo, hi)`` of ``rank``'s contiguous near-equal block of ``range(n)`` over ``size``
     ranks (the first ``n % size`` blocks are one longer). Used to shard batches and the

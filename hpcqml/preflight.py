@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from hpcqml.config import RunConfig
-from hpcqml.parallel import machine_memory_bytes
+from hpcqml.parallel import auto_width, machine_memory_bytes
 
 #: warn when an estimate exceeds this fraction of the memory per rank
 MEMORY_WARN_FRACTION = 0.5
@@ -179,7 +179,7 @@ def basis_plan(probes_per_group: int, steps: int, max_steps: int, n: int, shards
 
     The lockstep width is ``lockstep``, or with 0 as many probes as have bases of
     ``max_steps`` vectors fitting in ``fraction`` of ``available``
-    (:func:`hpcqml.hessian.lockstep.auto_width`), at most a group's probes.  When the steps
+    (:func:`hpcqml.parallel.auto_width`), at most a group's probes.  When the steps
     may grow (``max_steps > steps``) every probe of a group is kept for extension if all
     their bases fit in that fraction (or ``available`` is unknown, 0); the bases held at
     once are then ``max(width, probes_per_group)``, else ``width``.
@@ -196,8 +196,6 @@ def basis_plan(probes_per_group: int, steps: int, max_steps: int, n: int, shards
         reorth: ``full`` (a basis of ``max_steps`` vectors) or ``none`` (two vectors).
         fraction: share of ``available`` the bases may take.
     """
-    from hpcqml.hessian.lockstep import auto_width
-
     per_group = max(1, int(probes_per_group))
     vectors = int(max_steps) if reorth == "full" else 2
     per_basis = krylov_basis_bytes(vectors, n, shards, itemsize)

@@ -136,7 +136,7 @@ def test_notebook_runs_from_notebooks_folder_and_draws_inline(small_results, tmp
     assert "drawn:" in text and "fig4a" in text
     line = next(x for x in text.splitlines() if x.startswith("step_000000 | trace:"))
     # each estimate prints its value and its [combined interval]
-    assert "negative mass:" in line and line.count("[") == 2 and line.count("–") >= 2, line
+    assert "negative mass (λ < −1):" in line and line.count("[") == 2 and line.count("–") >= 2, line
     assert "dissipative fraction (eta convention):" in text
     inline = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(inline) >= 3                                      # figures shown in the notebook itself

@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from hpcqml.parallel import MAX_AUTO_WIDTH, auto_width  # noqa: F401  (re-exported: the engine's width rule)
+
 from hpcqml.hessian.lanczos import (
     Interrupted,
     LanczosResult,
@@ -40,9 +42,6 @@ from hpcqml.hessian.lanczos import (
     _unit_start,
 )
 
-#: the largest block width chosen automatically: a block product's cost per column stops
-#: falling at about 8 columns on a CPU (BENCHMARKS.md, lockstep probes)
-MAX_AUTO_WIDTH = 8
 
 
 @dataclass
@@ -80,18 +79,6 @@ def column_product(matvec: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[
     ``matvec``, so a probe run alone is computed as :func:`hpcqml.hessian.lanczos.lanczos` does).
     """
     return lambda V: torch.stack([matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
-
-
-def auto_width(probes: int, steps: int, n: int, shards: int, itemsize: int, available: int,
-               fraction: float = 0.5) -> int:
-    """Block width chosen from memory: as many probes (at most :data:`MAX_AUTO_WIDTH` and
-    ``probes``) as have Krylov bases of ``steps`` vectors of ``ceil(n / shards)`` values that
-    fit in ``fraction`` of ``available`` bytes; at least 1.  ``available = 0`` (unknown)
-    gives the largest width.
-    """
-    per_probe = max(1, int(steps) * -(-int(n) // max(1, int(shards))) * int(itemsize))
-    fit = MAX_AUTO_WIDTH if available <= 0 else int(fraction * available // per_probe)
-    return max(1, min(MAX_AUTO_WIDTH, int(probes), fit))
 
 
 class LanczosEngine:
