@@ -129,3 +129,20 @@ test_interval = 0
 snapshot_every = 3
 checkpoint_every = 1000
 """
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Figures handed to the report's ``_save`` during a test, by file name (the PNG is still
+    written), so that a test can check what each figure draws."""
+    from hpcqml.report import figures
+
+    out: dict[str, object] = {}
+    original = figures._save
+
+    def keep(fig, where, name):
+        out[name] = fig
+        return original(fig, where, name)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    return out

@@ -95,19 +95,6 @@ def fig4_file(tmp_path_factory):
     return tmp / "fig4.h5"
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    out: dict[str, object] = {}
-    original = figures._save
-
-    def keep(fig, where, name):
-        out[name] = fig
-        return original(fig, where, name)
-
-    monkeypatch.setattr(figures, "_save", keep)
-    return out
-
-
 def _norms(case, key):
     v = np.linalg.norm(case[key][()], axis=1)
     return np.where(v == 0, np.nan, v)

@@ -20,20 +20,6 @@ from hpcqml.report import figures
 from hpcqml.store import SCHEMA_VERSION
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """Figures passed to ``_save`` during the test, by file name."""
-    out: dict[str, object] = {}
-    original = figures._save
-
-    def keep(fig, where, name):
-        out[name] = fig
-        return original(fig, where, name)
-
-    monkeypatch.setattr(figures, "_save", keep)
-    return out
-
-
 def _legend(ax) -> list[str]:
     leg = ax.get_legend()
     return [t.get_text() for t in leg.get_texts()] if leg is not None else []

@@ -27,20 +27,6 @@ DELTA = 1.0                    # negative mass: the mass of the eigenvalues belo
 NO_CUTOFF = (0.8125, 0.01, 0.7875, 0.8375)   # eq. III.11 proxy at t = 10: value, s.e., combined interval
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """Figures handed to ``_save``, by file name (the PNG is still written)."""
-    out: dict[str, object] = {}
-    original = figures._save
-
-    def keep(fig, where, name):
-        out[name] = fig
-        return original(fig, where, name)
-
-    monkeypatch.setattr(figures, "_save", keep)
-    return out
-
-
 def _estimate(g: h5py.Group, name: str, value: float, se: float, resolved: bool = True, note: str = "") -> None:
     d = g.create_dataset(name, data=np.array([value, se, value - 2 * se, value + 2 * se]))
     d.attrs.update({"resolved": resolved, "note": note})

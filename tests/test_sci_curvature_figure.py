@@ -30,19 +30,6 @@ def curvature_file(tmp_path_factory):
     return run_pipeline(cfg, world(), quiet=True)
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    out: dict[str, object] = {}
-    original = figures._save
-
-    def keep(fig, where, name):
-        out[name] = fig
-        return original(fig, where, name)
-
-    monkeypatch.setattr(figures, "_save", keep)
-    return out
-
-
 def _legend(ax) -> list[str]:
     return [t.get_text() for t in ax.get_legend().get_texts()]
 
