@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from hpcqml.hessian.lanczos import lanczos, rademacher_slice
-from hpcqml.hessian.lockstep import LanczosEngine, auto_width, column_product, lanczos_lockstep
+from hpcqml.hessian.lockstep import LanczosEngine, column_product, lanczos_lockstep
+from hpcqml.parallel import auto_width
 from hpcqml.hessian.slq import slq
 
 

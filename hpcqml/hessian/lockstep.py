@@ -29,7 +29,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from hpcqml.parallel import MAX_AUTO_WIDTH, auto_width  # noqa: F401  (re-exported: the engine's width rule)
 
 from hpcqml.hessian.lanczos import (
     Interrupted,

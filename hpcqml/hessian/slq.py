@@ -29,7 +29,8 @@ import torch
 
 from hpcqml.errors import UserError
 from hpcqml.hessian.lanczos import Interrupted, LanczosResult, rademacher_slice
-from hpcqml.hessian.lockstep import LanczosEngine, auto_width, block_product, column_product
+from hpcqml.hessian.lockstep import LanczosEngine, block_product, column_product
+from hpcqml.parallel import auto_width
 from hpcqml.hessian.spectrum import GROW_STEPS, Estimate, Spectrum, next_growth, pad  # noqa: F401  (pad re-exported)
 from hpcqml.parallel import block_bounds, memory_per_rank
 
@@ -225,7 +226,7 @@ def slq(operator: Any, *, probes: int | Sequence[int], steps: int, seed: int = 0
             (1 = one after another, each product a ``matvec``); None or 0 = as many as fit
             in half the memory per rank for their Krylov bases
             (:func:`hpcqml.parallel.memory_per_rank`), at most
-            :data:`hpcqml.hessian.lockstep.MAX_AUTO_WIDTH`.  The results equal those of
+            :data:`hpcqml.parallel.MAX_AUTO_WIDTH`.  The results equal those of
             probes run one after another up to the rounding of the block product.
         requests: the estimates an adaptive run must resolve, each a function of the
             spectrum (e.g. ``lambda s: s.negative_mass(0.01)``); given together with

@@ -821,7 +821,7 @@ def plan_engine(ctx: StageContext, label: str, st: Prepared, layout: Any, budget
     estimates with: the width is ``[spectrum] lockstep``, or with 0 as many probes as have
     Krylov bases of ``max_lanczos_steps`` vectors fitting in half the memory per rank
     (:func:`hpcqml.parallel.memory_per_rank`; at most
-    :data:`hpcqml.hessian.lockstep.MAX_AUTO_WIDTH`, and at most the probes of one group).
+    :data:`hpcqml.parallel.MAX_AUTO_WIDTH`, and at most the probes of one group).
     A width chosen from memory is decided once per operator and results file
     (``spectrum/decisions/lockstep/LABEL``, ``/`` in the label written ``:``) and reused
     on every resume, so job segments on nodes with different memory advance the same
@@ -834,7 +834,8 @@ def plan_engine(ctx: StageContext, label: str, st: Prepared, layout: Any, budget
     """
     import torch
 
-    from hpcqml.hessian.lockstep import MAX_AUTO_WIDTH, LanczosEngine
+    from hpcqml.hessian.lockstep import LanczosEngine
+    from hpcqml.parallel import MAX_AUTO_WIDTH
     from hpcqml.parallel import memory_per_rank
     from hpcqml.preflight import basis_plan
 
