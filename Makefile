@@ -10,6 +10,10 @@ MPIEXEC ?= mpirun $(if $(filter 0,$(shell id -u)),--allow-run-as-root) --oversub
 NP ?= 2
 STAMP := $(VENV)/.hpcqml-installed
 TEST_TIMEOUT ?= 1500
+# The serial suite runs in TEST_WORKERS processes (pytest-xdist; each test file stays in one
+# worker, so a module's fixtures are built once): the number of cores, at most 4.  With 1 it
+# runs in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 .PHONY: install demo test test-serial test-mpi bench bench-gpu clean-results notebook lab
 install: $(STAMP)
@@ -27,7 +31,8 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory test-mpi
 
 test-serial: $(STAMP)
-	timeout $(TEST_TIMEOUT) $(PY) -m pytest tests -q -p no:cacheprovider
+	timeout $(TEST_TIMEOUT) $(PY) -m pytest tests -q -p no:cacheprovider \
+	  $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # Every rank runs the same pytest session; a failure on any rank fails the run, and
 # pytest-timeout turns a hang into a failure instead of a stuck job.

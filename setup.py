@@ -14,7 +14,7 @@ setup(
         # ipython<8.24: Debian's matplotlib 3.6 imports IPython.core.pylabtools.backend2gui, removed in 8.24.
         # curvlinops (the library tests' reference operator) is installed by env/install.sh without its
         # torchvision dependency, which the registry offers only as a build that does not load beside CPU torch.
-        "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel", "ipython<8.24", "pyyaml", "pyhessian==0.1",
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "ipython<8.24", "pyyaml", "pyhessian==0.1",
                  "ruff==0.17.6", "mypy==2.4.1"],
         # hpcqml.results' to_dataframe()/to_xarray() for notebooks (pinned numpy 1.24 resolves both)
         "analysis": ["pandas>=2,<3", "xarray>=2023.1"],

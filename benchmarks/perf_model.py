@@ -15,11 +15,16 @@ forms for ring algorithms: ``allreduce(x) = 2 log2(P) alpha + 2 (P-1)/P x beta``
 ``allgatherv(x) = log2(P) alpha + (P-1)/P x beta``.
 
 ``--measure`` (run under ``mpirun -n 2``) fits alpha and beta of this machine's MPI from
-timed Allreduce and Allgatherv calls; ``--project`` prints the strong-scaling projection for
-resnet32-w4 and resnet56-w11 on a stated interconnect.  Projections are a model, not a
-measurement, and BENCHMARKS.md labels them so.
+timed Allreduce and Allgatherv calls; ``--check`` sets the model's 2-rank prediction of the
+spectrum stage beside the measured one (``benchmarks/bench_spectrum_scaling.py``), with the
+two effects of ranks sharing one machine measured by ``benchmarks/bench_corun.py``: the
+product's cost per sample at B/2 against B, and the slowdown of two products computed at
+once; ``--project`` prints the strong-scaling projection for resnet32-w4 and resnet56-w11
+on a stated interconnect.  Projections are a model, not a measurement, and BENCHMARKS.md
+labels them so.
 
     mpirun --allow-run-as-root -n 2 .venv/bin/python benchmarks/perf_model.py --measure
+    .venv/bin/python benchmarks/perf_model.py --check --alpha 2.2e-6 --beta 9.0e-10
     .venv/bin/python benchmarks/perf_model.py --project --alpha 2e-6 --beta 4e-11 --h 2.5e-4
 """
 from __future__ import annotations
@@ -128,6 +133,33 @@ def measure(repeats: int = 20) -> None:
             print(f"  {int(nbytes):>10} B  allreduce {t_ar * 1e6:10.1f} us  allgatherv {t_ag * 1e6:10.1f} us")
 
 
+def two_rank_check(stage_1: float, measured_2: float, products: int, n: int, steps: int, batch_effect: float,
+                   corun: float, net: Network) -> dict[str, float]:
+    """The model's 2-rank spectrum stage from the 1-rank one, beside the measured time.
+
+    Args:
+        stage_1: the 1-rank stage's seconds (all of it compute: no communication there).
+        measured_2: the 2-rank stage's measured seconds (slowest rank).
+        products: products (block products in lockstep) per rank.
+        n: parameters; the product and the Lanczos vector are ``n`` float32 values.
+        steps: Lanczos steps per probe (sets the Gram-Schmidt reductions' length).
+        batch_effect: ``2 T(B/2) / T(B)``, the product's cost per sample at half the batch.
+        corun: ``T_co(B/2) / T(B/2)``, the slowdown of two products computed at once.
+        net: alpha-beta of the collectives.
+
+    Returns:
+        Predicted compute and communication seconds, their sum, and both efficiencies
+        ``stage_1 / (2 T_2)``.
+    """
+    j = (steps + 1) / 2
+    compute = stage_1 / 2 * batch_effect * corun
+    comm = products * (net.allreduce(n * 4, 2) + net.allgatherv(n * 4, 2) + 2 * net.allreduce(j * 8, 2)
+                       + 4 * net.allreduce(8, 2))
+    return {"compute": compute, "communication": comm, "predicted": compute + comm,
+            "predicted efficiency": stage_1 / (2 * (compute + comm)), "measured": measured_2,
+            "measured efficiency": stage_1 / (2 * measured_2)}
+
+
 def project(h: dict[str, float], net: Network, ranks: list[int], batch: int, mem_bw: float) -> None:
     """Print the projected strong scaling of one spectrum for the paper's two models."""
     models = [Workload("resnet32-w4", 7_451_044, batch), Workload("resnet56-w11", 103_703_700, batch)]
@@ -158,9 +190,36 @@ def main() -> None:
                     help="resnet56-w11 H.v s/sample (default: 2.5 H100 gradients of BENCHMARKS.md)")
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--mem-bw", type=float, default=2e12, help="bytes/s for reorthogonalisation (GPU HBM default)")
+    ap.add_argument("--check", action="store_true",
+                    help="the model's 2-rank spectrum stage against the measured one (defaults: the quiet "
+                         "2-core VM run of BENCHMARKS.md)")
+    ap.add_argument("--stage1", type=float, nargs=2, default=(192.2, 136.9), metavar=("SEQ", "LOCKSTEP"),
+                    help="1-rank stage seconds, probes one at a time and 4 in lockstep")
+    ap.add_argument("--stage2", type=float, nargs=2, default=(122.3, 84.92), metavar=("SEQ", "LOCKSTEP"),
+                    help="2-rank stage seconds, measured")
+    ap.add_argument("--batch-effect", type=float, default=2 * 1.046 / 2.311,
+                    help="2 T(B/2) / T(B) from bench_corun.py")
+    ap.add_argument("--corun", type=float, default=1.374 / 1.046, help="T_co(B/2) / T(B/2) from bench_corun.py")
+    ap.add_argument("--n", type=int, default=78_042, help="parameters of the checked run (resnet8-w1)")
+    ap.add_argument("--steps", type=int, default=20, help="Lanczos steps per probe of the checked run")
+    ap.add_argument("--products", type=int, nargs=2, default=(80, 20), metavar=("SEQ", "LOCKSTEP"),
+                    help="products per rank of the checked runs (block products in lockstep)")
     args = ap.parse_args()
     if args.measure:
         measure()
+    if args.check:
+        net = Network(args.alpha, args.beta)
+        print(f"2-rank check: n = {args.n:,}, {args.steps} steps, {args.products[0]} / {args.products[1]} products "
+              f"per rank, batch effect {args.batch_effect:.3f}, co-run {args.corun:.3f}, alpha {net.alpha:.3g} s, "
+              f"beta {net.beta:.3g} s/B")
+        print("| probes | predicted compute s | predicted communication s | predicted 2-rank s | measured 2-rank s "
+              "| predicted efficiency | measured efficiency |")
+        print("|---|---|---|---|---|---|---|")
+        for mode, t1, t2, products in (("one at a time", args.stage1[0], args.stage2[0], args.products[0]),
+                                       ("in lockstep", args.stage1[1], args.stage2[1], args.products[1])):
+            r = two_rank_check(t1, t2, products, args.n, args.steps, args.batch_effect, args.corun, net)
+            print(f"| {mode} | {r['compute']:.1f} | {r['communication']:.3f} | {r['predicted']:.1f} "
+                  f"| {r['measured']:.1f} | {r['predicted efficiency']:.2f} | {r['measured efficiency']:.2f} |")
     if args.project:
         project({"resnet32-w4": args.h32, "resnet56-w11": args.h56}, Network(args.alpha, args.beta),
                  [1, 8, 16, 32, 64, 128, 256, 512, 1024], args.batch, args.mem_bw)

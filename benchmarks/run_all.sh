@@ -16,3 +16,7 @@ echo "== Carleman assembly and solve vs the scipy reference, 1 vs 2 ranks, and t
 "$py" benchmarks/bench_carleman.py --n 40 --scale
 echo "== library Hessian operator vs curvlinops and PyHessian; CLI start-up"
 "$py" benchmarks/bench_library.py
+echo "== spectrum stage on 1 and 2 ranks, probes one at a time and in lockstep; then what two ranks sharing this machine cost each other, and alpha-beta of its MPI (feed both to perf_model.py --check)"
+"$py" benchmarks/bench_spectrum_scaling.py
+"$py" benchmarks/bench_corun.py
+"${mpi[@]}" -n 2 "$py" benchmarks/perf_model.py --measure

@@ -669,6 +669,8 @@ class ResultsStore:
                         raise UserError(f"results file {self.path}: exists but is not an hpcqml results file; "
                                         "choose another output")
                     runs = len(fh["provenance"]) if "provenance" in fh else 0
+            except UserError:
+                raise  # a readable file that is not ours: said as it is, not as damage
             except DAMAGE_ERRORS as exc:
                 raise damaged(self.path, exc) from None
             state = "resumed"

@@ -67,6 +67,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def small_qcm_hhl_config(out: Path, *, stages: tuple[str, ...] = ("qcm", "hhl"), seed: int = 0, qcm_T: int = 6,
+                         readout_trials: int = 20, run_extra: str = "", qcm_extra: str = "") -> str:
+    """The smallest config that runs the real qcm and hhl stages (n = 2, seconds on one core).
+
+    The report, ``info`` and figure tests build their results files from it, each with its
+    own stages, seed and extra keys (``run_extra`` under ``[run]``, ``qcm_extra`` under
+    ``[qcm]``).
+    """
+    names = ", ".join(f'"{s}"' for s in stages)
+    return (f'[run]\noutput = "{out}"\nstages = [{names}]\nseed = {seed}\n{run_extra}'
+            f"[qcm]\nn = 2\nf = [1.0, 0.5]\nN = [1, 2]\nT = {qcm_T}\nstep_sizes = []\n{qcm_extra}"
+            f"[hhl]\nn = 2\nN = 1\nT = 2\nclock_qubits = [3, 5]\nkappa_a = [0.0, 2.0]\n"
+            f"readout_trials = {readout_trials}\n")
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -26,14 +26,17 @@ fi
 # its mutants (fast files first: with -x a killed mutant costs only the tests up to the first
 # failure). Functions left unmutated get "# pragma: no mutate" on every line in the scratch
 # copy; they are named in docs/testing.md with the tests that cover them instead.
+# module::f,g mutates only the top-level functions f and g of the module (every other line
+# gets the pragma): for a writer that lives in a larger module.
 declare -A TARGET=(
-  [lanczos]="hpcqml/hessian/lanczos.py|tests/test_lanczos_orthogonality.py tests/test_spectrum_exact_measure.py"
+  [lanczos]="hpcqml/hessian/lanczos.py|tests/test_mut_lanczos.py tests/test_lanczos_orthogonality.py tests/test_spectrum_exact_measure.py tests/test_mut_lanczos_mpi.py"
   [proxy]="hpcqml/hessian/proxy.py|tests/test_proxy.py tests/test_spectrum_exact_measure.py"
   [statevector]="hpcqml/hhl/statevector.py|tests/test_mut_statevector.py tests/test_hhl_closed_form.py tests/test_hhl.py"
   [timestepping]="hpcqml/carleman/timestepping.py|solve_ksp petsc_forward_iteration petsc_forward_iteration_t|tests/test_mut_timestepping.py tests/test_bounds_independent.py tests/test_fig4.py::test_fit_late_rate_recovers_an_exponential tests/test_fig4.py::test_growth_rate_matches_the_largest_divergent_mode[2-0] tests/test_fig4.py::test_all_dissipative_error_decays_at_the_slowest_mode[1-0] -k 'not stage'"
-  [store]="hpcqml/store.py|tests/test_store_atomic_commit.py tests/test_store.py"
+  [store]="hpcqml/store.py|tests/test_mut_store.py tests/test_store.py tests/test_store_atomic_commit.py"
+  [writers]="hpcqml/stages/spectrum.py::_write_estimate,write_convention,result_writer|tests/test_mut_writers.py"
 )
-names="${MUTATION_TARGETS:-lanczos proxy statevector timestepping store}"
+names="${MUTATION_TARGETS:-lanczos proxy statevector timestepping store writers}"
 base="${MUTATION_DIR:-$(mktemp -d /tmp/hpcqml-mutation.XXXXXX)}"
 mkdir -p "$base"
 summary="$base/summary.tsv"
@@ -46,6 +49,8 @@ for name in $names; do
   tests="${spec#*|}"
   skip=""
   if [[ "$tests" == *"|"* ]]; then skip="${tests%%|*}"; tests="${tests#*|}"; fi
+  only=""
+  if [[ "$module" == *"::"* ]]; then only="${module#*::}"; only="${only//,/ }"; module="${module%%::*}"; fi
   work="$base/$name"
   if [ "${MUTATION_RESUME:-0}" = 1 ] && [ -f "$work/.mutmut-cache" ]; then
     echo "== $name: resuming in $work (tests/ refreshed from $repo)"
@@ -59,25 +64,38 @@ for name in $names; do
     (cd "$repo" && tar --exclude=./.venv --exclude=./.git --exclude=./results --exclude='./*.h5' -cf - .) \
       | tar -xf - -C "$work"
     ln -s "$(dirname "$(dirname "$py")")" "$work/.venv"
-    if [ -n "$skip" ]; then
-      "$py" - "$work/$module" $skip <<'PY'
-import ast, sys
-path, names = sys.argv[1], set(sys.argv[2:])
-lines = open(path).read().split("\n")
-tree = ast.parse("\n".join(lines))
-found = set()
+    if [ -n "$skip$only" ]; then
+      "$py" - "$work/$module" "$skip" "$only" <<'PY'
+import ast, io, sys, tokenize
+path, skip, only = sys.argv[1], set(sys.argv[2].split()), set(sys.argv[3].split())
+source = open(path).read()
+lines = source.split("\n")
+tree = ast.parse(source)
+# lines that end inside a string literal (a comment there would become part of the string)
+in_string = set()
+for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.STRING or tok.type == getattr(tokenize, "FSTRING_MIDDLE", -1):
+        in_string.update(range(tok.start[0], tok.end[0]))
+spans = {}
 for node in tree.body:
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
-        found.add(node.name)
-        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-        for i in range(first - 1, node.end_lineno):
-            if lines[i].strip() and not lines[i].rstrip().endswith("\\"):
-                lines[i] += "  # pragma: no mutate"
-if found != names:
-    sys.exit(f"mutation.sh: no top-level function {sorted(names - found)} in {path}")
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        spans[node.name] = (min([node.lineno] + [d.lineno for d in node.decorator_list]), node.end_lineno)
+missing = (skip | only) - set(spans)
+if missing:
+    sys.exit(f"mutation.sh: no top-level function {sorted(missing)} in {path}")
+if only:
+    marked = set(range(1, len(lines) + 1)) - {i for name in only for i in range(spans[name][0], spans[name][1] + 1)}
+else:
+    marked = {i for name in skip for i in range(spans[name][0], spans[name][1] + 1)}
+for i in sorted(marked):
+    line = lines[i - 1]
+    if line.strip() and i not in in_string and not line.rstrip().endswith("\\"):
+        lines[i - 1] += "  # pragma: no mutate"
+compile("\n".join(lines), path, "exec")   # still the same program
 open(path, "w").write("\n".join(lines))
 PY
-      echo "   left unmutated in $module: $skip"
+      if [ -n "$skip" ]; then echo "   left unmutated in $module: $skip"; fi
+      if [ -n "$only" ]; then echo "   mutated in $module: only $only"; fi
     fi
   fi
   echo "== $name: $module against $tests (copy in $work)"

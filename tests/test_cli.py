@@ -152,6 +152,16 @@ def test_validate_finds_what_would_fail_later(tmp_path):
             "= 156.26 GiB per rank") in res.stdout
     warning = [line for line in res.stderr.splitlines() if "warning" in line]
     assert len(warning) == 1 and "Lanczos basis needs" in warning[0] and "50%" in warning[0]
+    assert "Krylov bases on disk" not in res.stdout   # the step budget cannot grow: auto writes none
+    # a budget that can grow: 4 probes x (40 + 2) vectors x 83,892 x 4 bytes = 5.637e7 bytes
+    cfg.write_text('[run]\nstages = ["spectrum"]\n[pretrain]\nmodel = "resnet8-w1"\n'
+                   '[spectrum]\nlanczos_steps = 20\nmax_lanczos_steps = 40\nprobes = 4\n')
+    res = run_cli("validate", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert ("# estimate: spectrum: Krylov bases on disk (keep_bases = 'auto'): up to 0.05 GiB per model state "
+            "and operator in <workdir>/spectrum-bases (4 probe(s) x 40 steps + 2 vectors x 83,892 x 4 bytes; "
+            "a file being rewritten needs its size again)"
+            ) in res.stdout
     # hhl: n = 6, N = 3 -> Delta = 258, (T + 1) Delta = 1,032 rows, dilated and padded: D = 4,096
     cfg.write_text('[run]\nstages = ["hhl"]\n[hhl]\nn = 6\nN = 3\nmax_dim = 8192\nclock_qubits = [16]\n')
     res = run_cli("validate", str(cfg), "--memory-per-rank", "1")

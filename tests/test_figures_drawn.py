@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, small_qcm_hhl_config
 from hpcqml.report import figures
 from hpcqml.store import SCHEMA_VERSION
 
@@ -32,34 +32,12 @@ def _same(a, b) -> None:
 
 # ---------------------------------------------------------------- Carleman and HHL (real stages)
 
-QCM_HHL = """
-[run]
-output = "{out}"
-stages = ["qcm", "hhl"]
-seed = 0
-[qcm]
-n = 2
-f = [1.0, 0.5]
-seeds = [1, 2]
-N = [1, 2]
-T = 6
-step_sizes = []
-lift = "both"
-[hhl]
-n = 2
-N = 1
-T = 2
-clock_qubits = [3, 5]
-kappa_a = [0.0, 2.0]
-readout_trials = 20
-"""
-
 
 @pytest.fixture(scope="module")
 def qcm_hhl_file(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("figs_qcm")
     cfg = tmp / "qh.toml"
-    cfg.write_text(QCM_HHL.format(out=tmp / "qh.h5"))
+    cfg.write_text(small_qcm_hhl_config(tmp / "qh.h5", qcm_extra='seeds = [1, 2]\nlift = "both"\n'))
     res = run_cli("--quiet", "run", str(cfg), timeout=600)
     assert res.returncode == 0, res.stderr
     return tmp / "qh.h5"

@@ -10,28 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, small_qcm_hhl_config
 from hpcqml.info import summarize
 
-CONFIG = """
-[run]
-output = "{out}"
-stages = ["qcm", "hhl"]
-seed = 0
-[qcm]
-n = 2
-f = [1.0, 0.5]
-N = [1, 2]
-T = 6
-step_sizes = []
-[hhl]
-n = 2
-N = 1
-T = 2
-clock_qubits = [3, 5]
-kappa_a = [0.0, 2.0]
-readout_trials = 20
-"""
 
 STATES = ("step_000000", "step_000010", "step_000020")
 TEST_ACCURACY = np.array([0.1, np.nan, 0.25, np.nan, 0.3125, np.nan])
@@ -59,7 +40,7 @@ def results_file(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("info_short")
     cfg = tmp / "small.toml"
     out = tmp / "small.h5"
-    cfg.write_text(CONFIG.format(out=out))
+    cfg.write_text(small_qcm_hhl_config(out))
     res = run_cli("--quiet", "run", str(cfg), timeout=600)
     assert res.returncode == 0, res.stderr
     with h5py.File(out, "a") as fh:

@@ -41,3 +41,19 @@ def test_efficiency_falls_as_communication_grows():
     eff = [spectrum_seconds(w, h, net, 1) / (p * spectrum_seconds(w, h, net, p)) for p in (2, 8, 64, 1024)]
     assert all(a > b for a, b in zip(eff[:-1], eff[1:], strict=True))
     assert 0 < eff[-1] < 1 and math.isfinite(eff[0])
+
+
+def test_two_rank_check_by_hand():
+    """The 2-rank prediction: half the 1-rank time scaled by the two co-run factors, plus
+    the alpha-beta cost of one product allreduce, one Allgatherv and the step's scalar
+    reductions per product (worked out here term by term)."""
+    from benchmarks.perf_model import two_rank_check
+
+    net = Network(alpha=1e-6, beta=1e-9)
+    r = two_rank_check(100.0, 60.0, products=10, n=1000, steps=9, batch_effect=0.9, corun=1.2, net=net)
+    assert r["compute"] == pytest.approx(100.0 / 2 * 0.9 * 1.2)
+    per_product = ((2 * 1e-6 + 4000 * 1e-9) + (1e-6 + 2000 * 1e-9)
+                   + 2 * (2 * 1e-6 + 5 * 8 * 1e-9) + 4 * (2 * 1e-6 + 8 * 1e-9))
+    assert r["communication"] == pytest.approx(10 * per_product)
+    assert r["predicted efficiency"] == pytest.approx(100.0 / (2 * (54.0 + 10 * per_product)))
+    assert r["measured efficiency"] == pytest.approx(100.0 / 120.0)

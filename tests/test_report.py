@@ -4,27 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
-
-CONFIG = """
-[run]
-output = "{out}"
-stages = ["qcm", "hhl", "report"]
-seed = 0
-[qcm]
-n = 2
-f = [1.0, 0.5]
-N = [1, 2]
-T = 6
-step_sizes = []
-[hhl]
-n = 2
-N = 1
-T = 2
-clock_qubits = [3, 5]
-kappa_a = [0.0, 2.0]
-readout_trials = 20
-"""
+from conftest import REPO, run_cli, small_qcm_hhl_config
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +12,7 @@ def small_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     cfg = tmp / "small.toml"
     out = tmp / "small.h5"
-    cfg.write_text(CONFIG.format(out=out))
+    cfg.write_text(small_qcm_hhl_config(out, stages=("qcm", "hhl", "report")))
     res = run_cli("--quiet", "run", str(cfg), timeout=600)
     assert res.returncode == 0, res.stderr
     return out

@@ -131,11 +131,14 @@ def test_adaptive_stops_when_resolved_or_at_the_budget(tmp_path, started):
     for key in ref:
         np.testing.assert_allclose(ext[key]["alpha"], ref[key]["alpha"], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(ext[key]["beta"], ref[key]["beta"], rtol=1e-6, atol=1e-7)
-    # a larger step budget on a later run reruns the stored 8-step probes (the bases are kept
-    # in memory within one run only) and extends them 16 steps
+    # a larger step budget on a later run extends the stored 8-step probes to 16 from their
+    # Krylov bases on disk (written because the first run's steps could grow): no probe starts
+    # again, and the growth 8 -> 16 costs 8 products per probe
     started.clear()
     run_pipeline(config(tmp_path, name="steps", **{**steps_only, "max_lanczos_steps": 16}), world(), quiet=True)
-    assert started == [0, 1, 2] and result_attrs(grown)["lanczos_steps"] == 16
+    assert started == [] and result_attrs(grown)["lanczos_steps"] == 16
+    with h5py.File(grown, "r") as fh:
+        assert fh["perf/spectrum/counters/hvp_products"][()].tolist() == [24.0]
 
 
 def test_stored_estimates_follow_from_stored_alpha_beta(tmp_path):

@@ -20,6 +20,11 @@ m-step residual norm).
 
 A probe that breaks down (an invariant subspace) or reaches its step count leaves the block;
 the others go on with a narrower product.
+
+Across runs a probe's running state can be taken out of the engine (:meth:`LanczosEngine.export`,
+a dict of plain values and CPU tensors that ``torch.save`` writes) and put back into a new one
+(:meth:`LanczosEngine.restore`, or :meth:`LanczosEngine.offer` to put it back only when the
+probe is first advanced); advancing the restored probe continues the same recurrence.
 """
 from __future__ import annotations
 
@@ -61,6 +66,15 @@ class _Probe:
     alphas: list[float] = field(default_factory=list)
     betas: list[float] = field(default_factory=list)
     broke: bool = False
+    #: the reorthogonalisation's column-chunk width of the last advance (0: not advanced yet)
+    cols: int = 0
+
+
+#: version of the dict :meth:`LanczosEngine.export` returns
+STATE_FORMAT = 1
+
+#: what a state must agree on with the engine it is restored into
+_STATE_KEYS = ("n", "group_size", "lo", "hi", "dtype", "reorth")
 
 
 def block_product(operator: Any) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -122,15 +136,20 @@ class LanczosEngine:
         self.keep = keep
         self.chunk_steps = None if chunk_steps is None else int(chunk_steps)
         self.states: dict[int, _Probe] = {}
+        #: states handed to :meth:`offer`, restored when their probe is first advanced
+        self.offered: dict[int, dict[str, Any]] = {}
 
     def holds(self, number: int) -> bool:
-        """Whether probe ``number`` is held (started and not released)."""
-        return int(number) in self.states
+        """Whether probe ``number`` is held (started, restored or offered, and not released)."""
+        return int(number) in self.states or int(number) in self.offered
 
     def steps(self, number: int) -> int:
         """Lanczos steps probe ``number`` has taken so far (0 when not held)."""
         p = self.states.get(int(number))
-        return 0 if p is None else len(p.alphas)
+        if p is None:
+            offered = self.offered.get(int(number))
+            return 0 if offered is None else int(offered["alphas"].numel())
+        return len(p.alphas)
 
     def start(self, number: int, z_local: np.ndarray, steps: int) -> None:
         """Start probe ``number`` from its unnormalised start slice ``z_local`` (room for
@@ -147,6 +166,136 @@ class LanczosEngine:
     def release(self, number: int) -> None:
         """Free probe ``number``'s state (it cannot be extended afterwards)."""
         self.states.pop(int(number), None)
+        self.offered.pop(int(number), None)
+
+    def _cols(self, m: int) -> int:
+        """Coordinates per column chunk of the reorthogonalisation sums for an advance to ``m`` steps."""
+        return max(1, (1 << 24) // max(1, self.chunk_steps or m))
+
+    def describe(self) -> dict[str, Any]:
+        """What a state must match to be restored here: n, the group size, this rank's slice
+        ``[lo, hi)``, the basis dtype and the reorthogonalisation.
+        """
+        return {"n": self.n, "group_size": self.dist.size, "lo": self.dist.lo, "hi": self.dist.hi,
+                "dtype": str(self.state_dtype).replace("torch.", ""), "reorth": self.reorth}
+
+    def export(self, number: int) -> dict[str, Any]:
+        """Probe ``number``'s running state as plain values and CPU tensors (copies).
+
+        Keys: ``format``; what :meth:`describe` gives (n, group_size, lo, hi, dtype, reorth);
+        ``cols`` (the column-chunk width of its last advance, 0 if none); ``probe``;
+        ``alphas``, ``betas`` (float64, one entry per step j taken); ``znorm2`` (``||z||^2``
+        of the start vector); ``broke``; ``v`` (this rank's slice of the next Lanczos vector
+        v_{j+1}, None when the recurrence cannot go on); ``v_prev`` (v_j, None before the
+        first step); ``basis`` (rows ``v_1 .. v_j`` of this rank's slice with full
+        reorthogonalisation and a ``v`` to go on from, else None).
+
+        Memory: a copy of the basis rows, ``j * (hi - lo)`` values of the state dtype.
+        """
+        p = self._probe(int(number))
+        j = len(p.alphas)
+
+        def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to("cpu", copy=True).contiguous()
+        basis = cpu(p.basis[:j]) if p.basis is not None and p.v is not None else None
+        return {"format": STATE_FORMAT, **self.describe(), "cols": int(p.cols), "probe": int(p.number),
+                "alphas": torch.tensor(p.alphas, dtype=torch.float64),
+                "betas": torch.tensor(p.betas, dtype=torch.float64),
+                "znorm2": float(p.znorm2), "broke": bool(p.broke),
+                "v": cpu(p.v), "v_prev": cpu(p.v_prev), "basis": basis}
+
+    def mismatch(self, state: dict[str, Any]) -> str | None:
+        """Why ``state`` (from :meth:`export`) cannot be restored into this engine, or None."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            return f"not a Lanczos state of format {STATE_FORMAT}"
+        mine = self.describe()
+        for key in _STATE_KEYS:
+            if state.get(key) != mine[key]:
+                return f"{key} {state.get(key)!r} differs from this run's {mine[key]!r}"
+        nloc = self.dist.hi - self.dist.lo
+        alphas, betas = state.get("alphas"), state.get("betas")
+        if not (isinstance(alphas, torch.Tensor) and isinstance(betas, torch.Tensor)
+                and alphas.dtype == betas.dtype == torch.float64 and alphas.dim() == betas.dim() == 1
+                and alphas.numel() == betas.numel() and alphas.numel() >= 1):
+            return "the coefficients alphas/betas are not two float64 vectors of one length (>= 1)"
+        j = alphas.numel()
+        if not isinstance(state.get("znorm2"), float) or not isinstance(state.get("broke"), bool):
+            return "znorm2 (a float) or broke (a bool) is missing"
+        v, v_prev, basis = state.get("v"), state.get("v_prev"), state.get("basis")
+        for name, t in (("v", v), ("v_prev", v_prev)):
+            if t is not None and not (isinstance(t, torch.Tensor) and tuple(t.shape) == (nloc,)):
+                return f"{name} is not a vector of this rank's {nloc} coordinates"
+        if v is not None and v_prev is None:
+            return "v_prev is missing"
+        if v is not None and self.reorth == "full":
+            if not (isinstance(basis, torch.Tensor) and tuple(basis.shape) == (j, nloc)):
+                return f"the basis is not {j} rows of this rank's {nloc} coordinates"
+        if v is None and not state.get("broke") and j < self.n:
+            return "no next vector, but no breakdown either"
+        if v is not None and state.get("broke"):
+            return "a breakdown, but a next vector too"
+        return None
+
+    def restore(self, number: int, state: dict[str, Any], steps: int | None = None) -> None:
+        """Hold probe ``number`` with the running state ``state`` (from :meth:`export`).
+
+        Advancing it then continues the exported recurrence: the same operations as if it
+        had never stopped.  The alphas/betas are bit for bit those of an uninterrupted run
+        when the reorthogonalisation sums are chunked alike, i.e. the state's ``cols``
+        equals this engine's (``2**24 // chunk_steps``, so the same ``chunk_steps``), or
+        this rank's slice ``hi - lo`` is at most both widths (one chunk either way); with
+        other chunk boundaries they agree to the rounding of the float64 sums.
+
+        Args:
+            number: the probe number (the state's own ``probe`` is not checked against it).
+            state: the exported state (tensors on any device; copied to this engine's).
+            steps: room for this many basis vectors (default: the steps taken plus one).
+
+        Raises:
+            ValueError: the state does not fit this engine (:meth:`mismatch` says why).
+        """
+        why = self.mismatch(state)
+        if why is not None:
+            raise ValueError(f"{self.label + ': ' if self.label else ''}probe {number}: cannot restore: {why}")
+        alphas = [float(a) for a in state["alphas"].tolist()]
+        betas = [float(b) for b in state["betas"].tolist()]
+        j = len(alphas)
+
+        def here(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=self.bdev, dtype=self.state_dtype).clone()
+        v = here(state["v"])
+        basis = None
+        if self.reorth == "full" and v is not None:
+            rows = min(max(j + 1, int(steps or 0)), self.n)
+            basis = torch.empty((rows, self.dist.hi - self.dist.lo), dtype=self.state_dtype, device=self.bdev)
+            basis[:j].copy_(state["basis"])  # into place (same dtype, checked): no second copy on the device
+            if j < rows:
+                basis[j] = v
+        self.offered.pop(int(number), None)
+        self.states[int(number)] = _Probe(int(number), v, float(state["znorm2"]), basis,
+                                          v_prev=here(state["v_prev"]), alphas=alphas, betas=betas,
+                                          broke=bool(state["broke"]), cols=int(state.get("cols", 0)))
+
+    def offer(self, number: int, state: dict[str, Any]) -> None:
+        """Hold probe ``number`` as ``state`` without copying it yet: it is restored
+        (:meth:`restore`) when the probe is first advanced, so a state read lazily from a
+        file (``torch.load(mmap=True)``) takes memory only while its probe is in a block.
+
+        Raises:
+            ValueError: the state does not fit this engine.
+        """
+        why = self.mismatch(state)
+        if why is not None:
+            raise ValueError(f"{self.label + ': ' if self.label else ''}probe {number}: cannot restore: {why}")
+        self.states.pop(int(number), None)
+        self.offered[int(number)] = state
+
+    def _probe(self, number: int, steps: int | None = None) -> _Probe:
+        """The held state of probe ``number``, restoring an offered one first."""
+        state = self.offered.pop(number, None)
+        if state is not None:
+            self.restore(number, state, steps)
+        return self.states[number]
 
     def _room(self, p: _Probe, m: int) -> None:
         """Grow ``p``'s basis to ``m`` rows, keeping its vectors and the pending ``v``."""
@@ -181,8 +330,8 @@ class LanczosEngine:
         _check_arguments(self.reorth, steps)
         m = min(int(steps), self.n)
         assert len({int(k) for k in numbers}) == len(numbers), f"probe numbers repeated in {list(numbers)}"
-        probes = [self.states[int(k)] for k in numbers]
-        cols = max(1, (1 << 24) // max(1, self.chunk_steps or m))
+        probes = [self._probe(int(k), m) for k in numbers]
+        cols = self._cols(m)
         for p in probes:
             self._room(p, m)
         dist, bdev, label = self.dist, self.bdev, self.label
@@ -198,6 +347,7 @@ class LanczosEngine:
                 where = f"{label + ', ' if label else ''}probe {p.number}, Lanczos step {j}"
                 basis = None if p.basis is None else p.basis[:j + 1]
                 assert p.v is not None
+                p.cols = cols
                 alpha, beta, w = _step(products[:, i], p.v, p.v_prev, p.betas[-1] if p.betas else 0.0,
                                        basis, dist, bdev, cols, where)
                 p.alphas.append(alpha)
@@ -230,7 +380,7 @@ class LanczosEngine:
         A breakdown is reported, as a fresh run of ``steps`` steps would, when it happened
         before the last of those steps; spanning all n dimensions is one too.
         """
-        p = self.states[int(number)]
+        p = self._probe(int(number))
         m = min(int(steps), len(p.alphas))
         broke = p.broke and len(p.alphas) < int(steps)
         out = _result(p.number, p.alphas[:m], p.betas[:m], broke or m == self.n, p.znorm2)

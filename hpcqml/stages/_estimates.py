@@ -80,8 +80,9 @@ def estimate_spectrum(cfg: RunConfig, ranks: int, memory_per_rank: float, found:
     (:func:`hpcqml.preflight.basis_plan`, the rule of
     :func:`hpcqml.stages.spectrum.plan_engine`): float32 bases of ``max_lanczos_steps``
     vectors sharded over one probe group of ``ranks / groups`` ranks, ``lockstep`` of them at
-    once, or all of a group's ``max_probes`` when the steps may grow and they fit; and the
-    CIFAR-100 files.
+    once, or all of a group's ``max_probes`` when the steps may grow and they fit; the bytes
+    of the Krylov bases kept on disk (``keep_bases``: about ``(m + 2) n`` values per probe
+    when written); and the CIFAR-100 files.
     """
     check_cifar_root(cfg, found)
     model = parameters_of(cfg)
@@ -102,6 +103,14 @@ def estimate_spectrum(cfg: RunConfig, ranks: int, memory_per_rank: float, found:
     vectors = max_steps if sp["reorth"] == "full" else 2
     found.estimates.append(f"spectrum: Lanczos basis {vectors} x {n:,} parameters ({name}) x {STATE_ITEMSIZE} bytes / "
                            f"{shards} rank(s) = {gib(plan.per_basis)} per rank; {held} = {gib(plan.total)} per rank")
+    if sp["keep_bases"] == "yes" or (sp["keep_bases"] == "auto" and max_steps > steps):
+        probes = max(int(sp["probes"]), int(sp["max_probes"]))
+        rows = f"{max_steps} steps + 2 vectors" if sp["reorth"] == "full" else "2 vectors"
+        disk = probes * (max_steps + 2 if sp["reorth"] == "full" else 2) * n * STATE_ITEMSIZE
+        found.estimates.append(f"spectrum: Krylov bases on disk (keep_bases = {sp['keep_bases']!r}): up to "
+                               f"{gib(disk)} per model state and operator in <workdir>/spectrum-bases ({probes} "
+                               f"probe(s) x {rows} x {n:,} x {STATE_ITEMSIZE} bytes; a file being rewritten "
+                               "needs its size again)")
     if memory_per_rank and plan.total > MEMORY_WARN_FRACTION * memory_per_rank:
         what = "basis needs" if plan.bases == 1 else f"bases of {plan.bases} probes held at once need"
         found.warnings.append(f"spectrum: the Lanczos {what} {gib(plan.total)} per rank, more than "

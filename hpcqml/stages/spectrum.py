@@ -20,7 +20,8 @@ Model states (``source``):
 Adaptive stopping (:func:`adapt`): the stored probes are evaluated in rounds; while a
 requested estimate's proven quadrature bracket dominates its combined interval the Lanczos
 steps double (up to ``max_lanczos_steps``; each probe's recurrence is kept in memory within
-the run and extended, so m -> 2m costs m products per probe), while its sampling interval
+the run and extended, so m -> 2m costs m products per probe; across runs its Krylov basis is
+kept on disk, :mod:`hpcqml.stages._bases`, ``keep_bases``), while its sampling interval
 dominates probes are added (up to ``max_probes``), until every estimate in ``resolve`` is
 resolved or the budget ends; the result records which (``stop_reason``).  Probes run
 ``lockstep`` at a time: one block product per Lanczos step for all of them
@@ -82,8 +83,17 @@ SCHEMA = {
                                doc="step budget of adaptive stopping: steps double while a requested estimate's "
                                    "quadrature bracket is wider than the tolerance (each probe's recurrence is "
                                    "kept in memory and extended, so m -> 2m costs m products per probe; a later "
-                                   "run with a larger budget reruns the stored probes); 0 = lanczos_steps; at "
-                                   "most n are taken"),
+                                   "run with a larger budget extends the stored probes from their Krylov bases "
+                                   "on disk when the earlier run wrote them, see keep_bases); 0 = lanczos_steps; "
+                                   "at most n are taken"),
+    "keep_bases": Field(str, "auto", choices=("auto", "yes", "no"), affects_results=False,
+                        doc="Krylov bases of the stored probes kept in <workdir>/spectrum-bases, so a later run "
+                            "that needs more Lanczos steps extends the stored probes instead of rerunning them "
+                            "(about (m + 2) x n values of the state dtype per probe over all ranks, written "
+                            "only while the disk has twice that free): auto = written when the step budget "
+                            "can grow (max_lanczos_steps > lanczos_steps), yes = always written (so a later "
+                            "run may raise max_lanczos_steps), no = neither written nor read; auto and yes "
+                            "read them"),
     "lockstep": Field(int, 0, min=0, affects_results=False,
                       doc="probes advanced together, one block product per Lanczos step for all of them: "
                           "1 = one after another, k = k at a time, 0 = as many as have Krylov bases fitting in "
@@ -539,10 +549,14 @@ def prepare_state(ctx: StageContext, path: Path, layout: Any, data: Any, route: 
 
 
 def run_probe_list(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, pseed: int,
-                   route: str, todo: list[int], steps: int, engine: Any = None, width: int = 1) -> None:
+                   route: str, todo: list[int], steps: int, engine: Any = None, width: int = 1,
+                   bases: Any = None) -> None:
     """Run the probes ``todo`` of ``label`` with ``steps`` Lanczos steps, ``width`` at a time in
     lockstep, committing each round as it finishes (a stored probe of the same number is
-    replaced).  A probe ``engine`` holds from an earlier round is extended, not rerun.
+    replaced).  A probe ``engine`` holds from an earlier round (or from disk) is extended, not
+    rerun.  With ``bases`` (:class:`hpcqml.stages._bases.Bases`) every rank writes its part of
+    each committed probe's running state to disk, after the commit; an engine that keeps no
+    probe for extension then holds each one only until that is written.
     """
     from hpcqml.hessian.lockstep import block_product
     from hpcqml.hessian.slq import ProbesInterrupted, run_probes
@@ -562,6 +576,12 @@ def run_probe_list(ctx: StageContext, label: str, st: Prepared, layout: Any, sto
                                     "start_norm2": res.start_norm2, "probe_seed": pseed, "route": route})
         ctx.perf.count("commit_seconds", time.perf_counter() - t0)  # results-file I/O of the probes
         ctx.log(f"{label}: probes {[r.probe for r in done]} done ({st.op.products} products on this group)")
+        if bases is not None and engine is not None:
+            for res in done:
+                if engine.holds(res.probe):
+                    bases.save(res.probe, engine.export(res.probe))
+                    if not keep:
+                        engine.release(res.probe)
 
     device = ctx.device()
     basis_device = "cpu" if cfg["basis_device"] == "cpu" else device
@@ -570,6 +590,9 @@ def run_probe_list(ctx: StageContext, label: str, st: Prepared, layout: Any, sto
             + (f" ({width} in lockstep)" if width > 1 else "")
             + (f"; probes {held} extended from {min(engine.steps(p) for p in held)} steps" if held else ""))
     bar = StepProgress(ctx, label)
+    keep = engine is None or engine.keep
+    if bases is not None and engine is not None:
+        engine.keep = True  # held until its state is written (commit), then released unless kept
     try:
         run_probes(st.op.matvec, st.n, layout, todo, pseed, steps=steps, reorth=cfg["reorth"],
                    state_dtype=st.dtype, device=device, basis_device=basis_device, label=label,
@@ -581,6 +604,9 @@ def run_probe_list(ctx: StageContext, label: str, st: Prepared, layout: Any, sto
         raise StoppedBySignal(stop_message(
             stop.signum, f"spectrum {label} with probes {why.remaining} not finished",
             f"probes {kept} of {label} in {ctx.store.path}", None)) from None
+    finally:
+        if engine is not None:
+            engine.keep = keep
     bar.close()
 
 
@@ -769,16 +795,27 @@ def adapt(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, p
     Each round evaluates the stored probes ``0..n_v-1`` (all with ``m`` steps): while a
     quadrature bracket is too wide and the step budget allows, ``m`` doubles and every probe
     is extended to it (its recurrence is held in memory, :func:`plan_engine`; a probe not
-    held, e.g. one stored by an earlier run, is rerun); else while a sampling interval is
+    held, e.g. one stored by an earlier run, is restored from its Krylov basis on disk,
+    :class:`hpcqml.stages._bases.Bases`, when every rank of its group has a file that
+    matches the stored probe exactly, else rerun); else while a sampling interval is
     too wide and the probe budget allows, probes are added.  Finished probes are committed
-    as they end, so a killed run resumes where it stopped and a rerun with a larger budget
-    starts from what is stored.
+    as they end (and their bases written to ``<workdir>/spectrum-bases`` when the step budget
+    can grow, or always with ``keep_bases = "yes"``), so a killed run resumes where it stopped and a rerun
+    with a larger budget starts from what is stored, extending the stored probes.
+    The bases of a stage recomputed from scratch are deleted first.
 
     Returns:
         The outcome and the product route used.
     """
+    from hpcqml.stages import _bases
+
     cfg = ctx.cfg
     budget = Budget.from_config(cfg, st.n, layout.count)
+    if ctx.fresh or ctx.store.is_replacing("spectrum"):
+        _bases.discard(ctx, label)
+    bases = _bases.Bases(ctx, label, layout, pseed) if cfg["keep_bases"] != "no" else None
+    # written where they can serve: a step budget that can grow, or asked for outright
+    writer = bases if cfg["keep_bases"] == "yes" or budget.max_steps > budget.steps else None
     stored = _stored_probes(ctx, label)
     nv, m = budget.start(stored)
     rounds: list[tuple[int, int, int]] = []
@@ -789,11 +826,28 @@ def adapt(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, p
         if todo:
             if engine is None:
                 engine, width = plan_engine(ctx, label, st, layout, budget)
-            rerun = [p for p in todo if p in stored and stored[p] < m and not engine.holds(p)]
-            if rerun:
-                ctx.log(f"{label}: probes {rerun} stored with fewer steps are rerun with {m} (a recurrence is "
-                        "kept in memory only within one run)")
-            run_probe_list(ctx, label, st, layout, stop, pseed, route, todo, m, engine=engine, width=width)
+            # stored probes with fewer steps that the group owning them does not hold (the same
+            # list on every rank: each group sees only its own probes' recurrences)
+            rerun = [p for p in todo if p in stored and stored[p] < m and p % layout.count == layout.index
+                     and not engine.holds(p)]
+            if layout.count > 1:
+                rerun = sorted({p for part in layout.world.allgather(rerun) for p in part})
+            if rerun and bases is not None:
+                found = {p: ctx.store.read(_read_probe(label, p)) for p in rerun}
+                extended, refused = bases.offer(engine, found)
+                if extended:
+                    had = "/".join(str(k) for k in sorted({len(found[p].alpha) for p in extended}))
+                    ctx.log(f"{label}: probes {extended} extended from {had} steps (Krylov bases read from "
+                            f"{bases.dir})")
+                rerun = [p for p in rerun if p not in extended]
+                if rerun:
+                    ctx.log(f"{label}: probes {rerun} stored with fewer steps are rerun with {m}: "
+                            + "; ".join(f"probe {p}: {refused.get(p, 'not checked')}" for p in rerun))
+            elif rerun:
+                ctx.log(f"{label}: probes {rerun} stored with fewer steps are rerun with {m} (keep_bases = 'no': a "
+                        "recurrence is kept in memory only within one run)")
+            run_probe_list(ctx, label, st, layout, stop, pseed, route, todo, m, engine=engine, width=width,
+                           bases=writer)
             stored.update({p: m for p in todo})
         spec = _read_spectrum(ctx, label, nv, st.n, pseed, precision)
         decision = decide(requested_estimates(spec, cfg, eta))
@@ -827,9 +881,12 @@ def plan_engine(ctx: StageContext, label: str, st: Prepared, layout: Any, budget
     on every resume, so job segments on nodes with different memory advance the same
     blocks.  When the steps may grow, the engine keeps every probe's recurrence for
     extension if the bases of all ``max_probes`` probes of a group fit in that memory;
-    otherwise a step growth reruns the probes, and one line says so.  The
-    reorthogonalisation's chunk width follows ``max_lanczos_steps``, so an extended probe
-    and a rerun one give the same numbers.  The basis-memory warning
+    otherwise a step growth reads each probe's basis back from disk (``keep_bases``; reruns
+    the probes without it), and one line says so.  The
+    reorthogonalisation's chunk width follows ``max_lanczos_steps``, so within a run an
+    extended probe and a rerun one give the same numbers (a basis read from disk after
+    ``max_lanczos_steps`` changed agrees to the rounding of the float64 sums once a rank's
+    slice is wider than one chunk).  The basis-memory warning
     (:func:`check_sizes`) counts the bases held at once.
     """
     import torch
@@ -860,8 +917,10 @@ def plan_engine(ctx: StageContext, label: str, st: Prepared, layout: Any, budget
         lockstep = int(chosen["lockstep"])
     chosen_plan = plan(lockstep, per_group)
     if chosen_plan.keep_bytes and not chosen_plan.keep:
-        ctx.log(f"{label}: a step growth reruns the probes: keeping the Krylov bases of {per_group} probes "
-                f"for extension would need {chosen_plan.keep_bytes / 2**30:.2f} GiB per rank")
+        how = ("reads each probe's Krylov basis back from disk (keep_bases)" if cfg["keep_bases"] != "no"
+               else "reruns the probes")
+        ctx.log(f"{label}: a step growth {how}: keeping the Krylov bases of {per_group} probes "
+                f"in memory for extension would need {chosen_plan.keep_bytes / 2**30:.2f} GiB per rank")
     check_sizes(ctx, label, st.n, layout, st.dtype, basis_device, budget.max_steps, bool(st.block),
                 bases=chosen_plan.bases)
     engine = LanczosEngine(st.n, layout.comm, reorth=cfg["reorth"], state_dtype=st.dtype, device=ctx.device(),

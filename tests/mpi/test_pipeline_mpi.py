@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import small_qcm_hhl_config
 from hpcqml.config import load_config
 from hpcqml.parallel import world
 from hpcqml.runner import run_pipeline
@@ -14,30 +15,10 @@ from hpcqml.stages import schemas
 
 pytestmark = pytest.mark.timeout(300)
 
-CONFIG = """
-[run]
-output = "{out}"
-stages = ["qcm", "hhl"]
-seed = 3
-threads = 1
-[qcm]
-n = 2
-f = [1.0, 0.5]
-N = [1, 2]
-T = 5
-step_sizes = []
-[hhl]
-n = 2
-N = 1
-T = 2
-clock_qubits = [3, 5]
-kappa_a = [0.0, 2.0]
-readout_trials = 10
-"""
-
 
 def _run(comm, out: Path) -> None:
-    cfg = load_config("pipeline.toml", schemas(), text=CONFIG.format(out=out))
+    text = small_qcm_hhl_config(out, seed=3, qcm_T=5, readout_trials=10, run_extra="threads = 1\n")
+    cfg = load_config("pipeline.toml", schemas(), text=text)
     run_pipeline(cfg, comm, quiet=True)
 
 
