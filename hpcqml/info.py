@@ -118,12 +118,16 @@ def _spectrum_result(fh: h5py.File) -> list[str]:
             parts.append(f"trace {estimate_text(e['trace'])}")
         if "lambda_max" in res.attrs:
             parts.append(f"λ_max {float(res.attrs['lambda_max']):.4g}")
+        if "negative_mass" in e:
+            delta = e["negative_mass"].attrs.get("delta")
+            below = f"-{float(delta):.3g}" if delta is not None else "-delta"
+            parts.append(f"mass below {below} {estimate_text(e['negative_mass'])}")
         conv = _primary(res)
         pe = res.get(f"proxy/{conv}/estimates")
         if pe is not None:
-            ts = sorted(int(k[len("error_proxy_t"):]) for k in pe
-                        if k.startswith("error_proxy_t") and k[len("error_proxy_t"):].isdigit())
-            parts += [f"E({t}) {estimate_text(pe[f'error_proxy_t{t}'])}" for t in ts[:2]]
+            for stem, name in (("error_proxy_t", "E({t})"), ("error_proxy_no_cutoff_t", "E({t}) no cutoff")):
+                ts = sorted(int(k[len(stem):]) for k in pe if k.startswith(stem) and k[len(stem):].isdigit())
+                parts += [f"{name.format(t=t)} {estimate_text(pe[f'{stem}{t}'])}" for t in ts[:2]]
         lines.append(f"    {label}: " + ", ".join(parts))
     return ([f"  spectrum ({len(lines)} state(s); E(t) in the primary convention):"] + lines) if lines else []
 

@@ -33,6 +33,10 @@ def _add_train_and_spectra(fh: h5py.File) -> None:
         p.attrs["primary"] = "eta"
         e = p.create_dataset("eta/estimates/error_proxy_t10", data=[0.75, np.nan, np.nan, np.nan])
         e.attrs["resolved"] = i != 1
+        nc = p.create_dataset("eta/estimates/error_proxy_no_cutoff_t10", data=[1.5 + i, 0.01, 1.4, 1.6])
+        nc.attrs["resolved"] = True
+        neg = r.create_dataset("estimates/negative_mass", data=[0.002 * (i + 1), 0.0005, 0.001, 0.003])
+        neg.attrs.update({"resolved": i != 2, "delta": 1.0})
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +63,9 @@ def test_info_is_short_and_names_the_key_results(results_file):
         (line,) = [ln for ln in lines if ln.strip().startswith(f"{label}:")]
         assert f"trace {10.0 + i:.4g} ± 0.5" in line and f"λ_max {40.0 + i:.4g}" in line
         assert ("E(10) 0.75 ± unknown (unresolved)" if i == 1 else "E(10) 0.75 ± unknown") in line
+        assert f"E(10) no cutoff {1.5 + i:.4g} ± 0.01" in line and "no cutoff 1.5 ± 0.01 (unresolved)" not in line
+        mass = f"mass below -1 {0.002 * (i + 1):.4g} ± 0.0005"
+        assert (mass + " (unresolved)" if i == 2 else mass + ",") in line
     with h5py.File(results_file, "r") as fh:
         kappas = [fh[f"qcm/{c}/{k}"].attrs["kappa_M"] for c in fh["qcm"] for k in fh[f"qcm/{c}"]
                   if k.startswith("N_")]
