@@ -81,6 +81,22 @@ def small_qcm_hhl_config(out: Path, *, stages: tuple[str, ...] = ("qcm", "hhl"),
             f"[hhl]\nn = 2\nN = 1\nT = 2\nclock_qubits = [3, 5]\nkappa_a = [0.0, 2.0]\n"
             f"readout_trials = {readout_trials}\n")
 
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The probe numbers of every Lanczos recurrence started from scratch, in order (one
+    extended in memory or restored from its Krylov basis on disk is not started again)."""
+    from hpcqml.hessian.lockstep import LanczosEngine
+
+    real, calls = LanczosEngine.start, []
+
+    def counting(self: LanczosEngine, number: int, *args: object, **kw: object) -> None:
+        calls.append(number)
+        return real(self, number, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LanczosEngine, "start", counting)
+    return calls
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

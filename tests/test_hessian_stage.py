@@ -33,7 +33,9 @@ def make_workdir(tmp_path, steps=(0, 10), name="run", results=None):
     return work
 
 
-def config(tmp_path, name="run", **over):
+def config(tmp_path, name="run", seed=3, **over):
+    """A spectrum-only run on the tiny work directory of :func:`make_workdir`, with ``[spectrum]``
+    keys ``over`` and the run seed ``seed``."""
     body = {"batch_size": 8, "micro_batch": 5, "lanczos_steps": 4, "probes": 2, "route": "double-backward",
             "t_max": 5, **over}
     def toml(v):
@@ -41,7 +43,7 @@ def config(tmp_path, name="run", **over):
             else repr(v).replace("'", '"')
     lines = "\n".join(f"{k} = {toml(v)}" for k, v in body.items())
     text = f'[run]\noutput = "{tmp_path}/{name}.h5"\nworkdir = "{tmp_path}/{name}.work"\ndevice = "cpu"\n' \
-           f'stages = ["spectrum"]\nseed = 3\nthreads = 1\n[spectrum]\n{lines}\n'
+           f'stages = ["spectrum"]\nseed = {seed}\nthreads = 1\n[spectrum]\n{lines}\n'
     schemas = {k: s.schema for k, s in load_all().items()}
     return load_config("<test>", schemas, text=text)
 

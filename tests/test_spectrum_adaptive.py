@@ -23,22 +23,6 @@ torch.set_num_threads(1)
 LABEL = "step_000000"
 
 
-@pytest.fixture
-def started(monkeypatch):
-    """The probe numbers of every Lanczos recurrence started from scratch, in order (an
-    extended recurrence is not started again)."""
-    from hpcqml.hessian.lockstep import LanczosEngine
-
-    real, calls = LanczosEngine.start, []
-
-    def counting(self, number, *args, **kw):
-        calls.append(number)
-        return real(self, number, *args, **kw)
-
-    monkeypatch.setattr(LanczosEngine, "start", counting)
-    return calls
-
-
 def probe_arrays(path):
     with h5py.File(path, "r") as fh:
         g = fh[f"spectrum/{LABEL}"]

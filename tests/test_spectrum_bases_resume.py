@@ -21,16 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from hpcqml.config import load_config
 from hpcqml.hessian.lanczos import rademacher_slice
 from hpcqml.hessian.lockstep import LanczosEngine, column_product
 from hpcqml.parallel import world
 from hpcqml.runner import run_pipeline
-from hpcqml.stages import load_all
 from hpcqml.stages._bases import checksum, label_dir, shard_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_hessian_stage import make_workdir
+from test_hessian_stage import config, make_workdir
 
 torch.set_num_threads(1)
 LABEL = "step_000000"
@@ -104,32 +102,6 @@ def test_restore_refuses_a_state_of_another_engine():
 
 
 # ---- the stage --------------------------------------------------------------------------
-
-def config(tmp_path, name="run", seed=3, **over):
-    """The stage configuration of ``test_hessian_stage.config`` with a chosen run seed."""
-    body = {"batch_size": 8, "micro_batch": 5, "lanczos_steps": 4, "probes": 2, "route": "double-backward",
-            "t_max": 5, **over}
-
-    def toml(v):
-        return ("true" if v else "false") if isinstance(v, bool) else str(v) if isinstance(v, list) \
-            else repr(v).replace("'", '"')
-    lines = "\n".join(f"{k} = {toml(v)}" for k, v in body.items())
-    text = f'[run]\noutput = "{tmp_path}/{name}.h5"\nworkdir = "{tmp_path}/{name}.work"\ndevice = "cpu"\n' \
-           f'stages = ["spectrum"]\nseed = {seed}\nthreads = 1\n[spectrum]\n{lines}\n'
-    return load_config("<test>", {k: s.schema for k, s in load_all().items()}, text=text)
-
-
-@pytest.fixture
-def started(monkeypatch):
-    """Probe numbers of every recurrence started from scratch (restored ones are not)."""
-    real, calls = LanczosEngine.start, []
-
-    def counting(self, number, *args, **kw):
-        calls.append(number)
-        return real(self, number, *args, **kw)
-
-    monkeypatch.setattr(LanczosEngine, "start", counting)
-    return calls
 
 
 def coefficients(path):
