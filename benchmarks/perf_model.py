@@ -151,10 +151,9 @@ def two_rank_check(stage_1: float, measured_2: float, products: int, n: int, ste
         Predicted compute and communication seconds, their sum, and both efficiencies
         ``stage_1 / (2 T_2)``.
     """
-    j = (steps + 1) / 2
     compute = stage_1 / 2 * batch_effect * corun
-    comm = products * (net.allreduce(n * 4, 2) + net.allgatherv(n * 4, 2) + 2 * net.allreduce(j * 8, 2)
-                       + 4 * net.allreduce(8, 2))
+    parts = step_seconds(Workload("check", n, batch=0, steps=steps), 0.0, net, 2)
+    comm = products * (parts["allreduce"] + parts["allgatherv"])
     return {"compute": compute, "communication": comm, "predicted": compute + comm,
             "predicted efficiency": stage_1 / (2 * (compute + comm)), "measured": measured_2,
             "measured efficiency": stage_1 / (2 * measured_2)}

@@ -44,6 +44,13 @@ class GroupLayout:
     count: int
     world: Any
 
+    def owned(self, probes: Sequence[int]) -> list[int]:
+        """The probes of ``probes`` that this rank's group runs: probe ``l`` belongs to group
+        ``l mod G``, whatever list it comes in, so a probe extended later (in memory or from
+        its Krylov basis on disk) is extended by the group that holds its recurrence.
+        """
+        return [p for p in probes if p % self.count == self.index]
+
 
 def probe_groups(world: Any, groups: int = 1) -> GroupLayout:
     """Split ``world`` into ``groups`` contiguous near-equal groups (collective)."""
@@ -65,14 +72,6 @@ class ProbesInterrupted(Exception):
         super().__init__(f"stopped with probes {done} finished and {remaining} not run")
         self.done = done
         self.remaining = remaining
-
-
-def _owned(probes: Sequence[int], layout: GroupLayout) -> list[int]:
-    """The probes of ``probes`` that this rank's group runs: probe ``l`` belongs to group
-    ``l mod G``, whatever list it comes in, so a probe extended later is extended by the
-    group that holds its recurrence.
-    """
-    return [p for p in probes if p % layout.count == layout.index]
 
 
 def run_probes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, layout: GroupLayout,
@@ -136,7 +135,7 @@ def run_probes(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, layout: G
     grank = 0 if layout.comm is None else layout.comm.Get_rank()
     gsize = 1 if layout.comm is None else layout.comm.Get_size()
     lo, hi = block_bounds(n, grank, gsize)
-    mine = _owned(probes, layout)
+    mine = layout.owned(probes)
     per_group = [sum(1 for p in probes if p % G == g) for g in range(G)]
     rounds = max(-(-c // k) for c in per_group)
     for r in range(rounds):

@@ -223,7 +223,7 @@ class Bases:
         from hpcqml.parallel import allreduce_sum
 
         t0 = time.perf_counter()
-        mine = [p for p in sorted(stored) if p % self.layout.count == self.layout.index]
+        mine = self.layout.owned(sorted(stored))
         states: dict[int, dict[str, Any] | None] = {}
         reasons: list[tuple[int, str]] = []
         for p in mine:

@@ -828,8 +828,7 @@ def adapt(ctx: StageContext, label: str, st: Prepared, layout: Any, stop: Any, p
                 engine, width = plan_engine(ctx, label, st, layout, budget)
             # stored probes with fewer steps that the group owning them does not hold (the same
             # list on every rank: each group sees only its own probes' recurrences)
-            rerun = [p for p in todo if p in stored and stored[p] < m and p % layout.count == layout.index
-                     and not engine.holds(p)]
+            rerun = [p for p in layout.owned(todo) if p in stored and stored[p] < m and not engine.holds(p)]
             if layout.count > 1:
                 rerun = sorted({p for part in layout.world.allgather(rerun) for p in part})
             if rerun and bases is not None:
