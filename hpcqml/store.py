@@ -369,16 +369,18 @@ def damage_error(path: Path, exc: BaseException) -> InputFileError | None:
 def _read_or_name_damage(path: Path, fh: h5py.File, fn: Callable[[h5py.File], Any]) -> Any:
     """``fn(fh)``; when it fails other than with a UserError and the file turns out damaged
     (a link to nothing reads as None, a member list as garbage), the damage is named instead.
+    A file that only breaks the schema rules (a dataset without units, say) is not damaged:
+    the reader's own error stands.
     """
     try:
         return fn(fh)
     except UserError:
         raise
     except Exception:
-        from hpcqml.verify import check_file, damage_summary
+        from hpcqml.verify import damage_in, damage_summary
 
         try:
-            problems, _ = check_file(fh)
+            problems = damage_in(fh)
         except Exception:  # noqa: BLE001 - the checker failing too: the first error stands
             problems = []
         if problems:

@@ -138,6 +138,14 @@ def check_file(fh: h5py.File) -> tuple[list[str], int]:
     return problems + found, count
 
 
+def damage_in(fh: h5py.File) -> list[str]:
+    """The problems of an open results file that are damage (a member that cannot be opened,
+    a dataset whose bytes fail to read or to match their checksum), without the schema rules
+    and describing attributes that :func:`check_file` also reports.
+    """
+    return _walk(fh, "", describe=False)[0]
+
+
 def verify_file(path: str | Path) -> tuple[list[str], int]:
     """Open ``path`` read-only and check it (see the module docstring).
 

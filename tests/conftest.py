@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -102,6 +103,20 @@ def repo() -> Path:
     return REPO
 
 
+def attr_text(value: object) -> str:
+    """An HDF5 string attribute as text, whether h5py hands it back as ``str`` or ``bytes``."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def schema_table(doc: str, heading: str) -> list[tuple[str, ...]]:
+    """The rows of the first markdown table after ``heading`` in ``docs/schema/<doc>``, one
+    tuple of cells each (code spans unwrapped, ``\\|`` read as ``|``): the stored units and
+    descriptions that the writer tests compare a written group with, word for word."""
+    section = (REPO / "docs" / "schema" / doc).read_text().split(heading, 1)[1].split("\n#", 1)[0]
+    return [tuple(c.strip().replace("\\|", "|").strip("`") for c in re.split(r"(?<!\\)\|", line)[1:-1])
+            for line in section.splitlines() if line.startswith("| `")]
+
+
 def undocumented_datasets(path: Path) -> list[str]:
     """Datasets of results file ``path`` whose names the schema docs do not mention.
 
@@ -109,8 +124,6 @@ def undocumented_datasets(path: Path) -> list[str]:
     by pattern: ``NAME_per_probe``/``NAME_resolution`` beside every estimate, ``error_proxy_tT``
     for each t, digits as placeholders (``probe_000``), and the masks by parameter name.
     """
-    import re
-
     import h5py
 
     docs = "\n".join(p.read_text() for p in [REPO / "docs" / "results-schema.md",

@@ -9,9 +9,10 @@
 # Prints, per target, killed/total and the surviving mutants as diffs; the summary line is
 # the score over all targets. Not part of CI (tens of minutes on 2 cores; docs/testing.md).
 #
-# MUTATION_RESUME=1 with the same MUTATION_DIR keeps each target's copy and mutmut cache and
-# only refreshes its tests/ from the checkout: mutmut then re-runs the surviving and untested
-# mutants only (a killed mutant stays killed), e.g. after adding tests that kill survivors.
+# MUTATION_RESUME=1 with the same MUTATION_DIR keeps each target's mutmut cache and refreshes
+# the rest of its copy from the checkout: mutmut then re-runs the surviving and untested mutants
+# only (a killed mutant on an unchanged line stays killed), e.g. after adding tests that kill
+# survivors or after an interrupted run.
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -35,8 +36,9 @@ declare -A TARGET=(
   [timestepping]="hpcqml/carleman/timestepping.py|solve_ksp petsc_forward_iteration petsc_forward_iteration_t|tests/test_mut_timestepping.py tests/test_bounds_independent.py tests/test_fig4.py::test_fit_late_rate_recovers_an_exponential tests/test_fig4.py::test_growth_rate_matches_the_largest_divergent_mode[2-0] tests/test_fig4.py::test_all_dissipative_error_decays_at_the_slowest_mode[1-0] -k 'not stage'"
   [store]="hpcqml/store.py|tests/test_mut_store.py tests/test_store.py tests/test_store_atomic_commit.py"
   [writers]="hpcqml/stages/spectrum.py::_write_estimate,write_convention,result_writer|tests/test_mut_writers.py"
+  [hhlcase]="hpcqml/hhl/case.py|tests/test_mut_hhl_case.py tests/test_sci_hhl_case.py"
 )
-names="${MUTATION_TARGETS:-lanczos proxy statevector timestepping store writers}"
+names="${MUTATION_TARGETS:-lanczos proxy statevector timestepping store writers hhlcase}"
 base="${MUTATION_DIR:-$(mktemp -d /tmp/hpcqml-mutation.XXXXXX)}"
 mkdir -p "$base"
 summary="$base/summary.tsv"
@@ -52,20 +54,26 @@ for name in $names; do
   only=""
   if [[ "$module" == *"::"* ]]; then only="${module#*::}"; only="${only//,/ }"; module="${module%%::*}"; fi
   work="$base/$name"
+  kept="$base/.$name.mutmut-cache"   # where the cache waits while the copy is refreshed
   if [ "${MUTATION_RESUME:-0}" = 1 ] && [ -f "$work/.mutmut-cache" ]; then
-    echo "== $name: resuming in $work (tests/ refreshed from $repo)"
-    # an interrupted mutmut run leaves its mutant in place and the original as .bak
-    if [ -f "$work/$module.bak" ]; then mv "$work/$module.bak" "$work/$module"; fi
-    rm -rf "$work/tests"
-    cp -r "$repo/tests" "$work/tests"
+    # the whole copy is refreshed from the checkout and only mutmut's cache is kept: mutmut
+    # keys its results by line, so unchanged lines keep their result and edited lines are new
+    echo "== $name: resuming in $work (copy refreshed from $repo, mutmut cache kept)"
+    mv "$work/.mutmut-cache" "$kept"
+  elif [ "${MUTATION_RESUME:-0}" = 1 ] && [ -f "$kept" ]; then
+    echo "== $name: resuming in $work with the cache an interrupted refresh left in $kept"
   else
-    rm -rf "$work"
-    mkdir -p "$work"
-    (cd "$repo" && tar --exclude=./.venv --exclude=./.git --exclude=./results --exclude='./*.h5' -cf - .) \
-      | tar -xf - -C "$work"
-    ln -s "$(dirname "$(dirname "$py")")" "$work/.venv"
-    if [ -n "$skip$only" ]; then
-      "$py" - "$work/$module" "$skip" "$only" <<'PY'
+    if [ "${MUTATION_RESUME:-0}" = 1 ]; then echo "== $name: no mutmut cache in $work: a full run"; fi
+    rm -f "$kept"
+  fi
+  rm -rf "$work"
+  mkdir -p "$work"
+  (cd "$repo" && tar --exclude=./.venv --exclude=./.git --exclude=./results --exclude='./*.h5' \
+       --exclude=./.mutmut-cache -cf - .) | tar -xf - -C "$work"
+  if [ -f "$kept" ]; then mv "$kept" "$work/.mutmut-cache"; fi
+  ln -s "$(dirname "$(dirname "$py")")" "$work/.venv"
+  if [ -n "$skip$only" ]; then
+    "$py" - "$work/$module" "$skip" "$only" <<'PY'
 import ast, io, sys, tokenize
 path, skip, only = sys.argv[1], set(sys.argv[2].split()), set(sys.argv[3].split())
 source = open(path).read()
@@ -94,14 +102,30 @@ for i in sorted(marked):
 compile("\n".join(lines), path, "exec")   # still the same program
 open(path, "w").write("\n".join(lines))
 PY
-      if [ -n "$skip" ]; then echo "   left unmutated in $module: $skip"; fi
-      if [ -n "$only" ]; then echo "   mutated in $module: only $only"; fi
-    fi
+    if [ -n "$skip" ]; then echo "   left unmutated in $module: $skip"; fi
+    if [ -n "$only" ]; then echo "   mutated in $module: only $only"; fi
   fi
   echo "== $name: $module against $tests (copy in $work)"
   t0=$(date +%s)
+  # mutmut 2.5.1 counts a mutant as killed only when the runner exits with status 1, but pytest
+  # exits with 2 when a mutant cannot even be imported (a syntax error): that is a kill too.
+  # pytest runs inside the process mutmut starts, so mutmut's timeout (10x the baseline) still
+  # stops a mutant that loops. The script lives outside tests/, whose hash decides whether
+  # mutmut re-runs its baseline: changing it alone does not re-run the survivors.
+  printf '%s\n' "import sys" "import pytest" "rc = int(pytest.main(sys.argv[1:]))" \
+    "sys.exit(1 if rc == 2 else rc)" >"$work/run_tests.py"
+  runner="$work/.venv/bin/python $work/run_tests.py -x -q -p no:cacheprovider $tests"
+  # the unmutated copy must pass first: with status 2 read as a kill, a copy that cannot even
+  # import would otherwise count every mutant as killed (mutmut skips its own baseline run on
+  # a resume when tests/ is unchanged); split as mutmut splits the runner (shlex)
+  if ! (cd "$work" && OMP_NUM_THREADS=1 "$py" -c \
+        'import shlex, subprocess, sys; sys.exit(subprocess.call(shlex.split(sys.argv[1])))' "$runner" \
+        >"$work/baseline.log" 2>&1); then
+    echo "mutation.sh: the tests of target $name fail without any mutant (see $work/baseline.log)" >&2
+    exit 1
+  fi
   (cd "$work" && OMP_NUM_THREADS=1 "$mutmut" run --paths-to-mutate "$module" --tests-dir tests \
-       --runner "$work/.venv/bin/python -m pytest -x -q -p no:cacheprovider $tests" --no-progress \
+       --runner "$runner" --no-progress \
        >"$work/mutmut.log" 2>&1) || true   # mutmut exits non-zero when mutants survive
   # mutants left untested (an interrupted run) count as skipped, not as killed; "suspicious"
   # ones (killed, but slowly) count as killed

@@ -195,23 +195,37 @@ def test_lock_of_an_earlier_segment_of_this_batch_job_is_stale(tmp_path, monkeyp
     lock.release()
 
 
+def _padded(size: int) -> str:
+    """A lock file of another host's live run, padded with a comment-like line to ``size`` bytes."""
+    text = _lock_text(host="node-b", pid=1, started="then")
+    return text + "#" * (size - len(text) - 1) + "\n"
+
+
 @pytest.mark.parametrize("text, who", [
     (_lock_text(host="node-b", pid=1, job="9", started="then"), "host node-b, pid 1, since then"),
     (_lock_text(host="HOST", pid="", job="none"), "host HOST, pid , since ?"),
+    (_lock_text(started="then"), "host ?, pid ?, since then"),
+    (_lock_text(host="node-b", pid=1, started="a=b"), "host node-b, pid 1, since a=b"),
+    (b"host=node-\xff\npid=1\nstarted=then\n", "host node-\ufffd, pid 1, since then"),
+    (_padded(4096), "host node-b, pid 1, since then"),
+    (_padded(4097), "holder unknown"),
     ("", "holder unknown"),
     ("x" * 5000, "holder unknown"),
 ])
 def test_a_lock_that_may_be_live_is_never_removed(tmp_path, no_job, text, who):
-    """Another host's lock (even of another job), a lock still being written (no pid yet), an
-    empty one and an oversized one (not ours): refused, the file left in place."""
-    text = text.replace("HOST", socket.gethostname())
+    """Another host's lock (even of another job), a lock still being written (no pid yet), one
+    with a start time only, a value holding ``=`` (split at the first one), bytes that are not
+    UTF-8 (shown as U+FFFD), a lock of exactly 4096 bytes (read), an empty one and ones of 4097
+    bytes or more (not ours): refused, the file left in place."""
+    assert len(_padded(4096)) == 4096 and len(_padded(4097)) == 4097
+    raw = text if isinstance(text, bytes) else text.replace("HOST", socket.gethostname()).encode()
     who = who.replace("HOST", socket.gethostname())
     path = tmp_path / "r.h5.lock"
-    path.write_text(text)
+    path.write_bytes(raw)
     with pytest.raises(UserError) as info:
         st.ResultsLock(tmp_path / "r.h5").acquire()
     assert f"being written by another run ({who});" in str(info.value)
-    assert path.read_text() == text
+    assert path.read_bytes() == raw
 
 
 def test_release_leaves_a_lock_file_that_replaced_ours(tmp_path, no_job):
@@ -234,6 +248,7 @@ def test_stale_reason_rules(no_job):
     assert st._stale_reason({"host": "node-b", "pid": "1"}, "taken") is None
     assert st._stale_reason({"host": host, "pid": "12a"}, "taken") is None
     assert st._stale_reason({"host": host}, "taken") is None
+    assert st._stale_reason(dead, "busy") is None                  # someone holds the flock right now
 
 
 def test_flock_states_and_same_file(tmp_path):
@@ -258,6 +273,128 @@ def test_remove_if_stale_of_a_vanished_lock(tmp_path):
     assert st._remove_if_stale(tmp_path / "gone.lock", {}) == "already gone"
 
 
+def test_lock_in_a_directory_not_yet_made_is_created_with_mode_644(tmp_path, no_job):
+    """Both missing levels of the directory are made, and the lock file gets rw-r--r--
+    (umask 0 here, so the mode asked for is the mode the file has)."""
+    results = tmp_path / "a" / "b" / "r.h5"
+    old = os.umask(0)
+    try:
+        lock = st.ResultsLock(results)
+        lock.acquire()
+    finally:
+        os.umask(old)
+    assert lock.held and (os.stat(lock.path).st_mode & 0o777) == 0o644
+    lock.release()
+
+
+def test_a_lock_path_that_names_nothing_readable_is_given_up_after_three_tries(tmp_path, no_job):
+    """A dangling symbolic link at the lock path: the exclusive create finds it, but opening it
+    finds nothing (no holder: ``?`` for host and pid), three times; then a one-line refusal."""
+    lock = st.ResultsLock(tmp_path / "r.h5")
+    os.symlink(tmp_path / "nowhere", lock.path)
+    lines = []
+    with pytest.raises(UserError) as info:
+        lock.acquire(lines.append)
+    assert str(info.value) == f"results file {tmp_path / 'r.h5'}: could not take the lock {lock.path}"
+    assert lines == [f"removed stale lock {lock.path} (host ?, pid ?: already gone)"] * 3
+    assert not lock.held and lock.path.is_symlink()
+
+
+def test_a_lock_whose_flock_is_held_is_never_removed_whatever_pid_it_names(tmp_path, no_job):
+    """The holder's flock is taken (here by a lock of this process), but the file names a pid
+    of this host that is gone (e.g. a holder in another pid namespace): refused, not removed."""
+    first = st.ResultsLock(tmp_path / "r.h5")
+    first.acquire()
+    dead = _dead_pid()
+    text = _lock_text(host=socket.gethostname(), pid=dead, job="none", started="then")
+    with open(first.path, "r+") as fh:          # the same file (same flock), rewritten in place
+        fh.truncate()
+        fh.write(text)
+    second = st.ResultsLock(tmp_path / "r.h5")
+    with pytest.raises(UserError) as info:
+        second.acquire()
+    assert f"(host {socket.gethostname()}, pid {dead}, since then)" in str(info.value)
+    assert first.path.read_text() == text and not second.held
+    first.release()
+
+
+def test_a_lock_replaced_while_it_is_judged_stale_is_left_to_its_new_holder(tmp_path, monkeypatch, no_job):
+    """Another run replaces the stale lock between this run opening it and removing it (here at
+    the moment the rule reads the batch job id): the new file is kept, the attempt is logged as
+    ``replaced meanwhile`` and the next try refuses, naming the new holder."""
+    path = tmp_path / "r.h5.lock"
+    host, dead = socket.gethostname(), _dead_pid()
+    path.write_text(_lock_text(host=host, pid=dead, job="none", started="then"))
+    new = _lock_text(host="node-b", pid=7, job="none", started="now")
+    replaced = []
+
+    def job_id_after_a_replacement() -> str:
+        if not replaced:
+            (tmp_path / "new").write_text(new)
+            os.replace(tmp_path / "new", path)
+            replaced.append(True)
+        return "none"
+
+    monkeypatch.setattr(st, "scheduler_job_id", job_id_after_a_replacement)
+    lines = []
+    with pytest.raises(UserError) as info:
+        st.ResultsLock(tmp_path / "r.h5").acquire(lines.append)
+    assert lines == [f"removed stale lock {path} (host {host}, pid {dead}: replaced meanwhile)"]
+    assert "(host node-b, pid 7, since now);" in str(info.value)
+    assert path.read_text() == new
+
+
+def test_flock_of_a_descriptor_that_cannot_be_locked_is_unsupported(tmp_path):
+    """An O_PATH descriptor cannot be flock-ed (EBADF), as on a file system without flock."""
+    path = tmp_path / "f"
+    path.write_text("x")
+    fd = os.open(path, os.O_PATH)
+    try:
+        assert st._flock(fd) == "unsupported"
+    finally:
+        os.close(fd)
+
+
+def test_pid_alive_only_probes_the_process(tmp_path):
+    """The probe sends no signal: a child that dies on SIGHUP (and on any other default-fatal
+    signal) answers after the check. Its reply comes after the probe, so a signal sent by the
+    probe would have ended it first."""
+    code = ("import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); print('ready', flush=True); "
+            "sys.stdin.readline(); print('alive', flush=True)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    assert st._pid_alive(child.pid)
+    out, _ = child.communicate("go\n", timeout=60)
+    assert (out, child.returncode) == ("alive\n", 0)
+
+
+def test_pid_alive_of_another_users_process():
+    """A process this user may not signal (EPERM) is alive: as root, the check runs with real and
+    effective uid 65534 against a child of root; otherwise against pid 1 when another user owns it."""
+    if os.geteuid() != 0:
+        if os.stat("/proc/1").st_uid == os.geteuid():
+            pytest.skip("pid 1 belongs to this user and this user cannot change uid")
+        with pytest.raises(PermissionError):
+            os.kill(1, 0)
+        assert st._pid_alive(1)
+        return
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        try:
+            os.setresuid(65534, 65534, 0)
+        except PermissionError:          # root without CAP_SETUID (some containers)
+            pytest.skip("this root cannot change its uid")
+        try:
+            with pytest.raises(PermissionError):
+                os.kill(child.pid, 0)
+            alive = st._pid_alive(child.pid)
+        finally:
+            os.setresuid(0, 0, 0)
+    finally:
+        child.communicate(b"", timeout=60)
+    assert alive
+
+
 # ---- damage -----------------------------------------------------------------------------------
 
 def test_damaged_message_uses_the_first_line_or_the_type(tmp_path):
@@ -273,8 +410,8 @@ def test_damage_error_tells_damage_from_bugs(tmp_path):
     p = tmp_path / "r.h5"
     assert isinstance(st.damage_error(p, OSError("unable to open")), InputFileError)
     assert st.damage_error(p, OSError(errno.ENOSPC, "No space left on device")) is None
-    for word in ("bad signature", "Corrupt node", "truncated file", "bad symbol table", "checksum failed",
-                 "can't decompress"):
+    for word in ("bad signature", "file signature not found", "Corrupt node", "truncated file", "bad symbol table",
+                 "checksum failed", "can't decompress"):
         for cls in (KeyError, ValueError, RuntimeError):
             assert isinstance(st.damage_error(p, cls(word)), InputFileError), (cls, word)
     for exc in (KeyError("missing"), ValueError("shape mismatch"), RuntimeError("badly"), TypeError("corrupt")):
@@ -299,12 +436,24 @@ def test_reading_or_writing_damaged_bytes_names_the_damage(tmp_path, no_job):
         store._rewrite(lambda fh: None)
 
 
+def test_a_readers_error_on_an_intact_file_that_breaks_the_schema_is_not_called_damage(tmp_path):
+    """A dataset without units (a file of another tool, or an older version) breaks a schema rule
+    but its bytes are sound: a reader failing on it gets its own error back, not "damaged"."""
+    path = tmp_path / "r.h5"
+    store = _open(path)
+    store.commit("a", lambda g: g.create_dataset("bare", data=np.arange(3.0)))
+    store.close_run("completed")
+    with pytest.raises(KeyError, match="nothing_here"):
+        st.ResultsStore(path, world()).read(lambda fh: fh["a"]["nothing_here"])
+
+
 def test_read_of_a_missing_file_gives_the_default(tmp_path):
     store = st.ResultsStore(tmp_path / "none.h5", world())
     assert store.read(lambda fh: 1, default="absent") == "absent"
     assert store.read(lambda fh: 1) is None
     assert store.is_complete("a") is False
     store.mark_stale([], "nothing")          # nothing to mark: the missing file is not touched
+    assert store.restore_previous("spec", "sha") is False   # nothing set aside: nothing to restore
     assert not store.path.exists()
     store.close_run("completed")             # no invocation: nothing to close
     assert not store.path.exists()
@@ -320,8 +469,12 @@ def test_dataset_with_a_damaged_chunk_is_an_error_not_numbers(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[offset + 100:offset + 108] = b"\xff" * 8
     path.write_bytes(bytes(raw))
-    with pytest.raises(InputFileError):
+    with pytest.raises(InputFileError) as info:
         st.ResultsStore(path, world()).read(lambda fh: fh["a/d"][()])
+    # the file's checker names the damaged dataset (not only the error of the failed read)
+    message = str(info.value)
+    assert message.startswith(f"results file {path} is damaged: dataset /a/d: unreadable (OSError: ")
+    assert "Fletcher32" in message and message.endswith("; restore it or use --overwrite")
 
 
 # ---- runs, invocations and commits -----------------------------------------------------------
@@ -331,10 +484,16 @@ def test_open_commit_close_and_resume(tmp_path, no_job):
     store = st.ResultsStore(path, world())
     assert store.open_run("x = 1", "sha-1", {"command_line": "first", "extra": "e"}) == "created"
     assert store.invocation == "provenance/run_000" and store.lock.held
+    with h5py.File(path, "r") as fh:      # while it runs: no end yet
+        run = fh["provenance/run_000"].attrs
+        assert _text(run["status"]) == "running" and _text(run["end_time"]) == ""
+        assert _text(fh.attrs["prov_status"]) == "running" and _text(fh.attrs["prov_end_time"]) == ""
+        assert _text(run["description"]) == "one invocation of hpcqml on this file: command, machine, versions, times"
+        assert _text(run["config_sha256"]) == "sha-1"
     store.commit("g/a", lambda g: g.create_dataset("d", data=[1.0]), attrs={"n": 3})
     store.commit("g/a", lambda g: g.create_dataset("e", data=[2.0]))     # replaces the group
     assert store.is_complete("g/a") and not store.is_complete("g/b")
-    store.close_run("completed", "")
+    store.close_run("completed")
     assert not store.lock.held and not store.lock.path.exists()
     with h5py.File(path, "r") as fh:
         assert _text(fh.attrs["schema_version"]) == st.SCHEMA_VERSION and ISO.match(_text(fh.attrs["created"]))
@@ -342,6 +501,7 @@ def test_open_commit_close_and_resume(tmp_path, no_job):
         assert fh["g/a"].attrs["complete"] and ISO.match(_text(fh["g/a"].attrs["completed_at"]))
         run = fh["provenance/run_000"].attrs
         assert _text(run["status"]) == "completed" and _text(run["command_line"]) == "first"
+        assert _text(run["error"]) == ""                              # no message given: none recorded
         assert _text(run["last_write"]) == _text(fh["g/a"].attrs["completed_at"])
         assert _text(run["end_time"]) >= _text(run["start_time"]) and _text(run["config_toml"]) == "x = 1"
         assert _text(fh.attrs["config_toml"]) == "x = 1" and _text(fh.attrs["config_sha256"]) == "sha-1"
@@ -363,23 +523,34 @@ def test_open_commit_close_and_resume(tmp_path, no_job):
 
 
 def test_an_invocation_left_running_is_closed_as_killed(tmp_path, no_job):
+    """Its end is its last write; one killed before any write ends at its start."""
     path = tmp_path / "r.h5"
     first = _open(path)
+    first.set_root_attrs({"start_time": "2000-01-01T00:00:00+00:00"}, group=first.invocation)
     first.commit("u", attrs={"i": 1})
     first.lock.release()                   # the process died without close_run
     with h5py.File(path, "r") as fh:
         start = _text(fh["provenance/run_000"].attrs["start_time"])
         last = _text(fh["provenance/run_000"].attrs["last_write"])
+    assert start == "2000-01-01T00:00:00+00:00" and ISO.match(last) and last > start
     lines = []
     second = st.ResultsStore(path, world())
     second.open_run("x = 1", "sha-1", {}, log=lines.append)
     assert f"invocation run_000 (started {start}) was killed; recorded as such" in lines
     with h5py.File(path, "r") as fh:
         a = fh["provenance/run_000"].attrs
-        assert _text(a["status"]) == "killed" and _text(a["end_time"]) == max(last, start)
+        assert _text(a["status"]) == "killed" and _text(a["end_time"]) == last
         assert _text(a["end_time_basis"]) == "last write before the process was killed"
         assert _text(fh["provenance/run_001"].attrs["status"]) == "running"
-    second.close_run("completed")
+        assert "last_write" not in fh["provenance/run_001"].attrs
+        second_start = _text(fh["provenance/run_001"].attrs["start_time"])
+    second.lock.release()                  # killed too, before writing anything
+    third = st.ResultsStore(path, world())
+    third.open_run("x = 1", "sha-1", {})
+    with h5py.File(path, "r") as fh:
+        a = fh["provenance/run_001"].attrs
+        assert _text(a["status"]) == "killed" and _text(a["end_time"]) == second_start
+    third.close_run("completed")
 
 
 def test_close_run_never_ends_before_the_start(tmp_path, no_job):
@@ -436,6 +607,7 @@ def test_results_path_that_is_a_symlink_stays_one(tmp_path, no_job):
     store = st.ResultsStore(link, world())
     assert store.target() == real and st.ResultsStore(real, world()).target() == real
     assert store.open_run("x", "s", {}) == "resumed"
+    assert store.invocation == "provenance/run_000"     # the file had no provenance yet: the first run
     store.commit("a")
     store.close_run("completed")
     assert link.is_symlink() and os.path.realpath(link) == str(real)
@@ -458,7 +630,8 @@ def test_decide_once_decides_once_and_returns_plain_values(tmp_path, no_job):
     assert type(again["route"]) is str and type(again["width"]) is int and type(again["ok"]) is bool
     with h5py.File(store.path, "r") as fh:
         assert st.is_complete(fh, "spectrum/decisions")
-        assert _text(fh["spectrum/decisions"].attrs["description"]).startswith("choices made once")
+        assert _text(fh["spectrum/decisions"].attrs["description"]) == \
+            "choices made once for this file and reused on every resume (never re-decided)"
     store.close_run("completed")
 
 
@@ -495,10 +668,74 @@ def test_fingerprints_and_stage_records(tmp_path, no_job):
         assert bool(fh["spec"].attrs["stale"]) and _text(fh["spec"].attrs["stale_because"]) == "inputs changed"
         assert "absent" not in fh and "stale" not in fh["spec_extra"].attrs
         fp = fh["fingerprints/spec"].attrs
-        assert _text(fp["invocation"]) == "provenance/run_000" and "TOML" in _text(fp["description"])
+        assert _text(fp["invocation"]) == "provenance/run_000"
+        assert _text(fp["description"]) == "sha256 of the settings that change the results of stage spec, " \
+                                            "and those settings (TOML)"
     store.record_fingerprint("spec", "new", "v = 2")
     assert store.stage_records()["spec"]["stale"] is False
+    with h5py.File(store.path, "r") as fh:    # every attribute of the schema is written, the stale mark too
+        fp = fh["fingerprints/spec"].attrs
+        assert sorted(fp) == ["complete", "completed_at", "description", "inputs", "invocation", "sha256", "stale",
+                              "stale_because"]
+        assert not fp["stale"] and _text(fp["stale_because"]) == ""
     store.close_run("completed")
+
+
+def test_a_fingerprint_record_without_attributes_reads_as_empty_and_not_stale(tmp_path, no_job):
+    """A ``/fingerprints/<stage>`` group without its attributes (not written by
+    :meth:`record_fingerprint`, e.g. by an older version) reads as no settings, not stale."""
+    store = _open(tmp_path / "r.h5")
+    store.commit("fingerprints/bare")
+    assert store.stage_records() == {"bare": {"sha256": "", "inputs": "", "stale": False, "stale_because": ""}}
+    store.close_run("completed")
+
+
+def test_a_store_without_an_invocation_commits_and_records_none(tmp_path, no_job):
+    """A store that did not open a run (the runner's rank-0 bookkeeping after a failure) commits,
+    records fingerprints and replaces a stage; the records name no invocation (empty string)."""
+    path = tmp_path / "r.h5"
+    _open(path).close_run("completed")
+    store = st.ResultsStore(path, world())
+    assert store.invocation is None
+    store.commit("a", attrs={"n": 1})
+    store.record_fingerprint("spec", "one", "v = 1")
+    store.commit("spec")
+    store.replace_stage("spec", "two", "v = 2")
+    store.commit("spec")
+    with h5py.File(path, "r") as fh:
+        assert st.is_complete(fh, "a") and "last_write" not in fh["provenance/run_000"].attrs
+        assert _text(fh["fingerprints/spec"].attrs["sha256"]) == "two"
+        assert _text(fh["fingerprints/spec"].attrs["invocation"]) == ""
+        assert _text(fh["previous/spec/fingerprint"].attrs["sha256"]) == "one"
+        assert _text(fh["previous/spec/fingerprint"].attrs["invocation"]) == ""
+
+
+def test_fingerprint_attributes_stored_as_bytes_read_as_text(tmp_path, no_job):
+    """Attributes another writer stored as fixed-length byte strings (read back as bytes) read as
+    text; bytes that are not UTF-8 become U+FFFD rather than an error."""
+    store = _open(tmp_path / "r.h5")
+    store.set_root_attrs({"sha256": np.bytes_(b"ab\xff"), "inputs": np.bytes_(b"v = 1")}, group="fingerprints/x")
+    assert store.read(lambda fh: isinstance(fh["fingerprints/x"].attrs["inputs"], bytes))
+    rec = store.stage_records()["x"]
+    assert rec["sha256"] == "ab\ufffd" and rec["inputs"] == "v = 1"
+    store.close_run("completed")
+
+
+def test_restoring_a_stage_without_its_main_group_makes_none(tmp_path, no_job):
+    """A stage whose results are only ``<stage>_*`` groups: swapping it back in from /previous
+    brings back those groups, its perf record and fingerprint, and no empty ``<stage>`` group."""
+    store = _open(tmp_path / "r.h5")
+    store.record_fingerprint("spec", "old", "v = 1")
+    store.commit("spec_extra", lambda g: g.create_dataset("w", data=1.0))
+    store.commit("perf/spec", attrs={"wall": 1.0})
+    store.replace_stage("spec", "new", "v = 2")
+    store.commit("spec_extra", lambda g: g.create_dataset("w", data=2.0))
+    assert store.restore_previous("spec", "old") is True
+    store.close_run("completed")
+    with h5py.File(store.path, "r") as fh:
+        assert "spec" not in fh and float(fh["spec_extra/w"][()]) == 1.0
+        assert float(fh["perf/spec"].attrs["wall"]) == 1.0 and _text(fh["fingerprints/spec"].attrs["sha256"]) == "old"
+        assert float(fh["previous/spec/groups/spec_extra/w"][()]) == 2.0
 
 
 def test_stage_names_in_and_stage_groups(tmp_path):
@@ -513,7 +750,8 @@ def test_stage_names_in_and_stage_groups(tmp_path):
 def test_belongs_to():
     for key in ("spec", "/spec/probe_000", "spec_extra/x", "perf/spec", "/fingerprints/spec/"):
         assert st._belongs_to(key, "spec"), key
-    for key in ("spectrum", "perf/spectrum", "perf", "fingerprints/spec/x", "other/spec"):
+    for key in ("spectrum", "specX", "Xspec", "perf/spectrum", "perf/specX", "/fingerprints/specX", "perf",
+                "fingerprints/spec/x", "other/spec"):
         assert not st._belongs_to(key, "spec"), key
 
 
@@ -542,13 +780,17 @@ def test_replaced_stage_is_set_aside_at_its_first_commit_and_dropped_when_comple
     assert not store.is_replacing("spec") and store.is_complete("spec")
     with h5py.File(store.path, "r") as fh:
         prev = fh["previous/spec"]
+        assert sorted(prev) == ["fingerprint", "groups", "perf"] and sorted(fh["previous"]) == ["spec"]
         assert sorted(prev["groups"]) == ["spec", "spec_extra"] and float(prev["groups/spec/v"][()]) == 1.0
         assert float(prev["perf"].attrs["wall"]) == 1.0 and _text(prev["fingerprint"].attrs["sha256"]) == "old"
-        assert "replaced by a recomputation" in _text(prev.attrs["description"])
+        assert _text(prev.attrs["description"]) == \
+            "results of stage spec replaced by a recomputation still in progress"
         assert float(fh["spec/v"][()]) == 2.0 and "spec_extra" not in fh and "spec" not in fh["perf"]
         fp = fh["fingerprints/spec"].attrs
         assert (_text(fp["sha256"]), _text(fp["inputs"]), bool(fp["stale"]), bool(fp["complete"])) == \
             ("new", "v = 2.0", False, True)
+        assert _text(fp["description"]) == "sha256 of the settings that change the results of stage spec, " \
+                                           "and those settings (TOML)"
         assert _text(fp["invocation"]) == "provenance/run_000" and ISO.match(_text(fp["completed_at"]))
         assert "stale_because" in fp and _text(fp["stale_because"]) == ""
         for key in ("after", "fingerprints/after"):
@@ -559,6 +801,10 @@ def test_replaced_stage_is_set_aside_at_its_first_commit_and_dropped_when_comple
     with h5py.File(store.path, "r") as fh:
         assert float(fh["spec/v"][()]) == 1.0 and float(fh["spec_extra/w"][()]) == 1.0
         assert _text(fh["fingerprints/spec"].attrs["sha256"]) == "old" and float(fh["perf/spec"].attrs["wall"]) == 1
+        # the swap leaves no group of its own behind
+        assert sorted(fh) == ["after", "after_extra", "fingerprints", "perf", "previous", "provenance", "spec",
+                              "spec_extra"]
+        assert sorted(fh["previous"]) == ["spec"] and sorted(fh["previous/spec"]) == ["fingerprint", "groups"]
         assert float(fh["previous/spec/groups/spec/v"][()]) == 2.0
         assert _text(fh["previous/spec/fingerprint"].attrs["sha256"]) == "new"
         assert "perf" not in fh["previous/spec"] and ".spec.incoming" not in fh["previous"]
@@ -575,8 +821,12 @@ def test_replaced_stage_is_set_aside_at_its_first_commit_and_dropped_when_comple
 def test_a_second_replacement_drops_the_older_generation(tmp_path, no_job):
     store = _open(tmp_path / "r.h5")
     _stage(store, value=1.0, sha="one")
-    store.replace_stage("spec", "two", "v = 2")
+    _stage(store, "after")
+    store.replace_stage("spec", "two", "v = 2", stale=["after"])       # no reason given: an empty one
     store.commit("spec", lambda g: g.create_dataset("v", data=2.0))
+    with h5py.File(store.path, "r") as fh:
+        for key in ("after", "fingerprints/after"):
+            assert bool(fh[key].attrs["stale"]) and _text(fh[key].attrs["stale_because"]) == ""
     store.replace_stage("spec", "three", "v = 3")
     store.commit("spec_extra", lambda g: g.create_dataset("w", data=3.0))   # a stage_* group commits first
     store.close_run("completed")
@@ -596,6 +846,35 @@ def test_on_root_raises_a_user_error_on_one_rank(tmp_path):
     with pytest.raises(UserError, match="^no$"):
         store._on_root(refuse)
     assert store._on_root(lambda: 5) == 5
+
+
+def test_on_root_on_a_rank_that_got_no_outcome_says_so(tmp_path):
+    """The guard for a rank that is not rank 0 and got nothing broadcast (here: rank 1 of a
+    communicator of one process, which has nobody to broadcast from)."""
+    store = st.ResultsStore(tmp_path / "r.h5", world())
+    store.rank = 1
+    with pytest.raises(RuntimeError, match="^results store: no outcome reached this rank$"):
+        store._on_root(lambda: 5)
+
+
+def test_one_rank_needs_no_collective(tmp_path, no_job):
+    """The runner's rank-0-only bookkeeping drives the store with a stand-in communicator that has
+    only Get_rank and Get_size: on one rank no collective is called, and an answer is the very
+    object rank 0 computed (no copy)."""
+    from hpcqml.runner import _SelfComm
+
+    store = st.ResultsStore(tmp_path / "r.h5", _SelfComm())
+    assert store.open_run("x = 1", "sha-1", {"command_line": "t"}) == "created"
+    store.commit("a", attrs={"n": 1})
+    assert store.is_complete("a") and store.read(lambda fh: int(fh["a"].attrs["n"])) == 1
+    assert store.decide_once("s/decisions", lambda: {"k": 1}) == {"k": 1}
+    answer = np.zeros(3)
+    assert store._on_root(lambda: answer) is answer
+    other = st.ResultsStore(tmp_path / "r.h5", _SelfComm())
+    with pytest.raises(UserError, match="is being written by another run"):
+        other.open_run("x = 1", "sha-1", {"command_line": "t"})   # a refusal: raised, not broadcast
+    store.close_run("completed")
+    assert not store.lock.path.exists()
 
 
 def test_size_of_a_missing_file_is_zero(tmp_path):
@@ -685,7 +964,7 @@ def _git(repo, *args):
 
 def test_git_commit_names_head_and_marks_a_dirty_tree(tmp_path, monkeypatch):
     """A scratch git repository (GIT_DIR/GIT_WORK_TREE point git there): HEAD's hash, then the
-    hash with ``-dirty`` once a tracked file changes; no repository at all gives ``unknown``."""
+    hash with ``-dirty`` once a tracked file changes; no repository, or no git program, gives ``unknown``."""
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "-q")
@@ -700,6 +979,8 @@ def test_git_commit_names_head_and_marks_a_dirty_tree(tmp_path, monkeypatch):
     (repo / "a.txt").write_text("2")
     assert st._git_commit() == head + "-dirty"
     monkeypatch.setenv("GIT_DIR", str(tmp_path / "nothing"))
+    assert st._git_commit() == "unknown"
+    monkeypatch.setenv("PATH", str(tmp_path))                # no git program to run at all
     assert st._git_commit() == "unknown"
 
 

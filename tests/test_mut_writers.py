@@ -18,10 +18,13 @@ The ``make mutation`` target ``writers`` (tests/mutation.sh) runs these first.
 """
 from __future__ import annotations
 
+import re
+
 import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import attr_text, schema_table
 from scipy import stats
 
 from hpcqml.hessian.lanczos import lanczos, rademacher_slice
@@ -67,18 +70,14 @@ def written(tmp_path_factory):
     fh.close()
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _same_estimate(group, name: str, est, units: str) -> None:
     """The four datasets of one estimate hold ``est`` (docs/schema/spectrum.md, "Estimates")."""
     d = group[name]
-    assert d.shape == (4,) and d.dtype == np.float64 and _text(d.attrs["units"]) == units
+    assert d.shape == (4,) and d.dtype == np.float64 and attr_text(d.attrs["units"]) == units
     np.testing.assert_array_equal(d[()], [est.value, est.stderr, est.ci_low, est.ci_high])
     a = d.attrs
-    assert _text(a["columns"]) == "value, stderr, ci_low, ci_high"
-    assert bool(a["resolved"]) is bool(est.resolved) and _text(a["note"]) == est.note
+    assert attr_text(a["columns"]) == "value, stderr, ci_low, ci_high"
+    assert bool(a["resolved"]) is bool(est.resolved) and attr_text(a["note"]) == est.note
     assert float(a["tolerance"]) == est.tolerance and float(a["ambiguous_mass"]) == est.ambiguous_mass
     if est.threshold is None:
         assert np.isnan(a["threshold"])
@@ -86,9 +85,9 @@ def _same_estimate(group, name: str, est, units: str) -> None:
         assert float(a["threshold"]) == est.threshold
     assert float(a["threshold_mass"]) == est.threshold_mass
     np.testing.assert_array_equal(a["threshold_share"], est.threshold_share)
-    assert _text(a["uncertainty"]).startswith("standard error over probes (jackknife for ratios); ci: Student t")
-    assert _text(a["uncertainty"]).endswith("interval over probes (NaN below 2 probes)")
-    base = _text(d.attrs["description"])
+    assert attr_text(a["uncertainty"]).startswith("standard error over probes (jackknife for ratios); ci: Student t")
+    assert attr_text(a["uncertainty"]).endswith("interval over probes (NaN below 2 probes)")
+    base = attr_text(d.attrs["description"])
     assert "\n" not in base and base
     per = group[f"{name}_per_probe"]
     np.testing.assert_array_equal(per[()], est.per_probe)
@@ -105,12 +104,12 @@ def _same_estimate(group, name: str, est, units: str) -> None:
     else:
         assert f"{name}_per_probe_bounds" not in group
     for ds in derived:        # the derived datasets describe themselves as parts of the estimate
-        assert ds.dtype == np.float64 and _text(ds.attrs["units"]) == units
-        assert _text(ds.attrs["description"]).startswith(base + ": ")
+        assert ds.dtype == np.float64 and attr_text(ds.attrs["units"]) == units
+        assert attr_text(ds.attrs["description"]).startswith(base + ": ")
     # what NaN means in the bracket, and when the combined interval counts as resolved
-    assert _text(res.attrs["description"]).endswith("proven quadrature bracket of the probe-exact pooled value "
+    assert attr_text(res.attrs["description"]).endswith("proven quadrature bracket of the probe-exact pooled value "
                                                      "(NaN: not evaluated)")
-    assert _text(comb.attrs["description"]).endswith("resolved when its half-width is at most the tolerance")
+    assert attr_text(comb.attrs["description"]).endswith("resolved when its half-width is at most the tolerance")
 
 
 def test_trace_is_the_mean_hutchinson_sample_with_a_student_t_interval(written):
@@ -133,7 +132,7 @@ def test_negative_mass_is_the_exact_mass_below_minus_delta(written):
     assert est_ds[0] == pytest.approx(per_probe.mean(), abs=TOL)
     np.testing.assert_allclose(written["g"]["estimates/negative_mass_per_probe"][()], per_probe, atol=TOL)
     assert float(est_ds.attrs["delta"]) == delta
-    assert "delta = 0.125" in _text(est_ds.attrs["description"])
+    assert "delta = 0.125" in attr_text(est_ds.attrs["description"])
     _same_estimate(written["g"]["estimates"], "negative_mass", written["spec"].negative_mass(delta), "1")
 
 
@@ -143,25 +142,25 @@ def test_density_group_is_the_spectrum_density(written):
     np.testing.assert_array_equal(d["grid"][()], dens.grid)
     np.testing.assert_array_equal(d["rho"][()], dens.rho)
     assert d["grid"].shape == (CFG["grid_points"],)
-    assert _text(d["grid"].attrs["units"]) == "nat" and _text(d["rho"].attrs["units"]) == "1/nat"
+    assert attr_text(d["grid"].attrs["units"]) == "nat" and attr_text(d["rho"].attrs["units"]) == "1/nat"
     # the kernel width rule: width_factor x (largest - smallest node), independent of the code
     x, _ = written["spec"].pooled()
     assert d.attrs["sigma"] == pytest.approx(CFG["width_factor"] * (x.max() - x.min()), rel=1e-12)
     assert float(d.attrs["width_factor"]) == CFG["width_factor"] and float(d.attrs["min_width"]) == dens.min_width
-    assert _text(d.attrs["width_rule"]) == dens.rule and _text(d.attrs["kernel"]) == "gaussian"
+    assert attr_text(d.attrs["width_rule"]) == dens.rule and attr_text(d.attrs["kernel"]) == "gaussian"
 
 
 def test_adaptive_rounds(written):
     rounds = written["g"]["adaptive_rounds"]
-    assert rounds.dtype == np.int64 and _text(rounds.attrs["units"]) == "count"
+    assert rounds.dtype == np.int64 and attr_text(rounds.attrs["units"]) == "count"
     np.testing.assert_array_equal(rounds[()], ROUNDS)
 
 
 def test_proxy_time_axis_and_primary_convention(written):
     p = written["g"]["proxy"]
     np.testing.assert_array_equal(p["t"][()], np.arange(CFG["t_max"] + 1, dtype=np.float64))
-    assert _text(p["t"].attrs["units"]) == "count"
-    assert _text(p.attrs["primary"]) == "eta"
+    assert attr_text(p["t"].attrs["units"]) == "count"
+    assert attr_text(p.attrs["primary"]) == "eta"
     assert sorted(k for k in p if k != "t") == ["eta", "paper"]
 
 
@@ -189,8 +188,8 @@ def test_proxy_curves_are_the_exact_error_proxy(written, convention):
     np.testing.assert_allclose(g["grid"][()], np.exp(log_grid), rtol=1e-15)
     np.testing.assert_array_equal(g["log_nodes_stderr"][()], spec.log_error_proxy(t, **k)[1])
     for name in ("nodes", "grid", "log_nodes", "log_grid", "log_nodes_stderr"):
-        assert g[name].shape == t.shape and _text(g[name].attrs["units"]) == "1"
-    assert "III.12" in _text(g["nodes"].attrs["description"]) and "III.12" in _text(g["grid"].attrs["description"])
+        assert g[name].shape == t.shape and attr_text(g[name].attrs["units"]) == "1"
+    assert all("III.12" in attr_text(g[name].attrs["description"]) for name in ("nodes", "grid"))
 
 
 @pytest.mark.parametrize("convention", ["eta", "paper"])
@@ -216,7 +215,7 @@ def test_convention_estimates_are_the_exact_values(written, convention):
         want_est = spec.dissipative_fraction(convention, ETA, CUTOFF, source="grid",
                                              width_factor=f * CFG["width_factor"], points=CFG["grid_points"])
         _same_estimate(est, f"dissipative_fraction_{tag}", want_est, "1")
-        assert f"{f:g} x the kernel width" in _text(est[f"dissipative_fraction_{tag}"].attrs["description"])
+        assert f"{f:g} x the kernel width" in attr_text(est[f"dissipative_fraction_{tag}"].attrs["description"])
     names = {f"{p}{tt}" for p in ("error_proxy_t", "error_proxy_no_cutoff_t") for tt in CFG["proxy_t"]}
     names |= {"dissipative_fraction_nodes", "dissipative_fraction_grid", "dissipative_fraction_grid_half_width",
               "dissipative_fraction_grid_double_width", "overlap_ii93"}
@@ -229,9 +228,9 @@ def test_convention_attributes(written, convention):
     x, w = written["spec"].pooled()
     dis = dissipation(x, w, cutoff=CUTOFF, convention=convention, eta=ETA)
     a = g.attrs
-    assert _text(a["convention"]) == convention and float(a["eta"]) == ETA and float(a["cutoff"]) == CUTOFF
-    assert _text(a["cutoff_applies_to"]) == "|lambda|"
-    assert _text(a["a_definition"]) == ("a = -eta*lambda, eta = 0.3" if convention == "eta" else "a = -lambda")
+    assert attr_text(a["convention"]) == convention and float(a["eta"]) == ETA and float(a["cutoff"]) == CUTOFF
+    assert attr_text(a["cutoff_applies_to"]) == "|lambda|"
+    assert attr_text(a["a_definition"]) == ("a = -eta*lambda, eta = 0.3" if convention == "eta" else "a = -lambda")
     for name in ("r_plus", "r_minus", "a_plus", "time_limit"):
         np.testing.assert_array_equal(a[name], getattr(dis, name), err_msg=name)
     # the pooled dissipative fraction of the same call is the exact one (eq. II.28)
@@ -241,36 +240,56 @@ def test_convention_attributes(written, convention):
     assert dis.fraction == pytest.approx(m[kept & (np.abs(1 + aa) < 1)].sum() / m[kept].sum(), abs=TOL)
 
 
-def test_each_description_names_its_quantity_and_equation(written):
-    """The one-line descriptions make the file self-describing (docs/schema/spectrum.md): each
-    names what its numbers are and the paper's equation where one applies. Checked by the
-    words that must appear, not by the whole wording."""
+_FIELDS = {"C": "eta|paper", "T": r"[0-9.e+-]+", "NAME": ".+"}
+
+
+def _schema_rows() -> list[tuple[re.Pattern[str], str, str]]:
+    """The table "Stored units and descriptions" of docs/schema/spectrum.md: one
+    (name pattern, units, description template) per row, the ``{C}``/``{T}``/``{NAME}`` fields
+    of the name as named groups."""
+    rows = []
+    for name, units, desc in schema_table("spectrum.md", "### Stored units and descriptions"):
+        pattern = re.escape(name)
+        for field, rx in _FIELDS.items():
+            pattern = pattern.replace(re.escape("{" + field + "}"), f"(?P<{field}>{rx})")
+        rows.append((re.compile(pattern), units, desc))
+    return rows
+
+
+def test_every_dataset_has_the_units_and_description_of_the_schema(written):
+    """Each dataset of the written group carries the ``units`` and ``description`` that the
+    schema's table gives it, word for word, and no dataset is missing from the table: a
+    reader of the file sees what the docs promise (the texts are the file's only account of
+    what a column means)."""
     g = written["g"]
+    rows = _schema_rows()
+    assert len(rows) >= 30
+    seen = set()
 
-    def desc(key):
-        return _text(g[key].attrs["description"])
+    def check(key: str, obj) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        hits = []
+        for pattern, units, desc in rows:
+            m = pattern.fullmatch(key)
+            if m is None:
+                continue
+            fields = m.groupdict()
+            if "NAME" in fields:            # a part of an estimate: its main dataset's texts
+                main = fields["NAME"]
+                if main not in g or "columns" not in g[main].attrs:
+                    continue
+                units = attr_text(g[main].attrs["units"])
+                fields["DESC"] = attr_text(g[main].attrs["description"])
+            if "{delta}" in desc:
+                fields["delta"] = format(float(obj.attrs["delta"]), "g")
+            hits.append((pattern.pattern, units, desc.format(**fields)))
+        assert len(hits) == 1, f"{key}: {len(hits)} rows of the schema table match ({hits})"
+        _, units, desc = hits[0]
+        assert attr_text(obj.attrs["units"]) == units, key
+        assert attr_text(obj.attrs["description"]) == desc, key
+        seen.add(hits[0][0])
 
-    want = {
-        "adaptive_rounds": ("adaptive stopping", "probes", "Lanczos steps"),
-        "density/grid": ("grid", "density"), "density/rho": ("density", "integrates to 1"),
-        "estimates/trace": ("trace", "z^T H z"), "estimates/negative_mass": ("below -delta", "delta = 0.125"),
-        "proxy/t": ("iteration",),
-    }
-    for c in ("eta", "paper"):
-        e = f"proxy/{c}/estimates"
-        want.update({
-            f"proxy/{c}/nodes": ("E(t)", "nodes", "III.12"), f"proxy/{c}/grid": ("E(t)", "grid", "III.12"),
-            f"proxy/{c}/log_nodes": ("log", "E(t)", "nodes", "III.12"),
-            f"proxy/{c}/log_grid": ("log", "E(t)", "grid", "III.12"),
-            f"proxy/{c}/log_nodes_stderr": ("standard error", "log E(t)"),
-            f"{e}/error_proxy_t3": ("E(3)", "III.12"), f"{e}/error_proxy_no_cutoff_t5": ("E(5)", "without the cutoff",
-                                                                                       "III.11"),
-            f"{e}/dissipative_fraction_nodes": ("II.28", "Ritz nodes"),
-            f"{e}/dissipative_fraction_grid_half_width": ("II.28", "density grid", "0.5 x"),
-            f"{e}/overlap_ii93": ("II.93", "all modes"),
-        })
-    for key, words in want.items():
-        text = desc(key)
-        assert "\n" not in text
-        for word in words:
-            assert word in text, (key, word, text)
+    g.visititems(check)
+    assert len(seen) == len(rows), "rows of the schema table that no dataset matched: " + ", ".join(
+        sorted({p.pattern for p, _, _ in rows} - seen))
