@@ -212,18 +212,18 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _read_or_name_damage(paths: Sequence[str], read: Callable[[], T]) -> T:
     """``read()``, with a failure on a damaged results file turned into one line naming the
-    damaged group (found by :func:`hpcqml.verify.verify_file`); other failures unchanged.
+    damaged group (found by :func:`hpcqml.verify.damage_of`); other failures unchanged.
     """
     try:
         return read()
     except UserError:
         raise
     except Exception:
-        from hpcqml.verify import damage_summary, verify_file
+        from hpcqml.verify import damage_of, damage_summary
 
         for path in paths:
             try:
-                problems, _ = verify_file(path)
+                problems = damage_of(path)
             except UserError:
                 raise
             except Exception:  # noqa: BLE001 - unreadable even for the checker: the first error stands

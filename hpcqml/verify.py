@@ -139,10 +139,14 @@ def check_file(fh: h5py.File) -> tuple[list[str], int]:
 
 
 def damage_in(fh: h5py.File) -> list[str]:
-    """The problems of an open results file that are damage (a member that cannot be opened,
-    a dataset whose bytes fail to read or to match their checksum), without the schema rules
-    and describing attributes that :func:`check_file` also reports.
+    """The problems of an open results file that are damage (root attributes or a member that
+    cannot be read, a dataset whose bytes fail to read or to match their checksum), without the
+    schema rules and describing attributes that :func:`check_file` also reports.
     """
+    try:
+        dict(fh.attrs)
+    except Exception as exc:  # noqa: BLE001
+        return [f"group /: attributes unreadable ({_detail(exc)})"]
     return _walk(fh, "", describe=False)[0]
 
 
@@ -155,11 +159,33 @@ def verify_file(path: str | Path) -> tuple[list[str], int]:
     Raises:
         InputFileError: the file is missing or HDF5 cannot open it at all.
     """
-    fh = open_hdf5_read(path, "results file")
-    with fh:
-        if "schema_version" not in fh.attrs:
-            raise InputFileError(f"results file {path}: no schema_version attribute; not an hpcqml results file")
+    with _open_results(path) as fh:
         return check_file(fh)
+
+
+def damage_of(path: str | Path) -> list[str]:
+    """Open ``path`` read-only and name its damage only (:func:`damage_in`): what a reader's
+    failure is blamed on, while a file that merely breaks a schema rule is still read.
+
+    Raises:
+        InputFileError: as :func:`verify_file`.
+    """
+    with _open_results(path) as fh:
+        return damage_in(fh)
+
+
+def _open_results(path: str | Path) -> h5py.File:
+    """``path`` opened read-only, refused with one line when it is not an hpcqml results file."""
+    fh = open_hdf5_read(path, "results file")
+    try:
+        ours = "schema_version" in fh.attrs
+    except BaseException:
+        fh.close()
+        raise
+    if not ours:
+        fh.close()
+        raise InputFileError(f"results file {path}: no schema_version attribute; not an hpcqml results file")
+    return fh
 
 
 def in_child(path: str | Path, fn: Callable[[], T]) -> T:
@@ -214,8 +240,8 @@ def damage_summary(path: str | Path, problems: list[str]) -> str:
 
 
 def require_intact(path: str | Path) -> None:
-    """Raise one InputFileError line when :func:`verify_file` finds a problem in ``path``."""
-    problems, _ = in_child(path, lambda: verify_file(path))
+    """Raise one InputFileError line when ``path`` is damaged (:func:`damage_of`)."""
+    problems = in_child(path, lambda: damage_of(path))
     if problems:
         raise InputFileError(damage_summary(path, problems))
 
