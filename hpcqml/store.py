@@ -36,7 +36,7 @@ import numpy as np
 
 from hpcqml import __version__
 from hpcqml.errors import InputFileError, UserError
-from hpcqml.protocols import Comm, PerfTimer
+from hpcqml.protocols import Comm
 from hpcqml.io import (FileTooLargeError, atomic_write, is_disk_full, open_hdf5_read, read_limited,
                        remove_stale_temporaries)
 
@@ -239,8 +239,11 @@ class ResultsLock:
                 reason = _remove_if_stale(self.path, holder)
                 if reason is None:
                     raise UserError(self._refusal(holder)) from None
-                log(f"removed stale lock {self.path} (host {holder.get('host', '?')}, "
-                    f"pid {holder.get('pid', '?')}: {reason})")
+                who = f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
+                if reason in LOCK_CHANGED:   # another run got there first: this run removed nothing
+                    log(f"lock {self.path} changed while it was judged ({who}: {reason}); trying again")
+                else:
+                    log(f"removed stale lock {self.path} ({who}: {reason})")
                 continue
             _flock(fd)
             os.write(fd, (f"host={socket.gethostname()}\npid={os.getpid()}\njob={scheduler_job_id()}\n"
@@ -335,6 +338,10 @@ def _stale_reason(holder: Mapping[str, str], flock: str) -> str | None:
     return None  # no flock here and the pid is alive: assume the holder is live
 
 
+#: the reasons :func:`_remove_if_stale` gives when the lock changed under it (nothing removed)
+LOCK_CHANGED = ("already gone", "replaced meanwhile")
+
+
 def _remove_if_stale(path: Path, holder: Mapping[str, str]) -> str | None:
     """Remove the lock at ``path`` if it is stale (see :class:`ResultsLock`); return why, or None."""
     try:
@@ -401,11 +408,10 @@ class ResultsStore:
     readers (``info``, ``report``) never take it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], comm: Comm, perf: PerfTimer | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], comm: Comm) -> None:
         self.path = Path(path)
         self.comm = comm
         self.rank = comm.Get_rank()
-        self._perf = perf
         self.invocation: str | None = None
         self.lock = ResultsLock(self.path)
         #: stages recomputed whose old groups are set aside by their first new commit

@@ -296,7 +296,7 @@ def test_a_lock_path_that_names_nothing_readable_is_given_up_after_three_tries(t
     with pytest.raises(UserError) as info:
         lock.acquire(lines.append)
     assert str(info.value) == f"results file {tmp_path / 'r.h5'}: could not take the lock {lock.path}"
-    assert lines == [f"removed stale lock {lock.path} (host ?, pid ?: already gone)"] * 3
+    assert lines == [f"lock {lock.path} changed while it was judged (host ?, pid ?: already gone); trying again"] * 3
     assert not lock.held and lock.path.is_symlink()
 
 
@@ -339,7 +339,8 @@ def test_a_lock_replaced_while_it_is_judged_stale_is_left_to_its_new_holder(tmp_
     lines = []
     with pytest.raises(UserError) as info:
         st.ResultsLock(tmp_path / "r.h5").acquire(lines.append)
-    assert lines == [f"removed stale lock {path} (host {host}, pid {dead}: replaced meanwhile)"]
+    assert lines == [f"lock {path} changed while it was judged (host {host}, pid {dead}: replaced meanwhile); "
+                     "trying again"]
     assert "(host node-b, pid 7, since now);" in str(info.value)
     assert path.read_text() == new
 
