@@ -178,13 +178,11 @@ def _open_results(path: str | Path) -> h5py.File:
     """``path`` opened read-only, refused with one line when it is not an hpcqml results file."""
     fh = open_hdf5_read(path, "results file")
     try:
-        ours = "schema_version" in fh.attrs
+        if "schema_version" not in fh.attrs:
+            raise InputFileError(f"results file {path}: no schema_version attribute; not an hpcqml results file")
     except BaseException:
         fh.close()
         raise
-    if not ours:
-        fh.close()
-        raise InputFileError(f"results file {path}: no schema_version attribute; not an hpcqml results file")
     return fh
 
 

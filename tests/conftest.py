@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,6 +107,22 @@ def repo() -> Path:
 def attr_text(value: object) -> str:
     """An HDF5 string attribute as text, whether h5py hands it back as ``str`` or ``bytes``."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def truncation_reference(lam: Any, beta: Any, kappa: float) -> dict[str, float]:
+    """Truncated HHL from scratch, for a Hermitian system with eigenvalues ``lam`` (scaled to
+    ``||H|| = 1``) and the coefficients ``beta`` of the unit vector b on its eigenvectors:
+    eq. II.87 (``ii87``), the annealed Haar estimate of eq. II.89-II.91 (``haar``) and the
+    weight of b below the threshold 1/kappa_a (``ill``)."""
+    import numpy as np
+
+    lam, w2 = np.asarray(lam), np.asarray(beta) ** 2
+    well = np.abs(lam) >= 1 / kappa
+    s_well = np.sum(w2[well] / lam[well] ** 2)
+    ii87 = s_well / np.sqrt(np.sum(w2 / lam**2) * (s_well + np.sum(w2[~well])))
+    t_well = np.sum(1 / lam[well] ** 2)
+    haar = t_well / np.sqrt(np.sum(1 / lam**2) * (t_well + np.count_nonzero(~well)))
+    return {"ii87": float(ii87), "haar": float(haar), "ill": float(np.sum(w2[~well]))}
 
 
 def schema_table(doc: str, heading: str) -> list[tuple[str, ...]]:

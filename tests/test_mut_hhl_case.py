@@ -21,7 +21,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from conftest import attr_text, schema_table
+from conftest import attr_text, schema_table, truncation_reference
 
 from hpcqml.hhl.case import HHLCase, Part, TruncatedSweep, _plain, read_cases
 from hpcqml.hhl.statevector import embed
@@ -51,18 +51,11 @@ def _rows(kappas):
              "leakage": 0.02 * i, "resolution": 2 * np.pi / 64} for i, k in enumerate(kappas)]
 
 
-def _reference(lam, coef, spectrum, kappa):
-    """Eq. II.87, the Haar estimate (eq. II.89-II.91), the weight of |b> below 1/kappa_a and the
-    threshold margin, from the chosen eigenvalues and (normalised) coefficients."""
-    lam, w2, a = np.asarray(lam), np.asarray(coef) ** 2, np.abs(spectrum)
-    well = np.abs(lam) >= 1 / kappa
-    s_well, s_all = np.sum(w2[well] / lam[well] ** 2), np.sum(w2 / lam**2)
-    ii87 = s_well / np.sqrt(s_all * (s_well + np.sum(w2[~well])))
-    t_well = np.sum(1 / a[a >= 1 / kappa] ** 2)
-    haar = t_well / np.sqrt(np.sum(1 / a**2) * (t_well + np.count_nonzero(a < 1 / kappa)))
-    occupied = np.abs(lam[np.abs(coef) > OCCUPIED])
-    return {"ii87": ii87, "haar": haar, "ill": float(np.sum(w2[~well])),
-            "margin": float(np.min(np.abs(occupied - 1 / kappa)))}
+def _reference(lam, coef, kappa):
+    """Eq. II.87, the Haar estimate, the weight of |b> below 1/kappa_a (conftest) and the threshold
+    margin, from the chosen eigenvalues and (normalised) coefficients."""
+    occupied = np.abs(np.asarray(lam)[np.abs(coef) > OCCUPIED])
+    return {**truncation_reference(lam, coef, kappa), "margin": float(np.min(np.abs(occupied - 1 / kappa)))}
 
 
 def _diagonal_sweep():
@@ -91,7 +84,7 @@ def test_threshold_columns_at_exact_boundaries():
     assert sw["threshold_margin"][2] == pytest.approx(0.2 - 0.125, abs=1e-15)
     assert sw["threshold_margin"][3] == pytest.approx(0.0, abs=1e-15)      # |-0.5| = 1/2
     for i, k in enumerate(KAPPAS):
-        ref = _reference(D, B, D, k)
+        ref = _reference(D, B, k)
         assert sw["ill_weight"][i] == pytest.approx(ref["ill"], rel=1e-12, abs=0)
         assert sw["threshold_margin"][i] == pytest.approx(ref["margin"], abs=1e-15)
         assert sw["overlap_ii87"][i] == pytest.approx(ref["ii87"], abs=1e-15)
@@ -109,7 +102,7 @@ def test_threshold_columns_of_a_rotated_system(seed):
     kappas = [1.5, 3.0, 4.0, 7.0, 12.0]
     sw = TruncatedSweep.build(_rows(kappas), embed(Q @ np.diag(e) @ Q.T, Q @ c))
     for i, k in enumerate(kappas):
-        ref = _reference(e, c, e, k)
+        ref = _reference(e, c, k)
         for name, key in [("overlap_ii87", "ii87"), ("overlap_haar", "haar"), ("ill_weight", "ill"),
                           ("threshold_margin", "margin")]:
             assert sw[name][i] == pytest.approx(ref[key], abs=1e-12), (name, k)
@@ -172,7 +165,7 @@ def test_ii92_rows_hold_every_value_under_its_key():
     assert row["gap"] == 0.5 - 0.8 and row["agree"] is False
 
     (row,) = _diagonal_sweep().ii92_rows()
-    ref = _reference(D, B, D, 8.0)
+    ref = _reference(D, B, 8.0)
     assert (row["c"], row["kappa_a"], row["simulated"], row["ii92"], row["ii93"]) \
         == (6, 8.0, _rows(KAPPAS)[2]["overlap"], 0.9, 10 / 12)
     assert row["ii87"] == pytest.approx(1.0, abs=1e-15) and row["haar"] == pytest.approx(ref["haar"], abs=1e-15)

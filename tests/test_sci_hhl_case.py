@@ -8,6 +8,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+from conftest import truncation_reference
 
 from hpcqml.hhl.case import II92_TOLERANCE, HHLCase, Part, TruncatedSweep, read_cases
 from hpcqml.hhl.statevector import embed, simulate_hhl
@@ -28,24 +29,20 @@ def _carleman(f: float, seed: int, eta: float, T: int, N: int = 2):
 
 
 def _independent(M: np.ndarray, B: np.ndarray, a: np.ndarray, T: int, kappa: float) -> dict[str, float]:
-    """Eq. II.87, II.89-II.91 and II.92 from scratch: the dilation [[0, M], [M^T, 0]] / ||M||_2 with
-    b = (B, 0)/||B||, its eigen-decomposition by numpy, and the mode counts of A (|1 + a| < 1, eq. II.28)."""
+    """Eq. II.87, II.89-II.91 (conftest's ``truncation_reference``) and II.92 from scratch: the dilation
+    [[0, M], [M^T, 0]] / ||M||_2 with b = (B, 0)/||B||, its eigen-decomposition by numpy, and the mode
+    counts of A (|1 + a| < 1, eq. II.28)."""
     n = M.shape[0]
     H = np.block([[np.zeros((n, n)), M], [M.T, np.zeros((n, n))]]) / np.linalg.norm(M, 2)
     lam, V = np.linalg.eigh(H)
     beta = V.T @ (np.concatenate([B, np.zeros(n)]) / np.linalg.norm(B))
-    well = np.abs(lam) >= 1 / kappa
-    s_well = np.sum(beta[well] ** 2 / lam[well] ** 2)
-    ii87 = s_well / np.sqrt(np.sum(beta**2 / lam**2) * (s_well + np.sum(beta[~well] ** 2)))
-    t_well = np.sum(1 / lam[well] ** 2)
-    haar = t_well / np.sqrt(np.sum(1 / lam**2) * (t_well + np.count_nonzero(~well)))
     diss = np.abs(1 + a) < 1
     d_plus, d_all = int(np.count_nonzero(diss)), a.size
     a_plus = float(np.mean(a[diss].real))
     G = sum((1 + a_plus) ** t for t in range(T + 1))
     ii92 = d_plus * G / np.sqrt((T + 1) * d_all * (d_plus * G + (T + 1) * (d_all - d_plus)))
-    return {"ii87": ii87, "haar": haar, "ii92": ii92, "ill": float(np.sum(beta[~well] ** 2)),
-            "d_plus": d_plus, "d_all": d_all, "a_plus": a_plus}
+    return {**truncation_reference(lam, beta, kappa), "ii92": ii92, "d_plus": d_plus, "d_all": d_all,
+            "a_plus": a_plus}
 
 
 def _sweep(M, B, a, T, kappas, states=None):

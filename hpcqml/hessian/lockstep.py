@@ -254,9 +254,17 @@ class LanczosEngine:
         Raises:
             ValueError: the state does not fit this engine (:meth:`mismatch` says why).
         """
+        self._check(number, state)
+        self._install(number, state, steps)
+
+    def _check(self, number: int, state: dict[str, Any]) -> None:
+        """Raise ValueError naming why ``state`` does not fit this engine (:meth:`mismatch`)."""
         why = self.mismatch(state)
         if why is not None:
             raise ValueError(f"{self.label + ': ' if self.label else ''}probe {number}: cannot restore: {why}")
+
+    def _install(self, number: int, state: dict[str, Any], steps: int | None) -> None:
+        """Hold probe ``number`` with ``state``, already checked (:meth:`restore`)."""
         alphas = [float(a) for a in state["alphas"].tolist()]
         betas = [float(b) for b in state["betas"].tolist()]
         j = len(alphas)
@@ -284,17 +292,15 @@ class LanczosEngine:
         Raises:
             ValueError: the state does not fit this engine.
         """
-        why = self.mismatch(state)
-        if why is not None:
-            raise ValueError(f"{self.label + ': ' if self.label else ''}probe {number}: cannot restore: {why}")
+        self._check(number, state)
         self.states.pop(int(number), None)
         self.offered[int(number)] = state
 
     def _probe(self, number: int, steps: int | None = None) -> _Probe:
         """The held state of probe ``number``, restoring an offered one first."""
         state = self.offered.pop(number, None)
-        if state is not None:
-            self.restore(number, state, steps)
+        if state is not None:  # checked when it was offered
+            self._install(number, state, steps)
         return self.states[number]
 
     def _room(self, p: _Probe, m: int) -> None:

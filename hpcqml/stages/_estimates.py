@@ -105,8 +105,9 @@ def estimate_spectrum(cfg: RunConfig, ranks: int, memory_per_rank: float, found:
                            f"{shards} rank(s) = {gib(plan.per_basis)} per rank; {held} = {gib(plan.total)} per rank")
     if sp["keep_bases"] == "yes" or (sp["keep_bases"] == "auto" and max_steps > steps):
         probes = max(int(sp["probes"]), int(sp["max_probes"]))
-        rows = f"{max_steps} steps + 2 vectors" if sp["reorth"] == "full" else "2 vectors"
-        disk = probes * (max_steps + 2 if sp["reorth"] == "full" else 2) * n * STATE_ITEMSIZE
+        full = sp["reorth"] == "full"
+        rows = f"{max_steps} steps + 2 vectors" if full else "2 vectors"
+        disk = probes * (max_steps + 2 if full else 2) * n * STATE_ITEMSIZE
         found.estimates.append(f"spectrum: Krylov bases on disk (keep_bases = {sp['keep_bases']!r}): up to "
                                f"{gib(disk)} per model state and operator in <workdir>/spectrum-bases ({probes} "
                                f"probe(s) x {rows} x {n:,} x {STATE_ITEMSIZE} bytes; a file being rewritten "
